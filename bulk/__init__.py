@@ -1,0 +1,1 @@
+"""petasus.bulk: not built yet; see the open issues."""

@@ -1,0 +1,1 @@
+"""petasus.hg: not built yet; see the open issues."""

@@ -1,0 +1,79 @@
+"""petasus.na: the network abstraction.
+
+``initialize(uri, listen=...)`` picks the plugin from the URI scheme and returns an object that
+implements ``Plugin`` (see ``interface``). Nothing here knows about RPCs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .errors import AccessError, Canceled, NAError, PeerError, ProtocolError
+from .interface import Plugin
+from .types import Access, Addr, MemHandle, Op, OpKind
+
+__all__ = [
+    "Access", "AccessError", "Addr", "Canceled", "MemHandle", "NAError", "Op", "OpKind",
+    "PeerError", "Plugin", "ProtocolError", "available_plugins", "initialize", "register_plugin",
+    "wait",
+]
+
+_PLUGINS: dict[str, Callable[..., Plugin]] = {}
+
+
+def register_plugin(scheme: str, factory: Callable[..., Plugin]) -> None:
+    """Make ``scheme://`` URIs open ``factory(uri, listen=..., **options)``."""
+    _PLUGINS[scheme] = factory
+
+
+def _tcp(uri: str, listen: bool = False, **options: Any) -> Plugin:
+    from .tcp import TcpPlugin
+
+    return TcpPlugin(uri, listen, **options)
+
+
+def _sm(uri: str, listen: bool = False, **options: Any) -> Plugin:
+    from .sm import SmPlugin
+
+    return SmPlugin(uri, listen, **options)
+
+
+register_plugin("tcp", _tcp)
+register_plugin("sm", _sm)
+
+
+def available_plugins() -> list[str]:
+    return sorted(_PLUGINS)
+
+
+def initialize(uri: str, listen: bool = False, **options: Any) -> Plugin:
+    """Open a plugin instance for ``uri`` (``tcp://127.0.0.1:0``, ``sm://``, ...).
+
+    ``listen=True`` accepts connections; the address to give peers is ``addr_self()``.
+    Options: ``max_msg_size``, ``spin_us`` (0 = always block), ``rma_chunk``, ``max_queued``,
+    and plugin-specific ones (sm: ``rma="auto"|"process_vm"|"copy"``).
+    """
+    scheme = uri.split("://", 1)[0] if "://" in uri else uri
+    factory = _PLUGINS.get(scheme)
+    if factory is None:
+        raise ValueError(f"no NA plugin for {uri!r}; available schemes: "
+                         f"{', '.join(available_plugins())}")
+    return factory(uri, listen=listen, **options)
+
+
+def wait(plugin: Plugin, *ops: Op, timeout: float) -> None:
+    """Drive ``plugin`` until every op has completed and been triggered, or raise TimeoutError.
+
+    Errors of the ops are not raised here; call ``op.result()`` for that.
+    """
+    deadline = time.monotonic() + timeout
+    while not all(op.done for op in ops):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            pending = [op for op in ops if not op.done]
+            raise TimeoutError(f"wait: {len(pending)} operation(s) still pending after "
+                               f"{timeout} s: {pending[:3]}")
+        plugin.progress(min(remaining, 0.1))
+        plugin.trigger()

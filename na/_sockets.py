@@ -1,0 +1,929 @@
+"""Message and emulated-RMA engine of the stream-socket plugins (tcp over IP, sm over Unix sockets).
+
+One epoll set holds the listener, a wake-up eventfd and every connection; its fd is the plugin's
+``poll_fd()``. Sends go straight to the socket when its queue is empty and are coalesced with
+``sendmsg`` scatter-gather when it is not. Reads land in a reusable buffer that yields several
+frames per ``recv_into``; bulk payloads land directly in registered memory (see ``framing``).
+
+RMA is emulated with frames served by the *target's* progress loop, never by user code: the target
+checks key, bounds and rights of every request against its own registrations and answers from, or
+receives into, the registered memory in place.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+import select
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from . import framing as fr
+from .errors import AccessError, Canceled, NAError, PeerError, ProtocolError
+from .types import Access, Addr, Callback, MemHandle, Op, OpKind
+
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+_EPOLLRD = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
+_IOV_MAX = 512
+_HDR = fr.HEADER
+_MAGIC = fr.MAGIC
+_UNEXPECTED = fr.UNEXPECTED
+_EXPECTED = fr.EXPECTED
+_MAX_TAG = 0xFFFFFFFF
+_HANDLE = struct.Struct("<BBQQ")  # version, access, key, length
+_HANDLE_VERSION = 1
+_PENDING, _FINISHED, _CANCELING = 0, 1, 2
+_NAK_TEXT = {fr.NAK_KEY: "unknown key (forged, or deregistered)", fr.NAK_BOUNDS: "out of bounds",
+             fr.NAK_ACCESS: "not allowed by the registration's access rights",
+             fr.NAK_PROTOCOL: "malformed request"}
+
+# Defaults, each overridable per instance.
+MAX_MSG_SIZE = 64 * 1024  # sockets have no slot size; big enough that most RPCs need no overflow
+RMA_CHUNK = 8 * 1024 * 1024  # per-frame data; keeps a stream fair between messages and bulk
+MAX_QUEUED = 64 * 1024 * 1024  # unmatched messages a peer can make us hold before we stop reading
+SPIN_US = int(os.environ.get("PETASUS_SPIN_US", "200"))  # see DESIGN: ~70 us wake-up vs ~6 us poll
+
+
+def as_byte_view(buf: Any, op: str) -> memoryview:
+    """A flat unsigned-byte view of any C-contiguous buffer-protocol object."""
+    try:
+        view = memoryview(buf)
+    except TypeError:
+        raise TypeError(f"{op}: expected a buffer-protocol object, got {type(buf).__name__}") from None
+    if view.format != "B" or view.ndim != 1:
+        if not view.c_contiguous:
+            raise ValueError(f"{op}: the buffer is not C-contiguous")
+        view = view.cast("B")
+    return view
+
+
+class _Conn:
+    """One stream to one peer; it is the FrameReader's handler, so frames arrive as method calls."""
+
+    __slots__ = ("plugin", "sock", "fd", "addr", "reader", "sendq", "head_partial", "connecting",
+                 "writing", "paused", "closed", "rma", "put_target", "name")
+
+    def __init__(self, plugin: SocketPlugin, sock: socket.socket, name: str,
+                 connecting: bool) -> None:
+        self.plugin = plugin
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.addr: Addr | None = None
+        self.name = name
+        self.reader = fr.FrameReader(self, plugin._max_msg, plugin._rma_chunk, name)
+        self.sendq: deque[list[Any]] = deque()
+        self.head_partial = False
+        self.connecting = connecting
+        self.writing = connecting
+        self.paused = False
+        self.closed = False
+        self.rma: dict[int, tuple[Op, memoryview | None]] = {}
+        self.put_target: tuple[int, memoryview | None, int] | None = None
+
+    def on_event(self, ev: int) -> None:
+        if ev & _EPOLLOUT:
+            self.plugin._on_writable(self)
+        if ev & _EPOLLRD and not self.closed:
+            self.plugin._on_readable(self)
+
+    def frame(self, kind: int, flags: int, tag: int, payload: memoryview | None) -> None:
+        p = self.plugin
+        addr = self.addr
+        if addr is None:
+            if kind != fr.HELLO:
+                raise ProtocolError("handshake", self.name, f"frame kind {kind} before hello")
+            p._on_hello(self, flags, bytes(payload))  # type: ignore[arg-type]
+        elif kind == _EXPECTED:
+            p._deliver(self, addr, tag, payload, False)  # type: ignore[arg-type]
+        elif kind == _UNEXPECTED:
+            p._deliver(self, addr, tag, payload, True)  # type: ignore[arg-type]
+        elif kind == fr.GET_RESP or kind == fr.RMA_ACK:
+            entry = self.rma.pop(tag, None)
+            if entry is not None:
+                p._chunk_done(entry[0], None)
+        elif kind == fr.GET_REQ:
+            p._serve_get(self, tag, payload)  # type: ignore[arg-type]
+        elif kind == fr.PUT_REQ:
+            if self.put_target is not None:
+                raise ProtocolError("put", addr.uri, "two put requests without data between")
+            self.put_target = p._check_put(self, tag, payload)  # type: ignore[arg-type]
+        elif kind == fr.PUT_DATA:
+            op_id, _dest, nak = self.put_target  # type: ignore[misc]
+            self.put_target = None
+            if nak:
+                p._send_nak(self, op_id, nak)
+            else:
+                p._enqueue(self, [_HDR.pack(_MAGIC, fr.RMA_ACK, 0, 0, op_id)], fr.HEADER_SIZE, None)
+        elif kind == fr.RMA_NAK:
+            entry = self.rma.pop(tag, None)
+            reason = payload[0] if payload else fr.NAK_PROTOCOL  # type: ignore[index]
+            if entry is not None:
+                op = entry[0]
+                what = "get" if op.kind == OpKind.GET else "put"
+                p._chunk_done(op, AccessError(what, addr.uri,
+                                              _NAK_TEXT.get(reason, f"refused ({reason})")))
+        else:
+            raise ProtocolError("read frame", addr.uri, f"unexpected frame kind {kind}")
+
+    def frame_header(self, kind: int, flags: int, length: int, tag: int) -> memoryview | None:
+        if kind == fr.GET_RESP:
+            entry = self.rma.get(tag)
+            if entry is None or entry[0].state != _PENDING:
+                return None
+            dest = entry[1]
+            if len(dest) != length:  # type: ignore[arg-type]
+                raise ProtocolError("get", self.name, f"reply of {length} B to a {len(dest)} B get")  # type: ignore[arg-type]
+            return dest
+        target = self.put_target
+        if target is None:
+            raise ProtocolError("put", self.name, "put data without a put request")
+        dest = target[1]
+        if dest is not None and len(dest) != length:
+            raise ProtocolError("put", self.name, f"{length} B of data for a {len(dest)} B put")
+        return dest
+
+
+class SocketPlugin:
+    """The generic implementation; subclasses supply addressing and socket creation."""
+
+    scheme = ""
+    log = logging.getLogger("petasus.na")
+
+    def __init__(self, listen: bool, *, max_msg_size: int = MAX_MSG_SIZE,
+                 spin_us: int = SPIN_US, rma_chunk: int = RMA_CHUNK,
+                 max_queued: int = MAX_QUEUED) -> None:
+        if max_msg_size < 1 or rma_chunk < 1:
+            raise ValueError("max_msg_size and rma_chunk must be positive")
+        self._max_msg = max_msg_size
+        self._spin = max(spin_us, 0) / 1e6
+        self._rma_chunk = rma_chunk
+        self._max_queued = max_queued
+        self._lock = threading.RLock()
+        self._ep = select.epoll()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self._wake_fd, _EPOLLIN)
+        self._fdmap: dict[int, Callable[[int], None]] = {self._wake_fd: self._drain_wake}
+        self._polling = False
+        self._closed = False
+        self._cq: deque[Op] = deque()
+        self._unexp_posted: deque[Op] = deque()
+        self._unexp_queue: deque[tuple[Addr, int, bytes, _Conn]] = deque()
+        self._exp_posted: dict[tuple[Addr, int], deque[Op]] = {}
+        self._exp_queue: dict[tuple[Addr, int], deque[tuple[bytes, _Conn]]] = {}
+        self._queued = 0
+        self._paused: set[_Conn] = set()
+        self._conns: set[_Conn] = set()
+        self._peers: dict[str, Addr] = {}
+        self._regs: dict[int, MemHandle] = {}
+        self._ids = itertools.count(1)
+        self._listener: socket.socket | None = None
+        self.stats = dict.fromkeys(
+            ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
+             "rma_bytes", "rma_served", "rma_refused", "connections", "peer_failures",
+             "protocol_errors", "canceled"), 0)
+        uri = self._open(listen)
+        self._self_addr = Addr(uri, listen)
+        self._listening = listen
+
+    # -- subclass hooks -------------------------------------------------------------------------
+    def _open(self, listen: bool) -> str:
+        """Create the listener (when listening); return this instance's URI."""
+        raise NotImplementedError
+
+    def _canonical(self, uri: str) -> str:
+        """Validate a peer URI and return its canonical spelling (raise ValueError if malformed)."""
+        raise NotImplementedError
+
+    def _connect(self, addr: Addr) -> tuple[socket.socket, bool]:
+        """Start a non-blocking connection; return the socket and whether it is still connecting."""
+        raise NotImplementedError
+
+    def _tune(self, sock: socket.socket) -> None:
+        """Per-socket options (TCP_NODELAY and the like)."""
+
+    def _on_close(self) -> None:
+        """Release plugin-specific resources."""
+
+    def _handle_extra(self, handle: MemHandle) -> bytes:
+        return b""
+
+    def _parse_handle_extra(self, data: bytes) -> Any:
+        if data:
+            raise ValueError(f"mem_handle_deserialize: {len(data)} unexpected trailing bytes")
+        return None
+
+    # -- context manager, repr, introspection ---------------------------------------------------
+    def __enter__(self) -> SocketPlugin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._conns)} connections"
+        return f"<{type(self).__name__} {self._self_addr.uri} {state}>"
+
+    def statistics(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.stats)
+        out.update(uri=self._self_addr.uri, open_connections=len(self._conns),
+                   registrations=len(self._regs), queued_bytes=self._queued,
+                   spin_us=int(self._spin * 1e6))
+        return out
+
+    # -- addresses ------------------------------------------------------------------------------
+    def addr_self(self) -> Addr:
+        return self._self_addr
+
+    def addr_lookup(self, uri: str) -> Addr:
+        self._check_open("addr_lookup")
+        canonical = self._canonical(uri)
+        with self._lock:
+            addr = self._peers.get(canonical)
+            if addr is None:
+                addr = self._peers[canonical] = Addr(canonical, True)
+            return addr
+
+    def addr_to_string(self, addr: Addr) -> str:
+        return addr.uri
+
+    def addr_serialize(self, addr: Addr) -> bytes:
+        return addr.uri.encode()
+
+    def addr_deserialize(self, data: bytes) -> Addr:
+        uri = bytes(data).decode("utf-8", "replace")
+        with self._lock:
+            known = self._peers.get(uri)
+        return known if known is not None else self.addr_lookup(uri)
+
+    # -- messages -------------------------------------------------------------------------------
+    def msg_get_max_unexpected_size(self) -> int:
+        return self._max_msg
+
+    def msg_get_max_expected_size(self) -> int:
+        return self._max_msg
+
+    def msg_send_unexpected(self, addr: Addr, buf: Any, tag: int,
+                            callback: Callback | None = None) -> Op:
+        return self._send_msg(OpKind.SEND_UNEXPECTED, _UNEXPECTED, addr, buf, tag, callback)
+
+    def msg_send_expected(self, addr: Addr, buf: Any, tag: int,
+                          callback: Callback | None = None) -> Op:
+        return self._send_msg(OpKind.SEND_EXPECTED, _EXPECTED, addr, buf, tag, callback)
+
+    def _send_msg(self, kind: OpKind, frame_kind: int, addr: Addr, buf: Any, tag: int,
+                  callback: Callback | None) -> Op:
+        view = (buf if type(buf) is memoryview and buf.format == "B" and buf.ndim == 1
+                else as_byte_view(buf, kind.name.lower()))
+        n = len(view)
+        if n > self._max_msg:
+            raise ValueError(f"{kind.name.lower()}: message of {n} B exceeds the maximum of "
+                             f"{self._max_msg} B")
+        if not 0 <= tag <= _MAX_TAG:
+            raise ValueError(f"{kind.name.lower()}: tag {tag} is not a u32")
+        op = Op(kind, callback, view, addr, tag)
+        with self._lock:
+            self._check_open(kind.name.lower())
+            conn = self._conn_for(addr, op)
+            if conn is not None:
+                self.stats["msgs_sent"] += 1
+                self.stats["bytes_sent"] += n
+                self._enqueue(conn, [_HDR.pack(_MAGIC, frame_kind, 0, n, tag), view],
+                              n + fr.HEADER_SIZE, op)
+        return op
+
+    def msg_recv_unexpected(self, buf: Any, callback: Callback | None = None) -> Op:
+        op = Op(OpKind.RECV_UNEXPECTED, callback, as_byte_view(buf, "msg_recv_unexpected"))
+        self._check_writable(op.buffer, "msg_recv_unexpected")
+        with self._lock:
+            self._check_open("msg_recv_unexpected")
+            if self._unexp_queue:
+                addr, tag, data, conn = self._unexp_queue.popleft()
+                self._unqueue(len(data), conn)
+                self._fill(op, addr, tag, data)
+                self._post(op)
+            else:
+                self._unexp_posted.append(op)
+        return op
+
+    def msg_recv_expected(self, addr: Addr, buf: Any, tag: int,
+                          callback: Callback | None = None) -> Op:
+        op = Op(OpKind.RECV_EXPECTED, callback, as_byte_view(buf, "msg_recv_expected"), addr, tag)
+        self._check_writable(op.buffer, "msg_recv_expected")
+        key = (addr, tag)
+        with self._lock:
+            self._check_open("msg_recv_expected")
+            queued = self._exp_queue.get(key)
+            if queued:
+                data, conn = queued.popleft()
+                if not queued:
+                    del self._exp_queue[key]
+                self._unqueue(len(data), conn)
+                self._fill(op, addr, tag, data)
+                self._post(op)
+            elif addr.dead:
+                self._fail(op, PeerError("msg_recv_expected", addr.uri, addr.dead))
+            else:
+                self._exp_posted.setdefault(key, deque()).append(op)
+        return op
+
+    def _deliver(self, conn: _Conn, addr: Addr, tag: int, payload: memoryview,
+                 unexpected: bool) -> None:
+        self.stats["msgs_received"] += 1
+        if unexpected:
+            posted = self._unexp_posted
+            if posted:
+                op = posted.popleft()
+                self._fill(op, addr, tag, payload)
+                self._cq.append(op)
+                op.state = _FINISHED
+                return
+            data = bytes(payload)
+            self._unexp_queue.append((addr, tag, data, conn))
+        else:
+            key = (addr, tag)
+            waiting = self._exp_posted.get(key)
+            if waiting:
+                op = waiting.popleft()
+                if not waiting:
+                    del self._exp_posted[key]
+                self._fill(op, addr, tag, payload)
+                self._cq.append(op)
+                op.state = _FINISHED
+                return
+            data = bytes(payload)
+            self._exp_queue.setdefault(key, deque()).append((data, conn))
+        self._queued += len(data)
+        if self._queued > self._max_queued and not conn.paused:
+            # Back-pressure instead of unbounded memory: stop reading this peer until drained.
+            conn.paused = True
+            self._paused.add(conn)
+            self._set_mask(conn)
+
+    def _fill(self, op: Op, addr: Addr, tag: int, data: Any) -> None:
+        n = len(data)
+        op.source = addr
+        op.tag = tag
+        if n > len(op.buffer):
+            op.error = NAError(op.kind.name.lower(), addr.uri,
+                               f"message of {n} B does not fit the {len(op.buffer)} B buffer")
+        else:
+            op.buffer[:n] = data
+            op.size = n
+
+    def _unqueue(self, n: int, conn: _Conn) -> None:
+        self._queued -= n
+        if self._paused and self._queued <= self._max_queued // 2:
+            for c in self._paused:
+                c.paused = False
+                if not c.closed:
+                    self._set_mask(c)
+            self._paused.clear()
+
+    # -- memory ---------------------------------------------------------------------------------
+    def mem_register(self, buffer: Any, access: Access) -> MemHandle:
+        access = Access(access)
+        view = as_byte_view(buffer, "mem_register")
+        if access & Access.WRITE_ONLY and view.readonly:
+            raise ValueError("mem_register: a read-only buffer cannot be registered for remote "
+                             "writes (use Access.READ_ONLY)")
+        with self._lock:
+            self._check_open("mem_register")
+            key = secrets.randbits(64) | 1
+            while key in self._regs:
+                key = secrets.randbits(64) | 1
+            handle = MemHandle(view, len(view), access, key, True)
+            self._register_extra(handle)
+            self._regs[key] = handle
+        return handle
+
+    def _register_extra(self, handle: MemHandle) -> None:
+        """Plugin hook: publish a registration beyond the key table."""
+
+    def _deregister_extra(self, handle: MemHandle) -> None:
+        """Plugin hook: withdraw what _register_extra published."""
+
+    def mem_deregister(self, handle: MemHandle) -> None:
+        with self._lock:
+            if not handle.local or self._regs.get(handle.key) is not handle:
+                raise ValueError(f"mem_deregister: {handle!r} is not registered here")
+            del self._regs[handle.key]
+            self._deregister_extra(handle)
+            handle.registered = False
+            handle.view = None
+
+    def mem_handle_serialize(self, handle: MemHandle) -> bytes:
+        return _HANDLE.pack(_HANDLE_VERSION, handle.access, handle.key,
+                            handle.length) + self._handle_extra(handle)
+
+    def mem_handle_deserialize(self, data: bytes) -> MemHandle:
+        data = bytes(data)
+        if len(data) < _HANDLE.size:
+            raise ValueError(f"mem_handle_deserialize: {len(data)} B is shorter than a handle")
+        version, access, key, length = _HANDLE.unpack_from(data)
+        if version != _HANDLE_VERSION or access not in (1, 2, 3):
+            raise ValueError(f"mem_handle_deserialize: bad version {version} or access {access}")
+        extra = self._parse_handle_extra(data[_HANDLE.size:])
+        return MemHandle(None, length, Access(access), key, False, extra)
+
+    # -- RMA ------------------------------------------------------------------------------------
+    def put(self, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
+            length: int, addr: Addr, callback: Callback | None = None) -> Op:
+        return self._rma(OpKind.PUT, local, local_off, remote, remote_off, length, addr, callback)
+
+    def get(self, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
+            length: int, addr: Addr, callback: Callback | None = None) -> Op:
+        return self._rma(OpKind.GET, local, local_off, remote, remote_off, length, addr, callback)
+
+    def _rma(self, kind: OpKind, local: MemHandle, local_off: int, remote: MemHandle,
+             remote_off: int, length: int, addr: Addr, callback: Callback | None) -> Op:
+        name = kind.name.lower()
+        view = local.view
+        if not local.local or view is None or not local.registered:
+            raise ValueError(f"{name}: the local handle {local!r} is not a live local registration")
+        if min(local_off, remote_off, length) < 0:
+            raise ValueError(f"{name}: offsets and length must be non-negative")
+        if local_off + length > local.length:
+            raise ValueError(f"{name}: local range {local_off}+{length} exceeds the "
+                             f"{local.length} B registration")
+        if remote_off + length > remote.length:
+            raise ValueError(f"{name}: remote range {remote_off}+{length} exceeds the "
+                             f"{remote.length} B registration")
+        if kind == OpKind.GET and view.readonly:
+            raise ValueError(f"{name}: the local registration is read-only and cannot receive")
+        op = Op(kind, callback, view, addr)
+        op.local, op.local_off, op.remote, op.remote_off, op.length = (
+            local, local_off, remote, remote_off, length)
+        with self._lock:
+            self._check_open(name)
+            self.stats["rma_ops"] += 1
+            self.stats["rma_bytes"] += length
+            if length == 0:
+                self._post(op)
+            else:
+                self._start_rma(op)
+        return op
+
+    def _start_rma(self, op: Op) -> None:
+        """Emulated RMA over the peer's stream; plugins with a real one-sided path override."""
+        self._emulate_rma(op)
+
+    def _emulate_rma(self, op: Op) -> None:
+        conn = self._conn_for(op.addr, op)  # type: ignore[arg-type]
+        if conn is None:
+            return
+        chunk, length, view, key = self._rma_chunk, op.length, op.buffer, op.remote.key
+        is_get = op.kind == OpKind.GET
+        bufs: list[Any] = []
+        total = 0
+        op.remaining = 0
+        for off in range(0, length, chunk):
+            n = min(chunk, length - off)
+            op_id = next(self._ids)
+            local = view[op.local_off + off: op.local_off + off + n]
+            desc = fr.RMA_DESC.pack(key, op.remote_off + off, n)
+            if is_get:
+                conn.rma[op_id] = (op, local)
+                bufs += (_HDR.pack(_MAGIC, fr.GET_REQ, 0, 24, op_id), desc)
+                total += fr.HEADER_SIZE + 24
+            else:
+                conn.rma[op_id] = (op, None)
+                bufs += (_HDR.pack(_MAGIC, fr.PUT_REQ, 0, 24, op_id), desc,
+                         _HDR.pack(_MAGIC, fr.PUT_DATA, 0, n, op_id), local)
+                total += 2 * fr.HEADER_SIZE + 24 + n
+            op.remaining += 1
+        self._enqueue(conn, bufs, total, None)
+
+    def _chunk_done(self, op: Op, error: BaseException | None) -> None:
+        op.remaining -= 1
+        if op.state == _PENDING:
+            if error is not None:
+                op.error = error
+                self._finish(op)
+            elif op.remaining == 0:
+                self._finish(op)
+        elif op.state == _CANCELING and op.remaining == 0:
+            op.error = Canceled(op.kind.name.lower(), op.addr.uri if op.addr else None, "canceled")
+            self._finish(op)
+
+    def _lookup_reg(self, payload: memoryview, need: Access) -> tuple[memoryview | None, int]:
+        if len(payload) != fr.RMA_DESC.size:
+            return None, fr.NAK_PROTOCOL
+        key, off, length = fr.RMA_DESC.unpack(payload)
+        handle = self._regs.get(key)
+        if handle is None:
+            return None, fr.NAK_KEY
+        if off + length > handle.length:
+            return None, fr.NAK_BOUNDS
+        if not handle.access & need:
+            return None, fr.NAK_ACCESS
+        return handle.view[off: off + length], 0  # type: ignore[index]
+
+    def _serve_get(self, conn: _Conn, op_id: int, payload: memoryview) -> None:
+        view, nak = self._lookup_reg(payload, Access.READ_ONLY)
+        if view is None:
+            self._send_nak(conn, op_id, nak)
+            return
+        self.stats["rma_served"] += 1
+        n = len(view)
+        self._enqueue(conn, [_HDR.pack(_MAGIC, fr.GET_RESP, 0, n, op_id), view],
+                      n + fr.HEADER_SIZE, None)
+
+    def _check_put(self, conn: _Conn, op_id: int,
+                   payload: memoryview) -> tuple[int, memoryview | None, int]:
+        view, nak = self._lookup_reg(payload, Access.WRITE_ONLY)
+        if view is not None:
+            self.stats["rma_served"] += 1
+        return op_id, view, nak
+
+    def _send_nak(self, conn: _Conn, op_id: int, reason: int) -> None:
+        self.stats["rma_refused"] += 1
+        self.log.warning("refused an RMA request from %s: %s", conn.name,
+                         _NAK_TEXT.get(reason, reason))
+        self._enqueue(conn, [_HDR.pack(_MAGIC, fr.RMA_NAK, 0, 1, op_id), bytes((reason,))],
+                      fr.HEADER_SIZE + 1, None)
+
+    # -- completion, cancel, progress -----------------------------------------------------------
+    def _post(self, op: Op) -> None:
+        op.state = _FINISHED
+        self._cq.append(op)
+        if self._polling:
+            os.eventfd_write(self._wake_fd, 1)
+
+    _finish = _post
+
+    def _fail(self, op: Op, error: BaseException) -> None:
+        if op.state != _FINISHED:
+            op.error = error
+            self._post(op)
+
+    def trigger(self, max_count: int = 1 << 30) -> int:
+        cq = self._cq
+        n = 0
+        while n < max_count:
+            try:
+                op = cq.popleft()
+            except IndexError:
+                break
+            op.done = True
+            n += 1
+            if op.callback is not None:
+                op.callback(op)
+        return n
+
+    def cancel(self, op: Op) -> None:
+        with self._lock:
+            if op.state != _PENDING:
+                return
+            self.stats["canceled"] += 1
+            peer = op.addr.uri if op.addr is not None else None
+            error = Canceled(op.kind.name.lower(), peer, "canceled")
+            kind = op.kind
+            if kind == OpKind.RECV_UNEXPECTED:
+                self._unexp_posted.remove(op)
+            elif kind == OpKind.RECV_EXPECTED:
+                key = (op.addr, op.tag)
+                waiting = self._exp_posted[key]  # type: ignore[index]
+                waiting.remove(op)
+                if not waiting:
+                    del self._exp_posted[key]  # type: ignore[arg-type]
+            elif kind == OpKind.PUT:
+                # The data may still be on its way out of our queue; finish once it is acked.
+                op.state = _CANCELING
+                return
+            elif kind in (OpKind.SEND_UNEXPECTED, OpKind.SEND_EXPECTED):
+                if not self._unqueue_send(op):
+                    op.state = _CANCELING
+                    return
+            # GET: later data for it is discarded by frame_header.
+            op.error = error
+            self._post(op)
+
+    def _unqueue_send(self, op: Op) -> bool:
+        """Withdraw a send whose first byte has not left; False if it is already partly sent."""
+        conn = op.addr.conn if op.addr is not None else None
+        if conn is None:
+            return True
+        q = conn.sendq
+        for i, item in enumerate(q):
+            if item[1] is op:
+                if i == 0 or (i == 1 and conn.head_partial):
+                    return False
+                del q[i]
+                del q[i - 1]
+                return True
+        return True
+
+    def poll_fd(self) -> int:
+        return self._ep.fileno()
+
+    def progress(self, timeout: float = 0.0) -> bool:
+        """Move bytes for up to ``timeout`` seconds; True once completions are ready to trigger.
+
+        Spins (non-blocking polls, yielding the CPU in between) for the spin budget after any
+        event before blocking in epoll: a blocking wake-up costs ~10x a polled round trip here.
+        """
+        cq = self._cq
+        if cq:
+            return True
+        self._check_open("progress")
+        poll, dispatch, spin = self._ep.poll, self._dispatch, self._spin
+        now = time.monotonic()
+        deadline = now + timeout
+        spin_end = now + spin
+        while True:
+            events = poll(0)
+            if events:
+                dispatch(events)
+                if cq:
+                    return True
+                spin_end = time.monotonic() + spin
+                continue
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if now < spin_end:
+                os.sched_yield()
+                continue
+            self._polling = True
+            try:
+                if cq:
+                    return True
+                events = poll(deadline - now)
+            finally:
+                self._polling = False
+            if events:
+                dispatch(events)
+                if cq:
+                    return True
+                spin_end = time.monotonic() + spin
+
+    def _dispatch(self, events: list[tuple[int, int]]) -> None:
+        fdmap = self._fdmap
+        with self._lock:
+            for fd, ev in events:
+                handler = fdmap.get(fd)
+                if handler is not None:
+                    handler(ev)
+
+    def _drain_wake(self, ev: int) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except BlockingIOError:
+            pass
+
+    # -- connections ----------------------------------------------------------------------------
+    def _conn_for(self, addr: Addr, op: Op) -> _Conn | None:
+        """The live connection to ``addr``, connecting on first use; None after failing ``op``."""
+        conn = addr.conn
+        if conn is not None:
+            return conn  # type: ignore[no-any-return]
+        name = op.kind.name.lower()
+        if addr.dead:
+            self._fail(op, PeerError(name, addr.uri, addr.dead))
+            return None
+        if not addr.listening:
+            self._fail(op, PeerError(name, addr.uri, "the peer does not listen and its "
+                                     "connection is gone"))
+            return None
+        try:
+            sock, connecting = self._connect(addr)
+        except OSError as exc:
+            self._fail(op, PeerError(name, addr.uri, f"could not connect: {exc}"))
+            return None
+        self._tune(sock)
+        conn = _Conn(self, sock, addr.uri, connecting)
+        conn.addr = addr
+        addr.conn = conn
+        self._add_conn(conn)
+        hello = self._self_addr.uri.encode()
+        self._enqueue(conn, [_HDR.pack(_MAGIC, fr.HELLO, int(self._listening), len(hello), 0),
+                             hello], fr.HEADER_SIZE + len(hello), None)
+        return conn
+
+    def _add_conn(self, conn: _Conn) -> None:
+        self.stats["connections"] += 1
+        self._conns.add(conn)
+        self._fdmap[conn.fd] = conn.on_event
+        self._ep.register(conn.fd, _EPOLLRD | (_EPOLLOUT if conn.writing else 0))
+
+    def _accept(self, ev: int) -> None:
+        while True:
+            try:
+                sock, peer = self._listener.accept()  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.log.warning("%s: accept failed: %s", self._self_addr.uri, exc)
+                return
+            sock.setblocking(False)
+            self._tune(sock)
+            self._add_conn(_Conn(self, sock, f"{self.scheme} peer {peer or 'local'}", False))
+
+    def _on_hello(self, conn: _Conn, flags: int, payload: bytes) -> None:
+        uri = payload.decode("utf-8", "replace")
+        if not uri.startswith(self.scheme + "://") or len(uri) > 1024:
+            raise ProtocolError("handshake", conn.name, f"bad peer URI {uri[:80]!r}")
+        addr = self._peers.get(uri)
+        if addr is None:
+            addr = self._peers[uri] = Addr(uri, bool(flags & 1))
+        if addr.conn is None:
+            addr.conn = conn
+        addr.dead = None
+        conn.addr = addr
+        conn.name = uri
+        conn.reader.peer = uri
+
+    def _set_mask(self, conn: _Conn) -> None:
+        mask = (0 if conn.paused else _EPOLLRD) | (_EPOLLOUT if conn.writing else 0)
+        self._ep.modify(conn.fd, mask)
+
+    def _enqueue(self, conn: _Conn, bufs: list[Any], total: int, op: Op | None) -> None:
+        """Send ``bufs`` (one or more whole frames), straight away when nothing is queued."""
+        q = conn.sendq
+        if not q and not conn.connecting:
+            try:
+                n = conn.sock.sendmsg(bufs)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                q.append([b"", op])
+                self._conn_failed(conn, f"send failed: {exc}")
+                return
+            if n == total:
+                if op is not None:
+                    self._post(op)
+                return
+            for buf in bufs:
+                ln = len(buf)
+                if n >= ln:
+                    n -= ln
+                    continue
+                q.append([buf[n:] if n else buf, None])
+                if n:
+                    conn.head_partial = True
+                n = 0
+            q[-1][1] = op
+            conn.writing = True
+            self._set_mask(conn)
+            return
+        for buf in bufs:
+            q.append([buf, None])
+        q[-1][1] = op
+        if not conn.writing:
+            conn.writing = True
+            self._set_mask(conn)
+
+    def _on_writable(self, conn: _Conn) -> None:
+        if conn.connecting:
+            err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._conn_failed(conn, f"could not connect: {os.strerror(err)}")
+                return
+            conn.connecting = False
+        q, sock = conn.sendq, conn.sock
+        while q:
+            bufs = [item[0] for item in itertools.islice(q, _IOV_MAX)]
+            try:
+                n = sock.sendmsg(bufs)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._conn_failed(conn, f"send failed: {exc}")
+                return
+            while n:
+                item = q[0]
+                ln = len(item[0])
+                if n >= ln:
+                    n -= ln
+                    q.popleft()
+                    conn.head_partial = False
+                    op = item[1]
+                    if op is not None:
+                        self._send_done(op)
+                else:
+                    item[0] = item[0][n:]
+                    conn.head_partial = True
+                    n = 0
+        conn.writing = False
+        self._set_mask(conn)
+
+    def _send_done(self, op: Op) -> None:
+        if op.state == _CANCELING:
+            op.error = Canceled(op.kind.name.lower(), op.addr.uri if op.addr else None, "canceled")
+        self._post(op)
+
+    def _on_readable(self, conn: _Conn) -> None:
+        reader, recv_into = conn.reader, conn.sock.recv_into
+        for _ in range(64):
+            buf = reader.get_buffer()
+            try:
+                n = recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._conn_failed(conn, f"receive failed: {exc}")
+                return
+            if n == 0:
+                self._conn_failed(conn, "connection closed by the peer")
+                return
+            self.stats["bytes_received"] += n
+            try:
+                reader.buffer_updated(n)
+            except ProtocolError as exc:
+                self.stats["protocol_errors"] += 1
+                self.log.error("closing the connection to %s: %s", conn.name, exc)
+                self._conn_failed(conn, str(exc))
+                return
+            if conn.closed or conn.paused:
+                return
+            if n < len(buf):
+                return
+
+    def _conn_failed(self, conn: _Conn, cause: str, canceled: bool = False) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self._conns.discard(conn)
+        self._paused.discard(conn)
+        self._fdmap.pop(conn.fd, None)
+        try:
+            self._ep.unregister(conn.fd)
+        except (OSError, ValueError):
+            pass
+        conn.sock.close()
+        peer = conn.addr.uri if conn.addr is not None else conn.name
+        if not canceled:
+            self.stats["peer_failures"] += 1
+            self.log.info("connection to %s lost: %s", peer, cause)
+
+        def error(op: Op) -> BaseException:
+            name = op.kind.name.lower()
+            if canceled or op.state == _CANCELING:
+                return Canceled(name, peer, cause)
+            return PeerError(name, peer, cause)
+
+        for _buf, op in conn.sendq:
+            if op is not None and op.state != _FINISHED:
+                op.error = error(op)
+                self._post(op)
+        conn.sendq.clear()
+        for op, _dest in list(conn.rma.values()):
+            if op.state != _FINISHED:
+                op.error = error(op)
+                self._post(op)
+        conn.rma.clear()
+        addr = conn.addr
+        if addr is not None and addr.conn is conn:
+            addr.conn = None
+            if not addr.listening:
+                addr.dead = cause
+            for key in [k for k in self._exp_posted if k[0] is addr]:
+                for op in self._exp_posted.pop(key):
+                    op.error = error(op)
+                    self._post(op)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _check_open(self, op: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"{op}: {self!r} is closed")
+
+    @staticmethod
+    def _check_writable(view: memoryview, op: str) -> None:
+        if view.readonly:
+            raise ValueError(f"{op}: the receive buffer is read-only")
+
+    def close(self) -> None:
+        """Close every connection; pending operations complete as canceled (run trigger())."""
+        with self._lock:
+            if self._closed:
+                return
+            for conn in list(self._conns):
+                self._conn_failed(conn, "the plugin was closed", canceled=True)
+            for op in self._unexp_posted:
+                self._fail(op, Canceled(op.kind.name.lower(), None, "the plugin was closed"))
+            self._unexp_posted.clear()
+            for ops in self._exp_posted.values():
+                for op in ops:
+                    self._fail(op, Canceled(op.kind.name.lower(), op.addr.uri, "closed"))
+            self._exp_posted.clear()
+            self._closed = True
+            if self._listener is not None:
+                self._listener.close()
+            self._ep.close()
+            os.close(self._wake_fd)
+            self._on_close()
+
+    def _listen_on(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        sock.listen(socket.SOMAXCONN)
+        self._listener = sock
+        self._fdmap[sock.fileno()] = self._accept
+        self._ep.register(sock.fileno(), _EPOLLIN)

@@ -1,0 +1,309 @@
+"""sm plugin: same-host peers. Messages over Unix-domain sockets; RMA by one process_vm copy.
+
+URIs are ``sm://<pid>/<instance>``; ``sm://`` opens a fresh one. Socket and table files live in
+a private runtime directory (``$PETASUS_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/petasus``, else
+``/tmp/petasus-<uid>``), are removed on close, and those left by dead processes are reclaimed.
+
+RMA, as Mercury's na+sm does it: the initiator moves the bytes with one ``process_vm_readv`` or
+``process_vm_writev``; the target's CPU is not involved. Unlike na+sm, the target still decides
+what may be touched: it publishes each registration (key, base, length, rights) in a table file
+that peers map read-only, and the initiator checks the table, not the handle it was given, so a
+forged or stale key, a range past the end or a write into a read-only registration is refused.
+
+Trust model: process_vm access is granted by the kernel to same-user processes, so sm trusts
+every process of the same user on the host. Where the kernel denies it (no CAP_SYS_PTRACE in a
+container, Yama ptrace_scope >= 2), ``rma="auto"`` (the default) falls back to the copy path:
+RMA emulated over the socket and served by the target, as tcp does. ``rma="copy"`` forces that
+path (no cross-process memory access at all); ``rma="process_vm"`` fails instead of falling back.
+The mode in use is in ``repr()`` and ``statistics()["rma_mode"]``. Override the default with
+``PETASUS_SM_RMA``.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import mmap
+import os
+import re
+import socket
+import struct
+import weakref
+from pathlib import Path
+from typing import Any
+
+from . import _pvm
+from ._sockets import SocketPlugin
+from .errors import AccessError, NAError, PeerError
+from .types import Access, Addr, MemHandle, Op, OpKind
+
+_URI = re.compile(r"^sm://(\d+)/(\d+)$")
+_TABLE_MAGIC = b"PETASMR1"
+_TABLE_HEAD = 16
+_SLOT = struct.Struct("<QQQQ")  # key, base address, length, access (key 0 = free)
+_EXTRA = struct.Struct("<iIIQ")  # pid, instance, slot, base address
+_instances = itertools.count()
+PTRACE_HINT = ("the kernel denied cross-process memory access (EPERM). Run with CAP_SYS_PTRACE, "
+               "lower /proc/sys/kernel/yama/ptrace_scope, have the target call "
+               "prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY), or use rma='copy'")
+
+
+def runtime_dir() -> Path:
+    base = os.environ.get("PETASUS_RUNTIME_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        base = os.path.join(xdg, "petasus") if xdg else f"/tmp/petasus-{os.getuid()}"
+    path = Path(base)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"sm: runtime directory {path} must be owned by uid {os.getuid()} "
+                              f"with mode 0700 (it is uid {st.st_uid}, mode {st.st_mode & 0o777:o})")
+    return path
+
+
+def _unlink(*paths: Path) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reclaim_stale(directory: Path) -> int:
+    """Remove the files of processes that died without closing; returns how many."""
+    removed = 0
+    for entry in directory.iterdir():
+        m = re.match(r"^(\d+)-\d+\.(sock|reg)$", entry.name)
+        if m and not _alive(int(m.group(1))):
+            try:
+                entry.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+class SmPlugin(SocketPlugin):
+    scheme = "sm"
+    log = logging.getLogger("petasus.na.sm")
+
+    def __init__(self, uri: str = "sm://", listen: bool = False, *, rma: str | None = None,
+                 table_slots: int = 65536, **options: int) -> None:
+        mode = rma or os.environ.get("PETASUS_SM_RMA", "auto")
+        if mode not in ("auto", "process_vm", "copy"):
+            raise ValueError(f"sm: rma must be 'auto', 'process_vm' or 'copy', not {mode!r}")
+        if uri.rstrip("/") not in ("sm:", "sm"):
+            m = _URI.match(uri)
+            if m is None or int(m.group(1)) != os.getpid():
+                raise ValueError(f"sm: cannot open {uri!r}; use 'sm://' for a fresh address")
+        self._mode = mode
+        self._slots = table_slots
+        self._copy_peers: set[Addr] = set()
+        self._denied = False
+        self._tables: dict[tuple[int, int], mmap.mmap] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self._dir = runtime_dir()
+        reclaim_stale(self._dir)
+        self._pid = os.getpid()
+        self._inst = next(_instances)
+        stem = self._dir / f"{self._pid}-{self._inst}"
+        self._sock_path = stem.with_suffix(".sock")
+        self._table_path = stem.with_suffix(".reg")
+        self._table = self._create_table()
+        # A process that exits without close() still removes its files; peers reclaim the files
+        # of processes that were killed.
+        self._cleanup = weakref.finalize(self, _unlink, self._sock_path, self._table_path)
+        try:
+            super().__init__(listen, **options)
+        except BaseException:
+            self._on_close()
+            raise
+
+    def _create_table(self) -> mmap.mmap:
+        size = _TABLE_HEAD + self._slots * _SLOT.size
+        fd = os.open(self._table_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            table = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        table[:_TABLE_HEAD] = _TABLE_MAGIC + struct.pack("<II", self._slots, 0)
+        return table
+
+    # -- hooks of the socket engine -------------------------------------------------------------
+    def _open(self, listen: bool) -> str:
+        if listen:
+            try:
+                self._sock_path.unlink()
+            except FileNotFoundError:
+                pass
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(str(self._sock_path))
+                self._listen_on(sock)
+            except OSError:
+                sock.close()
+                raise
+        return f"sm://{self._pid}/{self._inst}"
+
+    def _canonical(self, uri: str) -> str:
+        if _URI.match(uri) is None:
+            raise ValueError(f"{uri!r} is not an sm address (sm://<pid>/<instance>)")
+        return uri
+
+    def _connect(self, addr: Addr) -> tuple[socket.socket, bool]:
+        pid, inst = _URI.match(addr.uri).groups()  # type: ignore[union-attr]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5.0)
+        try:
+            sock.connect(str(self._dir / f"{pid}-{inst}.sock"))
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.ENOENT:
+                raise OSError(exc.errno, "no such sm listener (the process exited or never "
+                              "listened)") from None
+            raise
+        sock.setblocking(False)
+        return sock, False
+
+    def _on_close(self) -> None:
+        for table in self._tables.values():
+            table.close()
+        self._tables.clear()
+        if getattr(self, "_table", None) is not None:
+            self._table.close()
+        self._cleanup()
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]} rma={self.rma_mode}>"
+
+    @property
+    def rma_mode(self) -> str:
+        if self._mode == "copy":
+            return "copy"
+        if self._denied:
+            return "copy (process_vm denied)" if self._mode == "auto" else "process_vm (denied)"
+        return "process_vm"
+
+    def statistics(self) -> dict[str, Any]:
+        out = super().statistics()
+        out["rma_mode"] = self.rma_mode
+        return out
+
+    # -- registrations: published in the table peers check --------------------------------------
+    def _register_extra(self, handle: MemHandle) -> None:
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        elif self._next_slot < self._slots:
+            slot = self._next_slot
+            self._next_slot += 1
+        else:
+            raise ValueError(f"mem_register: all {self._slots} sm registration slots are in use "
+                             "(raise table_slots)")
+        base, pin = _pvm.buffer_address(handle.view)  # type: ignore[arg-type]
+        handle.extra = (slot, base, pin)
+        off = _TABLE_HEAD + slot * _SLOT.size
+        # Key last: a reader that sees the key sees the rest of the entry.
+        _SLOT.pack_into(self._table, off, 0, base, handle.length, int(handle.access))
+        struct.pack_into("<Q", self._table, off, handle.key)
+
+    def _deregister_extra(self, handle: MemHandle) -> None:
+        slot = handle.extra[0]
+        _SLOT.pack_into(self._table, _TABLE_HEAD + slot * _SLOT.size, 0, 0, 0, 0)
+        self._free_slots.append(slot)
+        handle.extra = None
+
+    def _handle_extra(self, handle: MemHandle) -> bytes:
+        if not handle.local:
+            return _EXTRA.pack(*handle.extra)  # forwarding a peer's handle to a third process
+        if handle.extra is None:
+            raise ValueError(f"mem_handle_serialize: {handle!r} is deregistered")
+        slot, base, _pin = handle.extra
+        return _EXTRA.pack(self._pid, self._inst, slot, base)
+
+    def _parse_handle_extra(self, data: bytes) -> Any:
+        if len(data) != _EXTRA.size:
+            raise ValueError(f"mem_handle_deserialize: sm handle tail is {len(data)} B, "
+                             f"expected {_EXTRA.size}")
+        return _EXTRA.unpack(data)
+
+    # -- one-sided RMA --------------------------------------------------------------------------
+    def _start_rma(self, op: Op) -> None:
+        addr = op.addr
+        if self._mode == "copy" or addr in self._copy_peers:
+            self._emulate_rma(op)
+            return
+        name = "put" if op.kind == OpKind.PUT else "get"
+        remote = op.remote
+        try:
+            pid, inst, slot, base = remote.extra if remote.local is False else (
+                self._pid, self._inst, remote.extra[0], remote.extra[1])
+            remote_addr = self._checked_address(name, addr, pid, inst, slot, base, remote.key,
+                                                op.remote_off, op.length, op.kind)
+            local = op.buffer[op.local_off: op.local_off + op.length]
+            _pvm.transfer(op.kind == OpKind.PUT, pid, local, remote_addr)
+        except NAError as exc:
+            op.error = exc
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                self._denied = True
+                if self._mode == "auto":
+                    self.log.warning("sm: process_vm access to %s denied; using the copy path "
+                                     "for this peer", addr.uri)  # type: ignore[union-attr]
+                    self._copy_peers.add(addr)  # type: ignore[arg-type]
+                    self._emulate_rma(op)
+                    return
+                op.error = AccessError(name, addr.uri, PTRACE_HINT)  # type: ignore[union-attr]
+            elif exc.errno == errno.ESRCH:
+                op.error = PeerError(name, addr.uri, "the process has exited")  # type: ignore[union-attr]
+            else:
+                op.error = AccessError(name, addr.uri, f"process_vm failed: {exc}")  # type: ignore[union-attr]
+        self._post(op)
+
+    def _checked_address(self, name: str, addr: Addr | None, pid: int, inst: int, slot: int,
+                         base: int, key: int, off: int, length: int, kind: OpKind) -> int:
+        peer = addr.uri if addr is not None else f"sm://{pid}/{inst}"
+        table = self._peer_table(name, peer, pid, inst)
+        if slot >= (len(table) - _TABLE_HEAD) // _SLOT.size:
+            raise AccessError(name, peer, "unknown key (forged, or deregistered)")
+        t_key, t_base, t_len, t_access = _SLOT.unpack_from(table, _TABLE_HEAD + slot * _SLOT.size)
+        if t_key != key or t_base != base:
+            raise AccessError(name, peer, "unknown key (forged, or deregistered)")
+        if off + length > t_len:
+            raise AccessError(name, peer, "out of bounds")
+        need = Access.WRITE_ONLY if kind == OpKind.PUT else Access.READ_ONLY
+        if not t_access & need:
+            raise AccessError(name, peer, "not allowed by the registration's access rights")
+        return t_base + off
+
+    def _peer_table(self, name: str, peer: str, pid: int, inst: int) -> mmap.mmap:
+        if pid == self._pid and inst == self._inst:
+            return self._table
+        table = self._tables.get((pid, inst))
+        if table is None:
+            try:
+                fd = os.open(self._dir / f"{pid}-{inst}.reg", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise PeerError(name, peer, "its registration table is gone (process exited)") from None
+            try:
+                table = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            if table[:8] != _TABLE_MAGIC:
+                table.close()
+                raise AccessError(name, peer, "not an sm registration table")
+            self._tables[(pid, inst)] = table
+        return table

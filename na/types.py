@@ -1,0 +1,114 @@
+"""Values shared by every plugin: access rights, operations, addresses, memory handles."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any
+
+
+class Access(enum.IntFlag):
+    """What a *remote* peer may do with a registration (checked by the target, not the wire)."""
+
+    READ_ONLY = 1  # peers may get from it
+    WRITE_ONLY = 2  # peers may put into it
+    READ_WRITE = 3
+
+
+class OpKind(enum.IntEnum):
+    SEND_UNEXPECTED = 1
+    RECV_UNEXPECTED = 2
+    SEND_EXPECTED = 3
+    RECV_EXPECTED = 4
+    PUT = 5
+    GET = 6
+
+
+Callback = Callable[["Op"], Any]
+
+
+class Op:
+    """One operation, from post to completion; also the completion record its callback receives.
+
+    A single object serves as both so the per-message path allocates one thing. After completion:
+    ``error`` is None or the exception; for receives, ``source``, ``tag`` and ``size`` describe the
+    message, which is in ``buffer[:size]``.
+    """
+
+    __slots__ = (
+        "kind", "callback", "buffer", "addr", "tag", "size", "source", "error", "done",
+        "state", "op_id", "remaining", "local", "local_off", "remote", "remote_off", "length",
+        "__weakref__",
+    )
+
+    def __init__(self, kind: OpKind, callback: Callback | None, buffer: Any = None,
+                 addr: Addr | None = None, tag: int = 0) -> None:
+        self.kind = kind
+        self.callback = callback
+        self.buffer = buffer
+        self.addr = addr
+        self.tag = tag
+        self.size = 0
+        self.source: Addr | None = None
+        self.error: BaseException | None = None
+        self.done = False
+        # Plugin bookkeeping: 0 pending, 1 completing (queued for trigger), 2 canceled.
+        self.state = 0
+        self.op_id = 0
+        self.remaining = 0
+
+    def result(self) -> Op:
+        """Raise the operation's error, if any; return the op for chaining."""
+        if not self.done:
+            raise RuntimeError(f"{self!r} has not completed")
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def __repr__(self) -> str:
+        status = "done" if self.done else ("canceling" if self.state == 2 else "pending")
+        if self.error is not None:
+            status = f"failed: {self.error}"
+        peer = f" peer={self.addr.uri}" if self.addr is not None else ""
+        return f"<Op {self.kind.name} tag={self.tag}{peer} {status}>"
+
+
+class Addr:
+    """A peer address. Each plugin keeps one Addr per peer, so identity is equality."""
+
+    __slots__ = ("uri", "listening", "conn", "dead", "extra", "__weakref__")
+
+    def __init__(self, uri: str, listening: bool) -> None:
+        self.uri = uri
+        self.listening = listening
+        self.conn: Any = None
+        self.dead: str | None = None
+        self.extra: Any = None
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __repr__(self) -> str:
+        state = "connected" if self.conn is not None else ("dead" if self.dead else "idle")
+        return f"<Addr {self.uri} {state}>"
+
+
+class MemHandle:
+    """A registration. Local handles hold the memory; remote ones (deserialized) only describe it."""
+
+    __slots__ = ("view", "length", "access", "key", "local", "extra", "registered")
+
+    def __init__(self, view: memoryview | None, length: int, access: Access, key: int,
+                 local: bool, extra: Any = None) -> None:
+        self.view = view
+        self.length = length
+        self.access = Access(access)
+        self.key = key
+        self.local = local
+        self.extra = extra
+        self.registered = local
+
+    def __repr__(self) -> str:
+        where = "local" if self.local else "remote"
+        state = "" if self.registered or not self.local else " deregistered"
+        return f"<MemHandle {where} {self.length} B {self.access.name}{state}>"

@@ -1,0 +1,1 @@
+"""petasus.store: not built yet; see the open issues."""
