@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Any
-
 import cffi
 
 _ffi = cffi.FFI()
@@ -18,10 +16,15 @@ ssize_t process_vm_writev(int pid, const struct iovec *local, unsigned long liov
 _libc = _ffi.dlopen(None)
 
 
-def buffer_address(view: memoryview) -> tuple[int, Any]:
-    """The address of a buffer and the cffi object that pins it (keep it alive while in use)."""
+def buffer_address(view: memoryview) -> int:
+    """The address of a buffer. The caller's memoryview export keeps it from moving; no cffi
+    object outlives this call, because a cffi buffer left for the garbage collector can be
+    released after the memoryview under it (a segfault seen in the suite)."""
     pin = _ffi.from_buffer(view)
-    return int(_ffi.cast("uintptr_t", pin)), pin
+    try:
+        return int(_ffi.cast("uintptr_t", pin))
+    finally:
+        _ffi.release(pin)
 
 
 def transfer(write: bool, pid: int, local: memoryview, remote_addr: int) -> None:
@@ -33,18 +36,21 @@ def transfer(write: bool, pid: int, local: memoryview, remote_addr: int) -> None
     total = len(local)
     liov = _ffi.new("struct iovec *")
     riov = _ffi.new("struct iovec *")
-    pin = _ffi.from_buffer(local, require_writable=not write)
-    base = _ffi.cast("char *", pin)
     call = _libc.process_vm_writev if write else _libc.process_vm_readv
-    done = 0
-    while done < total:
-        liov.iov_base = base + done
-        liov.iov_len = riov.iov_len = total - done
-        riov.iov_base = _ffi.cast("void *", remote_addr + done)
-        n = call(pid, liov, 1, riov, 1, 0)
-        if n < 0:
-            err = _ffi.errno
-            raise OSError(err, os.strerror(err))
-        if n == 0:
-            raise OSError(0, "process_vm transferred nothing")
-        done += n
+    pin = _ffi.from_buffer(local, require_writable=not write)
+    try:
+        base = _ffi.cast("char *", pin)
+        done = 0
+        while done < total:
+            liov.iov_base = base + done
+            liov.iov_len = riov.iov_len = total - done
+            riov.iov_base = _ffi.cast("void *", remote_addr + done)
+            n = call(pid, liov, 1, riov, 1, 0)
+            if n < 0:
+                err = _ffi.errno
+                raise OSError(err, os.strerror(err))
+            if n == 0:
+                raise OSError(0, "process_vm transferred nothing")
+            done += n
+    finally:
+        _ffi.release(pin)

@@ -731,12 +731,19 @@ class SocketPlugin:
         uri = payload.decode("utf-8", "replace")
         if not uri.startswith(self.scheme + "://") or len(uri) > 1024:
             raise ProtocolError("handshake", conn.name, f"bad peer URI {uri[:80]!r}")
-        addr = self._peers.get(uri)
-        if addr is None:
-            addr = self._peers[uri] = Addr(uri, bool(flags & 1))
-        if addr.conn is None:
+        if flags & 1:
+            # A listener is one peer however many connections reach us from it.
+            addr = self._peers.get(uri)
+            if addr is None:
+                addr = self._peers[uri] = Addr(uri, True)
+            if addr.conn is None:
+                addr.conn = conn
+            addr.dead = None
+        else:
+            # A peer that does not listen is reachable only over this very connection: one Addr
+            # per connection, so a reconnect (or an impostor) never takes over another's replies.
+            addr = Addr(uri, False)
             addr.conn = conn
-        addr.dead = None
         conn.addr = addr
         conn.name = uri
         conn.reader.peer = uri

@@ -213,8 +213,8 @@ class SmPlugin(SocketPlugin):
         else:
             raise ValueError(f"mem_register: all {self._slots} sm registration slots are in use "
                              "(raise table_slots)")
-        base, pin = _pvm.buffer_address(handle.view)  # type: ignore[arg-type]
-        handle.extra = (slot, base, pin)
+        base = _pvm.buffer_address(handle.view)  # type: ignore[arg-type]
+        handle.extra = (slot, base)
         off = _TABLE_HEAD + slot * _SLOT.size
         # Key last: a reader that sees the key sees the rest of the entry.
         _SLOT.pack_into(self._table, off, 0, base, handle.length, int(handle.access))
@@ -231,7 +231,7 @@ class SmPlugin(SocketPlugin):
             return _EXTRA.pack(*handle.extra)  # forwarding a peer's handle to a third process
         if handle.extra is None:
             raise ValueError(f"mem_handle_serialize: {handle!r} is deregistered")
-        slot, base, _pin = handle.extra
+        slot, base = handle.extra
         return _EXTRA.pack(self._pid, self._inst, slot, base)
 
     def _parse_handle_extra(self, data: bytes) -> Any:

@@ -1,0 +1,149 @@
+"""Fixtures of the conformance suite: every plugin, against a second process and within one."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from petasus import na
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+from na_peer import Peer  # noqa: E402
+
+TIMEOUT = 20.0
+
+
+def _ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One plugin configuration of the suite."""
+
+    id: str
+    uri: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+SPECS = [
+    Spec("tcp", "tcp://127.0.0.1:0"),
+    pytest.param(Spec("tcp6", "tcp://[::1]:0"), id="tcp6",
+                 marks=pytest.mark.skipif(not _ipv6(), reason="no IPv6 loopback on this host")),
+    Spec("sm", "sm://", {"rma": "process_vm"}),
+    Spec("sm-copy", "sm://", {"rma": "copy"}),
+]
+
+
+def _spec_id(spec: Any) -> str:
+    return spec.id if isinstance(spec, Spec) else str(spec)
+
+
+@pytest.fixture(params=SPECS, ids=_spec_id, scope="module")
+def spec(request: pytest.FixtureRequest) -> Spec:
+    return request.param  # type: ignore[no-any-return]
+
+
+class RemotePeer:
+    """A peer in another process or a thread, and a client plugin talking to it."""
+
+    def __init__(self, spec: Spec, placement: str) -> None:
+        self.spec = spec
+        self.placement = placement
+        self.proc: subprocess.Popen[str] | None = None
+        self.thread_peer: Peer | None = None
+        if placement == "process":
+            self.proc = subprocess.Popen(
+                [sys.executable, str(HERE / "na_peer.py"), spec.uri, json.dumps(spec.options)],
+                stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            line = self.proc.stdout.readline()  # type: ignore[union-attr]
+            if not line.startswith("listening on "):
+                self.proc.kill()
+                raise RuntimeError(f"peer did not start: {line!r}")
+            self.uri = line.split()[-1]
+        else:
+            self.thread_peer = Peer(spec.uri, **spec.options)
+            self.thread_peer.serve_in_thread()
+            self.uri = self.thread_peer.uri
+        self.na = na.initialize(spec.uri, **spec.options)
+        self.addr = self.na.addr_lookup(self.uri)
+        self._tags = itertools.count(1)
+        self.n_regs = 0
+
+    def call(self, cmd: str, body: bytes = b"", timeout: float = TIMEOUT, **args: Any) -> bytes:
+        tag = next(self._tags)
+        buf = bytearray(self.na.msg_get_max_expected_size())
+        recv = self.na.msg_recv_expected(self.addr, buf, tag)
+        send = self.na.msg_send_unexpected(
+            self.addr, json.dumps({"cmd": cmd, **args}).encode() + b"\n" + body, tag)
+        na.wait(self.na, send, recv, timeout=timeout)
+        send.result()
+        recv.result()
+        status, _, reply = bytes(buf[: recv.size]).partition(b"\n")
+        if status != b"ok":
+            raise RuntimeError(f"peer failed {cmd}: {reply.decode()}")
+        return reply
+
+    def send_only(self, cmd: str, **args: Any) -> None:
+        op = self.na.msg_send_unexpected(self.addr, json.dumps({"cmd": cmd, **args}).encode()
+                                         + b"\n", next(self._tags))
+        na.wait(self.na, op, timeout=TIMEOUT)
+        op.result()
+
+    def register(self, size: int, access: na.Access, seed: int = 1) -> tuple[int, na.MemHandle]:
+        data = self.call("reg", size=size, access=int(access), seed=seed)
+        self.n_regs += 1
+        return self.n_regs - 1, self.na.mem_handle_deserialize(data)
+
+    def kill(self) -> None:
+        """Kill the peer abruptly (process) or close it under the client's feet (thread)."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(TIMEOUT)
+        else:
+            self.thread_peer.shutdown()  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self.na.close()
+        self.na.trigger()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(TIMEOUT)
+            self.proc.stdout.close()  # type: ignore[union-attr]
+        elif self.thread_peer is not None:
+            self.thread_peer.shutdown()
+
+
+@pytest.fixture(params=["process", "thread"], scope="module")
+def peer(spec: Spec, request: pytest.FixtureRequest) -> Iterator[RemotePeer]:
+    """A long-lived peer shared by the tests of a module (they must leave it working)."""
+    remote = RemotePeer(spec, request.param)
+    yield remote
+    remote.close()
+
+
+@pytest.fixture
+def fresh_peer(spec: Spec) -> Iterator[RemotePeer]:
+    """A peer in its own process, for tests that kill it."""
+    remote = RemotePeer(spec, "process")
+    yield remote
+    remote.close()

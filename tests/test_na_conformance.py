@@ -1,0 +1,394 @@
+"""The NA conformance suite: the same tests for every plugin, against a process and a thread."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+from conftest import TIMEOUT, RemotePeer, Spec
+from na_peer import digest, pattern
+
+from petasus import na
+from petasus.na import framing
+
+MiB = 1 << 20
+
+
+def echo(peer: RemotePeer, body: bytes) -> bytes:
+    return peer.call("echo", body)
+
+
+# -- messages ---------------------------------------------------------------------------------
+def test_unexpected_and_expected_sizes(peer: RemotePeer) -> None:
+    limit = peer.na.msg_get_max_unexpected_size() - 64  # room for the command line
+    for size in (0, 1, 4096, limit):
+        body = os.urandom(size)
+        assert echo(peer, body) == body
+
+
+def test_maximum_message_both_ways(peer: RemotePeer) -> None:
+    client = peer.na
+    biggest = client.msg_get_max_unexpected_size()
+    assert client.msg_get_max_expected_size() >= 4096
+    with pytest.raises(ValueError, match="exceeds the maximum"):
+        client.msg_send_unexpected(peer.addr, bytes(biggest + 1), 1)
+    # A message of exactly the maximum size is delivered whole (the peer cannot parse it as a
+    # command and says so, which proves every byte arrived).
+    tag = 424242
+    buf = bytearray(client.msg_get_max_expected_size())
+    recv = client.msg_recv_expected(peer.addr, buf, tag)
+    send = client.msg_send_unexpected(peer.addr, b"{" + bytes(biggest - 1), tag)
+    na.wait(client, send, recv, timeout=TIMEOUT)
+    assert bytes(buf[: recv.size]).startswith(b"err\n")
+
+
+def test_expected_messages_match_on_tag(peer: RemotePeer) -> None:
+    client = peer.na
+    tags = [1000 + i for i in range(8)]
+    bufs = {t: bytearray(256) for t in tags}
+    # Post the receives in reverse order of the replies: matching is by tag, not arrival.
+    recvs = {t: client.msg_recv_expected(peer.addr, bufs[t], t) for t in reversed(tags)}
+    sends = [client.msg_send_unexpected(
+        peer.addr, b'{"cmd": "echo"}\n' + f"tag {t}".encode(), t) for t in tags]
+    na.wait(client, *sends, *recvs.values(), timeout=TIMEOUT)
+    for t in tags:
+        op = recvs[t].result()
+        assert op.tag == t and op.source is peer.addr
+        assert bytes(bufs[t][: op.size]) == f"ok\ntag {t}".encode()
+
+
+def test_many_in_flight(peer: RemotePeer) -> None:
+    client = peer.na
+    n = 300
+    bufs = [bytearray(128) for _ in range(n)]
+    recvs = [client.msg_recv_expected(peer.addr, bufs[i], 5000 + i) for i in range(n)]
+    sends = [client.msg_send_unexpected(peer.addr, b'{"cmd":"echo"}\n' + str(i).encode(),
+                                        5000 + i) for i in range(n)]
+    na.wait(client, *sends, *recvs, timeout=TIMEOUT)
+    for i, op in enumerate(recvs):
+        assert bytes(bufs[i][: op.result().size]) == b"ok\n" + str(i).encode()
+
+
+def test_receive_buffer_too_small_is_an_error_not_a_truncation(peer: RemotePeer) -> None:
+    client = peer.na
+    small = bytearray(4)
+    recv = client.msg_recv_expected(peer.addr, small, 77)
+    send = client.msg_send_unexpected(peer.addr, b'{"cmd":"echo"}\n0123456789', 77)
+    na.wait(client, send, recv, timeout=TIMEOUT)
+    with pytest.raises(na.NAError, match="does not fit"):
+        recv.result()
+    assert echo(peer, b"still fine") == b"still fine"
+
+
+def test_unexpected_messages_queue_until_a_receive_is_posted(spec: Spec) -> None:
+    with na.initialize(spec.uri, listen=True, **spec.options) as server, \
+            na.initialize(spec.uri, **spec.options) as client:
+        addr = client.addr_lookup(server.addr_self().uri)
+        sends = [client.msg_send_unexpected(addr, bytes([i]) * i, i) for i in range(1, 6)]
+        na.wait(client, *sends, timeout=TIMEOUT)
+        got = []
+        for _ in range(5):
+            buf = bytearray(16)
+            op = server.msg_recv_unexpected(buf)
+            na.wait(server, op, timeout=TIMEOUT)
+            got.append((op.tag, bytes(buf[: op.size])))
+        assert got == [(i, bytes([i]) * i) for i in range(1, 6)]
+        assert server.statistics()["queued_bytes"] == 0
+
+
+def test_send_to_self(spec: Spec) -> None:
+    with na.initialize(spec.uri, listen=True, **spec.options) as plugin:
+        me = plugin.addr_lookup(plugin.addr_self().uri)
+        buf = bytearray(32)
+        recv = plugin.msg_recv_unexpected(buf)
+        send = plugin.msg_send_unexpected(me, b"to myself", 3)
+        na.wait(plugin, send, recv, timeout=TIMEOUT)
+        assert bytes(buf[: recv.size]) == b"to myself"
+        data = pattern(9, 3 * MiB + 7)
+        src = plugin.mem_register(data, na.Access.READ_ONLY)
+        out = bytearray(len(data))
+        dst = plugin.mem_register(out, na.Access.READ_WRITE)
+        remote = plugin.mem_handle_deserialize(plugin.mem_handle_serialize(src))
+        op = plugin.get(dst, 0, remote, 0, len(data), me)
+        na.wait(plugin, op, timeout=TIMEOUT)
+        op.result()
+        assert out == data
+
+
+# -- RMA --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [1, 4096 + 3, MiB + 1, 64 * MiB])
+def test_get_and_put_sizes_at_offsets(peer: RemotePeer, size: int) -> None:
+    client = peer.na
+    off = 13
+    index, remote = peer.register(size + 2 * off, na.Access.READ_WRITE, seed=size)
+    expect = pattern(size, size + 2 * off)
+    local_buf = bytearray(size + 7)
+    local = client.mem_register(local_buf, na.Access.READ_WRITE)
+    op = client.get(local, 7, remote, off, size, peer.addr)
+    na.wait(client, op, timeout=TIMEOUT)
+    op.result()
+    assert local_buf[7:] == expect[off: off + size]
+    # Put different bytes back at another offset and let the peer check them.
+    local_buf[7:] = pattern(size + 1, size)
+    op = client.put(local, 7, remote, 2 * off, size, peer.addr)
+    na.wait(client, op, timeout=TIMEOUT)
+    op.result()
+    assert peer.call("digest", index=index, off=2 * off, len=size).decode() == digest(local_buf[7:])
+    client.mem_deregister(local)
+
+
+def test_several_registrations_concurrently(peer: RemotePeer) -> None:
+    client = peer.na
+    sizes = [100, 70_000, 3 * MiB, 9 * MiB + 5]  # the last spans two RMA chunks
+    remotes = [peer.register(s, na.Access.READ_ONLY, seed=s)[1] for s in sizes]
+    bufs = [bytearray(s) for s in sizes]
+    locals_ = [client.mem_register(b, na.Access.READ_WRITE) for b in bufs]
+    ops = [client.get(lh, 0, rh, 0, s, peer.addr) for lh, rh, s in zip(locals_, remotes, sizes)]
+    na.wait(client, *ops, timeout=TIMEOUT)
+    for op, buf, s in zip(ops, bufs, sizes):
+        op.result()
+        assert buf == pattern(s, s)
+
+
+def test_peer_initiated_get_from_client_memory(peer: RemotePeer) -> None:
+    """The target of RMA can be a client that does not listen: the peer answers over our link."""
+    client = peer.na
+    data = pattern(77, 2 * MiB + 1)
+    handle = client.mem_register(data, na.Access.READ_ONLY)
+    reply = peer.call("get_from", client.mem_handle_serialize(handle), len=len(data))
+    assert reply.decode() == digest(data)
+
+
+def _forge(handle: na.MemHandle, client: na.Plugin, *, key: int | None = None,
+           length: int | None = None, access: int | None = None) -> na.MemHandle:
+    raw = bytearray(client.mem_handle_serialize(handle))
+    version, acc, k, ln = struct.unpack_from("<BBQQ", raw)
+    struct.pack_into("<BBQQ", raw, 0, version, access or acc, k if key is None else key,
+                     ln if length is None else length)
+    return client.mem_handle_deserialize(bytes(raw))
+
+
+def test_access_violations_are_refused_and_the_target_is_unharmed(peer: RemotePeer) -> None:
+    client = peer.na
+    ro_index, ro = peer.register(4096, na.Access.READ_ONLY, seed=5)
+    wo_index, wo = peer.register(4096, na.Access.WRITE_ONLY, seed=6)
+    buf = bytearray(8192)
+    local = client.mem_register(buf, na.Access.READ_WRITE)
+
+    def refused(op: na.Op, match: str) -> None:
+        na.wait(client, op, timeout=TIMEOUT)
+        with pytest.raises(na.AccessError, match=match) as info:
+            op.result()
+        assert peer.uri in str(info.value)
+
+    # Rights are checked by the target, whatever the handle claims.
+    refused(client.put(local, 0, _forge(ro, client, access=3), 0, 16, peer.addr), "access")
+    refused(client.get(local, 0, _forge(wo, client, access=3), 0, 16, peer.addr), "access")
+    # Bounds: a handle that claims more than was registered.
+    refused(client.get(local, 0, _forge(ro, client, length=8192), 4000, 200, peer.addr),
+            "out of bounds")
+    # Forged key.
+    refused(client.get(local, 0, _forge(ro, client, key=ro.key ^ 0xDEADBEEF), 0, 16, peer.addr),
+            "unknown key")
+    # Stale key: deregistered on the peer.
+    stale_index, stale = peer.register(64, na.Access.READ_WRITE, seed=7)
+    peer.call("dereg", index=stale_index)
+    refused(client.get(local, 0, stale, 0, 16, peer.addr), "unknown key")
+    # The target's memory is untouched and it keeps serving.
+    assert peer.call("digest", index=ro_index, off=0, len=4096).decode() == \
+        digest(pattern(5, 4096))
+    assert echo(peer, b"alive") == b"alive"
+    # Local misuse is caught before anything is sent.
+    with pytest.raises(ValueError, match="remote range"):
+        client.get(local, 0, ro, 4000, 200, peer.addr)
+    with pytest.raises(ValueError, match="local range"):
+        client.get(local, 8000, ro, 0, 400, peer.addr)
+    client.mem_deregister(local)
+
+
+# -- failures ---------------------------------------------------------------------------------
+def test_peer_killed_fails_pending_receive(fresh_peer: RemotePeer) -> None:
+    client = fresh_peer.na
+    assert echo(fresh_peer, b"x") == b"x"
+    recv = client.msg_recv_expected(fresh_peer.addr, bytearray(64), 99)
+    fresh_peer.send_only("noreply")
+    fresh_peer.kill()
+    na.wait(client, recv, timeout=TIMEOUT)
+    with pytest.raises(na.PeerError) as info:
+        recv.result()
+    assert fresh_peer.uri in str(info.value)
+    # Later sends fail with an error naming the peer too, rather than hanging.
+    op = client.msg_send_unexpected(fresh_peer.addr, b"x", 1)
+    na.wait(client, op, timeout=TIMEOUT)
+    with pytest.raises(na.PeerError, match="could not connect|closed|reset"):
+        op.result()
+
+
+def test_peer_killed_mid_transfer(fresh_peer: RemotePeer) -> None:
+    client = fresh_peer.na
+    _index, remote = fresh_peer.register(64 * MiB, na.Access.READ_WRITE, seed=3)
+    buf = bytearray(64 * MiB)
+    local = client.mem_register(buf, na.Access.READ_WRITE)
+    fresh_peer.send_only("stall")
+    ops = [client.get(local, 0, remote, 0, 64 * MiB, fresh_peer.addr) for _ in range(2)]
+    fresh_peer.kill()
+    na.wait(client, *ops, timeout=TIMEOUT)
+    for op in ops:
+        # sm's process_vm path may finish before the kill lands; what must never happen is a hang.
+        if op.error is not None:
+            assert isinstance(op.error, na.PeerError)
+        else:
+            assert buf == pattern(3, 64 * MiB)
+
+
+def test_nobody_listening(spec: Spec) -> None:
+    with na.initialize(spec.uri, listen=True, **spec.options) as gone:
+        uri = gone.addr_self().uri
+    with na.initialize(spec.uri, **spec.options) as client:
+        op = client.msg_send_unexpected(client.addr_lookup(uri), b"anyone?", 1)
+        na.wait(client, op, timeout=TIMEOUT)
+        with pytest.raises(na.PeerError, match="could not connect") as info:
+            op.result()
+        assert uri in str(info.value)
+
+
+# -- cancel -----------------------------------------------------------------------------------
+def test_cancel_posted_receives(peer: RemotePeer) -> None:
+    client = peer.na
+    unexpected = client.msg_recv_unexpected(bytearray(64))
+    expected = client.msg_recv_expected(peer.addr, bytearray(64), 31337)
+    client.cancel(unexpected)
+    client.cancel(expected)
+    na.wait(client, unexpected, expected, timeout=TIMEOUT)
+    for op in (unexpected, expected):
+        with pytest.raises(na.Canceled):
+            op.result()
+    client.cancel(expected)  # canceling a completed op is a no-op
+    assert echo(peer, b"after cancel") == b"after cancel"
+
+
+def test_cancel_transfer_in_flight(fresh_peer: RemotePeer, spec: Spec) -> None:
+    if spec.options.get("rma") == "process_vm":
+        pytest.skip("process_vm RMA completes inside the call; there is nothing in flight")
+    client = fresh_peer.na
+    _index, remote = fresh_peer.register(MiB, na.Access.READ_WRITE, seed=4)
+    buf = bytearray(MiB)
+    local = client.mem_register(buf, na.Access.READ_WRITE)
+    fresh_peer.send_only("stall", seconds=2)
+    op = client.get(local, 0, remote, 0, MiB, fresh_peer.addr)
+    client.progress(0)
+    client.cancel(op)
+    na.wait(client, op, timeout=TIMEOUT)
+    with pytest.raises(na.Canceled):
+        op.result()
+    # The late reply is discarded, never written into memory the user got back.
+    assert echo(fresh_peer, b"done") == b"done"
+    assert buf == bytearray(MiB)
+
+
+# -- hostile bytes ----------------------------------------------------------------------------
+def _raw_connect(peer: RemotePeer) -> socket.socket:
+    if peer.uri.startswith("tcp://"):
+        from petasus.na.tcp import parse_tcp_uri
+
+        host, port, family = parse_tcp_uri(peer.uri)
+        return socket.create_connection((host, port), timeout=TIMEOUT)
+    from petasus.na.sm import runtime_dir
+
+    pid, inst = peer.uri[len("sm://"):].split("/")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(TIMEOUT)
+    sock.connect(str(runtime_dir() / f"{pid}-{inst}.sock"))
+    return sock
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x00" * 64,
+    framing.encode_header(framing.UNEXPECTED, 1 << 31, 1),
+    framing.encode_header(framing.PUT_DATA, 10, 1) + bytes(10),
+    framing.encode_header(framing.HELLO, 5) + b"http:" + framing.encode_header(99, 0),
+], ids=["zeros", "oversized", "data-without-request", "bad-hello"])
+def test_malformed_frames_close_only_that_connection(peer: RemotePeer, garbage: bytes) -> None:
+    with _raw_connect(peer) as raw:
+        raw.sendall(garbage)
+        raw.settimeout(TIMEOUT)
+        assert raw.recv(1) == b""  # the peer hung up on the offender
+    assert echo(peer, b"others unaffected") == b"others unaffected"
+
+
+def test_a_peer_that_hangs_up_mid_frame_is_forgotten(peer: RemotePeer) -> None:
+    with _raw_connect(peer) as raw:
+        hello = peer.na.addr_self().uri.encode()
+        raw.sendall(framing.encode_header(framing.HELLO, len(hello)) + hello
+                    + framing.encode_header(framing.UNEXPECTED, 100, 1) + b"partial")
+    assert echo(peer, b"ok") == b"ok"
+
+
+# -- local misuse -----------------------------------------------------------------------------
+def test_local_misuse_raises_at_the_call(spec: Spec) -> None:
+    with na.initialize(spec.uri, **spec.options) as plugin:
+        with pytest.raises(ValueError, match="read-only"):
+            plugin.msg_recv_unexpected(b"immutable")
+        with pytest.raises(ValueError, match="read-only buffer"):
+            plugin.mem_register(b"immutable", na.Access.WRITE_ONLY)
+        with pytest.raises(TypeError, match="buffer-protocol"):
+            plugin.mem_register(12, na.Access.READ_ONLY)
+        with pytest.raises(ValueError, match="tag"):
+            plugin.msg_send_unexpected(plugin.addr_self(), b"", -1)
+        ro = plugin.mem_register(b"x" * 10, na.Access.READ_ONLY)
+        with pytest.raises(ValueError, match="read-only"):
+            plugin.get(ro, 0, ro, 0, 1, plugin.addr_self())
+        plugin.mem_deregister(ro)
+        with pytest.raises(ValueError, match="not registered"):
+            plugin.mem_deregister(ro)
+        with pytest.raises(ValueError):
+            plugin.mem_handle_deserialize(b"\x01\x02")
+    with pytest.raises(RuntimeError, match="closed"):
+        plugin.msg_recv_unexpected(bytearray(1))
+
+
+def test_unknown_scheme() -> None:
+    with pytest.raises(ValueError, match="available schemes: sm, tcp"):
+        na.initialize("carrier-pigeon://coop")
+
+
+def test_close_cancels_pending_operations(spec: Spec) -> None:
+    plugin = na.initialize(spec.uri, **spec.options)
+    op = plugin.msg_recv_unexpected(bytearray(8))
+    plugin.close()
+    assert plugin.trigger() == 1
+    with pytest.raises(na.Canceled):
+        op.result()
+
+
+def test_statistics_and_repr(peer: RemotePeer) -> None:
+    echo(peer, b"count me")
+    stats = peer.na.statistics()
+    assert stats["msgs_sent"] >= 1 and stats["msgs_received"] >= 1
+    assert stats["open_connections"] >= 1
+    assert peer.uri in repr(peer.addr)
+    if peer.spec.id.startswith("sm"):
+        expected = "copy" if peer.spec.options.get("rma") == "copy" else "process_vm"
+        assert stats["rma_mode"] == expected and f"rma={expected}" in repr(peer.na)
+
+
+def test_files_of_sm_are_private_removed_and_reclaimed(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from petasus.na import sm
+
+    monkeypatch.setenv("PETASUS_RUNTIME_DIR", str(tmp_path / "run"))
+    with na.initialize("sm://", listen=True) as plugin:
+        directory = sm.runtime_dir()
+        assert directory.stat().st_mode & 0o777 == 0o700
+        pid, inst = plugin.addr_self().uri[len("sm://"):].split("/")
+        assert {p.name for p in directory.iterdir()} == {f"{pid}-{inst}.sock", f"{pid}-{inst}.reg"}
+    assert list(directory.iterdir()) == []
+    # Files of a process that no longer exists are reclaimed by the next instance.
+    dead = 2 ** 22 + 12345  # above pid_max's default; never a live pid here
+    (directory / f"{dead}-0.sock").touch()
+    (directory / f"{dead}-0.reg").touch()
+    with na.initialize("sm://"):
+        assert not (directory / f"{dead}-0.sock").exists()
