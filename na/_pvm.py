@@ -1,8 +1,9 @@
-"""process_vm_readv / process_vm_writev through cffi's ABI mode (plain libc symbols, no build step)."""
+"""process_vm_readv / process_vm_writev through cffi's ABI mode: plain libc symbols, no build."""
 
 from __future__ import annotations
 
 import os
+
 import cffi
 
 _ffi = cffi.FFI()

@@ -57,7 +57,8 @@ def as_byte_view(buf: Any, op: str) -> memoryview:
     try:
         view = memoryview(buf)
     except TypeError:
-        raise TypeError(f"{op}: expected a buffer-protocol object, got {type(buf).__name__}") from None
+        raise TypeError(f"{op}: expected a buffer-protocol object, "
+                        f"got {type(buf).__name__}") from None
     if view.format != "B" or view.ndim != 1:
         if not view.c_contiguous:
             raise ValueError(f"{op}: the buffer is not C-contiguous")
@@ -68,8 +69,22 @@ def as_byte_view(buf: Any, op: str) -> memoryview:
 class _Conn:
     """One stream to one peer; it is the FrameReader's handler, so frames arrive as method calls."""
 
-    __slots__ = ("plugin", "sock", "fd", "addr", "reader", "sendq", "head_partial", "connecting",
-                 "writing", "paused", "closed", "rma", "put_target", "name")
+    __slots__ = (
+        "addr",
+        "closed",
+        "connecting",
+        "fd",
+        "head_partial",
+        "name",
+        "paused",
+        "plugin",
+        "put_target",
+        "reader",
+        "rma",
+        "sendq",
+        "sock",
+        "writing",
+    )
 
     def __init__(self, plugin: SocketPlugin, sock: socket.socket, name: str,
                  connecting: bool) -> None:
@@ -105,7 +120,7 @@ class _Conn:
             p._deliver(self, addr, tag, payload, False)  # type: ignore[arg-type]
         elif kind == _UNEXPECTED:
             p._deliver(self, addr, tag, payload, True)  # type: ignore[arg-type]
-        elif kind == fr.GET_RESP or kind == fr.RMA_ACK:
+        elif kind in (fr.GET_RESP, fr.RMA_ACK):
             entry = self.rma.pop(tag, None)
             if entry is not None:
                 p._chunk_done(entry[0], None)
@@ -598,10 +613,10 @@ class SocketPlugin:
                 # The data may still be on its way out of our queue; finish once it is acked.
                 op.state = _CANCELING
                 return
-            elif kind in (OpKind.SEND_UNEXPECTED, OpKind.SEND_EXPECTED):
-                if not self._unqueue_send(op):
-                    op.state = _CANCELING
-                    return
+            elif (kind in (OpKind.SEND_UNEXPECTED, OpKind.SEND_EXPECTED)
+                  and not self._unqueue_send(op)):
+                op.state = _CANCELING
+                return
             # GET: later data for it is discarded by frame_header.
             op.error = error
             self._post(op)

@@ -68,8 +68,19 @@ class FrameReader:
     """Incremental decoder; raises ``ProtocolError`` on the first malformed byte."""
 
     __slots__ = (
-        "_handler", "_max_msg", "_max_direct", "_buf", "_view", "_start", "_end",
-        "_dest", "_dest_pos", "_discard", "_scratch", "_pending", "peer",
+        "_buf",
+        "_dest",
+        "_dest_pos",
+        "_discard",
+        "_end",
+        "_handler",
+        "_max_direct",
+        "_max_msg",
+        "_pending",
+        "_scratch",
+        "_start",
+        "_view",
+        "peer",
     )
 
     def __init__(self, handler: FrameHandler, max_msg: int, max_direct: int,

@@ -59,7 +59,8 @@ def runtime_dir() -> Path:
     st = path.stat()
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise PermissionError(f"sm: runtime directory {path} must be owned by uid {os.getuid()} "
-                              f"with mode 0700 (it is uid {st.st_uid}, mode {st.st_mode & 0o777:o})")
+                              f"with mode 0700 (it is uid {st.st_uid}, "
+                              f"mode {st.st_mode & 0o777:o})")
     return path
 
 
@@ -297,7 +298,8 @@ class SmPlugin(SocketPlugin):
             try:
                 fd = os.open(self._dir / f"{pid}-{inst}.reg", os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                raise PeerError(name, peer, "its registration table is gone (process exited)") from None
+                raise PeerError(name, peer, "its registration table is gone "
+                                "(the process exited)") from None
             try:
                 table = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
             finally:

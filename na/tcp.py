@@ -52,7 +52,8 @@ class TcpPlugin(SocketPlugin):
     scheme = "tcp"
     log = logging.getLogger("petasus.na.tcp")
 
-    def __init__(self, uri: str = "tcp://127.0.0.1:0", listen: bool = False, **options: int) -> None:
+    def __init__(self, uri: str = "tcp://127.0.0.1:0", listen: bool = False,
+                 **options: int) -> None:
         self._bind = uri if uri not in ("tcp://", "tcp") else "tcp://127.0.0.1:0"
         super().__init__(listen, **options)
 
@@ -67,7 +68,8 @@ class TcpPlugin(SocketPlugin):
             self._listen_on(sock)
         except OSError as exc:
             sock.close()
-            raise OSError(exc.errno, f"tcp: cannot listen on {self._bind}: {exc.strerror}") from None
+            raise OSError(exc.errno,
+                          f"tcp: cannot listen on {self._bind}: {exc.strerror}") from None
         return format_tcp_uri(host, sock.getsockname()[1])
 
     def _canonical(self, uri: str) -> str:

@@ -36,9 +36,24 @@ class Op:
     """
 
     __slots__ = (
-        "kind", "callback", "buffer", "addr", "tag", "size", "source", "error", "done",
-        "state", "op_id", "remaining", "local", "local_off", "remote", "remote_off", "length",
         "__weakref__",
+        "addr",
+        "buffer",
+        "callback",
+        "done",
+        "error",
+        "kind",
+        "length",
+        "local",
+        "local_off",
+        "op_id",
+        "remaining",
+        "remote",
+        "remote_off",
+        "size",
+        "source",
+        "state",
+        "tag",
     )
 
     def __init__(self, kind: OpKind, callback: Callback | None, buffer: Any = None,
@@ -76,7 +91,7 @@ class Op:
 class Addr:
     """A peer address. Each plugin keeps one Addr per peer, so identity is equality."""
 
-    __slots__ = ("uri", "listening", "conn", "dead", "extra", "__weakref__")
+    __slots__ = ("__weakref__", "conn", "dead", "extra", "listening", "uri")
 
     def __init__(self, uri: str, listening: bool) -> None:
         self.uri = uri
@@ -94,9 +109,9 @@ class Addr:
 
 
 class MemHandle:
-    """A registration. Local handles hold the memory; remote ones (deserialized) only describe it."""
+    """A registration: local handles hold the memory, remote (deserialized) ones describe it."""
 
-    __slots__ = ("view", "length", "access", "key", "local", "extra", "registered")
+    __slots__ = ("access", "extra", "key", "length", "local", "registered", "view")
 
     def __init__(self, view: memoryview | None, length: int, access: Access, key: int,
                  local: bool, extra: Any = None) -> None:

@@ -174,7 +174,7 @@ def _forge(handle: na.MemHandle, client: na.Plugin, *, key: int | None = None,
 def test_access_violations_are_refused_and_the_target_is_unharmed(peer: RemotePeer) -> None:
     client = peer.na
     ro_index, ro = peer.register(4096, na.Access.READ_ONLY, seed=5)
-    wo_index, wo = peer.register(4096, na.Access.WRITE_ONLY, seed=6)
+    _wo_index, wo = peer.register(4096, na.Access.WRITE_ONLY, seed=6)
     buf = bytearray(8192)
     local = client.mem_register(buf, na.Access.READ_WRITE)
 
@@ -223,7 +223,7 @@ def test_peer_killed_fails_pending_receive(fresh_peer: RemotePeer) -> None:
     # Later sends fail with an error naming the peer too, rather than hanging.
     op = client.msg_send_unexpected(fresh_peer.addr, b"x", 1)
     na.wait(client, op, timeout=TIMEOUT)
-    with pytest.raises(na.PeerError, match="could not connect|closed|reset"):
+    with pytest.raises(na.PeerError, match=r"could not connect|closed|reset"):
         op.result()
 
 
@@ -294,7 +294,7 @@ def _raw_connect(peer: RemotePeer) -> socket.socket:
     if peer.uri.startswith("tcp://"):
         from petasus.na.tcp import parse_tcp_uri
 
-        host, port, family = parse_tcp_uri(peer.uri)
+        host, port, _family = parse_tcp_uri(peer.uri)
         return socket.create_connection((host, port), timeout=TIMEOUT)
     from petasus.na.sm import runtime_dir
 
