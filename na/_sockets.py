@@ -844,7 +844,7 @@ class SocketPlugin:
 
     def _on_readable(self, conn: _Conn) -> None:
         reader, recv_into = conn.reader, conn.sock.recv_into
-        for _ in range(64):
+        for _ in range(256):
             buf = reader.get_buffer()
             try:
                 n = recv_into(buf)
@@ -866,7 +866,9 @@ class SocketPlugin:
                 return
             if conn.closed or conn.paused:
                 return
-            if n < len(buf):
+            # A short read of small frames means the socket is drained: skip the EAGAIN call.
+            # In the middle of a bulk payload the rest is still arriving: keep reading.
+            if n < len(buf) and not reader.in_payload:
                 return
 
     def _conn_failed(self, conn: _Conn, cause: str, canceled: bool = False) -> None:

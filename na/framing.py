@@ -100,6 +100,11 @@ class FrameReader:
         self._pending: tuple[int, int, int] | None = None
         self.peer = peer
 
+    @property
+    def in_payload(self) -> bool:
+        """True while a direct payload is arriving: more bytes are likely already in flight."""
+        return self._dest is not None or self._discard > 0
+
     def get_buffer(self) -> memoryview:
         if self._dest is not None:
             return self._dest[self._dest_pos:]
