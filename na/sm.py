@@ -105,10 +105,9 @@ class SmPlugin(SocketPlugin):
         mode = rma or os.environ.get("PETASUS_SM_RMA", "auto")
         if mode not in ("auto", "process_vm", "copy"):
             raise ValueError(f"sm: rma must be 'auto', 'process_vm' or 'copy', not {mode!r}")
-        if uri.rstrip("/") not in ("sm:", "sm"):
-            m = _URI.match(uri)
-            if m is None or int(m.group(1)) != os.getpid():
-                raise ValueError(f"sm: cannot open {uri!r}; use 'sm://' for a fresh address")
+        if listen and uri.rstrip("/") not in ("sm:", "sm"):
+            # A listener's address is made fresh; a client may name any sm:// URI (its peer's).
+            raise ValueError(f"sm: cannot listen at {uri!r}; use 'sm://' for a fresh address")
         self._mode = mode
         self._slots = table_slots
         self._copy_peers: set[Addr] = set()

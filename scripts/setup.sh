@@ -17,5 +17,15 @@ if ((${#missing[@]})) && ! python3 -c "import venv, ensurepip" 2>/dev/null; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[${EXTRAS:-test}]"
+# Reinstall only when the packaging files or the extras change (an editable install follows
+# the sources by itself).
+stamp=".venv/.petasus-$(cat setup.py pyproject.toml | sha256sum | cut -c1-16)-${EXTRAS:-test}"
+if [ ! -e "$stamp" ]; then
+    log=$(mktemp)
+    if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+           .venv/bin/python -m pip install -q -e ".[${EXTRAS:-test}]"; } >"$log" 2>&1; then
+        cat "$log"; rm -f "$log"; exit 1
+    fi
+    rm -f "$log" .venv/.petasus-*
+    touch "$stamp"
+fi

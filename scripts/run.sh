@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up, then run every example end to end on loopback, over tcp and sm: start the server,
+# read the address from its first line, run the client, check its output, stop the server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PY=.venv/bin/python
+servers=()
+trap 'for p in "${servers[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+
+# run_example NAME URI EXPECTED [client args...]
+run_example() {
+    local name=$1 uri=$2 expected=$3
+    shift 3
+    local out
+    out=$(mktemp)
+    "$PY" "examples/$name/server.py" "$uri" "$@" >"$out" &
+    local pid=$!
+    servers+=("$pid")
+    local addr=""
+    for _ in $(seq 100); do
+        addr=$(sed -n '1s/^listening on //p' "$out")
+        [ -n "$addr" ] && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [ -z "$addr" ]; then
+        echo "FAIL $name ($uri): the server did not start"; cat "$out"; kill "$pid" 2>/dev/null
+        return 1
+    fi
+    local result
+    result=$(timeout 60 "$PY" "examples/$name/client.py" "$addr" "${CLIENT_ARGS[@]}")
+    kill -TERM "$pid"
+    wait "$pid"
+    echo "$result" | sed "s|^|  [$name $uri] |"
+    if ! grep -q -- "$expected" <<<"$result"; then
+        echo "FAIL $name ($uri): expected '$expected'"; return 1
+    fi
+    rm -f "$out"
+}
+
+for uri in tcp://127.0.0.1:0 sm://; do
+    CLIENT_ARGS=()
+    run_example na_echo "$uri" "get: 30000 bytes"
+done
+echo "all examples passed"
