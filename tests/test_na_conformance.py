@@ -393,3 +393,40 @@ def test_files_of_sm_are_private_removed_and_reclaimed(tmp_path: Path,
     (directory / f"{dead}-0.reg").touch()
     with na.initialize("sm://"):
         assert not (directory / f"{dead}-0.sock").exists()
+
+
+def test_sm_falls_back_to_the_copy_path_when_the_kernel_denies_access(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root with CAP_SYS_PTRACE cannot be denied for real here, so the kernel's EPERM is
+    injected at the syscall wrapper; everything else (peer process, socket, copy path) is real."""
+    import errno
+
+    from petasus.na import _pvm
+
+    def denied(*args: object) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    remote_peer = RemotePeer(Spec("sm", "sm://"), "process")
+    try:
+        monkeypatch.setattr(_pvm, "transfer", denied)
+        _index, remote = remote_peer.register(MiB, na.Access.READ_ONLY, seed=11)
+        buf = bytearray(MiB)
+        local = remote_peer.na.mem_register(buf, na.Access.READ_WRITE)
+        op = remote_peer.na.get(local, 0, remote, 0, MiB, remote_peer.addr)
+        na.wait(remote_peer.na, op, timeout=TIMEOUT)
+        op.result()
+        assert buf == pattern(11, MiB)
+        assert remote_peer.na.statistics()["rma_mode"] == "copy (process_vm denied)"
+    finally:
+        remote_peer.close()
+
+    strict = RemotePeer(Spec("sm", "sm://", {"rma": "process_vm"}), "process")
+    try:
+        _index, remote = strict.register(64, na.Access.READ_ONLY)
+        local = strict.na.mem_register(bytearray(64), na.Access.READ_WRITE)
+        op = strict.na.get(local, 0, remote, 0, 64, strict.addr)
+        na.wait(strict.na, op, timeout=TIMEOUT)
+        with pytest.raises(na.AccessError, match="PR_SET_PTRACER"):
+            op.result()
+    finally:
+        strict.close()
