@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.10",
     packages=[f"petasus.{layer}" for layer in LAYERS],
     package_dir={f"petasus.{layer}": layer for layer in LAYERS},
-    install_requires=["cffi>=1.15"],
+    install_requires=["cffi>=1.15", "msgpack>=1.0"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "ruff"],
         "bench": ["grpcio", "pyzmq", "msgpack", "Pyro5"],

@@ -192,7 +192,6 @@ class SocketPlugin:
         self._unexp_posted: deque[Op] = deque()
         self._unexp_queue: deque[tuple[Addr, int, bytes, _Conn]] = deque()
         self._exp_posted: dict[tuple[Addr, int], deque[Op]] = {}
-        self._exp_queue: dict[tuple[Addr, int], deque[tuple[bytes, _Conn]]] = {}
         self._queued = 0
         self._paused: set[_Conn] = set()
         self._conns: set[_Conn] = set()
@@ -203,7 +202,7 @@ class SocketPlugin:
         self.stats = dict.fromkeys(
             ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
              "rma_bytes", "rma_served", "rma_refused", "connections", "peer_failures",
-             "protocol_errors", "canceled"), 0)
+             "protocol_errors", "canceled", "expected_dropped"), 0)
         uri = self._open(listen)
         self._self_addr = Addr(uri, listen)
         self._listening = listen
@@ -335,15 +334,7 @@ class SocketPlugin:
         key = (addr, tag)
         with self._lock:
             self._check_open("msg_recv_expected")
-            queued = self._exp_queue.get(key)
-            if queued:
-                data, conn = queued.popleft()
-                if not queued:
-                    del self._exp_queue[key]
-                self._unqueue(len(data), conn)
-                self._fill(op, addr, tag, data)
-                self._post(op)
-            elif addr.dead:
+            if addr.dead:
                 self._fail(op, PeerError("msg_recv_expected", addr.uri, addr.dead))
             else:
                 self._exp_posted.setdefault(key, deque()).append(op)
@@ -372,9 +363,14 @@ class SocketPlugin:
                 self._fill(op, addr, tag, payload)
                 self._cq.append(op)
                 op.state = _FINISHED
-                return
-            data = bytes(payload)
-            self._exp_queue.setdefault(key, deque()).append((data, conn))
+            else:
+                # As in Mercury, expected messages must be pre-posted; one without a receive is
+                # a late reply to something canceled or timed out, and holding it would let such
+                # replies pile up until they stall the connection.
+                self.stats["expected_dropped"] += 1
+                self.log.debug("dropped an expected message from %s, tag %d: no receive posted",
+                               addr.uri, tag)
+            return
         self._queued += len(data)
         if self._queued > self._max_queued and not conn.paused:
             # Back-pressure instead of unbounded memory: stop reading this peer until drained.

@@ -4,6 +4,11 @@ Operations never block and never call back from inside the call: each completes 
 ``Op`` to the plugin's completion queue, and ``trigger()`` runs the callbacks. ``progress()``
 moves bytes; ``poll_fd()`` becomes readable when progress has something to do, so a selector or
 an asyncio loop can wait on it.
+
+Unexpected messages that arrive before a receive is posted are queued (bounded; past the bound
+the plugin stops reading that peer). Expected messages must be pre-posted, as in Mercury: one
+that finds no matching receive is a late reply and is dropped (counted in ``statistics()`` as
+``expected_dropped``).
 """
 
 from __future__ import annotations

@@ -430,3 +430,20 @@ def test_sm_falls_back_to_the_copy_path_when_the_kernel_denies_access(
             op.result()
     finally:
         strict.close()
+
+
+def test_an_expected_message_nobody_waits_for_is_dropped_and_counted(peer: RemotePeer) -> None:
+    client = peer.na
+    before = client.statistics()["expected_dropped"]
+    recv = client.msg_recv_expected(peer.addr, bytearray(64), 4711)
+    client.cancel(recv)
+    peer.call("echo", b"first")  # the canceled receive's tag is not this one
+    send = client.msg_send_unexpected(peer.addr, b'{"cmd":"echo"}\nlate', 4711)
+    na.wait(client, send, recv, timeout=TIMEOUT)
+    # The late reply arrives with nobody waiting; the next call still works and sees its own.
+    assert echo(peer, b"next") == b"next"
+    deadline = 50
+    while client.statistics()["expected_dropped"] == before and deadline:
+        client.progress(0.1)
+        deadline -= 1
+    assert client.statistics()["expected_dropped"] == before + 1

@@ -1,0 +1,109 @@
+"""Far end of the RPC baselines: ``sum(x, y) -> x + y`` served by plain gRPC (sync or asyncio)
+or by a ZeroMQ ROUTER, with no protobuf and no framework of ours in the way, so petasus's RPC
+numbers can be set against what the common off-the-shelf stacks reach on the same machine.
+
+    python _rpc_peer_baselines.py grpc-sync|grpc-aio|zmq
+
+First stdout line: ``127.0.0.1:PORT``. Serves until stdin reaches EOF, then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import msgpack
+import zmq
+from _common import pin_from_env
+
+REQ = struct.Struct("!ii")  # (x, y)
+RES = struct.Struct("!i")   # x + y
+SERVICE, METHOD = "bench.Sum", "Sum"  # path "/bench.Sum/Sum"
+
+
+def stdin_closed() -> threading.Event:
+    """An event set once stdin reaches EOF (the parent's way of saying "stop")."""
+    done = threading.Event()
+
+    def wait() -> None:
+        sys.stdin.read()
+        done.set()
+    threading.Thread(target=wait, daemon=True).start()
+    return done
+
+
+def sum_handler(add: Any) -> grpc.GenericRpcHandler:
+    """No protobuf codegen: a generic handler whose (de)serializers are plain struct packing."""
+    method = grpc.unary_unary_rpc_method_handler(
+        add, request_deserializer=REQ.unpack, response_serializer=RES.pack)
+    return grpc.method_handlers_generic_handler(SERVICE, {METHOD: method})
+
+
+def grpc_sync() -> None:
+    def add(request: tuple[int, int], _context: Any) -> int:
+        return request[0] + request[1]
+
+    # More workers than the 16 calls the client keeps in flight, so none of them queues.
+    server = grpc.server(ThreadPoolExecutor(max_workers=32))
+    server.add_generic_rpc_handlers((sum_handler(add),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"127.0.0.1:{port}", flush=True)
+    stdin_closed().wait()
+    server.stop(None).wait(5)
+
+
+async def grpc_aio() -> None:
+    async def add(request: tuple[int, int], _context: Any) -> int:
+        return request[0] + request[1]
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((sum_handler(add),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"127.0.0.1:{port}", flush=True)
+    reader = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    await reader.read()  # until EOF
+    await server.stop(None)
+
+
+def zmq_router() -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    # A bounded blocking receive rather than a poller: no extra syscall per message, and the
+    # loop still notices the stop event within 100 ms when idle.
+    sock.setsockopt(zmq.RCVTIMEO, 100)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    print(f"127.0.0.1:{port}", flush=True)
+    stop = stdin_closed()
+    while not stop.is_set():
+        try:
+            frames = sock.recv_multipart(copy=False)
+        except zmq.Again:
+            continue
+        # frames: [identity, b"", payload]; reply on the same envelope.
+        x, y = msgpack.unpackb(frames[-1].bytes)
+        sock.send_multipart([*frames[:-1], msgpack.packb(x + y)], copy=False)
+    sock.close()
+    ctx.term()
+
+
+if __name__ == "__main__":
+    pin_from_env()
+    kind = sys.argv[1]
+    if kind == "grpc-sync":
+        grpc_sync()
+    elif kind == "grpc-aio":
+        asyncio.run(grpc_aio())
+    elif kind == "zmq":
+        zmq_router()
+    else:
+        raise SystemExit(f"unknown kind {kind!r}: grpc-sync, grpc-aio or zmq")
