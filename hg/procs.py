@@ -25,7 +25,6 @@ Encode = Callable[[Any], bytes]
 Decode = Callable[[Any, int], tuple[Any, int]]
 
 _U32 = struct.Struct("!I")
-MAX_ITEMS = 1 << 24  # a peer cannot make us build a longer list of zero-size items
 
 
 def _no_free(value: Any) -> None:
@@ -227,7 +226,10 @@ def _count(name: str, buf: Any, pos: int, item_size: int) -> tuple[int, int]:
         raise DecodeError(f"{name}: count truncated at offset {pos}")
     (n,) = _U32.unpack_from(buf, pos)
     left = len(buf) - pos - 4
-    if n * max(item_size, 1) > left and item_size or n > MAX_ITEMS:
+    # Fixed items: exactly n * size bytes must follow. Variable items take at least one byte
+    # each (a length, a count or a presence flag), so n <= left bounds what a peer can make us
+    # allocate; the slack admits short lists of zero-size values.
+    if (n * item_size > left) if item_size else (n > left + 64):
         raise DecodeError(f"{name}: claims {n} items, only {left} B left")
     return n, pos + 4
 

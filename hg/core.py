@@ -1,0 +1,480 @@
+"""The Mercury-like core: ``Class`` (registry over an NA plugin), ``Context`` (progress, trigger,
+timers, the target's posted receives) and ``Handle`` (one call, origin or target side).
+
+A request is an unexpected NA message on a fresh tag: the 12-byte header, then the proc-encoded
+input. The response is an expected message on the same tag, which the origin posts before it
+sends. Procs of fixed size are fused with the header into one ``struct.Struct``, so a call such
+as ``sum(int32, int32) -> int32`` costs one pack and one unpack on each side.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from petasus import na
+
+from . import header as hd
+from . import state as st
+from .errors import (
+    Canceled,
+    DecodeError,
+    EncodeError,
+    NoSuchRPC,
+    RemoteError,
+    RPCError,
+    RPCTimeout,
+)
+from .procs import Proc, proc_for
+
+log = logging.getLogger("petasus.hg.rpc")
+
+_REQ, _RESP = hd.REQUEST, hd.RESPONSE
+_ID, _PROTO = hd.IDENTIFIER, hd.PROTOCOL
+_FORWARDED = st.FORWARDED
+_STR = proc_for(str)
+POSTED_REQUESTS = 64  # receives a listening context keeps posted: requests in flight per target
+
+
+class PeerError(RPCError, ConnectionError):
+    """The transport failed the call: the peer is unreachable or went away."""
+
+
+class RPC:
+    """One registered RPC: name, provider, procs, and on the target its handler."""
+
+    __slots__ = ("handler", "id", "impl", "in_proc", "name", "one_way", "out_proc", "provider_id",
+                 "req_fused", "resp_fused")
+
+    def __init__(self, name: str, in_proc: Proc, out_proc: Proc, *, one_way: bool = False,
+                 provider_id: int = 0, handler: Callable[[TargetHandle], None] | None = None,
+                 impl: Callable[..., Any] | None = None) -> None:
+        self.name = name
+        self.provider_id = provider_id
+        self.id = hd.rpc_id(name, provider_id)
+        self.in_proc = in_proc
+        self.out_proc = out_proc
+        self.one_way = one_way
+        self.handler = handler
+        self.impl = impl
+        self.req_fused = struct.Struct(_REQ.format + in_proc.fmt) if in_proc.fmt else None
+        single = out_proc.fmt is not None and len(struct.Struct(out_proc.fmt).unpack(
+            bytes(struct.calcsize("!" + out_proc.fmt)))) == 1
+        self.resp_fused = struct.Struct(_RESP.format + out_proc.fmt) if single else None
+
+    def __repr__(self) -> str:
+        kind = "one-way " if self.one_way else ""
+        return f"<RPC {kind}{self.name} provider={self.provider_id} id=0x{self.id:016x}>"
+
+
+class Class:
+    """The registry of RPCs over one NA plugin instance (Mercury's hg_class)."""
+
+    def __init__(self, plugin: na.Plugin, listening: bool) -> None:
+        self.na = plugin
+        self.listening = listening
+        self.rpcs: dict[int, RPC] = {}
+
+    def register(self, rpc: RPC) -> RPC:
+        existing = self.rpcs.get(rpc.id)
+        if existing is not None and existing.name != rpc.name:
+            raise ValueError(f"register: {rpc.name!r} and {existing.name!r} hash to the same "
+                             "RPC id; rename one")
+        self.rpcs[rpc.id] = rpc
+        return rpc
+
+    def deregister(self, name: str, provider_id: int = 0) -> None:
+        if self.rpcs.pop(hd.rpc_id(name, provider_id), None) is None:
+            raise KeyError(f"deregister: no RPC {name!r} for provider {provider_id}")
+
+    def registered(self, name: str, provider_id: int = 0) -> bool:
+        return hd.rpc_id(name, provider_id) in self.rpcs
+
+
+class Context:
+    """Progress, trigger and timers for the handles of one Class (Mercury's hg_context)."""
+
+    def __init__(self, hg: Class, *, clock: Callable[[], float] = time.monotonic,
+                 posted: int = POSTED_REQUESTS) -> None:
+        self.hg = hg
+        self.na = hg.na
+        self.clock = clock
+        self.max_unexpected = self.na.msg_get_max_unexpected_size()
+        self.max_expected = self.na.msg_get_max_expected_size()
+        self._tags = itertools.count(1)
+        self._timers: list[tuple[float, int, Handle]] = []
+        self._timer_lock = threading.Lock()
+        self._bufs: list[bytearray] = []
+        self.stats = dict.fromkeys(("sent", "received", "errors", "timeouts", "canceled",
+                                    "remote_errors", "handler_errors"), 0)
+        if hg.listening:
+            for _ in range(posted):
+                self.na.msg_recv_unexpected(bytearray(self.max_unexpected), self._on_request)
+
+    # -- driving ---------------------------------------------------------------------------------
+    def progress(self, timeout: float = 0.0) -> bool:
+        """Move bytes for up to ``timeout`` s and expire timed-out calls; True if work is ready."""
+        timers = self._timers
+        if timers:
+            now = self.clock()
+            if timers[0][0] <= now:
+                self._expire(now)
+                return True
+            timeout = min(timeout, timers[0][0] - now)
+            ready = self.na.progress(timeout)
+            if timers and timers[0][0] <= self.clock():
+                self._expire(self.clock())
+                return True
+            return ready
+        return self.na.progress(timeout)
+
+    def trigger(self, max_count: int = 1 << 30) -> int:
+        return self.na.trigger(max_count)
+
+    def create(self, addr: na.Addr, rpc: RPC) -> Handle:
+        return Handle(self, addr, rpc)
+
+    # -- timers -----------------------------------------------------------------------------------
+    def _arm(self, handle: Handle, deadline: float) -> None:
+        with self._timer_lock:
+            timers = self._timers
+            if len(timers) > 4096:
+                # Entries of calls that already finished stay until their deadline; drop them
+                # in bulk so a high call rate with long timeouts cannot grow the heap unbounded.
+                timers[:] = [t for t in timers
+                             if t[2].state == _FORWARDED and t[2].deadline == t[0]]
+                heapq.heapify(timers)
+            heapq.heappush(timers, (deadline, handle.tag, handle))
+
+    def _expire(self, now: float) -> None:
+        expired = []
+        with self._timer_lock:
+            timers = self._timers
+            while timers and timers[0][0] <= now:
+                deadline, _tag, handle = heapq.heappop(timers)
+                if handle.state == _FORWARDED and handle.deadline == deadline:
+                    expired.append(handle)
+        for handle in expired:
+            self.stats["timeouts"] += 1
+            handle._finish("timeout", None, RPCTimeout(
+                handle.rpc.name, handle.addr.uri,
+                f"no response within {handle.timeout:g} s (a late one will be dropped)"))
+
+    # -- origin side ------------------------------------------------------------------------------
+    def _take_buffer(self) -> bytearray:
+        bufs = self._bufs
+        return bufs.pop() if bufs else bytearray(self.max_expected)
+
+    # -- target side ------------------------------------------------------------------------------
+    def _on_request(self, op: na.Op) -> None:
+        if op.error is not None:
+            return  # canceled at close
+        buf, n = op.buffer, op.size
+        self.stats["received"] += 1
+        try:
+            if n < 12:
+                raise hd.HeaderError(f"request of {n} B is shorter than its header")
+            ident, proto, rid, flags, _cookie = _REQ.unpack_from(buf)
+            if ident != _ID or proto != _PROTO:
+                raise hd.HeaderError(f"not a petasus request (identifier 0x{ident:02x}, "
+                                     f"protocol {proto})")
+        except hd.HeaderError as exc:
+            log.warning("bad request from %s: %s", op.source.uri, exc)  # type: ignore[union-attr]
+            self._reply_error(op.source, op.tag, hd.PROTOCOL_ERROR, "HeaderError", str(exc))  # type: ignore[arg-type]
+            self.na.msg_recv_unexpected(buf, self._on_request)
+            return
+        source, tag = op.source, op.tag
+        one_way = flags & hd.NO_RESPONSE
+        rpc = self.hg.rpcs.get(rid)
+        if rpc is None:
+            self.na.msg_recv_unexpected(buf, self._on_request)
+            if not one_way:
+                name, provider = rid >> 16, rid & 0xFFFF
+                self._reply_error(source, tag, hd.NO_SUCH_RPC, "NoSuchRPC",  # type: ignore[arg-type]
+                                  f"no RPC with id 0x{rid:016x} (name hash 0x{name:012x}) "
+                                  f"for provider {provider}")
+            return
+        try:
+            fused = rpc.req_fused
+            if fused is not None and n == fused.size:
+                args = fused.unpack_from(buf)[5:]
+            else:
+                args = rpc.in_proc.loads(memoryview(buf)[12:n])
+        except DecodeError as exc:
+            self.na.msg_recv_unexpected(buf, self._on_request)
+            log.warning("%s: cannot decode the input from %s: %s", rpc.name,
+                        source.uri, exc)  # type: ignore[union-attr]
+            if not one_way:
+                self._reply_error(source, tag, hd.DECODE_ERROR, "DecodeError", str(exc))  # type: ignore[arg-type]
+            return
+        # Decoded values own their bytes: the buffer can take the next request now.
+        self.na.msg_recv_unexpected(buf, self._on_request)
+        impl = rpc.impl
+        if impl is not None:
+            # A plain function runs inline and answers with its return value: no handle.
+            try:
+                value = impl(*args)
+            except Exception as exc:
+                self._handler_failed(rpc, source, tag, one_way, exc)  # type: ignore[arg-type]
+                return
+            if not one_way:
+                self._respond(rpc, source, tag, value)  # type: ignore[arg-type]
+            return
+        if rpc.handler is None:
+            if not one_way:
+                self._reply_error(source, tag, hd.NO_SUCH_RPC, "NoSuchRPC",  # type: ignore[arg-type]
+                                  f"{rpc.name} is declared here but has no handler")
+            return
+        handle = TargetHandle(self, source, tag, rpc, args, bool(one_way))  # type: ignore[arg-type]
+        try:
+            rpc.handler(handle)
+        except Exception as exc:
+            if handle.state == st.RECEIVED:
+                handle.state = st.RESPONDED
+                self._handler_failed(rpc, source, tag, one_way, exc)  # type: ignore[arg-type]
+            else:
+                log.exception("%s: handler raised after responding", rpc.name)
+
+    def _handler_failed(self, rpc: RPC, source: na.Addr, tag: int, one_way: int,
+                        exc: BaseException) -> None:
+        self.stats["handler_errors"] += 1
+        log.error("%s: handler raised for %s", rpc.name, source.uri, exc_info=exc)
+        if not one_way:
+            self._reply_error(source, tag, hd.HANDLER_ERROR, type(exc).__name__, str(exc))
+
+    def _respond(self, rpc: RPC, source: na.Addr, tag: int, value: Any) -> None:
+        fused = rpc.resp_fused
+        try:
+            if fused is not None:
+                payload = fused.pack(_ID, _PROTO, 0, 0, 0, value)
+            else:
+                payload = _RESP.pack(_ID, _PROTO, 0, 0, 0) + rpc.out_proc.encode(value)
+        except (struct.error, EncodeError, TypeError) as exc:
+            self._handler_failed(rpc, source, tag, 0, EncodeError(
+                f"{rpc.name}: cannot encode the result {value!r}: {exc}"))
+            return
+        if len(payload) > self.max_expected:
+            self._handler_failed(rpc, source, tag, 0, ValueError(
+                f"{rpc.name}: result of {len(payload)} B exceeds the {self.max_expected} B "
+                "message limit"))
+            return
+        self.na.msg_send_expected(source, payload, tag, _response_sent)
+
+    def _reply_error(self, source: na.Addr, tag: int, ret: int, kind: str, message: str) -> None:
+        self.stats["errors"] += 1
+        body = _STR.encode(kind[:200]) + _STR.encode(message[:2000])
+        self.na.msg_send_expected(source, _RESP.pack(_ID, _PROTO, ret, 0, 0) + body, tag,
+                                  _response_sent)
+
+
+def _response_sent(op: na.Op) -> None:
+    if op.error is not None:
+        log.info("could not deliver a response: %s", op.error)
+
+
+class Handle:
+    """One call from the origin. Forward, then wait (``result()``), or get a callback."""
+
+    __slots__ = ("_buf", "_recv", "addr", "callback", "context", "deadline", "error", "rpc",
+                 "state", "tag", "timeout", "value")
+
+    def __init__(self, context: Context, addr: na.Addr, rpc: RPC) -> None:
+        self.context = context
+        self.addr = addr
+        self.rpc = rpc
+        self.state = st.CREATED
+        self.tag = 0
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.callback: Callable[[Handle], Any] | None = None
+        self.deadline = 0.0
+        self.timeout = 0.0
+        self._buf: bytearray | None = None
+        self._recv: na.Op | None = None
+
+    def __repr__(self) -> str:
+        return f"<Handle {self.rpc.name} to {self.addr.uri} {st.NAMES[self.state]}>"
+
+    @property
+    def done(self) -> bool:
+        return self.state in st.FINISHED
+
+    def forward(self, args: tuple[Any, ...], callback: Callable[[Handle], Any] | None = None,
+                timeout: float | None = None) -> Handle:
+        """Send the call. ``callback(handle)`` runs from ``trigger()`` once it has finished."""
+        new = st.next_state(st.ORIGIN, "origin", self.state, "forward")
+        ctx, rpc = self.context, self.rpc
+        flags = hd.NO_RESPONSE if rpc.one_way else 0
+        try:
+            fused = rpc.req_fused
+            if fused is not None:
+                payload = fused.pack(_ID, _PROTO, rpc.id, flags, 0, *args)
+            else:
+                payload = _REQ.pack(_ID, _PROTO, rpc.id, flags, 0) + rpc.in_proc.encode(args)
+        except (struct.error, TypeError) as exc:
+            raise EncodeError(f"{rpc.name}: cannot encode the arguments {args!r}: {exc}") from None
+        if len(payload) > ctx.max_unexpected:
+            raise ValueError(f"{rpc.name}: input of {len(payload)} B exceeds the "
+                             f"{ctx.max_unexpected} B eager message size")
+        self.state = new  # type: ignore[assignment]
+        self.callback = callback
+        self.error = None
+        self.value = None
+        tag = self.tag = next(ctx._tags) & 0xFFFFFFFF
+        plugin = ctx.na
+        if not rpc.one_way:
+            buf = self._buf = ctx._take_buffer()
+            self._recv = plugin.msg_recv_expected(self.addr, buf, tag, self._on_response)
+        if timeout:
+            self.timeout = timeout
+            self.deadline = ctx.clock() + timeout
+            ctx._arm(self, self.deadline)
+        ctx.stats["sent"] += 1
+        # A two-way call learns of a failed send from its receive, which NA fails along with
+        # every other operation to a peer it cannot reach; only one-way calls watch the send.
+        plugin.msg_send_unexpected(self.addr, payload, tag,
+                                   self._on_sent if rpc.one_way else None)
+        return self
+
+    def cancel(self) -> None:
+        """Finish the call as canceled; a response that still arrives is dropped."""
+        if self.state == _FORWARDED:
+            self.context.stats["canceled"] += 1
+            self._finish("cancel", None, Canceled(self.rpc.name, self.addr.uri, "canceled"))
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Drive progress until the call finishes; return its value or raise its error."""
+        ctx = self.context
+        if self.state == _FORWARDED:
+            deadline = None if timeout is None else ctx.clock() + timeout
+            while self.state == _FORWARDED:
+                if deadline is not None and ctx.clock() >= deadline:
+                    raise TimeoutError(f"result: {self!r} still pending after {timeout} s")
+                ctx.progress(0.1)
+                ctx.trigger()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    # -- completions ------------------------------------------------------------------------------
+    def _on_sent(self, op: na.Op) -> None:
+        if op.error is not None:
+            self._finish("error", None, self._transport_error(op.error))
+        elif self.rpc.one_way and self.state == _FORWARDED:
+            self._finish("response", None, None)
+
+    def _on_response(self, op: na.Op) -> None:
+        buf = self._buf
+        if op.error is not None:
+            self._finish("error", None, self._transport_error(op.error))
+            self._recycle(buf)
+            return
+        if self.state != _FORWARDED:
+            self._recycle(buf)
+            return
+        rpc, n = self.rpc, op.size
+        fused = rpc.resp_fused
+        try:
+            if fused is not None and n == fused.size:
+                vals = fused.unpack_from(buf)  # type: ignore[arg-type]
+                if vals[0] == _ID and vals[1] == _PROTO and vals[2] == hd.SUCCESS:
+                    self._recycle(buf)
+                    self._finish("response", vals[5], None)
+                    return
+            view = memoryview(buf)[:n]  # type: ignore[arg-type]
+            ret, _flags = hd.decode_response(view)
+            if ret == hd.SUCCESS:
+                value = rpc.out_proc.loads(view[_RESP.size:])
+                view.release()
+                self._recycle(buf)
+                self._finish("response", value, None)
+                return
+            kind, pos = _STR.decode(view, _RESP.size)
+            message, _pos = _STR.decode(view, pos)
+            view.release()
+        except (DecodeError, hd.HeaderError) as exc:
+            self._recycle(buf)
+            self.context.stats["errors"] += 1
+            self._finish("error", None, RPCError(rpc.name, self.addr.uri,
+                                                 f"malformed response: {exc}"))
+            return
+        self._recycle(buf)
+        self.context.stats["remote_errors"] += 1
+        if ret == hd.HANDLER_ERROR:
+            error: BaseException = RemoteError(rpc.name, self.addr.uri, kind, message)
+        elif ret == hd.NO_SUCH_RPC:
+            error = NoSuchRPC(rpc.name, self.addr.uri,
+                              f"no such RPC on the target (provider {rpc.provider_id}): {message}")
+        else:
+            error = RPCError(rpc.name, self.addr.uri,
+                             f"{hd.RETURN_NAMES.get(ret, ret)}: {kind}: {message}")
+        self._finish("error", None, error)
+
+    def _recycle(self, buf: bytearray | None) -> None:
+        if buf is not None and self._buf is buf:
+            self._buf = None
+            self.context._bufs.append(buf)
+
+    def _transport_error(self, error: BaseException) -> BaseException:
+        if isinstance(error, na.Canceled):
+            return Canceled(self.rpc.name, self.addr.uri, str(error))
+        if isinstance(error, na.NAError):
+            return PeerError(self.rpc.name, self.addr.uri, error.cause)
+        return error
+
+    def _finish(self, event: str, value: Any, error: BaseException | None) -> None:
+        new = st.next_state(st.ORIGIN, "origin", self.state, event)
+        if new is None:
+            return
+        self.state = new
+        self.value = value
+        self.error = error
+        if event in ("timeout", "cancel") and self._recv is not None:
+            # Withdraw the receive; its completion (canceled) recycles the buffer.
+            self.context.na.cancel(self._recv)
+        if error is not None and event not in ("timeout", "cancel"):
+            self.context.stats["errors"] += 1
+        callback = self.callback
+        if callback is not None:
+            callback(self)
+
+
+class TargetHandle:
+    """The target's side of one call, for handlers that respond later (async, thread pool)."""
+
+    __slots__ = ("args", "context", "one_way", "rpc", "source", "state", "tag")
+
+    def __init__(self, context: Context, source: na.Addr, tag: int, rpc: RPC,
+                 args: tuple[Any, ...], one_way: bool) -> None:
+        self.context = context
+        self.source = source
+        self.tag = tag
+        self.rpc = rpc
+        self.args = args
+        self.one_way = one_way
+        self.state = st.RECEIVED
+
+    def __repr__(self) -> str:
+        return f"<TargetHandle {self.rpc.name} from {self.source.uri} {st.NAMES[self.state]}>"
+
+    @property
+    def input(self) -> tuple[Any, ...]:
+        return self.args
+
+    def respond(self, value: Any = None) -> None:
+        self.state = st.next_state(st.TARGET, "target", self.state, "respond")  # type: ignore[assignment]
+        if self.one_way:
+            return
+        self.context._respond(self.rpc, self.source, self.tag, value)
+
+    def fail(self, exc: BaseException) -> None:
+        """Answer with the exception (its type and message reach the caller as RemoteError)."""
+        self.state = st.next_state(st.TARGET, "target", self.state, "respond")  # type: ignore[assignment]
+        self.context._handler_failed(self.rpc, self.source, self.tag, int(self.one_way), exc)
+

@@ -1,0 +1,452 @@
+"""The Engine: RPCs defined by decorated functions, called like methods (Thallium/Margo style).
+
+    engine = hg.Engine("tcp://127.0.0.1:0", listen=True)
+
+    @engine.rpc
+    def sum(x: hg.int32, y: hg.int32) -> hg.int32:
+        return x + y
+
+    with hg.Engine("tcp://127.0.0.1:0") as client:
+        client.declare(sum)                       # or hg.declare in a module both sides import
+        print(client.lookup(engine.uri).sum(42, 23))
+
+A call blocks (``remote.sum(1, 2)``), returns a handle to wait on later
+(``remote.sum.future(1, 2)``), or is awaited (``await remote.sum.async_(1, 2)``): one core
+serves all three. Handlers are plain functions (run inline on the progress thread),
+``async def`` functions (tasks on the engine's asyncio loop) or ``blocking=True`` functions
+(sent to a thread pool). The asyncio side waits on the NA plugin's ``poll_fd()`` with
+``loop.add_reader``; no thread polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import threading
+import time
+import typing
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
+from typing import Any
+
+from petasus import na
+
+from . import state as st
+from .core import RPC, Class, Context, Handle, TargetHandle
+from .header import rpc_id
+from .procs import Proc, proc_for, record
+
+log = logging.getLogger("petasus.hg.engine")
+_FORWARDED = st.FORWARDED
+
+
+class Declaration:
+    """An RPC's name and types, declared once and imported by client and server."""
+
+    def __init__(self, func: Callable[..., Any], *, name: str | None = None,
+                 one_way: bool = False) -> None:
+        self.name = name or func.__name__
+        self.one_way = one_way
+        self.func = func
+        sig = inspect.signature(func)
+        hints = typing.get_type_hints(func)
+        self.params = [p.name for p in sig.parameters.values()]
+        for p in sig.parameters.values():
+            if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                raise TypeError(f"{self.name}: parameter {p.name!r} must be positional "
+                                "(no *args, **kwargs or keyword-only parameters)")
+        self.signature = sig
+        fields = [proc_for(hints.get(p, Any)) for p in self.params]
+        self.in_proc: Proc = record(f"{self.name}.in", fields, tuple, tuple)
+        ret = hints.get("return", None if one_way else Any)
+        if one_way and ret is not None:
+            raise TypeError(f"{self.name}: a one-way RPC returns nothing (annotate -> None)")
+        self.out_proc: Proc = proc_for(ret)
+
+    def __repr__(self) -> str:
+        return f"<Declaration {self.name}({', '.join(self.params)})>"
+
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        if not kwargs and len(args) == len(self.params):
+            return args
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}: {exc}") from None
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
+
+
+def declare(func: Callable[..., Any] | None = None, *, name: str | None = None,
+            one_way: bool = False) -> Any:
+    """Declare an RPC from a function's signature (its body is not used)."""
+    if func is None:
+        return lambda f: Declaration(f, name=name, one_way=one_way)
+    return Declaration(func, name=name, one_way=one_way)
+
+
+class Engine:
+    """An NA plugin, an RPC class and context, and the friendly API over them."""
+
+    def __init__(self, uri: str = "tcp://127.0.0.1:0", listen: bool = False, *,
+                 timeout: float = 30.0, pool_size: int = 4, allow_remote_shutdown: bool = False,
+                 clock: Callable[[], float] = time.monotonic, **na_options: Any) -> None:
+        self.na = na.initialize(uri, listen=listen, **na_options)
+        self.hg = Class(self.na, listen)
+        self.context = Context(self.hg, clock=clock)
+        self.timeout = timeout
+        self._declared: dict[str, Declaration] = {}
+        self._async_ids: set[int] = set()
+        self._pool_size = pool_size
+        self._pool: ThreadPoolExecutor | None = None
+        self._progress_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._waiters = 0
+        self._stop = threading.Event()
+        self._closed = False
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._poll_scheduled = False
+        self._spin_until = 0.0
+        self._spin = self.na.statistics().get("spin_us", 200) / 1e6
+        if listen and allow_remote_shutdown:
+            self.register(_SHUTDOWN, self.shutdown)
+
+    # -- identity, context manager ----------------------------------------------------------------
+    @property
+    def uri(self) -> str:
+        return self.na.addr_self().uri
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self.hg.rpcs)} RPCs"
+        return f"<Engine {self.uri} {state}>"
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"{self!r} was not closed", ResourceWarning, stacklevel=2)
+
+    def statistics(self) -> dict[str, Any]:
+        return {**self.context.stats, "inflight_handlers": self._inflight,
+                "na": self.na.statistics()}
+
+    # -- defining RPCs ----------------------------------------------------------------------------
+    def rpc(self, func: Any = None, *, name: str | None = None, one_way: bool = False,
+            provider_id: int = 0, blocking: bool = False) -> Any:
+        """Decorator: declare an RPC from the function's annotations and serve it here."""
+        def wrap(f: Any) -> Declaration:
+            decl = f if isinstance(f, Declaration) else Declaration(f, name=name,
+                                                                     one_way=one_way)
+            self.register(decl, decl.func, provider_id=provider_id, blocking=blocking)
+            return decl
+        return wrap(func) if func is not None else wrap
+
+    def declare(self, *items: Declaration | ModuleType | Iterable[Declaration]) -> None:
+        """Make declared RPCs callable as ``remote.<name>``: declarations or modules of them."""
+        for item in items:
+            if isinstance(item, Declaration):
+                self._declared[item.name] = item
+            elif isinstance(item, ModuleType):
+                for value in vars(item).values():
+                    if isinstance(value, Declaration):
+                        self._declared[value.name] = value
+            else:
+                self.declare(*item)
+
+    def register(self, decl: Declaration, impl: Callable[..., Any], *, provider_id: int = 0,
+                 blocking: bool = False) -> RPC:
+        """Serve ``decl`` with ``impl`` for ``provider_id``."""
+        self._declared.setdefault(decl.name, decl)
+        rpc = RPC(decl.name, decl.in_proc, decl.out_proc, one_way=decl.one_way,
+                  provider_id=provider_id)
+        if inspect.iscoroutinefunction(impl):
+            rpc.handler = lambda handle: self._run_async(handle, impl)
+            self._async_ids.add(rpc.id)
+        elif blocking:
+            rpc.handler = lambda handle: self._run_pooled(handle, impl)
+        else:
+            rpc.impl = impl
+        return self.hg.register(rpc)
+
+    def _rpc_for(self, decl: Declaration, provider_id: int) -> RPC:
+        rpc = self.hg.rpcs.get(rpc_id(decl.name, provider_id))
+        if rpc is None or rpc.name != decl.name:
+            rpc = RPC(decl.name, decl.in_proc, decl.out_proc, one_way=decl.one_way,
+                      provider_id=provider_id)
+        return rpc
+
+    # -- calling ----------------------------------------------------------------------------------
+    def lookup(self, uri: str, provider_id: int = 0) -> Remote:
+        return Remote(self, self.na.addr_lookup(uri), provider_id)
+
+    def forward(self, addr: na.Addr, rpc: RPC, args: tuple[Any, ...],
+                timeout: float | None = None,
+                callback: Callable[[Handle], Any] | None = None) -> Handle:
+        return Handle(self.context, addr, rpc).forward(args, callback, timeout or self.timeout)
+
+    def wait(self, handle: Handle) -> Any:
+        """Drive progress (or let the thread that does) until ``handle`` finishes."""
+        while handle.state == _FORWARDED:
+            if self._progress_lock.acquire(blocking=False):
+                try:
+                    ctx = self.context
+                    while handle.state == _FORWARDED:
+                        ctx.progress(1.0)
+                        ctx.trigger()
+                        if self._waiters:
+                            with self._cond:
+                                self._cond.notify_all()
+                finally:
+                    self._progress_lock.release()
+                if self._waiters:
+                    with self._cond:
+                        self._cond.notify_all()
+            else:
+                with self._cond:
+                    self._waiters += 1
+                    try:
+                        self._cond.wait(0.01)
+                    finally:
+                        self._waiters -= 1
+        if handle.error is not None:
+            raise handle.error
+        return handle.value
+
+    def call(self, addr: na.Addr, rpc: RPC, args: tuple[Any, ...],
+             timeout: float | None = None) -> Any:
+        return self.wait(self.forward(addr, rpc, args, timeout))
+
+    async def acall(self, addr: na.Addr, rpc: RPC, args: tuple[Any, ...],
+                    timeout: float | None = None) -> Any:
+        loop = asyncio.get_running_loop()
+        self._attach(loop)
+        future = loop.create_future()
+        timeout = timeout or self.timeout
+        self.forward(addr, rpc, args, timeout, lambda h: _settle(future, h))
+        timer = loop.call_later(timeout, self._poll)  # lets the context expire the call
+        self._kick()
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    # -- asyncio driver ---------------------------------------------------------------------------
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is loop:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError(f"{self!r} is already attached to another event loop")
+        self._loop = loop
+        loop.add_reader(self.na.poll_fd(), self._poll)
+
+    def _kick(self) -> None:
+        if not self._poll_scheduled and self._loop is not None:
+            self._poll_scheduled = True
+            self._loop.call_soon(self._poll)
+
+    def _poll(self) -> None:
+        """Reader callback: progress without blocking, then keep polling for the spin budget
+        (via call_soon, so other tasks still run) before waiting on the fd again."""
+        self._poll_scheduled = False
+        if self._closed:
+            return
+        ctx = self.context
+        busy = ctx.progress(0)
+        if ctx.trigger() or busy:
+            self._spin_until = time.monotonic() + self._spin
+        if time.monotonic() < self._spin_until:
+            self._kick()
+
+    async def serve_async(self) -> None:
+        """Serve until ``shutdown()``, as a task of the running loop."""
+        loop = asyncio.get_running_loop()
+        self._attach(loop)
+        self._kick()
+        while not self._stop.is_set():
+            await asyncio.sleep(0.05)
+
+    # -- handlers that answer later ---------------------------------------------------------------
+    def _enter(self) -> None:
+        with self._inflight_lock:
+            self._inflight += 1
+
+    def _leave(self) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
+
+    def _run_async(self, handle: TargetHandle, impl: Callable[..., Any]) -> None:
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError(f"{handle.rpc.name} is an async handler: serve with "
+                               "serve_async() or serve() (which runs an event loop)")
+        self._enter()
+
+        async def run() -> None:
+            try:
+                value = await impl(*handle.args)
+            except Exception as exc:
+                handle.fail(exc)
+            else:
+                handle.respond(value)
+            finally:
+                self._leave()
+                self._kick()
+        loop.create_task(run())
+
+    def _run_pooled(self, handle: TargetHandle, impl: Callable[..., Any]) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._pool_size, thread_name_prefix="petasus-handler")
+        self._enter()
+
+        def run() -> None:
+            try:
+                value = impl(*handle.args)
+            except Exception as exc:
+                handle.fail(exc)
+            else:
+                handle.respond(value)
+            finally:
+                self._leave()
+        self._pool.submit(run)
+
+    # -- serving and shutting down ----------------------------------------------------------------
+    def serve(self, *, handle_signals: bool = True) -> None:
+        """Serve until ``shutdown()`` (or SIGINT/SIGTERM when ``handle_signals``)."""
+        self._check_open()
+        previous = {}
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda *_: self.shutdown())
+        try:
+            if any(rpc.id in self._async_ids for rpc in self.hg.rpcs.values()):
+                asyncio.run(self.serve_async())
+            else:
+                with self._progress_lock:
+                    ctx = self.context
+                    while not self._stop.is_set():
+                        ctx.progress(0.1)
+                        ctx.trigger()
+                        if self._waiters:
+                            with self._cond:
+                                self._cond.notify_all()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def shutdown(self) -> None:
+        """Make ``serve()`` return (thread-safe; also the remote shutdown RPC's handler)."""
+        self._stop.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Wait up to ``timeout`` s for handlers still running, then release everything."""
+        if self._closed:
+            return
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        while self._inflight and time.monotonic() < deadline:
+            if self._loop is not None and self._loop.is_running():
+                break  # the loop's own tasks finish with it
+            self.context.progress(0.01)
+            self.context.trigger()
+        if self._inflight:
+            log.warning("%r: closing with %d handlers still running", self, self._inflight)
+        self._closed = True
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self.na.poll_fd())
+            except (ValueError, RuntimeError):
+                pass
+        self.na.close()
+        self.na.trigger()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+
+
+def _settle(future: asyncio.Future[Any], handle: Handle) -> None:
+    if future.done():
+        return
+    if handle.error is not None:
+        future.set_exception(handle.error)
+    else:
+        future.set_result(handle.value)
+
+
+class Remote:
+    """A peer (address and provider id) whose declared RPCs are attributes."""
+
+    def __init__(self, engine: Engine, addr: na.Addr, provider_id: int = 0) -> None:
+        self.engine = engine
+        self.addr = addr
+        self.provider_id = provider_id
+
+    def __repr__(self) -> str:
+        return f"<Remote {self.addr.uri} provider={self.provider_id}>"
+
+    def __getattr__(self, name: str) -> RemoteMethod:
+        decl = self.engine._declared.get(name)
+        if decl is None:
+            raise AttributeError(f"{name!r} is not a declared RPC; declare it with "
+                                 f"engine.declare(...) or define it with @engine.rpc")
+        method = RemoteMethod(self, decl)
+        self.__dict__[name] = method
+        return method
+
+    def call(self, name: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        return getattr(self, name).call(*args, timeout=timeout, **kwargs)
+
+    def shutdown(self) -> None:
+        """Ask the peer's engine to stop serving (it must allow remote shutdown)."""
+        RemoteMethod(self, _SHUTDOWN)()
+
+
+class RemoteMethod:
+    """``remote.name(...)`` blocks; ``.future(...)`` returns a Handle; ``.async_(...)`` awaits."""
+
+    __slots__ = ("addr", "decl", "engine", "rpc")
+
+    def __init__(self, remote: Remote, decl: Declaration) -> None:
+        self.engine = remote.engine
+        self.addr = remote.addr
+        self.decl = decl
+        self.rpc = remote.engine._rpc_for(decl, remote.provider_id)
+
+    def __repr__(self) -> str:
+        return f"<RemoteMethod {self.decl.name} on {self.addr.uri}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        engine = self.engine
+        if kwargs:
+            args = self.decl.bind(args, kwargs)
+        return engine.wait(engine.forward(self.addr, self.rpc, args))
+
+    def call(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        engine = self.engine
+        return engine.wait(engine.forward(self.addr, self.rpc, self.decl.bind(args, kwargs),
+                                          timeout))
+
+    def future(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Handle:
+        return self.engine.forward(self.addr, self.rpc, self.decl.bind(args, kwargs), timeout)
+
+    def async_(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        return self.engine.acall(self.addr, self.rpc, self.decl.bind(args, kwargs), timeout)
+
+
+def _shutdown() -> None:
+    """Ask the engine to stop serving."""
+
+
+_SHUTDOWN = Declaration(_shutdown, name="petasus.shutdown")
