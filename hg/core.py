@@ -63,10 +63,8 @@ class RPC:
         self.one_way = one_way
         self.handler = handler
         self.impl = impl
-        self.req_fused = struct.Struct(_REQ.format + in_proc.fmt) if in_proc.fmt else None
-        single = out_proc.fmt is not None and len(struct.Struct(out_proc.fmt).unpack(
-            bytes(struct.calcsize("!" + out_proc.fmt)))) == 1
-        self.resp_fused = struct.Struct(_RESP.format + out_proc.fmt) if single else None
+        self.req_fused = struct.Struct(_REQ.format + in_proc.fmt) if in_proc.flat else None
+        self.resp_fused = struct.Struct(_RESP.format + out_proc.fmt) if out_proc.scalar else None
 
     def __repr__(self) -> str:
         kind = "one-way " if self.one_way else ""

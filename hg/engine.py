@@ -55,6 +55,7 @@ class Declaration:
         sig = inspect.signature(func)
         hints = typing.get_type_hints(func)
         self.params = [p.name for p in sig.parameters.values()]
+        self.nparams = len(self.params)
         for p in sig.parameters.values():
             if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
                 raise TypeError(f"{self.name}: parameter {p.name!r} must be positional "
@@ -63,7 +64,7 @@ class Declaration:
         fields = [proc_for(hints.get(p, Any)) for p in self.params]
         self.in_proc: Proc = record(f"{self.name}.in", fields, tuple, tuple)
         ret = hints.get("return", None if one_way else Any)
-        if one_way and ret is not None:
+        if one_way and ret not in (None, type(None)):
             raise TypeError(f"{self.name}: a one-way RPC returns nothing (annotate -> None)")
         self.out_proc: Proc = proc_for(ret)
 
@@ -274,6 +275,7 @@ class Engine:
         self._kick()
         while not self._stop.is_set():
             await asyncio.sleep(0.05)
+        self._poll()  # send the answers of the last pass (shutdown's own)
 
     # -- handlers that answer later ---------------------------------------------------------------
     def _enter(self) -> None:
@@ -317,6 +319,10 @@ class Engine:
                 handle.respond(value)
             finally:
                 self._leave()
+                loop = self._loop
+                if loop is not None and not loop.is_closed():
+                    # The loop waits on the fd, not in NA's poll: wake it to flush the answer.
+                    loop.call_soon_threadsafe(self._kick)
         self._pool.submit(run)
 
     # -- serving and shutting down ----------------------------------------------------------------
@@ -339,6 +345,7 @@ class Engine:
                         if self._waiters:
                             with self._cond:
                                 self._cond.notify_all()
+                    ctx.progress(0)  # send the answers of the last pass (shutdown's own)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -428,9 +435,9 @@ class RemoteMethod:
         return f"<RemoteMethod {self.decl.name} on {self.addr.uri}>"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        engine = self.engine
-        if kwargs:
-            args = self.decl.bind(args, kwargs)
+        engine, decl = self.engine, self.decl
+        if kwargs or len(args) != decl.nparams:
+            args = decl.bind(args, kwargs)
         return engine.wait(engine.forward(self.addr, self.rpc, args))
 
     def call(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:

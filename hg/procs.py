@@ -34,15 +34,18 @@ def _no_free(value: Any) -> None:
 class Proc:
     """How one type crosses the wire. ``fmt`` is its struct code when it has a fixed size."""
 
-    __slots__ = ("decode", "encode", "fmt", "free", "name", "struct")
+    __slots__ = ("decode", "encode", "flat", "fmt", "free", "name", "scalar", "struct")
 
     def __init__(self, name: str, encode: Encode, decode: Decode,
-                 free: Callable[[Any], None] = _no_free, fmt: str | None = None) -> None:
+                 free: Callable[[Any], None] = _no_free, fmt: str | None = None,
+                 scalar: bool = False, flat: bool = False) -> None:
         self.name = name
         self.encode = encode
         self.decode = decode
         self.free = free
         self.fmt = fmt
+        self.scalar = scalar  # one fixed-size value: its struct field *is* the value
+        self.flat = flat  # a record of scalars: its values are exactly its struct's fields
         self.struct = struct.Struct("!" + fmt) if fmt else None
 
     def __repr__(self) -> str:
@@ -74,7 +77,7 @@ def _fixed(name: str, code: str, check: Callable[[Any], Any]) -> Proc:
             raise DecodeError(f"{name}: needs {size} B at offset {pos}, {len(buf) - pos} left")
         return packer.unpack_from(buf, pos)[0], pos + size
 
-    return Proc(name, encode, decode, fmt=code)
+    return Proc(name, encode, decode, fmt=code, scalar=True)
 
 
 def _int(value: Any) -> int:
@@ -236,7 +239,7 @@ def _count(name: str, buf: Any, pos: int, item_size: int) -> tuple[int, int]:
 
 def sequence(inner: Proc, kind: type = list) -> Proc:
     name = f"{kind.__name__}[{inner.name}]"
-    if inner.fmt:
+    if inner.scalar:
         code, size = inner.fmt, struct.calcsize("!" + inner.fmt)
 
         def encode(value: Any) -> bytes:
@@ -304,9 +307,10 @@ def mapping(key: Proc, val: Proc) -> Proc:
 
 def record(name: str, fields: list[Proc], build: Callable[[tuple[Any, ...]], Any],
            split: Callable[[Any], tuple[Any, ...]]) -> Proc:
-    """A fixed sequence of fields (tuple, dataclass, argument list): one Struct when it can."""
+    """A fixed sequence of fields (tuple, dataclass, argument list); fields that are all
+    fixed-size scalars compile to one Struct (nested records encode field by field)."""
     count = len(fields)
-    if all(f.fmt for f in fields):
+    if all(f.scalar for f in fields):
         fmt = "".join(f.fmt for f in fields)  # type: ignore[misc]
         packer = struct.Struct("!" + fmt)
         size = packer.size
@@ -323,7 +327,7 @@ def record(name: str, fields: list[Proc], build: Callable[[tuple[Any, ...]], Any
                                   f"{len(buf) - pos} left")
             return build(packer.unpack_from(buf, pos)), pos + size
 
-        return Proc(name, encode, decode, fmt=fmt)
+        return Proc(name, encode, decode, fmt=fmt, flat=True)
 
     def encode_fields(value: Any) -> bytes:
         values = split(value)

@@ -603,6 +603,10 @@ class SocketPlugin:
             n += 1
             if op.callback is not None:
                 op.callback(op)
+        if self._dirty:
+            # What the callbacks of this pass sent leaves together, now.
+            with self._lock:
+                self._flush_dirty()
         return n
 
     def cancel(self, op: Op) -> None:
@@ -949,6 +953,7 @@ class SocketPlugin:
         with self._lock:
             if self._closed:
                 return
+            self._flush_dirty()  # best effort: what the kernel takes now still leaves
             for conn in list(self._conns):
                 self._conn_failed(conn, "the plugin was closed", canceled=True)
             for op in self._unexp_posted:

@@ -1,0 +1,258 @@
+"""RPC conformance: the same tests over every plugin, against a process and a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import rpc_api as api
+from conftest import TIMEOUT, Spec
+from rpc_peer import start_in_thread
+
+from petasus import hg, na
+
+HERE = Path(__file__).parent
+
+
+class RpcPeer:
+    def __init__(self, spec: Spec, placement: str) -> None:
+        self.proc: subprocess.Popen[str] | None = None
+        self.thread_engine: hg.Engine | None = None
+        self.thread: threading.Thread | None = None
+        if placement == "process":
+            self.proc = subprocess.Popen(
+                [sys.executable, str(HERE / "rpc_peer.py"), spec.uri, json.dumps(spec.options)],
+                stdout=subprocess.PIPE, text=True)
+            line = self.proc.stdout.readline()  # type: ignore[union-attr]
+            if not line.startswith("listening on "):
+                self.proc.kill()
+                raise RuntimeError(f"rpc peer did not start: {line!r}")
+            self.uri = line.split()[-1]
+        else:
+            self.thread_engine, self.thread = start_in_thread(spec.uri, **spec.options)
+            self.uri = self.thread_engine.uri
+        self.engine = hg.Engine(spec.uri, timeout=TIMEOUT, **spec.options)
+        self.engine.declare(api)
+        self.remote = self.engine.lookup(self.uri)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(TIMEOUT)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.remote.shutdown()
+                self.proc.wait(TIMEOUT)
+            except (hg.RPCError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(TIMEOUT)
+        if self.proc is not None:
+            self.proc.stdout.close()  # type: ignore[union-attr]
+        self.engine.close()
+        if self.thread_engine is not None:
+            self.thread_engine.shutdown()
+            self.thread.join(TIMEOUT)  # type: ignore[union-attr]
+            self.thread_engine.close()
+
+
+@pytest.fixture(params=["process", "thread"], scope="module")
+def rpc(spec: Spec, request: pytest.FixtureRequest) -> Iterator[RpcPeer]:
+    peer = RpcPeer(spec, request.param)
+    yield peer
+    peer.close()
+
+
+# -- calls ----------------------------------------------------------------------------------
+def test_sum_blocking(rpc: RpcPeer) -> None:
+    assert rpc.remote.sum(42, 23) == 65
+    assert rpc.remote.sum(x=-5, y=2) == -3
+    assert rpc.remote.sum.call(1, 2, timeout=5) == 3
+
+
+def test_many_in_flight(rpc: RpcPeer) -> None:
+    handles = [rpc.remote.sum.future(i, i) for i in range(200)]
+    assert [rpc.engine.wait(h) for h in handles] == [2 * i for i in range(200)]
+
+
+def test_asyncio_calls(rpc: RpcPeer) -> None:
+    async def main() -> list[int]:
+        return list(await asyncio.gather(*(rpc.remote.sum.async_(i, 1) for i in range(50))))
+
+    assert asyncio.run(main()) == [i + 1 for i in range(50)]
+    # The engine follows the application to a new loop once the old one is closed.
+    assert asyncio.run(main()) == [i + 1 for i in range(50)]
+    assert rpc.remote.sum(1, 2) == 3  # and blocking calls still work between loops
+
+
+def test_composite_types(rpc: RpcPeer) -> None:
+    point = api.Point(1.5, -2.0, "p")
+    text, count = rpc.remote.describe(point, ["a", "b"], {"z": 1.0, "y": 2.5}, 7)
+    assert text == "p@(1.5,-2.0) a,b [('y', 2.5), ('z', 1.0)] 7" and count == 2
+    assert rpc.remote.describe(point, [], {})[0].endswith("None")
+    assert rpc.remote.flip(api.Fixed(5, 65535 - 1, 1.5, True)) == api.Fixed(-5, 65535, 3.0, False)
+    value = {"k": [1, 2.5, None, "s", b"\x00\xff"], "n": {"deep": True}}
+    assert rpc.remote.echo_any(value) == value
+    blob = os.urandom(40_000)
+    assert rpc.remote.echo_bytes(blob) == blob
+
+
+# -- errors -----------------------------------------------------------------------------------
+def test_remote_errors_carry_type_and_message(rpc: RpcPeer) -> None:
+    with pytest.raises(hg.RemoteError) as info:
+        rpc.remote.fail("KeyError", "missing thing")
+    err = info.value
+    assert err.remote_type == "KeyError" and "missing thing" in err.remote_message
+    assert err.rpc == "fail" and err.peer == rpc.uri
+    assert "Traceback" not in str(err)
+    assert rpc.remote.sum(1, 1) == 2  # the server is unharmed
+
+
+def test_unknown_rpc(rpc: RpcPeer) -> None:
+    with pytest.raises(hg.NoSuchRPC, match="never_registered"):
+        rpc.remote.never_registered(1)
+    with pytest.raises(hg.NoSuchRPC, match="provider 3"):
+        rpc.engine.lookup(rpc.uri, provider_id=3).sum(1, 2)
+
+
+def test_decode_error_on_the_target(rpc: RpcPeer) -> None:
+    # A client that declares sum with other types sends bytes the server cannot decode.
+    @hg.declare(name="sum")
+    def wrong(x: str) -> int: ...
+
+    method = hg.RemoteMethod(rpc.remote, wrong)
+    with pytest.raises(hg.RPCError, match="decode error"):
+        method("not two int32s")
+    assert rpc.remote.sum(2, 2) == 4
+
+
+def test_bad_arguments_fail_locally(rpc: RpcPeer) -> None:
+    with pytest.raises(hg.EncodeError, match="sum"):
+        rpc.remote.sum("one", 2)
+    with pytest.raises(hg.EncodeError):
+        rpc.remote.sum(2**31, 0)
+    with pytest.raises(TypeError, match="sum"):
+        rpc.remote.sum(1, 2, 3)
+    with pytest.raises(ValueError, match="eager message size"):
+        rpc.remote.echo_bytes(bytes(10 << 20))
+    with pytest.raises(AttributeError, match="not a declared RPC"):
+        rpc.remote.nope  # noqa: B018
+
+
+# -- one-way, providers, handler kinds --------------------------------------------------------
+def test_one_way(rpc: RpcPeer) -> None:
+    before = len(rpc.remote.notes())
+    for i in range(5):
+        assert rpc.remote.note(f"n{i}") is None
+    # Requests from one client are served in order, so the query sees all five notes.
+    assert rpc.remote.notes()[before:] == [f"n{i}" for i in range(5)]
+
+
+def test_providers(rpc: RpcPeer) -> None:
+    assert rpc.remote.whoami() == "provider 0"
+    assert rpc.engine.lookup(rpc.uri, provider_id=7).whoami() == "provider 7"
+
+
+def test_async_and_pooled_handlers(rpc: RpcPeer) -> None:
+    assert rpc.remote.async_double(21) == 42
+    assert rpc.remote.pooled_double(4) == 8
+    # A slow pooled handler does not block other calls.
+    slow = rpc.remote.sleep.future(0.3)
+    assert rpc.remote.sum(1, 2) == 3
+    assert not slow.done
+    assert rpc.engine.wait(slow) == 0.3
+
+
+# -- timeouts, cancel, failures ---------------------------------------------------------------
+def test_timeout_and_late_response_dropped(rpc: RpcPeer) -> None:
+    with pytest.raises(hg.RPCTimeout, match="sleep"):
+        rpc.remote.sleep.call(0.5, timeout=0.05)
+    assert rpc.remote.sum(3, 4) == 7
+    # The late reply arrives while we wait for the next call, and is dropped.
+    assert rpc.remote.sleep(0.6) == 0.6
+
+
+def test_cancel(rpc: RpcPeer) -> None:
+    handle = rpc.remote.sleep.future(0.3)
+    handle.cancel()
+    with pytest.raises(hg.Canceled):
+        handle.result()
+    handle.cancel()  # idempotent
+    assert rpc.remote.sum(5, 5) == 10
+
+
+def test_threads_share_one_engine(rpc: RpcPeer) -> None:
+    results: dict[int, list[int]] = {}
+
+    def worker(k: int) -> None:
+        results[k] = [rpc.remote.sum(k, i) for i in range(100)]
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert results == {k: [k + i for i in range(100)] for k in range(4)}
+
+
+def test_statistics(rpc: RpcPeer) -> None:
+    rpc.remote.sum(1, 2)
+    stats = rpc.engine.statistics()
+    assert stats["sent"] >= 1 and stats["na"]["msgs_sent"] >= 1
+
+
+def test_server_killed_mid_call(spec: Spec) -> None:
+    peer = RpcPeer(spec, "process")
+    try:
+        assert peer.remote.sum(1, 1) == 2
+        handle = peer.remote.sleep.future(5.0)
+        peer.kill()
+        with pytest.raises(hg.PeerError) as info:
+            peer.engine.wait(handle)
+        assert peer.uri in str(info.value)
+        with pytest.raises(hg.PeerError):
+            peer.remote.sum(1, 1)
+    finally:
+        peer.close()
+
+
+def test_nobody_listening(spec: Spec) -> None:
+    with hg.Engine(spec.uri, listen=True, **spec.options) as gone:
+        uri = gone.uri
+    with hg.Engine(spec.uri, **spec.options) as client:
+        client.declare(api)
+        with pytest.raises(hg.PeerError, match="could not connect"):
+            client.lookup(uri).sum(1, 2)
+
+
+def test_closed_engine_and_resource_warning(spec: Spec) -> None:
+    engine = hg.Engine(spec.uri, **spec.options)
+    engine.close()
+    engine.declare(api)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.lookup(engine.uri if spec.uri.startswith("sm") else "tcp://127.0.0.1:9")
+    with pytest.warns(ResourceWarning, match="not closed"):
+        leaked = hg.Engine(spec.uri, **spec.options)
+        leaked.__del__()
+    leaked.close()
+
+
+def test_raw_garbage_request_gets_an_error_reply(rpc: RpcPeer) -> None:
+    """A request with a foreign header is answered with an error, never a hang or a crash."""
+    plugin = rpc.engine.na
+    addr = plugin.addr_lookup(rpc.uri)
+    reply = bytearray(plugin.msg_get_max_expected_size())
+    recv = plugin.msg_recv_expected(addr, reply, 999_999)
+    send = plugin.msg_send_unexpected(addr, b"GET / HTTP/1.1\r\n\r\n", 999_999)
+    na.wait(plugin, send, recv, timeout=TIMEOUT)
+    assert reply[2] == hg.core.hd.PROTOCOL_ERROR
+    assert rpc.remote.sum(1, 2) == 3
