@@ -8,13 +8,12 @@ PY=.venv/bin/python
 servers=()
 trap 'for p in "${servers[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 
-# run_example NAME URI EXPECTED [client args...]
+# run_example NAME URI EXPECTED [SERVER_EXPECTED]: client args come from CLIENT_ARGS.
 run_example() {
-    local name=$1 uri=$2 expected=$3
-    shift 3
+    local name=$1 uri=$2 expected=$3 server_expected=${4:-}
     local out
     out=$(mktemp)
-    "$PY" "examples/$name/server.py" "$uri" "$@" >"$out" &
+    "$PY" "examples/$name/server.py" "$uri" >"$out" &
     local pid=$!
     servers+=("$pid")
     local addr=""
@@ -25,7 +24,7 @@ run_example() {
         sleep 0.1
     done
     if [ -z "$addr" ]; then
-        echo "FAIL $name ($uri): the server did not start"; cat "$out"; kill "$pid" 2>/dev/null
+        echo "FAIL $name ($uri): the server did not start"; cat "$out"
         return 1
     fi
     local result
@@ -34,13 +33,23 @@ run_example() {
     wait "$pid"
     echo "$result" | sed "s|^|  [$name $uri] |"
     if ! grep -q -- "$expected" <<<"$result"; then
-        echo "FAIL $name ($uri): expected '$expected'"; return 1
+        echo "FAIL $name ($uri): expected '$expected' from the client"; return 1
     fi
+    if [ -n "$server_expected" ] && ! grep -q -- "$server_expected" "$out"; then
+        echo "FAIL $name ($uri): expected '$server_expected' from the server"; cat "$out"
+        return 1
+    fi
+    sed -n '2,$p' "$out" | sed "s|^|  [$name server] |"
     rm -f "$out"
 }
 
 for uri in tcp://127.0.0.1:0 sm://; do
     CLIENT_ARGS=()
     run_example na_echo "$uri" "get: 30000 bytes"
+    CLIENT_ARGS=(3)
+    run_example hello "$uri" "sent 3 hello" "Hello World"
+    CLIENT_ARGS=()
+    run_example sum "$uri" "42 + 23 = 65"
+    run_example int_list "$uri" "sum = 55"
 done
 echo "all examples passed"

@@ -1,0 +1,22 @@
+"""Sums linked lists of int32 sent with a custom proc (Mercury tutorial: int_list).
+
+    python examples/int_list/server.py [URI]    default tcp://127.0.0.1:0; sm:// works too
+"""
+
+import sys
+
+import api
+
+from petasus import hg
+
+
+def main() -> None:
+    uri = sys.argv[1] if len(sys.argv) > 1 else "tcp://127.0.0.1:0"
+    with hg.Engine(uri, listen=True, allow_remote_shutdown=True) as engine:
+        engine.register(api.sum_list, lambda values: sum(values) if values else 0)
+        print(f"listening on {engine.uri}", flush=True)
+        engine.serve()
+
+
+if __name__ == "__main__":
+    main()

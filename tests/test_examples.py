@@ -1,0 +1,49 @@
+"""The examples are a contract: server prints ``listening on <uri>`` first and serves until
+SIGTERM or a shutdown RPC; the client takes the server's URI. Run them as a user would."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from petasus import hg
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CASES = [("sum", [], "42 + 23 = 65", None), ("int_list", [], "sum = 55", None),
+         ("hello", ["2"], "sent 2 hello", "Hello World\nHello World"),
+         ("na_echo", [], "get: 30000 bytes", None)]
+
+
+@pytest.mark.parametrize("uri", ["tcp://127.0.0.1:0", "sm://"])
+@pytest.mark.parametrize(("name", "args", "expected", "server_expected"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_example(name: str, args: list[str], expected: str, server_expected: str | None,
+                 uri: str) -> None:
+    server = subprocess.Popen([sys.executable, str(EXAMPLES / name / "server.py"), uri],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        first = server.stdout.readline()  # type: ignore[union-attr]
+        assert first.startswith("listening on "), first
+        address = first.split()[-1]
+        client = subprocess.run([sys.executable, str(EXAMPLES / name / "client.py"), address,
+                                 *args], check=False, capture_output=True, text=True,
+                                timeout=60)
+        assert client.returncode == 0, client.stderr
+        assert expected in client.stdout
+        if name == "na_echo":
+            server.send_signal(signal.SIGTERM)
+        else:
+            with hg.Engine(uri) as engine:
+                engine.lookup(address).shutdown()
+        out, _ = server.communicate(timeout=30)
+        assert server.returncode == 0
+        if server_expected:
+            assert server_expected in out
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
