@@ -15,6 +15,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS: list[dict[str, Any]] = []
 JSON = "--json" in sys.argv
+QUIET = False  # collect without printing (rounds that are summarized later)
 
 
 def emit(bench: str, plugin: str, op: str, size: int, concurrency: int, value: float,
@@ -23,6 +24,8 @@ def emit(bench: str, plugin: str, op: str, size: int, concurrency: int, value: f
     row = {"bench": bench, "plugin": plugin, "op": op, "size": size,
            "concurrency": concurrency, "value": round(value, 3), "unit": unit, **extra}
     RESULTS.append(row)
+    if QUIET:
+        return row
     if JSON:
         print(json.dumps(row), flush=True)
     else:

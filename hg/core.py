@@ -159,10 +159,7 @@ class Context:
                 if handle.state == _FORWARDED and handle.deadline == deadline:
                     expired.append(handle)
         for handle in expired:
-            self.stats["timeouts"] += 1
-            handle._finish("timeout", None, RPCTimeout(
-                handle.rpc.name, handle.addr.uri,
-                f"no response within {handle.timeout:g} s (a late one will be dropped)"))
+            handle.expire()
 
     # -- origin side ------------------------------------------------------------------------------
     def _take_buffer(self) -> bytearray:
@@ -262,18 +259,12 @@ class Context:
                 f"{rpc.name}: result of {len(payload)} B exceeds the {self.max_expected} B "
                 "message limit"))
             return
-        self.na.msg_send_expected(source, payload, tag, _response_sent)
+        self.na.msg_send_expected(source, payload, tag)  # NA logs a peer lost before it arrives
 
     def _reply_error(self, source: na.Addr, tag: int, ret: int, kind: str, message: str) -> None:
         self.stats["errors"] += 1
         body = _STR.encode(kind[:200]) + _STR.encode(message[:2000])
-        self.na.msg_send_expected(source, _RESP.pack(_ID, _PROTO, ret, 0, 0) + body, tag,
-                                  _response_sent)
-
-
-def _response_sent(op: na.Op) -> None:
-    if op.error is not None:
-        log.info("could not deliver a response: %s", op.error)
+        self.na.msg_send_expected(source, _RESP.pack(_ID, _PROTO, ret, 0, 0) + body, tag)
 
 
 class Handle:
@@ -304,8 +295,12 @@ class Handle:
         return self.state in st.FINISHED
 
     def forward(self, args: tuple[Any, ...], callback: Callable[[Handle], Any] | None = None,
-                timeout: float | None = None) -> Handle:
-        """Send the call. ``callback(handle)`` runs from ``trigger()`` once it has finished."""
+                timeout: float | None = None, *, arm: bool = True) -> Handle:
+        """Send the call. ``callback(handle)`` runs from ``trigger()`` once it has finished.
+
+        ``timeout`` is enforced by the context's timers; a caller that waits in a loop of its
+        own may pass ``arm=False`` and call ``expire()`` at the deadline instead.
+        """
         new = st.next_state(st.ORIGIN, "origin", self.state, "forward")
         ctx, rpc = self.context, self.rpc
         flags = hd.NO_RESPONSE if rpc.one_way else 0
@@ -332,13 +327,22 @@ class Handle:
         if timeout:
             self.timeout = timeout
             self.deadline = ctx.clock() + timeout
-            ctx._arm(self, self.deadline)
+            if arm:
+                ctx._arm(self, self.deadline)
         ctx.stats["sent"] += 1
         # A two-way call learns of a failed send from its receive, which NA fails along with
         # every other operation to a peer it cannot reach; only one-way calls watch the send.
         plugin.msg_send_unexpected(self.addr, payload, tag,
                                    self._on_sent if rpc.one_way else None)
         return self
+
+    def expire(self) -> None:
+        """Finish the call as timed out (its deadline has passed)."""
+        if self.state == _FORWARDED:
+            self.context.stats["timeouts"] += 1
+            self._finish("timeout", None, RPCTimeout(
+                self.rpc.name, self.addr.uri,
+                f"no response within {self.timeout:g} s (a late one will be dropped)"))
 
     def cancel(self) -> None:
         """Finish the call as canceled; a response that still arrives is dropped."""

@@ -196,13 +196,19 @@ class Engine:
         return Handle(self.context, addr, rpc).forward(args, callback, timeout or self.timeout)
 
     def wait(self, handle: Handle) -> Any:
-        """Drive progress (or let the thread that does) until ``handle`` finishes."""
+        """Drive progress (or let the thread that does) until ``handle`` finishes, enforcing
+        its deadline here for calls forwarded without a context timer."""
         while handle.state == _FORWARDED:
             if self._progress_lock.acquire(blocking=False):
                 try:
                     ctx = self.context
+                    clock, deadline = ctx.clock, handle.deadline
                     while handle.state == _FORWARDED:
-                        ctx.progress(1.0)
+                        left = deadline - clock()
+                        if left <= 0:
+                            handle.expire()
+                            break
+                        ctx.progress(left if left < 1.0 else 1.0)
                         ctx.trigger()
                         if self._waiters:
                             with self._cond:
@@ -213,6 +219,9 @@ class Engine:
                     with self._cond:
                         self._cond.notify_all()
             else:
+                if handle.deadline <= self.context.clock():
+                    handle.expire()
+                    break
                 with self._cond:
                     self._waiters += 1
                     try:
@@ -438,12 +447,14 @@ class RemoteMethod:
         engine, decl = self.engine, self.decl
         if kwargs or len(args) != decl.nparams:
             args = decl.bind(args, kwargs)
-        return engine.wait(engine.forward(self.addr, self.rpc, args))
+        # The blocking wait enforces the deadline itself: no context timer to arm.
+        return engine.wait(Handle(engine.context, self.addr, self.rpc).forward(
+            args, None, engine.timeout, arm=False))
 
     def call(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         engine = self.engine
-        return engine.wait(engine.forward(self.addr, self.rpc, self.decl.bind(args, kwargs),
-                                          timeout))
+        return engine.wait(Handle(engine.context, self.addr, self.rpc).forward(
+            self.decl.bind(args, kwargs), None, timeout or engine.timeout, arm=False))
 
     def future(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Handle:
         return self.engine.forward(self.addr, self.rpc, self.decl.bind(args, kwargs), timeout)

@@ -195,12 +195,13 @@ class SocketPlugin:
         self._spin = max(spin_us, 0) / 1e6
         self._rma_chunk = rma_chunk
         self._max_queued = max_queued
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._ep = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._wake_fd, _EPOLLIN)
         self._fdmap: dict[int, Callable[[int], None]] = {self._wake_fd: self._drain_wake}
         self._polling = False
+        self._completed = 0  # ops finished without a callback: progress all the same
         self._closed = False
         self._cq: deque[Op] = deque()
         self._unexp_posted: deque[Op] = deque()
@@ -364,8 +365,7 @@ class SocketPlugin:
             if posted:
                 op = posted.popleft()
                 self._fill(op, addr, tag, payload)
-                self._cq.append(op)
-                op.state = _FINISHED
+                self._post(op)
                 return
             data = bytes(payload)
             self._unexp_queue.append((addr, tag, data, conn))
@@ -377,8 +377,7 @@ class SocketPlugin:
                 if not waiting:
                     del self._exp_posted[key]
                 self._fill(op, addr, tag, payload)
-                self._cq.append(op)
-                op.state = _FINISHED
+                self._post(op)
             else:
                 # As in Mercury, expected messages must be pre-posted; one without a receive is
                 # a late reply to something canceled or timed out, and holding it would let such
@@ -580,6 +579,11 @@ class SocketPlugin:
     # -- completion, cancel, progress -----------------------------------------------------------
     def _post(self, op: Op) -> None:
         op.state = _FINISHED
+        if op.callback is None:
+            # Nothing to run in trigger(): done now, without a trip through the queue.
+            op.done = True
+            self._completed += 1
+            return
         self._cq.append(op)
         if self._polling:
             os.eventfd_write(self._wake_fd, 1)
@@ -656,7 +660,8 @@ class SocketPlugin:
         return self._ep.fileno()
 
     def progress(self, timeout: float = 0.0) -> bool:
-        """Move bytes for up to ``timeout`` seconds; True once completions are ready to trigger.
+        """Move bytes for up to ``timeout`` seconds; True once it sent what was queued or
+        completions are ready to trigger.
 
         Spins (non-blocking polls, yielding the CPU in between) for the spin budget after any
         event before blocking in epoll: a blocking wake-up costs ~10x a polled round trip here.
@@ -664,10 +669,14 @@ class SocketPlugin:
         self._check_open("progress")
         cq, dirty, lock = self._cq, self._dirty, self._lock
         if dirty:
+            # Sending what callers queued is progress: return, so that a caller driving
+            # several plugins (or waiting for the answer) gets on with it.
             with lock:
                 self._flush_dirty()
+            return True
         if cq:
             return True
+        done = self._completed
         poll, dispatch, spin = self._ep.poll, self._dispatch, self._spin
         now = time.monotonic()
         deadline = now + timeout
@@ -676,12 +685,12 @@ class SocketPlugin:
             if dirty:
                 with lock:
                     self._flush_dirty()
-            if cq:
+            if cq or self._completed != done:
                 return True
             events = poll(0)
             if events:
                 dispatch(events)
-                if cq:
+                if cq or self._completed != done:
                     return True
                 spin_end = time.monotonic() + spin
                 continue
@@ -700,7 +709,7 @@ class SocketPlugin:
                 self._polling = False
             if events:
                 dispatch(events)
-                if cq:
+                if cq or self._completed != done:
                     return True
                 spin_end = time.monotonic() + spin
 

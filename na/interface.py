@@ -1,7 +1,8 @@
 """The one interface every NA plugin implements, close to Mercury's ``struct na_class_ops``.
 
 Operations never block and never call back from inside the call: each completes by posting its
-``Op`` to the plugin's completion queue, and ``trigger()`` runs the callbacks. ``progress()``
+``Op`` to the plugin's completion queue, and ``trigger()`` runs the callbacks. An op posted
+without a callback has nothing to run: it is marked ``done`` as it completes. ``progress()``
 moves bytes; ``poll_fd()`` becomes readable when progress has something to do, so a selector or
 an asyncio loop can wait on it.
 

@@ -34,14 +34,18 @@ def pair(spec: Spec) -> Iterator[tuple[hg.Context, hg.Context, FakeClock]]:
     server_na.close()
 
 
-def drive(*contexts: hg.Context, until: object, budget: int = 2000) -> None:
-    for _ in range(budget):
-        if until():  # type: ignore[operator]
-            return
+def drive(*contexts: hg.Context, until: object, seconds: float = TIMEOUT) -> None:
+    """Round-robin progress without blocking (one context must not sleep while the other
+    has work), bounded by wall time."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not until():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not reached in {seconds} s")
         for ctx in contexts:
-            ctx.progress(0.001)
+            ctx.progress(0)
             ctx.trigger()
-    raise TimeoutError(f"condition not reached after {budget} rounds")
 
 
 SUM_IN = record("sum.in", [proc_for(hg.int32), proc_for(hg.int32)], tuple, tuple)
@@ -99,7 +103,7 @@ def test_timer_heap_stays_bounded(pair: tuple[hg.Context, hg.Context, FakeClock]
     addr = client.na.addr_lookup(server.na.addr_self().uri)
     for i in range(4200):
         handle = client.create(addr, rpc).forward((i, 1), timeout=3600.0)
-        drive(server, client, until=lambda h=handle: h.done)
+        drive(client, server, until=lambda h=handle: h.done)
     assert len(client._timers) <= 4097
 
 

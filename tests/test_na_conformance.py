@@ -358,11 +358,15 @@ def test_unknown_scheme() -> None:
 
 def test_close_cancels_pending_operations(spec: Spec) -> None:
     plugin = na.initialize(spec.uri, **spec.options)
-    op = plugin.msg_recv_unexpected(bytearray(8))
+    seen: list[na.Op] = []
+    with_callback = plugin.msg_recv_unexpected(bytearray(8), seen.append)
+    without = plugin.msg_recv_unexpected(bytearray(8))
     plugin.close()
-    assert plugin.trigger() == 1
-    with pytest.raises(na.Canceled):
-        op.result()
+    assert without.done  # nothing to run: done as it completes
+    assert plugin.trigger() == 1 and seen == [with_callback]
+    for op in (with_callback, without):
+        with pytest.raises(na.Canceled):
+            op.result()
 
 
 def test_statistics_and_repr(peer: RemotePeer) -> None:
