@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import signal
 import threading
 import time
@@ -112,7 +113,8 @@ class Engine:
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._poll_scheduled = False
+        self._poll_pending: asyncio.Handle | None = None
+        self._loop_timer: asyncio.TimerHandle | None = None
         self._spin_until = 0.0
         self._spin = self.na.statistics().get("spin_us", 200) / 1e6
         if listen and allow_remote_shutdown:
@@ -241,14 +243,32 @@ class Engine:
         loop = asyncio.get_running_loop()
         self._attach(loop)
         future = loop.create_future()
-        timeout = timeout or self.timeout
-        self.forward(addr, rpc, args, timeout, lambda h: _settle(future, h))
-        timer = loop.call_later(timeout, self._poll)  # lets the context expire the call
+        handle = self.forward(addr, rpc, args, timeout, lambda h: _settle(future, h))
+        self._arm_loop_timer(handle.deadline)
         self._kick()
         try:
             return await future
-        finally:
-            timer.cancel()
+        except asyncio.CancelledError:
+            handle.cancel()  # the task was cancelled: so is the call
+            raise
+
+    def _arm_loop_timer(self, deadline: float) -> None:
+        """One loop timer, at the earliest deadline, lets the context expire calls on time."""
+        current = self._loop_timer
+        if current is not None and current.when() <= self._loop.time() + (  # type: ignore[union-attr]
+                deadline - self.context.clock()) and not current.cancelled():
+            return
+        if current is not None:
+            current.cancel()
+        delay = max(0.0, deadline - self.context.clock())
+        self._loop_timer = self._loop.call_later(delay, self._on_loop_timer)  # type: ignore[union-attr]
+
+    def _on_loop_timer(self) -> None:
+        self._loop_timer = None
+        self._poll()
+        timers = self.context._timers
+        if timers and self._loop is not None:
+            self._arm_loop_timer(timers[0][0])
 
     # -- asyncio driver ---------------------------------------------------------------------------
     def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -257,23 +277,33 @@ class Engine:
         if self._loop is not None and not self._loop.is_closed():
             raise RuntimeError(f"{self!r} is already attached to another event loop")
         self._loop = loop
+        self._poll_pending = None  # handles of a previous (closed) loop are void
+        self._loop_timer = None
         loop.add_reader(self.na.poll_fd(), self._poll)
+        if self.context._timers:
+            self._arm_loop_timer(self.context._timers[0][0])
 
     def _kick(self) -> None:
-        if not self._poll_scheduled and self._loop is not None:
-            self._poll_scheduled = True
-            self._loop.call_soon(self._poll)
+        """Schedule one poll soon, unless one is already pending (never two spin chains)."""
+        if self._poll_pending is None and self._loop is not None:
+            self._poll_pending = self._loop.call_soon(self._scheduled_poll)
+
+    def _scheduled_poll(self) -> None:
+        self._poll_pending = None
+        self._poll()
 
     def _poll(self) -> None:
         """Reader callback: progress without blocking, then keep polling for the spin budget
         (via call_soon, so other tasks still run) before waiting on the fd again."""
-        self._poll_scheduled = False
         if self._closed:
             return
         ctx = self.context
         busy = ctx.progress(0)
         if ctx.trigger() or busy:
             self._spin_until = time.monotonic() + self._spin
+        elif time.monotonic() < self._spin_until:
+            # Idle spin: let a peer that shares this CPU run, as NA's own spin does.
+            os.sched_yield()
         if time.monotonic() < self._spin_until:
             self._kick()
 

@@ -94,6 +94,21 @@ def test_asyncio_calls(rpc: RpcPeer) -> None:
     assert rpc.remote.sum(1, 2) == 3  # and blocking calls still work between loops
 
 
+def test_asyncio_timeout_and_cancel(rpc: RpcPeer) -> None:
+    async def main() -> None:
+        with pytest.raises(hg.RPCTimeout, match="sleep"):
+            await rpc.remote.sleep.async_(0.5, timeout=0.05)
+        task = asyncio.ensure_future(rpc.remote.sleep.async_(0.3))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert rpc.engine.statistics()["canceled"] >= 1
+        assert await rpc.remote.sum.async_(2, 3) == 5
+
+    asyncio.run(main())
+
+
 def test_composite_types(rpc: RpcPeer) -> None:
     point = api.Point(1.5, -2.0, "p")
     text, count = rpc.remote.describe(point, ["a", "b"], {"z": 1.0, "y": 2.5}, 7)
