@@ -127,3 +127,17 @@ class MemHandle:
         where = "local" if self.local else "remote"
         state = "" if self.registered or not self.local else " deregistered"
         return f"<MemHandle {where} {self.length} B {self.access.name}{state}>"
+
+
+def as_byte_view(buf: Any, op: str) -> memoryview:
+    """A flat unsigned-byte view of any C-contiguous buffer-protocol object."""
+    try:
+        view = memoryview(buf)
+    except TypeError:
+        raise TypeError(f"{op}: expected a buffer-protocol object, "
+                        f"got {type(buf).__name__}") from None
+    if view.format != "B" or view.ndim != 1:
+        if not view.c_contiguous:
+            raise ValueError(f"{op}: the buffer is not C-contiguous")
+        view = view.cast("B")
+    return view
