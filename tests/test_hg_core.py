@@ -140,3 +140,36 @@ def test_remote_shutdown(spec: Spec) -> None:
     thread.join(TIMEOUT)
     assert not thread.is_alive()
     server.close()
+
+
+def test_close_waits_for_running_handlers(spec: Spec) -> None:
+    import threading
+
+    release = threading.Event()
+    finished: list[int] = []
+
+    def slow(x: int) -> int:
+        release.wait(TIMEOUT)
+        finished.append(x)
+        return x
+
+    server = hg.Engine(spec.uri, listen=True, **spec.options)
+    decl = hg.declare(slow)
+    server.register(decl, slow, blocking=True)
+    thread = threading.Thread(target=server.serve, kwargs={"handle_signals": False})
+    thread.start()
+    with hg.Engine(spec.uri, timeout=TIMEOUT, **spec.options) as client:
+        client.declare(decl)
+        handle = client.lookup(server.uri).slow.future(7)
+        while server.statistics()["inflight_handlers"] == 0:
+            client.context.progress(0.01)
+        server.shutdown()
+        thread.join(TIMEOUT)
+        closer = threading.Thread(target=server.close, kwargs={"timeout": TIMEOUT})
+        closer.start()
+        closer.join(0.3)
+        assert closer.is_alive() and finished == []  # close() waits for the running handler
+        release.set()
+        closer.join(TIMEOUT)
+        assert not closer.is_alive() and finished == [7]
+        assert client.wait(handle) == 7  # and its answer still went out
