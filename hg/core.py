@@ -356,7 +356,11 @@ class Handle:
         if self.state == _FORWARDED:
             deadline = None if timeout is None else ctx.clock() + timeout
             while self.state == _FORWARDED:
-                if deadline is not None and ctx.clock() >= deadline:
+                now = ctx.clock()
+                if self.deadline and now >= self.deadline:
+                    self.expire()  # the call's own timeout, for calls forwarded unarmed
+                    break
+                if deadline is not None and now >= deadline:
                     raise TimeoutError(f"result: {self!r} still pending after {timeout} s")
                 ctx.progress(0.1)
                 ctx.trigger()

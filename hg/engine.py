@@ -487,7 +487,13 @@ class RemoteMethod:
             self.decl.bind(args, kwargs), None, timeout or engine.timeout, arm=False))
 
     def future(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Handle:
-        return self.engine.forward(self.addr, self.rpc, self.decl.bind(args, kwargs), timeout)
+        """Send now; ``engine.wait(handle)`` or ``handle.result()`` later (they enforce the
+        timeout, so no context timer is armed)."""
+        engine, decl = self.engine, self.decl
+        if kwargs or len(args) != decl.nparams:
+            args = decl.bind(args, kwargs)
+        return Handle(engine.context, self.addr, self.rpc).forward(
+            args, None, timeout or engine.timeout, arm=False)
 
     def async_(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         return self.engine.acall(self.addr, self.rpc, self.decl.bind(args, kwargs), timeout)

@@ -294,8 +294,11 @@ class SocketPlugin(RmaMixin):
             raise ValueError(f"{kind.name.lower()}: tag {tag} is not a u32")
         op = Op(kind, callback, view, addr, tag)
         with self._lock:
-            self._check_open(kind.name.lower())
-            conn = self._conn_for(addr, op)
+            if self._closed:
+                self._check_open(kind.name.lower())
+            conn = addr.conn
+            if conn is None:
+                conn = self._conn_for(addr, op)
             if conn is not None:
                 self.stats["msgs_sent"] += 1
                 self.stats["bytes_sent"] += n

@@ -196,6 +196,14 @@ def test_timeout_and_late_response_dropped(rpc: RpcPeer) -> None:
     assert rpc.remote.sleep(0.6) == 0.6
 
 
+def test_future_timeouts_are_enforced_by_wait_and_result(rpc: RpcPeer) -> None:
+    for finish in (rpc.engine.wait, hg.Handle.result):
+        handle = rpc.remote.sleep.future(0.5, timeout=0.05)
+        with pytest.raises(hg.RPCTimeout):
+            finish(handle)
+    assert rpc.remote.sum(1, 2) == 3
+
+
 def test_cancel(rpc: RpcPeer) -> None:
     handle = rpc.remote.sleep.future(0.3)
     handle.cancel()
