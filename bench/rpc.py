@@ -25,7 +25,7 @@ from _rpc_peer import sum as sum_rpc
 from petasus import hg
 
 QUICK = "--quick" in sys.argv
-ROUNDS = 1 if QUICK else 3
+ROUNDS = 1 if QUICK else 5
 CALLS = 2000 if QUICK else 6000
 B = "rpc"
 

@@ -119,6 +119,17 @@ for _t, _c in _FIXED.items():
     _PROCS[_t] = _fixed(_t.__name__, _c, _check)
 
 
+def _span(name: str, buf: Any, pos: int) -> tuple[int, int]:
+    """Where a u32-length-prefixed value lies, checked against the bytes that are left."""
+    if pos + 4 > len(buf):
+        raise DecodeError(f"{name}: length prefix truncated at offset {pos}")
+    (n,) = _U32.unpack_from(buf, pos)
+    end = pos + 4 + n
+    if end > len(buf):
+        raise DecodeError(f"{name}: claims {n} B, {len(buf) - pos - 4} B left")
+    return pos + 4, end
+
+
 def _var_bytes(name: str, to_bytes: Callable[[Any], bytes], build: Callable[[Any], Any]) -> Proc:
     def encode(value: Any) -> bytes:
         try:
@@ -128,14 +139,9 @@ def _var_bytes(name: str, to_bytes: Callable[[Any], bytes], build: Callable[[Any
         return _U32.pack(len(data)) + data
 
     def decode(buf: Any, pos: int) -> tuple[Any, int]:
-        if pos + 4 > len(buf):
-            raise DecodeError(f"{name}: length prefix truncated at offset {pos}")
-        (n,) = _U32.unpack_from(buf, pos)
-        end = pos + 4 + n
-        if end > len(buf):
-            raise DecodeError(f"{name}: claims {n} B, {len(buf) - pos - 4} B left")
+        start, end = _span(name, buf, pos)
         try:
-            return build(buf[pos + 4: end]), end
+            return build(buf[start:end]), end
         except UnicodeDecodeError as exc:
             raise DecodeError(f"{name}: {exc}") from None
 
@@ -183,14 +189,9 @@ def _any() -> Proc:
         return _U32.pack(len(data)) + data
 
     def decode(buf: Any, pos: int) -> tuple[Any, int]:
-        if pos + 4 > len(buf):
-            raise DecodeError(f"any: length prefix truncated at offset {pos}")
-        (n,) = _U32.unpack_from(buf, pos)
-        end = pos + 4 + n
-        if end > len(buf):
-            raise DecodeError(f"any: claims {n} B, {len(buf) - pos - 4} B left")
+        start, end = _span("any", buf, pos)
         try:
-            value = msgpack.unpackb(bytes(buf[pos + 4: end]), raw=False, strict_map_key=False,
+            value = msgpack.unpackb(bytes(buf[start:end]), raw=False, strict_map_key=False,
                                     use_list=True)
         except Exception as exc:  # msgpack raises several types for malformed input
             raise DecodeError(f"any (msgpack): {type(exc).__name__}: {exc}") from None

@@ -62,6 +62,19 @@ def spec(request: pytest.FixtureRequest) -> Spec:
     return request.param  # type: ignore[no-any-return]
 
 
+def spawn(script: str, spec: Spec) -> tuple[subprocess.Popen[str], str]:
+    """Start ``tests/<script> URI OPTIONS``; return it and the address of its first line."""
+    proc = subprocess.Popen([sys.executable, str(HERE / script), spec.uri,
+                             json.dumps(spec.options)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    line = proc.stdout.readline()  # type: ignore[union-attr]
+    if not line.startswith("listening on "):
+        proc.kill()
+        proc.wait(TIMEOUT)
+        raise RuntimeError(f"{script} did not start: {line!r}")
+    return proc, line.split()[-1]
+
+
 class RemotePeer:
     """A peer in another process or a thread, and a client plugin talking to it."""
 
@@ -71,14 +84,7 @@ class RemotePeer:
         self.proc: subprocess.Popen[str] | None = None
         self.thread_peer: Peer | None = None
         if placement == "process":
-            self.proc = subprocess.Popen(
-                [sys.executable, str(HERE / "na_peer.py"), spec.uri, json.dumps(spec.options)],
-                stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-            line = self.proc.stdout.readline()  # type: ignore[union-attr]
-            if not line.startswith("listening on "):
-                self.proc.kill()
-                raise RuntimeError(f"peer did not start: {line!r}")
-            self.uri = line.split()[-1]
+            self.proc, self.uri = spawn("na_peer.py", spec)
         else:
             self.thread_peer = Peer(spec.uri, **spec.options)
             self.thread_peer.serve_in_thread()

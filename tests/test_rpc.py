@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import rpc_api as api
-from conftest import TIMEOUT, Spec
+from conftest import TIMEOUT, Spec, spawn
 from rpc_peer import start_in_thread
 
 from petasus import hg, na
@@ -28,14 +26,7 @@ class RpcPeer:
         self.thread_engine: hg.Engine | None = None
         self.thread: threading.Thread | None = None
         if placement == "process":
-            self.proc = subprocess.Popen(
-                [sys.executable, str(HERE / "rpc_peer.py"), spec.uri, json.dumps(spec.options)],
-                stdout=subprocess.PIPE, text=True)
-            line = self.proc.stdout.readline()  # type: ignore[union-attr]
-            if not line.startswith("listening on "):
-                self.proc.kill()
-                raise RuntimeError(f"rpc peer did not start: {line!r}")
-            self.uri = line.split()[-1]
+            self.proc, self.uri = spawn("rpc_peer.py", spec)
         else:
             self.thread_engine, self.thread = start_in_thread(spec.uri, **spec.options)
             self.uri = self.thread_engine.uri
