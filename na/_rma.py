@@ -79,6 +79,15 @@ class RmaMixin:
                 raise ValueError(f"mem_deregister: {handle!r} is not registered here")
             del self._regs[handle.key]
             self._deregister_extra(handle)
+            # A put landing in this memory right now must not write into it any more.
+            base = handle.view.obj  # type: ignore[union-attr]
+            for conn in self._conns:
+                landing = conn.reader.landing_in()
+                target = conn.put_target
+                if landing is not None and target is not None and target[1] is landing[1] \
+                        and landing[1].obj is base:
+                    conn.put_target = (target[0], None, fr.NAK_KEY)  # refused, not acked
+                    conn.reader.discard_rest()
             handle.registered = False
             handle.view = None
 

@@ -32,6 +32,7 @@ _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 _EPOLLRD = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 _IOV_MAX = 512
+_ACCEPT_PAUSE = 0.1
 # Queued frames that force a flush before the next progress pass (measured: flushing once per
 # pass beats flushing every frame at 16 calls in flight; bench/rpc.py).
 _FLUSH_AT = int(os.environ.get("PETASUS_FLUSH_AT", "64"))
@@ -147,6 +148,8 @@ class _Conn:
             if entry is None or entry[0].state != _PENDING:
                 return None
             dest = entry[1]
+            if dest is None:
+                raise ProtocolError("get", self.name, f"data for operation {tag}, which is a put")
             if len(dest) != length:  # type: ignore[arg-type]
                 raise ProtocolError("get", self.name, f"reply of {length} B to a {len(dest)} B get")  # type: ignore[arg-type]
             return dest
@@ -180,6 +183,8 @@ class SocketPlugin(RmaMixin):
         self._ep.register(self._wake_fd, _EPOLLIN)
         self._fdmap: dict[int, Callable[[int], None]] = {self._wake_fd: self._drain_wake}
         self._polling = False
+        self._in_pass = 0  # >0 while progress dispatches or trigger runs callbacks (nesting)
+        self._accept_resume = 0.0  # when accepting resumes after running out of descriptors
         self._completed = 0  # ops finished without a callback: progress all the same
         self._closed = False
         self._cq: deque[Op] = deque()
@@ -198,7 +203,12 @@ class SocketPlugin(RmaMixin):
             ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
              "rma_bytes", "rma_served", "rma_refused", "connections", "peer_failures",
              "protocol_errors", "canceled", "expected_dropped"), 0)
-        uri = self._open(listen)
+        try:
+            uri = self._open(listen)
+        except BaseException:
+            self._ep.close()
+            os.close(self._wake_fd)
+            raise
         self._self_addr = Addr(uri, listen)
         self._listening = listen
 
@@ -409,16 +419,20 @@ class SocketPlugin(RmaMixin):
     def trigger(self, max_count: int = 1 << 30) -> int:
         cq = self._cq
         n = 0
-        while n < max_count:
-            try:
-                op = cq.popleft()
-            except IndexError:
-                break
-            op.done = True
-            n += 1
-            if op.callback is not None:
-                op.callback(op)
-        if self._dirty:
+        self._in_pass += 1
+        try:
+            while n < max_count:
+                try:
+                    op = cq.popleft()
+                except IndexError:
+                    break
+                op.done = True
+                n += 1
+                if op.callback is not None:
+                    op.callback(op)
+        finally:
+            self._in_pass -= 1
+        if self._dirty and not self._in_pass:
             # What the callbacks of this pass sent leaves together, now.
             with self._lock:
                 self._flush_dirty()
@@ -448,7 +462,15 @@ class SocketPlugin(RmaMixin):
                   and not self._unqueue_send(op)):
                 op.state = _CANCELING
                 return
-            # GET: later data for it is discarded by frame_header.
+            elif kind == OpKind.GET:
+                # Later chunks are discarded by frame_header; one arriving right now must stop
+                # landing in the user's memory before the cancel completes.
+                conn = op.addr.conn if op.addr is not None else None
+                landing = conn.reader.landing_in() if conn is not None else None
+                if landing is not None:
+                    entry = conn.rma.get(landing[0])  # type: ignore[union-attr]
+                    if entry is not None and entry[0] is op:
+                        conn.reader.discard_rest()  # type: ignore[union-attr]
             op.error = error
             self._post(op)
 
@@ -487,6 +509,11 @@ class SocketPlugin(RmaMixin):
             return True
         if cq:
             return True
+        if self._accept_resume and time.monotonic() >= self._accept_resume:
+            self._accept_resume = 0.0
+            with lock:
+                if self._listener is not None and not self._closed:
+                    self._ep.modify(self._listener.fileno(), _EPOLLIN)
         done = self._completed
         poll, dispatch, spin = self._ep.poll, self._dispatch, self._spin
         now = time.monotonic()
@@ -503,7 +530,10 @@ class SocketPlugin(RmaMixin):
                 dispatch(events)
                 if cq or self._completed != done:
                     return True
-                spin_end = time.monotonic() + spin
+                now = time.monotonic()
+                if now >= deadline:
+                    return False  # busy with work that completes nothing here: still bounded
+                spin_end = now + spin
                 continue
             now = time.monotonic()
             if now >= deadline:
@@ -527,10 +557,14 @@ class SocketPlugin(RmaMixin):
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
         fdmap = self._fdmap
         with self._lock:
-            for fd, ev in events:
-                handler = fdmap.get(fd)
-                if handler is not None:
-                    handler(ev)
+            self._in_pass += 1
+            try:
+                for fd, ev in events:
+                    handler = fdmap.get(fd)
+                    if handler is not None:
+                        handler(ev)
+            finally:
+                self._in_pass -= 1
 
     def _drain_wake(self, ev: int) -> None:
         try:
@@ -582,7 +616,12 @@ class SocketPlugin(RmaMixin):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self.log.warning("%s: accept failed: %s", self._self_addr.uri, exc)
+                # Out of descriptors or memory: stop listening for a moment instead of
+                # spinning on a listener that stays readable.
+                self.log.warning("%s: accept failed (%s); pausing accepts for %.1f s",
+                                 self._self_addr.uri, exc, _ACCEPT_PAUSE)
+                self._ep.modify(self._listener.fileno(), 0)  # type: ignore[union-attr]
+                self._accept_resume = time.monotonic() + _ACCEPT_PAUSE
                 return
             sock.setblocking(False)
             self._tune(sock)
@@ -614,11 +653,12 @@ class SocketPlugin(RmaMixin):
         self._ep.modify(conn.fd, mask)
 
     def _enqueue(self, conn: _Conn, bufs: list[Any], total: int, op: Op | None) -> None:
-        """Queue whole frames for ``conn``; they leave at the next flush.
+        """Queue whole frames for ``conn`` and send them now, or at the end of the current pass.
 
-        Sends are coalesced: everything queued between two progress iterations leaves in one
-        ``sendmsg`` (a trigger pass that answers 16 requests makes one syscall, not 16). When
-        another thread sleeps in epoll, nobody would flush soon, so the frames leave now.
+        Inside a progress or trigger pass sends are coalesced: what the pass queues leaves in
+        one ``sendmsg`` when it ends (a trigger pass that answers 16 requests makes one
+        syscall, not 16). Outside a pass, or while another thread sleeps in epoll, they leave
+        at once.
         """
         q = conn.sendq
         for buf in bufs:
@@ -629,7 +669,8 @@ class SocketPlugin(RmaMixin):
         if not conn.dirty:
             conn.dirty = True
             self._dirty.append(conn)
-        if self._polling or len(q) >= _FLUSH_AT:
+        if not self._in_pass or self._polling or len(q) >= _FLUSH_AT:
+            # Outside a progress or trigger pass nobody would flush soon: send now.
             self._flush_dirty()
 
     def _flush_dirty(self) -> None:
@@ -664,7 +705,8 @@ class SocketPlugin(RmaMixin):
             except OSError as exc:
                 self._conn_failed(conn, f"send failed: {exc}")
                 return
-            while n:
+            # Consume what was sent; zero-length items (an empty payload) go with it.
+            while q and (n or not len(q[0][0])):
                 item = q[0]
                 ln = len(item[0])
                 if n >= ln:
@@ -704,9 +746,10 @@ class SocketPlugin(RmaMixin):
             self.stats["bytes_received"] += n
             try:
                 reader.buffer_updated(n)
-            except ProtocolError as exc:
+            except Exception as exc:  # malformed bytes must cost one connection, never more
                 self.stats["protocol_errors"] += 1
-                self.log.error("closing the connection to %s: %s", conn.name, exc)
+                self.log.error("closing the connection to %s: %s", conn.name, exc,
+                               exc_info=not isinstance(exc, ProtocolError))
                 self._conn_failed(conn, str(exc))
                 return
             if conn.closed or conn.paused:

@@ -105,6 +105,21 @@ class FrameReader:
         """True while a direct payload is arriving: more bytes are likely already in flight."""
         return self._dest is not None or self._discard > 0
 
+    def landing_in(self) -> tuple[int, memoryview] | None:
+        """(tag, destination) of the direct payload being received now, if any."""
+        if self._dest is None or self._pending is None:
+            return None
+        return self._pending[2], self._dest
+
+    def discard_rest(self) -> None:
+        """Drop the rest of the current direct payload instead of writing it: its destination
+        has been withdrawn (a canceled get, a deregistered target)."""
+        if self._dest is not None:
+            self._discard = len(self._dest) - self._dest_pos
+            self._dest = None
+            if not self._discard:
+                self._finish_direct()
+
     def get_buffer(self) -> memoryview:
         if self._dest is not None:
             return self._dest[self._dest_pos:]

@@ -451,3 +451,64 @@ def test_an_expected_message_nobody_waits_for_is_dropped_and_counted(peer: Remot
         client.progress(0.1)
         deadline -= 1
     assert client.statistics()["expected_dropped"] == before + 1
+
+
+def test_empty_messages(spec: Spec) -> None:
+    with na.initialize(spec.uri, listen=True, **spec.options) as server, \
+            na.initialize(spec.uri, **spec.options) as client:
+        addr = client.addr_lookup(server.addr_self().uri)
+        inbox = bytearray(8)
+        recv = server.msg_recv_unexpected(inbox)
+        send = client.msg_send_unexpected(addr, b"", 5)
+        na.wait(client, send, timeout=TIMEOUT)
+        na.wait(server, recv, timeout=TIMEOUT)
+        assert recv.result().size == 0 and recv.tag == 5
+        reply = client.msg_recv_expected(addr, bytearray(8), 6)
+        back = server.msg_send_expected(recv.source, b"", 6)
+        na.wait(server, back, timeout=TIMEOUT)
+        na.wait(client, reply, timeout=TIMEOUT)
+        assert reply.result().size == 0
+        # The connection is still usable after empty frames.
+        recv = server.msg_recv_unexpected(inbox)
+        send = client.msg_send_unexpected(addr, b"abc", 7)
+        na.wait(client, send, timeout=TIMEOUT)
+        na.wait(server, recv, timeout=TIMEOUT)
+        assert bytes(inbox[:3]) == b"abc"
+
+
+def test_a_get_canceled_while_landing_writes_nothing_more(peer: RemotePeer) -> None:
+    if peer.spec.options.get("rma") == "process_vm":
+        pytest.skip("process_vm RMA completes inside the call; nothing lands later")
+    client = peer.na
+    size = 8 * MiB
+    _index, remote = peer.register(size, na.Access.READ_ONLY, seed=21)
+    buf = bytearray(size)
+    local = client.mem_register(buf, na.Access.READ_WRITE)
+    op = client.get(local, 0, remote, 0, size, peer.addr)
+    reader = peer.addr.conn.reader
+    for _ in range(100_000):
+        if reader.landing_in() is not None or op.done:
+            break
+        client.progress(0)
+    if op.done:
+        pytest.skip("the whole payload arrived in one read; nothing was in flight to cancel")
+    client.cancel(op)
+    na.wait(client, op, timeout=TIMEOUT)
+    with pytest.raises(na.Canceled):
+        op.result()
+    snapshot = bytes(buf)
+    assert echo(peer, b"after") == b"after"  # the rest of the payload has come and gone
+    assert bytes(buf) == snapshot
+    client.mem_deregister(local)
+
+
+def test_failed_initialization_leaks_no_descriptors(spec: Spec) -> None:
+    if not spec.uri.startswith("tcp"):
+        pytest.skip("sm always listens at a fresh address; it cannot be made to collide")
+    with na.initialize(spec.uri, listen=True, **spec.options) as busy:
+        uri = busy.addr_self().uri
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            with pytest.raises(OSError, match="cannot listen"):
+                na.initialize(uri, listen=True, **spec.options)
+        assert len(os.listdir("/proc/self/fd")) == before
