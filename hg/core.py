@@ -24,7 +24,6 @@ from . import header as hd
 from . import state as st
 from .errors import (
     Canceled,
-    DecodeError,
     EncodeError,
     NoSuchRPC,
     RemoteError,
@@ -108,7 +107,8 @@ class Context:
         self._tags = itertools.count(1)
         self._timers: list[tuple[float, int, Handle]] = []
         self._timer_lock = threading.Lock()
-        self._bufs: list[bytearray] = []
+        self._bufs: list[memoryview] = []  # response buffers, reused across calls
+        self.closing = False  # set by the owner before it closes the plugin
         self.stats = dict.fromkeys(("sent", "received", "errors", "timeouts", "canceled",
                                     "remote_errors", "handler_errors"), 0)
         if hg.listening:
@@ -162,16 +162,17 @@ class Context:
             handle.expire()
 
     # -- origin side ------------------------------------------------------------------------------
-    def _take_buffer(self) -> bytearray:
+    def _take_buffer(self) -> memoryview:
         bufs = self._bufs
-        return bufs.pop() if bufs else bytearray(self.max_expected)
+        return bufs.pop() if bufs else memoryview(bytearray(self.max_expected))
 
     # -- target side ------------------------------------------------------------------------------
     def _on_request(self, op: na.Op) -> None:
-        if op.error is not None:
-            return  # canceled at close
-        buf, n = op.buffer, op.size
+        if op.error is not None or self.closing:
+            return  # canceled at close, or arrived while the engine shuts down
+        buf, n, source, tag = op.buffer, op.size, op.source, op.tag
         self.stats["received"] += 1
+        rpc, one_way, args, failure = None, 0, (), None
         try:
             if n < 12:
                 raise hd.HeaderError(f"request of {n} B is shorter than its header")
@@ -179,37 +180,34 @@ class Context:
             if ident != _ID or proto != _PROTO:
                 raise hd.HeaderError(f"not a petasus request (identifier 0x{ident:02x}, "
                                      f"protocol {proto})")
+            one_way = flags & hd.NO_RESPONSE
+            rpc = self.hg.rpcs.get(rid)
+            if rpc is not None:
+                fused = rpc.req_fused
+                if fused is not None and n == fused.size:
+                    args = fused.unpack_from(buf)[5:]
+                else:
+                    args = rpc.in_proc.loads(buf[12:n])
         except hd.HeaderError as exc:
-            log.warning("bad request from %s: %s", op.source.uri, exc)  # type: ignore[union-attr]
-            self._reply_error(op.source, op.tag, hd.PROTOCOL_ERROR, "HeaderError", str(exc))  # type: ignore[arg-type]
-            self.na.msg_recv_unexpected(buf, self._on_request)
+            failure = (hd.PROTOCOL_ERROR, "HeaderError", str(exc))
+        except Exception as exc:  # any decoder failure (custom procs raise what they like)
+            failure = (hd.DECODE_ERROR, type(exc).__name__, str(exc))
+        # Decoded values own their bytes: the buffer takes the next request now, whatever
+        # happens below.
+        self.na.msg_recv_unexpected(buf, self._on_request)
+        if failure is not None:
+            what = rpc.name if rpc is not None else "request"
+            log.warning("%s from %s: %s", what, source.uri, failure[2])  # type: ignore[union-attr]
+            if not one_way:
+                self._reply_error(source, tag, *failure)  # type: ignore[arg-type]
             return
-        source, tag = op.source, op.tag
-        one_way = flags & hd.NO_RESPONSE
-        rpc = self.hg.rpcs.get(rid)
         if rpc is None:
-            self.na.msg_recv_unexpected(buf, self._on_request)
             if not one_way:
                 name, provider = rid >> 16, rid & 0xFFFF
                 self._reply_error(source, tag, hd.NO_SUCH_RPC, "NoSuchRPC",  # type: ignore[arg-type]
                                   f"no RPC with id 0x{rid:016x} (name hash 0x{name:012x}) "
                                   f"for provider {provider}")
             return
-        try:
-            fused = rpc.req_fused
-            if fused is not None and n == fused.size:
-                args = fused.unpack_from(buf)[5:]
-            else:
-                args = rpc.in_proc.loads(memoryview(buf)[12:n])
-        except DecodeError as exc:
-            self.na.msg_recv_unexpected(buf, self._on_request)
-            log.warning("%s: cannot decode the input from %s: %s", rpc.name,
-                        source.uri, exc)  # type: ignore[union-attr]
-            if not one_way:
-                self._reply_error(source, tag, hd.DECODE_ERROR, "DecodeError", str(exc))  # type: ignore[arg-type]
-            return
-        # Decoded values own their bytes: the buffer can take the next request now.
-        self.na.msg_recv_unexpected(buf, self._on_request)
         impl = rpc.impl
         if impl is not None:
             # A plain function runs inline and answers with its return value: no handle.
@@ -250,7 +248,7 @@ class Context:
                 payload = fused.pack(_ID, _PROTO, 0, 0, 0, value)
             else:
                 payload = _RESP.pack(_ID, _PROTO, 0, 0, 0) + rpc.out_proc.encode(value)
-        except (struct.error, EncodeError, TypeError) as exc:
+        except Exception as exc:  # whatever the result's proc raises: answer, don't die
             self._handler_failed(rpc, source, tag, 0, EncodeError(
                 f"{rpc.name}: cannot encode the result {value!r}: {exc}"))
             return
@@ -270,7 +268,7 @@ class Context:
 class Handle:
     """One call from the origin. Forward, then wait (``result()``), or get a callback."""
 
-    __slots__ = ("_buf", "_recv", "addr", "callback", "context", "deadline", "error", "rpc",
+    __slots__ = ("_recv", "addr", "callback", "context", "deadline", "error", "rpc",
                  "state", "tag", "timeout", "value")
 
     def __init__(self, context: Context, addr: na.Addr, rpc: RPC) -> None:
@@ -284,7 +282,6 @@ class Handle:
         self.callback: Callable[[Handle], Any] | None = None
         self.deadline = 0.0
         self.timeout = 0.0
-        self._buf: bytearray | None = None
         self._recv: na.Op | None = None
 
     def __repr__(self) -> str:
@@ -322,8 +319,8 @@ class Handle:
         tag = self.tag = next(ctx._tags) & 0xFFFFFFFF
         plugin = ctx.na
         if not rpc.one_way:
-            buf = self._buf = ctx._take_buffer()
-            self._recv = plugin.msg_recv_expected(self.addr, buf, tag, self._on_response)
+            self._recv = plugin.msg_recv_expected(self.addr, ctx._take_buffer(), tag,
+                                                  self._on_response)
         if timeout:
             self.timeout = timeout
             self.deadline = ctx.clock() + timeout
@@ -376,41 +373,44 @@ class Handle:
             self._finish("response", None, None)
 
     def _on_response(self, op: na.Op) -> None:
-        buf = self._buf
+        buf = op.buffer  # the receive's own buffer: a re-forward may have posted another
+        pool = self.context._bufs
+        if op is not self._recv:
+            pool.append(buf)  # a completion of an earlier forward of this handle
+            return
+        self._recv = None
         if op.error is not None:
+            pool.append(buf)
             self._finish("error", None, self._transport_error(op.error))
-            self._recycle(buf)
             return
         if self.state != _FORWARDED:
-            self._recycle(buf)
+            pool.append(buf)
             return
         rpc, n = self.rpc, op.size
         fused = rpc.resp_fused
         try:
             if fused is not None and n == fused.size:
-                vals = fused.unpack_from(buf)  # type: ignore[arg-type]
+                vals = fused.unpack_from(buf)
                 if vals[0] == _ID and vals[1] == _PROTO and vals[2] == hd.SUCCESS:
-                    self._recycle(buf)
+                    pool.append(buf)
                     self._finish("response", vals[5], None)
                     return
-            view = memoryview(buf)[:n]  # type: ignore[arg-type]
+            view = buf[:n]
             ret, _flags = hd.decode_response(view)
             if ret == hd.SUCCESS:
                 value = rpc.out_proc.loads(view[_RESP.size:])
-                view.release()
-                self._recycle(buf)
+                pool.append(buf)
                 self._finish("response", value, None)
                 return
             kind, pos = _STR.decode(view, _RESP.size)
             message, _pos = _STR.decode(view, pos)
-            view.release()
-        except (DecodeError, hd.HeaderError) as exc:
-            self._recycle(buf)
+        except Exception as exc:  # a custom proc may raise anything on hostile bytes
+            pool.append(buf)
             self.context.stats["errors"] += 1
             self._finish("error", None, RPCError(rpc.name, self.addr.uri,
                                                  f"malformed response: {exc}"))
             return
-        self._recycle(buf)
+        pool.append(buf)
         self.context.stats["remote_errors"] += 1
         if ret == hd.HANDLER_ERROR:
             error: BaseException = RemoteError(rpc.name, self.addr.uri, kind, message)
@@ -421,11 +421,6 @@ class Handle:
             error = RPCError(rpc.name, self.addr.uri,
                              f"{hd.RETURN_NAMES.get(ret, ret)}: {kind}: {message}")
         self._finish("error", None, error)
-
-    def _recycle(self, buf: bytearray | None) -> None:
-        if buf is not None and self._buf is buf:
-            self._buf = None
-            self.context._bufs.append(buf)
 
     def _transport_error(self, error: BaseException) -> BaseException:
         if isinstance(error, na.Canceled):
@@ -442,13 +437,17 @@ class Handle:
         self.value = value
         self.error = error
         if event in ("timeout", "cancel") and self._recv is not None:
-            # Withdraw the receive; its completion (canceled) recycles the buffer.
-            self.context.na.cancel(self._recv)
+            # Withdraw the receive; its (canceled) completion returns the buffer to the pool.
+            recv, self._recv = self._recv, None
+            self.context.na.cancel(recv)
         if error is not None and event not in ("timeout", "cancel"):
             self.context.stats["errors"] += 1
         callback = self.callback
         if callback is not None:
-            callback(self)
+            try:
+                callback(self)
+            except Exception:  # a user's callback must not take the progress loop down
+                log.exception("%s: the completion callback raised", self.rpc.name)
 
 
 class TargetHandle:

@@ -106,6 +106,7 @@ class Engine:
         self._pool_size = pool_size
         self._pool: ThreadPoolExecutor | None = None
         self._progress_lock = threading.Lock()
+        self._progress_owner: int | None = None  # thread id holding _progress_lock
         self._cond = threading.Condition()
         self._waiters = 0
         self._stop = threading.Event()
@@ -113,6 +114,7 @@ class Engine:
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self._poll_pending: asyncio.Handle | None = None
         self._loop_timer: asyncio.TimerHandle | None = None
         self._spin_until = 0.0
@@ -200,28 +202,23 @@ class Engine:
     def wait(self, handle: Handle) -> Any:
         """Drive progress (or let the thread that does) until ``handle`` finishes, enforcing
         its deadline here for calls forwarded without a context timer."""
+        me = threading.get_ident()
         while handle.state == _FORWARDED:
-            if self._progress_lock.acquire(blocking=False):
+            if self._progress_owner == me or self._progress_lock.acquire(blocking=False):
+                # Ours already (a handler calling out from serve()) or free: drive it here.
+                nested = self._progress_owner == me
+                self._progress_owner = me
                 try:
-                    ctx = self.context
-                    clock, deadline = ctx.clock, handle.deadline
-                    while handle.state == _FORWARDED:
-                        left = deadline - clock()
-                        if left <= 0:
-                            handle.expire()
-                            break
-                        ctx.progress(left if left < 1.0 else 1.0)
-                        ctx.trigger()
-                        if self._waiters:
-                            with self._cond:
-                                self._cond.notify_all()
+                    self._drive(handle)
                 finally:
-                    self._progress_lock.release()
+                    if not nested:
+                        self._progress_owner = None
+                        self._progress_lock.release()
                 if self._waiters:
                     with self._cond:
                         self._cond.notify_all()
             else:
-                if handle.deadline <= self.context.clock():
+                if handle.deadline and handle.deadline <= self.context.clock():
                     handle.expire()
                     break
                 with self._cond:
@@ -234,6 +231,20 @@ class Engine:
             raise handle.error
         return handle.value
 
+    def _drive(self, handle: Handle) -> None:
+        ctx = self.context
+        clock, deadline = ctx.clock, handle.deadline or float("inf")
+        while handle.state == _FORWARDED:
+            left = deadline - clock()
+            if left <= 0:
+                handle.expire()
+                return
+            ctx.progress(left if left < 1.0 else 1.0)
+            ctx.trigger()
+            if self._waiters:
+                with self._cond:
+                    self._cond.notify_all()
+
     def call(self, addr: na.Addr, rpc: RPC, args: tuple[Any, ...],
              timeout: float | None = None) -> Any:
         return self.wait(self.forward(addr, rpc, args, timeout))
@@ -243,8 +254,10 @@ class Engine:
         loop = asyncio.get_running_loop()
         self._attach(loop)
         future = loop.create_future()
-        handle = self.forward(addr, rpc, args, timeout, lambda h: _settle(future, h))
-        self._arm_loop_timer(handle.deadline)
+        handle = self.forward(addr, rpc, args, timeout,
+                              lambda h: self._on_loop(_settle, future, h))
+        if handle.deadline:
+            self._arm_loop_timer(handle.deadline)
         self._kick()
         try:
             return await future
@@ -265,6 +278,8 @@ class Engine:
 
     def _on_loop_timer(self) -> None:
         self._loop_timer = None
+        if self._closed:
+            return
         self._poll()
         timers = self.context._timers
         if timers and self._loop is not None:
@@ -277,11 +292,20 @@ class Engine:
         if self._loop is not None and not self._loop.is_closed():
             raise RuntimeError(f"{self!r} is already attached to another event loop")
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         self._poll_pending = None  # handles of a previous (closed) loop are void
         self._loop_timer = None
         loop.add_reader(self.na.poll_fd(), self._poll)
         if self.context._timers:
             self._arm_loop_timer(self.context._timers[0][0])
+
+    def _on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` on the loop's thread: progress may be driven by another thread (a
+        blocking call from an executor), and asyncio objects are not thread-safe."""
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)  # type: ignore[union-attr]
 
     def _kick(self) -> None:
         """Schedule one poll soon, unless one is already pending (never two spin chains)."""
@@ -342,7 +366,7 @@ class Engine:
             finally:
                 self._leave()
                 self._kick()
-        loop.create_task(run())
+        self._on_loop(loop.create_task, run())
 
     def _run_pooled(self, handle: TargetHandle, impl: Callable[..., Any]) -> None:
         if self._pool is None:
@@ -377,6 +401,7 @@ class Engine:
                 asyncio.run(self.serve_async())
             else:
                 with self._progress_lock:
+                    self._progress_owner = threading.get_ident()
                     ctx = self.context
                     while not self._stop.is_set():
                         ctx.progress(0.1)
@@ -385,6 +410,7 @@ class Engine:
                             with self._cond:
                                 self._cond.notify_all()
                     ctx.progress(0)  # send the answers of the last pass (shutdown's own)
+                    self._progress_owner = None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -407,15 +433,21 @@ class Engine:
         if self._inflight:
             log.warning("%r: closing with %d handlers still running", self, self._inflight)
         self._closed = True
-        if self._loop is not None and not self._loop.is_closed():
-            try:
-                self._loop.remove_reader(self.na.poll_fd())
-            except (ValueError, RuntimeError):
-                pass
-        self.na.close()
-        self.na.trigger()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+        self.context.closing = True  # requests still queued are dropped, not run
+        try:
+            if self._loop_timer is not None:
+                self._loop_timer.cancel()
+                self._loop_timer = None
+            if self._loop is not None and not self._loop.is_closed():
+                try:
+                    self._loop.remove_reader(self.na.poll_fd())
+                except (ValueError, RuntimeError):
+                    pass
+            self.na.close()
+            self.na.trigger()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
 
     def _check_open(self) -> None:
         if self._closed:

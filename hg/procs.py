@@ -149,8 +149,8 @@ def _var_bytes(name: str, to_bytes: Callable[[Any], bytes], build: Callable[[Any
 
 
 def _to_bytes(value: Any) -> bytes:
-    if isinstance(value, str):
-        raise TypeError("str is not bytes")
+    if isinstance(value, str | int):  # bytes(5) would be five zero bytes, not an error
+        raise TypeError(f"{type(value).__name__} is not a bytes-like object")
     return bytes(value)
 
 

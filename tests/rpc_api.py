@@ -74,3 +74,12 @@ def pooled_double(x: int) -> int: ...
 
 @hg.declare
 def never_registered(x: int) -> int: ...
+
+
+@hg.declare
+def bad_result() -> bytes: ...
+
+
+@hg.declare
+def relay(x: hg.int32, y: hg.int32) -> hg.int32:
+    """The server calls sum on itself, blocking, from inside a handler."""

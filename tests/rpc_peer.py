@@ -38,6 +38,8 @@ def build(uri: str, **options: Any) -> hg.Engine:
     engine.register(api.whoami, lambda: "provider 7", provider_id=7)
     engine.register(api.async_double, _async_double)
     engine.register(api.pooled_double, lambda x: 2 * x, blocking=True)
+    engine.register(api.bad_result, lambda: -1)  # not bytes: the server must answer, not die
+    engine.register(api.relay, lambda x, y: engine.lookup(engine.uri).sum(x, y))
     return engine
 
 

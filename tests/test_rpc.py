@@ -141,6 +141,35 @@ def test_decode_error_on_the_target(rpc: RpcPeer) -> None:
     assert rpc.remote.sum(2, 2) == 4
 
 
+def test_hostile_input_and_bad_results_get_answers(rpc: RpcPeer) -> None:
+    # A msgpack map whose key is an array decodes to an unhashable key on the server.
+    with pytest.raises(hg.RPCError, match="decode error"):
+        rpc.remote.echo_any({(1, 2): 5})
+    with pytest.raises(hg.RemoteError, match="cannot encode the result"):
+        rpc.remote.bad_result()
+    assert rpc.remote.sum(1, 2) == 3  # the server is still serving
+
+
+def test_a_handler_may_make_blocking_calls(rpc: RpcPeer) -> None:
+    assert rpc.remote.relay(20, 22) == 42
+
+
+def test_blocking_calls_from_executor_threads_beside_asyncio(rpc: RpcPeer) -> None:
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        calls = [rpc.remote.sum.async_(i, 1) for i in range(20)]
+        calls += [loop.run_in_executor(None, rpc.remote.sum, i, 2) for i in range(5)]
+        return list(await asyncio.wait_for(asyncio.gather(*calls), TIMEOUT))
+
+    assert asyncio.run(main()) == [i + 1 for i in range(20)] + [i + 2 for i in range(5)]
+
+
+def test_no_timeout_means_none(spec: Spec, rpc: RpcPeer) -> None:
+    with hg.Engine(spec.uri, timeout=None, **spec.options) as engine:
+        engine.declare(api)
+        assert engine.lookup(rpc.uri).sum(1, 2) == 3
+
+
 def test_bad_arguments_fail_locally(rpc: RpcPeer) -> None:
     with pytest.raises(hg.EncodeError, match="sum"):
         rpc.remote.sum("one", 2)
