@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +34,25 @@ def emit(bench: str, plugin: str, op: str, size: int, concurrency: int, value: f
         print(f"{bench:5} {plugin:14} {op:22} {size:>9} x{concurrency:<3} "
               f"{value:>12.3f} {unit:8} {tail}", flush=True)
     return row
+
+
+def summarize(bench: str, keys: tuple[str, ...]) -> None:
+    """Replace the collected rows by one median row per configuration (``keys`` say which
+    fields make a configuration) and print those: rounds interleaved in time, so a burst of
+    noise on a shared machine moves one sample of each, not a whole result."""
+    global QUIET
+    rows, RESULTS[:] = list(RESULTS), []
+    QUIET = False
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(k) for k in keys), []).append(row)
+    for group in groups.values():
+        middle = sorted(group, key=lambda r: r["value"])[len(group) // 2]
+        extra = {k: middle[k] for k in middle if k not in
+                 ("bench", "plugin", "op", "size", "concurrency", "value", "unit")}
+        emit(bench, middle["plugin"], middle["op"], middle["size"], middle["concurrency"],
+             statistics.median(r["value"] for r in group), middle["unit"], rounds=len(group),
+             **extra)
 
 
 def find(**match: Any) -> dict[str, Any] | None:

@@ -2,9 +2,11 @@
 
     python bench/na.py [--json] [--quick]
 
-Everything runs in one invocation so the ratios at the end compare numbers taken on the same
-(shared, noisy) machine minutes apart, not days apart. Message round trips run with the default
-placement and with both ends pinned to one CPU; "spin" is the progress spin budget of both ends.
+Every measurement is taken in each of ROUNDS interleaved rounds and reported as its median
+(rounds=N in the row). Everything runs in one invocation so the ratios at the end compare
+numbers taken on the same (shared, noisy) machine minutes apart, not days apart. Message round
+trips run with the default placement and with both ends pinned to one CPU; "spin" is the
+progress spin budget of both ends.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import sys
 import time
 from typing import Any
 
-from _common import child, emit, find, percentiles, ratio, timed, touched
+import _common
+from _common import child, emit, find, percentiles, ratio, summarize, timed, touched
 
 from petasus import na
 from petasus.na import _pvm
 
 QUICK = "--quick" in sys.argv
-ROUNDS = 2000 if QUICK else 20000
+MSGS = 2000 if QUICK else 10000
 MSG = 64
 SIZES = [4096, 64 << 10, 1 << 20, 16 << 20]
 PLUGINS = {"tcp": "tcp://127.0.0.1:0", "sm": "sm://"}
@@ -48,7 +51,7 @@ def raw_pingpong(mode: str, placement: str) -> None:
         if spin:
             sock.setblocking(False)
         samples = []
-        for i in range(ROUNDS + 200):
+        for i in range(MSGS + 200):
             t0 = time.perf_counter_ns()
             sock.send(payload)
             got = 0
@@ -126,7 +129,7 @@ def plugin_messages(name: str, uri: str, spin_us: int, placement: str) -> None:
         for conc in (1, 16):
             bufs = [bytearray(MSG) for _ in range(conc)]
             samples = []
-            for i in range(ROUNDS // conc + 50):
+            for i in range(MSGS // conc + 50):
                 t0 = time.perf_counter_ns()
                 ops = []
                 for k in range(conc):
@@ -174,19 +177,26 @@ def plugin_rma(name: str, uri: str) -> None:
         plugin.close()
 
 
+ROUNDS = 1 if QUICK else 3
+KEYS = ("plugin", "op", "size", "concurrency", "spin_us", "placement")
+
+
 def main() -> None:
-    raw_memcpy()
-    raw_pvm()
-    raw_stream()
-    for placement in ("default", "pinned"):
-        raw_pingpong("block", placement)
-        raw_pingpong("spin", placement)
-    for name, uri in PLUGINS.items():
-        plugin_rma(name, uri)
+    _common.QUIET = True
+    for _round in range(ROUNDS):
+        raw_memcpy()
+        raw_pvm()
+        raw_stream()
         for placement in ("default", "pinned"):
-            for spin_us in (200, 0):
-                plugin_messages(name, uri, spin_us, placement)
+            raw_pingpong("block", placement)
+            raw_pingpong("spin", placement)
+            for name, uri in PLUGINS.items():
+                for spin_us in (200, 0):
+                    plugin_messages(name, uri, spin_us, placement)
+        for name, uri in PLUGINS.items():
+            plugin_rma(name, uri)
     pinned(False)
+    summarize(B, KEYS)
 
     for name in PLUGINS:
         for placement in ("default", "pinned"):

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import sys
 from typing import Any
 
 import _common
 import _rpc_baselines as peers
-from _common import child, emit, find, ratio
+from _common import child, find, ratio, summarize
 from _rpc_peer import sum as sum_rpc
 
 from petasus import hg
@@ -95,18 +94,7 @@ def main() -> None:
         for _label, run in CONFIGS:
             run()
     pin("default")
-    rows, _common.RESULTS[:] = list(_common.RESULTS), []
-    _common.QUIET = False
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(tuple(row.get(k) for k in KEYS), []).append(row)
-    for group in groups.values():
-        best = sorted(group, key=lambda r: r["value"])[len(group) // 2]
-        extra = {k: best[k] for k in best if k not in
-                 ("bench", "plugin", "op", "size", "concurrency", "value", "unit")}
-        emit(B, best["plugin"], best["op"], best["size"], best["concurrency"],
-             statistics.median(r["value"] for r in group), best["unit"], rounds=len(group),
-             **extra)
+    summarize(B, KEYS)
     for placement in ("default", "pinned"):
         for conc, vs_grpc, vs_zmq in ((1, 10.0, 4.0), (16, 10.0, 1.5)):
             mine = find(bench=B, plugin="tcp", api="sync", concurrency=conc, spin_us=200,
