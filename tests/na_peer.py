@@ -51,6 +51,7 @@ class Peer:
         line, _, body = data.partition(b"\n")
         try:
             request = json.loads(line)
+            request["tag"] = op.tag
             status, reply = b"ok", self._run(request, body, op.source)
         except Exception as exc:  # the peer reports every failure to its client
             status, reply = b"err", f"{type(exc).__name__}: {exc}".encode()
@@ -86,7 +87,10 @@ class Peer:
             op.result()
             return digest(local_buf).encode()
         if cmd == "stall":
-            # Stop progressing until the process is killed (or the thread is stopped).
+            # Acknowledge first (so the client knows nothing more will be served), then stop
+            # progressing until the process is killed, the thread is stopped, or time is up.
+            ack = self.na.msg_send_expected(source, b"ok\n", req["tag"])
+            na.wait(self.na, ack, timeout=20)
             self.stop.wait(req.get("seconds", 60))
             return None
         if cmd == "exit":

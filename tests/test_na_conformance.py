@@ -232,7 +232,7 @@ def test_peer_killed_mid_transfer(fresh_peer: RemotePeer) -> None:
     _index, remote = fresh_peer.register(64 * MiB, na.Access.READ_WRITE, seed=3)
     buf = bytearray(64 * MiB)
     local = client.mem_register(buf, na.Access.READ_WRITE)
-    fresh_peer.send_only("stall")
+    fresh_peer.call("stall")
     ops = [client.get(local, 0, remote, 0, 64 * MiB, fresh_peer.addr) for _ in range(2)]
     fresh_peer.kill()
     na.wait(client, *ops, timeout=TIMEOUT)
@@ -278,7 +278,7 @@ def test_cancel_transfer_in_flight(fresh_peer: RemotePeer, spec: Spec) -> None:
     _index, remote = fresh_peer.register(MiB, na.Access.READ_WRITE, seed=4)
     buf = bytearray(MiB)
     local = client.mem_register(buf, na.Access.READ_WRITE)
-    fresh_peer.send_only("stall", seconds=2)
+    fresh_peer.call("stall", seconds=2)
     op = client.get(local, 0, remote, 0, MiB, fresh_peer.addr)
     client.progress(0)
     client.cancel(op)
