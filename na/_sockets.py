@@ -182,7 +182,7 @@ class SocketPlugin(RmaMixin):
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._wake_fd, _EPOLLIN)
         self._fdmap: dict[int, Callable[[int], None]] = {self._wake_fd: self._drain_wake}
-        self._polling = False
+        self._polling = 0  # threads asleep in epoll: senders then flush and wake at once
         self._in_pass = 0  # >0 while progress dispatches or trigger runs callbacks (nesting)
         self._accept_resume = 0.0  # when accepting resumes after running out of descriptors
         self._completed = 0  # ops finished without a callback: progress all the same
@@ -404,6 +404,8 @@ class SocketPlugin(RmaMixin):
             # Nothing to run in trigger(): done now, without a trip through the queue.
             op.done = True
             self._completed += 1
+            if self._polling:
+                os.eventfd_write(self._wake_fd, 1)  # a thread asleep in epoll waits on it
             return
         self._cq.append(op)
         if self._polling:
@@ -541,13 +543,13 @@ class SocketPlugin(RmaMixin):
             if now < spin_end:
                 os.sched_yield()
                 continue
-            self._polling = True
+            self._polling += 1  # a count: several threads may sleep here at once
             try:
-                if cq or dirty:
+                if cq or dirty or self._completed != done:
                     continue
                 events = poll(deadline - now)
             finally:
-                self._polling = False
+                self._polling -= 1
             if events:
                 dispatch(events)
                 if cq or self._completed != done:
