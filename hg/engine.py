@@ -402,15 +402,17 @@ class Engine:
             else:
                 with self._progress_lock:
                     self._progress_owner = threading.get_ident()
-                    ctx = self.context
-                    while not self._stop.is_set():
-                        ctx.progress(0.1)
-                        ctx.trigger()
-                        if self._waiters:
-                            with self._cond:
-                                self._cond.notify_all()
-                    ctx.progress(0)  # send the answers of the last pass (shutdown's own)
-                    self._progress_owner = None
+                    try:
+                        ctx = self.context
+                        while not self._stop.is_set():
+                            ctx.progress(0.1)
+                            ctx.trigger()
+                            if self._waiters:
+                                with self._cond:
+                                    self._cond.notify_all()
+                        ctx.progress(0)  # send the answers of the last pass (shutdown's own)
+                    finally:
+                        self._progress_owner = None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

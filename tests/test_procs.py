@@ -155,6 +155,15 @@ def test_request_header_round_trip(name: str, provider: int, flags: int, cookie:
     assert rid & 0xFFFF == provider
 
 
+@given(st.sampled_from(sorted(hd.RETURN_NAMES)), st.integers(0, 255))
+def test_response_header_round_trip(ret: int, flags: int) -> None:
+    wire = hd.encode_response(ret, flags)
+    assert len(wire) == hd.RESPONSE.size == 8
+    assert hd.decode_response(wire) == (ret, flags)
+    with pytest.raises(hd.HeaderError, match="not a petasus response"):
+        hd.decode_response(b"\x00" + wire[1:])
+
+
 @given(st.binary(max_size=20))
 def test_header_garbage(garbage: bytes) -> None:
     for decode in (hd.decode_request, hd.decode_response):
