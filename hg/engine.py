@@ -234,12 +234,15 @@ class Engine:
     def _drive(self, handle: Handle) -> None:
         ctx = self.context
         clock, deadline = ctx.clock, handle.deadline or float("inf")
+        # An attached event loop also drives progress (without this lock) and may run our
+        # completion: then our epoll sleep would not end with it, so sleep in short slices.
+        most = 0.01 if self._loop is not None else 1.0
         while handle.state == _FORWARDED:
             left = deadline - clock()
             if left <= 0:
                 handle.expire()
                 return
-            ctx.progress(left if left < 1.0 else 1.0)
+            ctx.progress(left if left < most else most)
             ctx.trigger()
             if self._waiters:
                 with self._cond:

@@ -49,7 +49,13 @@ def fail(kind: str, message: str) -> None: ...
 
 
 @hg.declare
-def sleep(seconds: float) -> float: ...
+def hold(seconds: float) -> float:
+    """Answer ``seconds`` once a release() arrives (``seconds`` also bounds the wait)."""
+
+
+@hg.declare
+def release(count: int = 1) -> None:
+    """Let ``count`` holds answer, whenever they run."""
 
 
 @hg.declare(one_way=True)

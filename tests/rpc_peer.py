@@ -7,7 +7,6 @@ import asyncio
 import json
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,9 @@ def build(uri: str, **options: Any) -> hg.Engine:
     engine.register(api.echo_bytes, lambda d: d)
     engine.register(api.flip, lambda f: api.Fixed(-f.a, f.b + 1, f.c * 2, not f.ok))
     engine.register(api.fail, _fail)
-    engine.register(api.sleep, _sleep, blocking=True)
+    gate = Gate()
+    engine.register(api.hold, gate.hold, blocking=True)
+    engine.register(api.release, gate.release)
     engine.register(api.note, received.append)
     engine.register(api.notes, lambda: list(received))
     # The same name served twice: provider 0 and provider 7 answer differently.
@@ -47,9 +48,25 @@ def _fail(kind: str, message: str) -> None:
     raise ERRORS[kind](message)
 
 
-def _sleep(seconds: float) -> float:
-    time.sleep(seconds)  # a blocking handler: runs in the engine's pool
-    return seconds
+class Gate:
+    """A slow handler that the test controls: each hold() answers when it takes one of the
+    tokens that release() hands out, in whatever order the two arrive, so tests wait on a
+    condition rather than on a clock. ``seconds`` only bounds a hold nobody releases."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._tokens = 0
+
+    def hold(self, seconds: float) -> float:
+        with self._cond:
+            if self._cond.wait_for(lambda: self._tokens > 0, timeout=seconds):
+                self._tokens -= 1
+        return seconds
+
+    def release(self, count: int) -> None:
+        with self._cond:
+            self._tokens += count
+            self._cond.notify_all()
 
 
 async def _async_double(x: int) -> int:

@@ -87,15 +87,16 @@ def test_asyncio_calls(rpc: RpcPeer) -> None:
 
 def test_asyncio_timeout_and_cancel(rpc: RpcPeer) -> None:
     async def main() -> None:
-        with pytest.raises(hg.RPCTimeout, match="sleep"):
-            await rpc.remote.sleep.async_(0.5, timeout=0.05)
-        task = asyncio.ensure_future(rpc.remote.sleep.async_(0.3))
-        await asyncio.sleep(0.01)
+        with pytest.raises(hg.RPCTimeout, match="hold"):
+            await rpc.remote.hold.async_(TIMEOUT, timeout=0.05)
+        task = asyncio.ensure_future(rpc.remote.hold.async_(TIMEOUT))
+        await asyncio.sleep(0)  # one yield: the task sends its call and awaits the answer
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert rpc.engine.statistics()["canceled"] >= 1
         assert await rpc.remote.sum.async_(2, 3) == 5
+        await rpc.remote.release.async_(2)
 
     asyncio.run(main())
 
@@ -201,36 +202,42 @@ def test_async_and_pooled_handlers(rpc: RpcPeer) -> None:
     assert rpc.remote.async_double(21) == 42
     assert rpc.remote.pooled_double(4) == 8
     # A slow pooled handler does not block other calls.
-    slow = rpc.remote.sleep.future(1.0)
+    slow = rpc.remote.hold.future(TIMEOUT)
     assert rpc.remote.sum(1, 2) == 3
     assert not slow.done  # the sum was answered while the pooled handler still ran
-    assert rpc.engine.wait(slow) == 1.0
+    rpc.remote.release()
+    assert rpc.engine.wait(slow) == TIMEOUT
 
 
 # -- timeouts, cancel, failures ---------------------------------------------------------------
 def test_timeout_and_late_response_dropped(rpc: RpcPeer) -> None:
-    with pytest.raises(hg.RPCTimeout, match="sleep"):
-        rpc.remote.sleep.call(0.5, timeout=0.05)
+    with pytest.raises(hg.RPCTimeout, match="hold"):
+        rpc.remote.hold.call(TIMEOUT, timeout=0.05)
     assert rpc.remote.sum(3, 4) == 7
-    # The late reply arrives while we wait for the next call, and is dropped.
-    assert rpc.remote.sleep(0.6) == 0.6
+    # The late reply (TIMEOUT) arrives while we wait for the next hold, and is dropped: that
+    # call gets its own answer.
+    second = rpc.remote.hold.future(TIMEOUT - 1)
+    rpc.remote.release(2)
+    assert rpc.engine.wait(second) == TIMEOUT - 1
 
 
 def test_future_timeouts_are_enforced_by_wait_and_result(rpc: RpcPeer) -> None:
     for finish in (rpc.engine.wait, hg.Handle.result):
-        handle = rpc.remote.sleep.future(0.5, timeout=0.05)
+        handle = rpc.remote.hold.future(TIMEOUT, timeout=0.05)
         with pytest.raises(hg.RPCTimeout):
             finish(handle)
+    rpc.remote.release(2)
     assert rpc.remote.sum(1, 2) == 3
 
 
 def test_cancel(rpc: RpcPeer) -> None:
-    handle = rpc.remote.sleep.future(0.3)
+    handle = rpc.remote.hold.future(TIMEOUT)
     handle.cancel()
     with pytest.raises(hg.Canceled):
         handle.result()
     handle.cancel()  # idempotent
     assert rpc.remote.sum(5, 5) == 10
+    rpc.remote.release()
 
 
 def test_threads_share_one_engine(rpc: RpcPeer) -> None:
@@ -257,7 +264,7 @@ def test_server_killed_mid_call(spec: Spec) -> None:
     peer = RpcPeer(spec, "process")
     try:
         assert peer.remote.sum(1, 1) == 2
-        handle = peer.remote.sleep.future(5.0)
+        handle = peer.remote.hold.future(TIMEOUT)
         peer.kill()
         with pytest.raises(hg.PeerError) as info:
             peer.engine.wait(handle)
