@@ -1,1 +1,28 @@
-"""petasus.bulk: not built yet; see the open issues."""
+"""petasus.bulk: one-sided transfers of large data between memory the user already owns.
+
+    with engine.bulk([header, payload], bulk.READ_ONLY) as b:    # or bulk.Bulk(engine, ...)
+        remote.save("name", b)                                 # the handle is an RPC argument
+
+    # on the server, inside the handler:
+    with engine.bulk(bytearray(data.size), bulk.WRITE_ONLY) as local:
+        local.pull_from(data).wait()
+
+Handles span several buffer-protocol segments (bytes, bytearray, memoryview, mmap, numpy) as one
+offset space; ``select(offset, size)`` narrows either side. Transfers complete by ``wait()``,
+``await`` or a callback, and can be canceled. Small read-only handles carry their bytes
+(eager), so pulling them is a local copy. ``chunks()`` and ``pipeline()`` pull large regions
+in chunks while the caller processes the ones that have arrived.
+"""
+
+from petasus.na import AccessError, Canceled, NAError, PeerError
+
+from .handle import EAGER_BYTES, READ_ONLY, READ_WRITE, WRITE_ONLY, Bulk, Region, RemoteBulk
+from .layout import LayoutError
+from .pipeline import chunks, pipeline
+from .transfer import Driver, PluginDriver, Transfer
+
+__all__ = [
+    "EAGER_BYTES", "READ_ONLY", "READ_WRITE", "WRITE_ONLY", "AccessError", "Bulk", "Canceled",
+    "Driver", "LayoutError", "NAError", "PeerError", "PluginDriver", "Region", "RemoteBulk",
+    "Transfer", "chunks", "pipeline",
+]

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from petasus import na
+from petasus.bulk import READ_ONLY, WRITE_ONLY, Bulk, RemoteBulk, Transfer
 
 from . import header as hd
 from . import state as st
@@ -39,6 +40,10 @@ _ID, _PROTO = hd.IDENTIFIER, hd.PROTOCOL
 _FORWARDED = st.FORWARDED
 _STR = proc_for(str)
 POSTED_REQUESTS = 64  # receives a listening context keeps posted: requests in flight per target
+# The most a peer can make us allocate for one overflowing input or output (Mercury takes the
+# size from the peer uncapped); Engine(max_overflow=...) changes it.
+MAX_OVERFLOW = 1 << 30
+_ACK = hd.RESPONSE.pack(hd.IDENTIFIER, hd.PROTOCOL, hd.SUCCESS, 0, 0)
 
 
 class PeerError(RPCError, ConnectionError):
@@ -98,19 +103,23 @@ class Context:
     """Progress, trigger and timers for the handles of one Class (Mercury's hg_context)."""
 
     def __init__(self, hg: Class, *, clock: Callable[[], float] = time.monotonic,
-                 posted: int = POSTED_REQUESTS) -> None:
+                 posted: int = POSTED_REQUESTS, max_overflow: int = MAX_OVERFLOW,
+                 overflow_timeout: float = 60.0) -> None:
         self.hg = hg
         self.na = hg.na
         self.clock = clock
+        self.max_overflow = max_overflow
+        self.overflow_timeout = overflow_timeout  # how long an exposed output waits for its ack
+        self._seq = itertools.count()
         self.max_unexpected = self.na.msg_get_max_unexpected_size()
         self.max_expected = self.na.msg_get_max_expected_size()
         self._tags = itertools.count(1)
-        self._timers: list[tuple[float, int, Handle]] = []
+        self._timers: list[tuple[float, int, Handle | _Exposure]] = []
         self._timer_lock = threading.Lock()
         self._bufs: list[memoryview] = []  # response buffers, reused across calls
         self.closing = False  # set by the owner before it closes the plugin
         self.stats = dict.fromkeys(("sent", "received", "errors", "timeouts", "canceled",
-                                    "remote_errors", "handler_errors"), 0)
+                                    "remote_errors", "handler_errors", "overflows"), 0)
         if hg.listening:
             for _ in range(posted):
                 self.na.msg_recv_unexpected(bytearray(self.max_unexpected), self._on_request)
@@ -139,7 +148,7 @@ class Context:
         return Handle(self, addr, rpc)
 
     # -- timers -----------------------------------------------------------------------------------
-    def _arm(self, handle: Handle, deadline: float) -> None:
+    def _arm(self, handle: Handle | _Exposure, deadline: float) -> None:
         with self._timer_lock:
             timers = self._timers
             if len(timers) > 4096:
@@ -148,7 +157,7 @@ class Context:
                 timers[:] = [t for t in timers
                              if t[2].state == _FORWARDED and t[2].deadline == t[0]]
                 heapq.heapify(timers)
-            heapq.heappush(timers, (deadline, handle.tag, handle))
+            heapq.heappush(timers, (deadline, next(self._seq), handle))
 
     def _expire(self, now: float) -> None:
         expired = []
@@ -172,7 +181,7 @@ class Context:
             return  # canceled at close, or arrived while the engine shuts down
         buf, n, source, tag = op.buffer, op.size, op.source, op.tag
         self.stats["received"] += 1
-        rpc, one_way, args, failure = None, 0, (), None
+        rpc, answer, one_way, more, args, failure = None, True, 0, 0, (), None
         try:
             if n < 12:
                 raise hd.HeaderError(f"request of {n} B is shorter than its header")
@@ -180,11 +189,14 @@ class Context:
             if ident != _ID or proto != _PROTO:
                 raise hd.HeaderError(f"not a petasus request (identifier 0x{ident:02x}, "
                                      f"protocol {proto})")
-            one_way = flags & hd.NO_RESPONSE
+            one_way, more = flags & hd.NO_RESPONSE, flags & hd.MORE_DATA
+            answer = not one_way or more  # an overflowing one-way call waits for an ack
             rpc = self.hg.rpcs.get(rid)
             if rpc is not None:
                 fused = rpc.req_fused
-                if fused is not None and n == fused.size:
+                if more:
+                    args = RemoteBulk.from_bytes(buf[12:n])  # the input, to pull
+                elif fused is not None and n == fused.size:
                     args = fused.unpack_from(buf)[5:]
                 else:
                     args = rpc.in_proc.loads(buf[12:n])
@@ -198,41 +210,104 @@ class Context:
         if failure is not None:
             what = rpc.name if rpc is not None else "request"
             log.warning("%s from %s: %s", what, source.uri, failure[2])  # type: ignore[union-attr]
-            if not one_way:
+            if answer:
                 self._reply_error(source, tag, *failure)  # type: ignore[arg-type]
             return
         if rpc is None:
-            if not one_way:
+            if answer:
                 name, provider = rid >> 16, rid & 0xFFFF
                 self._reply_error(source, tag, hd.NO_SUCH_RPC, "NoSuchRPC",  # type: ignore[arg-type]
                                   f"no RPC with id 0x{rid:016x} (name hash 0x{name:012x}) "
                                   f"for provider {provider}")
             return
+        if more:
+            self._pull_input(rpc, source, tag, bool(one_way), args)  # type: ignore[arg-type]
+        else:
+            self._dispatch(rpc, source, tag, one_way, args)  # type: ignore[arg-type]
+
+    def _dispatch(self, rpc: RPC, source: na.Addr, tag: int, one_way: int,
+                  args: tuple[Any, ...]) -> None:
         impl = rpc.impl
         if impl is not None:
             # A plain function runs inline and answers with its return value: no handle.
             try:
                 value = impl(*args)
             except Exception as exc:
-                self._handler_failed(rpc, source, tag, one_way, exc)  # type: ignore[arg-type]
+                self._handler_failed(rpc, source, tag, one_way, exc)
                 return
             if not one_way:
-                self._respond(rpc, source, tag, value)  # type: ignore[arg-type]
+                self._respond(rpc, source, tag, value)
             return
         if rpc.handler is None:
             if not one_way:
-                self._reply_error(source, tag, hd.NO_SUCH_RPC, "NoSuchRPC",  # type: ignore[arg-type]
+                self._reply_error(source, tag, hd.NO_SUCH_RPC, "NoSuchRPC",
                                   f"{rpc.name} is declared here but has no handler")
             return
-        handle = TargetHandle(self, source, tag, rpc, args, bool(one_way))  # type: ignore[arg-type]
+        handle = TargetHandle(self, source, tag, rpc, args, bool(one_way))
         try:
             rpc.handler(handle)
         except Exception as exc:
             if handle.state == st.RECEIVED:
                 handle.state = st.RESPONDED
-                self._handler_failed(rpc, source, tag, one_way, exc)  # type: ignore[arg-type]
+                self._handler_failed(rpc, source, tag, one_way, exc)
             else:
                 log.exception("%s: handler raised after responding", rpc.name)
+
+    # -- overflow: inputs and outputs larger than a message travel through bulk ------------------
+    def _pull_input(self, rpc: RPC, source: na.Addr, tag: int, one_way: bool,
+                    remote: RemoteBulk) -> None:
+        """Pull an input that did not fit in the request, then run the handler."""
+        size = remote.size
+        if size > self.max_overflow:
+            self._reply_error(source, tag, hd.OVERFLOW, "OverflowError",
+                              f"{rpc.name}: input of {size} B exceeds this server's limit of "
+                              f"{self.max_overflow} B (max_overflow)")
+            return
+        self.stats["overflows"] += 1
+        dest = bytearray(size)
+        local = Bulk(self.na, dest, WRITE_ONLY, eager=False)
+
+        def pulled(transfer: Transfer) -> None:
+            local.close()
+            if self.closing:
+                return
+            if transfer.error is not None:
+                log.warning("%s: pulling the input from %s failed: %s", rpc.name, source.uri,
+                            transfer.error)
+                self._reply_error(source, tag, hd.OVERFLOW, type(transfer.error).__name__,
+                                  f"pulling the input failed: {transfer.error}")
+                return
+            if one_way:
+                self.na.msg_send_expected(source, _ACK, tag)  # the origin may release it now
+            try:
+                args = rpc.in_proc.loads(dest)
+            except Exception as exc:
+                log.warning("%s from %s: %s", rpc.name, source.uri, exc)
+                if not one_way:
+                    self._reply_error(source, tag, hd.DECODE_ERROR, type(exc).__name__, str(exc))
+                return
+            self._dispatch(rpc, source, tag, int(one_way), args)
+
+        try:
+            local.pull_from(remote, addr=source, callback=pulled)
+        except Exception as exc:  # a handle that names memory this plugin cannot reach
+            local.close()
+            self._reply_error(source, tag, hd.OVERFLOW, type(exc).__name__, str(exc))
+
+    def _expose_output(self, rpc: RPC, source: na.Addr, tag: int, payload: bytes) -> None:
+        """Answer with a handle to the encoded result; the origin pulls it and acks."""
+        exposed = Bulk(self.na, memoryview(payload)[_RESP.size:], READ_ONLY, eager=False)
+        exposure = _Exposure(exposed, self.clock() + self.overflow_timeout)
+        try:
+            head = _RESP.pack(_ID, _PROTO, hd.SUCCESS, hd.MORE_DATA, 0) + exposed.to_bytes()
+            exposure.ack = self.na.msg_recv_expected(source, bytearray(_RESP.size), tag,
+                                                     exposure.acked)
+        except Exception:
+            exposed.close()
+            raise
+        self.stats["overflows"] += 1
+        self._arm(exposure, exposure.deadline)
+        self.na.msg_send_expected(source, head, tag)
 
     def _handler_failed(self, rpc: RPC, source: na.Addr, tag: int, one_way: int,
                         exc: BaseException) -> None:
@@ -253,9 +328,10 @@ class Context:
                 f"{rpc.name}: cannot encode the result {value!r}: {exc}"))
             return
         if len(payload) > self.max_expected:
-            self._handler_failed(rpc, source, tag, 0, ValueError(
-                f"{rpc.name}: result of {len(payload)} B exceeds the {self.max_expected} B "
-                "message limit"))
+            try:
+                self._expose_output(rpc, source, tag, payload)
+            except Exception as exc:
+                self._handler_failed(rpc, source, tag, 0, exc)
             return
         self.na.msg_send_expected(source, payload, tag)  # NA logs a peer lost before it arrives
 
@@ -265,11 +341,34 @@ class Context:
         self.na.msg_send_expected(source, _RESP.pack(_ID, _PROTO, ret, 0, 0) + body, tag)
 
 
+class _Exposure:
+    """An output exposed for the origin to pull; released by its ack, or by the timer."""
+
+    __slots__ = ("ack", "bulk", "deadline", "state")
+
+    def __init__(self, exposed: Bulk, deadline: float) -> None:
+        self.bulk = exposed
+        self.deadline = deadline
+        self.state = _FORWARDED  # what the context's timers look for
+        self.ack: na.Op | None = None
+
+    def acked(self, op: na.Op) -> None:
+        self.state = st.COMPLETED
+        self.bulk.close()
+
+    def expire(self) -> None:
+        """The origin never acknowledged (it died, or lies): withdraw the memory."""
+        self.state = st.COMPLETED
+        if self.ack is not None:
+            self.bulk.na.cancel(self.ack)
+        self.bulk.close()
+
+
 class Handle:
     """One call from the origin. Forward, then wait (``result()``), or get a callback."""
 
-    __slots__ = ("_recv", "addr", "callback", "context", "deadline", "error", "rpc",
-                 "state", "tag", "timeout", "value")
+    __slots__ = ("_overflow", "_pull", "_recv", "addr", "callback", "context", "deadline",
+                 "error", "rpc", "state", "tag", "timeout", "value")
 
     def __init__(self, context: Context, addr: na.Addr, rpc: RPC) -> None:
         self.context = context
@@ -283,6 +382,8 @@ class Handle:
         self.deadline = 0.0
         self.timeout = 0.0
         self._recv: na.Op | None = None
+        self._overflow: Bulk | None = None  # our input, exposed while the target pulls it
+        self._pull: Transfer | None = None  # the target's output, being pulled
 
     def __repr__(self) -> str:
         return f"<Handle {self.rpc.name} to {self.addr.uri} {st.NAMES[self.state]}>"
@@ -306,19 +407,21 @@ class Handle:
             if fused is not None:
                 payload = fused.pack(_ID, _PROTO, rpc.id, flags, 0, *args)
             else:
-                payload = _REQ.pack(_ID, _PROTO, rpc.id, flags, 0) + rpc.in_proc.encode(args)
+                body = rpc.in_proc.encode(args)
+                if len(body) + _REQ.size > ctx.max_unexpected:
+                    payload = self._expose_input(body, flags)
+                else:
+                    payload = _REQ.pack(_ID, _PROTO, rpc.id, flags, 0) + body
         except (struct.error, TypeError) as exc:
-            raise EncodeError(f"{rpc.name}: cannot encode the arguments {args!r}: {exc}") from None
-        if len(payload) > ctx.max_unexpected:
-            raise ValueError(f"{rpc.name}: input of {len(payload)} B exceeds the "
-                             f"{ctx.max_unexpected} B eager message size")
+            raise EncodeError(f"{rpc.name}: cannot encode the arguments: {exc}") from None
         self.state = new  # type: ignore[assignment]
         self.callback = callback
         self.error = None
         self.value = None
         tag = self.tag = next(ctx._tags) & 0xFFFFFFFF
         plugin = ctx.na
-        if not rpc.one_way:
+        waits = not rpc.one_way or self._overflow is not None  # an overflow is acknowledged
+        if waits:
             self._recv = plugin.msg_recv_expected(self.addr, ctx._take_buffer(), tag,
                                                   self._on_response)
         if timeout:
@@ -329,9 +432,23 @@ class Handle:
         ctx.stats["sent"] += 1
         # A two-way call learns of a failed send from its receive, which NA fails along with
         # every other operation to a peer it cannot reach; only one-way calls watch the send.
-        plugin.msg_send_unexpected(self.addr, payload, tag,
-                                   self._on_sent if rpc.one_way else None)
+        plugin.msg_send_unexpected(self.addr, payload, tag, None if waits else self._on_sent)
         return self
+
+    def _expose_input(self, body: bytes, flags: int) -> bytes:
+        """Overflow: the request carries a handle to the encoded input, which the target
+        pulls before it runs the handler (Mercury's more-data path)."""
+        ctx = self.context
+        if self._overflow is not None:
+            self._overflow.close()
+        exposed = Bulk(ctx.na, body, READ_ONLY, eager=False)
+        request = _REQ.pack(_ID, _PROTO, self.rpc.id, flags | hd.MORE_DATA, 0) + exposed.to_bytes()
+        if len(request) > ctx.max_unexpected:
+            exposed.close()
+            raise ValueError(f"{self.rpc.name}: even the overflow request ({len(request)} B) "
+                             f"exceeds the {ctx.max_unexpected} B message size")
+        self._overflow = exposed
+        return request
 
     def expire(self) -> None:
         """Finish the call as timed out (its deadline has passed)."""
@@ -396,7 +513,12 @@ class Handle:
                     self._finish("response", vals[5], None)
                     return
             view = buf[:n]
-            ret, _flags = hd.decode_response(view)
+            ret, flags = hd.decode_response(view)
+            if ret == hd.SUCCESS and flags & hd.MORE_DATA:
+                remote = RemoteBulk.from_bytes(view[_RESP.size:])
+                pool.append(buf)
+                self._pull_output(remote)
+                return
             if ret == hd.SUCCESS:
                 value = rpc.out_proc.loads(view[_RESP.size:])
                 pool.append(buf)
@@ -422,6 +544,44 @@ class Handle:
                              f"{hd.RETURN_NAMES.get(ret, ret)}: {kind}: {message}")
         self._finish("error", None, error)
 
+    def _pull_output(self, remote: RemoteBulk) -> None:
+        """The result did not fit in a message: pull it, acknowledge, then decode it."""
+        ctx, rpc = self.context, self.rpc
+        if remote.size > ctx.max_overflow:
+            ctx.na.msg_send_expected(self.addr, _ACK, self.tag)
+            self._finish("error", None, RPCError(
+                rpc.name, self.addr.uri, f"result of {remote.size} B exceeds this process's "
+                f"limit of {ctx.max_overflow} B (max_overflow)"))
+            return
+        dest = bytearray(remote.size)
+        local = Bulk(ctx.na, dest, WRITE_ONLY, eager=False)
+        tag = self.tag
+
+        def pulled(transfer: Transfer) -> None:
+            local.close()
+            self._pull = None
+            ctx.na.msg_send_expected(self.addr, _ACK, tag)  # the target may release it now
+            if self.state != _FORWARDED:
+                return
+            if transfer.error is not None:
+                self._finish("error", None, self._transport_error(transfer.error))
+                return
+            try:
+                value = rpc.out_proc.loads(dest)
+            except Exception as exc:
+                self._finish("error", None, RPCError(rpc.name, self.addr.uri,
+                                                     f"malformed response: {exc}"))
+                return
+            self._finish("response", value, None)
+
+        try:
+            self._pull = local.pull_from(remote, addr=self.addr, callback=pulled)
+        except Exception as exc:
+            local.close()
+            ctx.na.msg_send_expected(self.addr, _ACK, tag)
+            self._finish("error", None, RPCError(rpc.name, self.addr.uri,
+                                                 f"cannot pull the result: {exc}"))
+
     def _transport_error(self, error: BaseException) -> BaseException:
         if isinstance(error, na.Canceled):
             return Canceled(self.rpc.name, self.addr.uri, str(error))
@@ -436,10 +596,16 @@ class Handle:
         self.state = new
         self.value = value
         self.error = error
-        if event in ("timeout", "cancel") and self._recv is not None:
-            # Withdraw the receive; its (canceled) completion returns the buffer to the pool.
-            recv, self._recv = self._recv, None
-            self.context.na.cancel(recv)
+        if event in ("timeout", "cancel"):
+            if self._recv is not None:
+                # Withdraw the receive; its (canceled) completion returns the buffer to the pool.
+                recv, self._recv = self._recv, None
+                self.context.na.cancel(recv)
+            if self._pull is not None:
+                self._pull.cancel()
+        if self._overflow is not None:
+            overflow, self._overflow = self._overflow, None
+            overflow.close()
         if error is not None and event not in ("timeout", "cancel"):
             self.context.stats["errors"] += 1
         callback = self.callback

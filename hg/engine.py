@@ -35,14 +35,16 @@ from types import ModuleType
 from typing import Any
 
 from petasus import na
+from petasus.bulk import READ_WRITE, Bulk
 
 from . import state as st
-from .core import RPC, Class, Context, Handle, TargetHandle
+from .core import MAX_OVERFLOW, RPC, Class, Context, Handle, TargetHandle
 from .header import rpc_id
 from .procs import Proc, proc_for, record
 
 log = logging.getLogger("petasus.hg.engine")
 _FORWARDED = st.FORWARDED
+_NEVER = float("inf")
 
 
 class Declaration:
@@ -96,10 +98,11 @@ class Engine:
 
     def __init__(self, uri: str = "tcp://127.0.0.1:0", listen: bool = False, *,
                  timeout: float = 30.0, pool_size: int = 4, allow_remote_shutdown: bool = False,
-                 clock: Callable[[], float] = time.monotonic, **na_options: Any) -> None:
+                 max_overflow: int = MAX_OVERFLOW, clock: Callable[[], float] = time.monotonic,
+                 **na_options: Any) -> None:
         self.na = na.initialize(uri, listen=listen, **na_options)
         self.hg = Class(self.na, listen)
-        self.context = Context(self.hg, clock=clock)
+        self.context = Context(self.hg, clock=clock, max_overflow=max_overflow)
         self.timeout = timeout
         self._declared: dict[str, Declaration] = {}
         self._async_ids: set[int] = set()
@@ -144,6 +147,11 @@ class Engine:
     def statistics(self) -> dict[str, Any]:
         return {**self.context.stats, "inflight_handlers": self._inflight,
                 "na": self.na.statistics()}
+
+    def bulk(self, buffers: Any, access: na.Access = READ_WRITE, *,
+             eager: bool | None = None) -> Bulk:
+        """Expose ``buffers`` (one buffer or a list) for transfers driven by this engine."""
+        return Bulk(self, buffers, access, eager=eager)
 
     # -- defining RPCs ----------------------------------------------------------------------------
     def rpc(self, func: Any = None, *, name: str | None = None, one_way: bool = False,
@@ -202,14 +210,47 @@ class Engine:
     def wait(self, handle: Handle) -> Any:
         """Drive progress (or let the thread that does) until ``handle`` finishes, enforcing
         its deadline here for calls forwarded without a context timer."""
+        if handle.state == _FORWARDED:
+            self._block(lambda: handle.state != _FORWARDED, handle.deadline or _NEVER,
+                        handle.expire)
+        if handle.error is not None:
+            raise handle.error
+        return handle.value
+
+    def wait_until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Drive progress until ``done()`` or ``timeout`` (default: the engine's) has passed;
+        return ``done()``. Bulk transfers wait through this."""
+        if not done():
+            limit = self.timeout if timeout is None else timeout
+            self._block(done, _NEVER if limit is None else self.context.clock() + limit, None)
+        return done()
+
+    async def wait_async(self, subscribe: Callable[[Callable[[], None]], None],
+                         cancel: Callable[[], None]) -> None:
+        """Await a completion that ``subscribe(fn)`` reports by calling ``fn`` (on whatever
+        thread drives progress); ``cancel()`` it if the awaiting task is cancelled."""
+        loop = asyncio.get_running_loop()
+        self._attach(loop)
+        future: asyncio.Future[None] = loop.create_future()
+        subscribe(lambda: self._on_loop(_resolve, future))
+        self._kick()
+        try:
+            await future
+        except asyncio.CancelledError:
+            cancel()
+            raise
+
+    def _block(self, done: Callable[[], bool], deadline: float,
+               expire: Callable[[], None] | None) -> None:
         me = threading.get_ident()
-        while handle.state == _FORWARDED:
+        clock = self.context.clock
+        while not done():
             if self._progress_owner == me or self._progress_lock.acquire(blocking=False):
                 # Ours already (a handler calling out from serve()) or free: drive it here.
                 nested = self._progress_owner == me
                 self._progress_owner = me
                 try:
-                    self._drive(handle)
+                    self._drive(done, deadline, expire)
                 finally:
                     if not nested:
                         self._progress_owner = None
@@ -217,30 +258,32 @@ class Engine:
                 if self._waiters:
                     with self._cond:
                         self._cond.notify_all()
+                if not done():
+                    return  # the deadline passed
             else:
-                if handle.deadline and handle.deadline <= self.context.clock():
-                    handle.expire()
-                    break
+                if deadline <= clock():
+                    if expire is not None:
+                        expire()
+                    return
                 with self._cond:
                     self._waiters += 1
                     try:
                         self._cond.wait(0.01)
                     finally:
                         self._waiters -= 1
-        if handle.error is not None:
-            raise handle.error
-        return handle.value
 
-    def _drive(self, handle: Handle) -> None:
+    def _drive(self, done: Callable[[], bool], deadline: float,
+               expire: Callable[[], None] | None) -> None:
         ctx = self.context
-        clock, deadline = ctx.clock, handle.deadline or float("inf")
+        clock = ctx.clock
         # An attached event loop also drives progress (without this lock) and may run our
         # completion: then our epoll sleep would not end with it, so sleep in short slices.
         most = 0.01 if self._loop is not None else 1.0
-        while handle.state == _FORWARDED:
+        while not done():
             left = deadline - clock()
             if left <= 0:
-                handle.expire()
+                if expire is not None:
+                    expire()
                 return
             ctx.progress(left if left < most else most)
             ctx.trigger()
@@ -457,6 +500,11 @@ class Engine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _settle(future: asyncio.Future[Any], handle: Handle) -> None:

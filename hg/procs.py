@@ -19,6 +19,8 @@ from typing import Any
 
 import msgpack
 
+from petasus.bulk import Bulk, LayoutError, RemoteBulk
+
 from .errors import DecodeError, EncodeError
 
 Encode = Callable[[Any], bytes]
@@ -159,6 +161,26 @@ _PROCS[str] = _var_bytes("str", lambda v: v.encode() if isinstance(v, str) else 
 _PROCS[bytes] = _var_bytes("bytes", _to_bytes, bytes)
 _PROCS[bytearray] = _var_bytes("buffer", _to_bytes, bytearray)
 _PROCS[memoryview] = _PROCS[bytearray]
+
+
+def _bulk() -> Proc:
+    """A bulk handle travels serialized; the receiver gets a RemoteBulk it can pull from or
+    push to (or hand on to a third process)."""
+    def encode(value: Any) -> bytes:
+        if not isinstance(value, Bulk | RemoteBulk):
+            raise TypeError(f"expected a Bulk or RemoteBulk, got {type(value).__name__}")
+        return value.to_bytes()
+
+    def decode(buf: Any, pos: int) -> tuple[Any, int]:
+        try:
+            return RemoteBulk.decode(buf, pos)
+        except LayoutError as exc:
+            raise DecodeError(str(exc)) from None
+
+    return Proc("bulk", encode, decode)
+
+
+_PROCS[Bulk] = _PROCS[RemoteBulk] = _bulk()
 
 
 def _not(value: Any, what: str) -> bytes:

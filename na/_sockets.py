@@ -196,6 +196,9 @@ class SocketPlugin(RmaMixin):
         self._dirty: list[_Conn] = []
         self._conns: set[_Conn] = set()
         self._peers: dict[str, Addr] = {}
+        # Peers that do not listen, by the URI their HELLO gave: a lookup of that URI (say, the
+        # owner of a bulk handle they sent) reaches them over their live connection.
+        self._anon: dict[str, Addr] = {}
         self._regs: dict[int, MemHandle] = {}
         self._ids = itertools.count(1)
         self._listener: socket.socket | None = None
@@ -255,6 +258,10 @@ class SocketPlugin(RmaMixin):
 
     def addr_lookup(self, uri: str) -> Addr:
         self._check_open("addr_lookup")
+        with self._lock:
+            anon = self._anon.get(uri)
+        if anon is not None:
+            return anon
         canonical = self._canonical(uri)
         with self._lock:
             addr = self._peers.get(canonical)
@@ -646,6 +653,9 @@ class SocketPlugin(RmaMixin):
             # per connection, so a reconnect (or an impostor) never takes over another's replies.
             addr = Addr(uri, False)
             addr.conn = conn
+            known = self._anon.get(uri)
+            if known is None or known.conn is None:  # first come: an impostor takes nothing
+                self._anon[uri] = addr
         conn.addr = addr
         conn.name = uri
         conn.reader.peer = uri
@@ -799,6 +809,8 @@ class SocketPlugin(RmaMixin):
             addr.conn = None
             if not addr.listening:
                 addr.dead = cause
+                if self._anon.get(addr.uri) is addr:
+                    del self._anon[addr.uri]
             self._fail_expected(addr, error)
 
     def _fail_expected(self, addr: Addr, error: Callable[[Op], BaseException]) -> None:

@@ -1,0 +1,175 @@
+"""One transfer in flight: its NA operations, its completion, and how a caller waits for it.
+
+A transfer completes when every piece has; the first failure cancels the rest, so a transfer
+to a dead peer ends at once instead of piece by piece. Completion callbacks run from the NA
+``trigger()``, on whichever thread drives progress.
+
+Waiting goes through a *driver*: the RPC Engine is one (it owns progress, its lock and its
+event loop); ``PluginDriver`` drives a bare NA plugin for programs that use bulk without RPCs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Generator
+from typing import Any, Protocol
+
+from petasus import na
+
+log = logging.getLogger("petasus.bulk")
+
+
+class Driver(Protocol):
+    """What bulk needs from whoever drives the NA plugin's progress."""
+
+    na: na.Plugin
+    timeout: float
+
+    def wait_until(self, done: Callable[[], bool], timeout: float | None = None) -> bool: ...
+
+    async def wait_async(self, subscribe: Callable[[Callable[[], None]], None],
+                         cancel: Callable[[], None]) -> None: ...
+
+
+class PluginDriver:
+    """Progress for a bare NA plugin: blocking waits, and asyncio through its ``poll_fd``."""
+
+    def __init__(self, plugin: na.Plugin, timeout: float = 30.0) -> None:
+        self.na = plugin
+        self.timeout = timeout
+
+    def wait_until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        plugin = self.na
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            plugin.progress(min(left, 0.1))
+            plugin.trigger()
+        return True
+
+    async def wait_async(self, subscribe: Callable[[Callable[[], None]], None],
+                         cancel: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def finished() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        plugin, fd = self.na, self.na.poll_fd()
+
+        def pump() -> None:
+            plugin.progress(0)
+            plugin.trigger()
+
+        subscribe(lambda: loop.call_soon_threadsafe(finished))
+        loop.add_reader(fd, pump)
+        try:
+            pump()
+            await future
+        except asyncio.CancelledError:
+            cancel()
+            raise
+        finally:
+            loop.remove_reader(fd)
+
+
+class Transfer:
+    """A pull or push in flight. Wait with ``wait()``, ``await``, or a callback."""
+
+    __slots__ = ("__weakref__", "_callbacks", "_driver", "_keep", "_ops", "done", "error", "op",
+                 "peer", "remaining", "size")
+
+    def __init__(self, op: str, peer: str | None, size: int, driver: Driver,
+                 keep: Any = None) -> None:
+        self.op = op
+        self.peer = peer
+        self.size = size
+        self.done = False
+        self.error: BaseException | None = None
+        self.remaining = 0
+        self._ops: list[na.Op] = []
+        self._callbacks: list[Callable[[Transfer], Any]] = []
+        self._driver = driver
+        self._keep = keep  # what must stay alive while bytes move (registrations, buffers)
+
+    def __repr__(self) -> str:
+        status = "done" if self.done else f"{self.remaining} pieces pending"
+        if self.error is not None:
+            status = f"failed: {self.error}"
+        peer = f" with {self.peer}" if self.peer else ""
+        return f"<Transfer {self.op} {self.size} B{peer} {status}>"
+
+    # -- driven by the bulk handle and NA --------------------------------------------------------
+    def _track(self, op: na.Op) -> None:
+        self._ops.append(op)
+
+    def _on_op(self, op: na.Op) -> None:
+        self.remaining -= 1
+        if op.error is not None and self.error is None:
+            err = op.error
+            cause = getattr(err, "cause", str(err))
+            self.error = (type(err)(self.op, self.peer, cause) if isinstance(err, na.NAError)
+                          else err)
+            self.error.__cause__ = err
+            self.cancel()  # the rest would only finish later, or fail the same way
+        if self.remaining == 0:
+            self._complete()
+
+    def _complete(self) -> None:
+        self.done = True
+        self._keep = None
+        self._ops = []
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # a user's callback must not take the progress loop down
+                log.exception("%r: a completion callback raised", self)
+
+    # -- public -----------------------------------------------------------------------------------
+    def add_done_callback(self, fn: Callable[[Transfer], Any]) -> None:
+        """Run ``fn(transfer)`` when the transfer completes (at once if it already has)."""
+        if self.done:
+            fn(self)
+        else:
+            self._callbacks.append(fn)
+
+    def cancel(self) -> None:
+        """Stop the pieces still moving; the transfer then completes with ``Canceled``."""
+        plugin = self._driver.na
+        for op in self._ops:
+            if not op.done:
+                plugin.cancel(op)
+
+    def wait(self, timeout: float | None = None) -> Transfer:
+        """Block until the transfer completes; raise its error. On timeout, cancel it (its
+        memory is then no longer written) and raise ``TimeoutError``."""
+        if not self.done:
+            driver = self._driver
+            if not driver.wait_until(lambda: self.done, timeout):
+                self.cancel()
+                driver.wait_until(lambda: self.done, 5.0)
+                limit = driver.timeout if timeout is None else timeout
+                raise TimeoutError(f"{self.op}{' with ' + self.peer if self.peer else ''}: "
+                                   f"{self.size} B not transferred within {limit:g} s "
+                                   "(canceled)")
+        if self.error is not None:
+            raise self.error
+        return self
+
+    result = wait
+
+    def __await__(self) -> Generator[Any, None, Transfer]:
+        if not self.done:
+            yield from self._driver.wait_async(self._subscribe, self.cancel).__await__()
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def _subscribe(self, fn: Callable[[], None]) -> None:
+        self.add_done_callback(lambda _t: fn())
