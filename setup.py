@@ -18,7 +18,7 @@ setup(
     package_dir={f"petasus.{layer}": layer for layer in LAYERS},
     install_requires=["cffi>=1.15", "msgpack>=1.0"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "ruff"],
+        "test": ["pytest>=7", "hypothesis>=6", "ruff", "numpy"],
         "bench": ["grpcio", "pyzmq", "msgpack", "Pyro5"],
     },
 )

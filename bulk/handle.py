@@ -121,6 +121,13 @@ class Bulk:
                     self.na.mem_deregister(h)
                 except (ValueError, RuntimeError):
                     pass  # the plugin is already closed, and took the registration with it
+        # Let go of the buffers, so that an mmap, say, can be closed or resized after us.
+        views, self.views = self.views, []
+        for v in views:
+            try:
+                v.release()
+            except BufferError:
+                pass  # a view of it is still in use elsewhere; it goes with its last user
 
     # -- what peers receive -----------------------------------------------------------------------
     def wire(self) -> lo.Wire:

@@ -135,6 +135,8 @@ def decode(buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[Wire, int
         raise LayoutError(f"bulk handle: {nseg} segments do not fit in {end - pos} B")
     sizes, handles = [], []
     for _ in range(nseg):
+        if pos + SEGMENT.size > end:
+            raise LayoutError(f"bulk handle: segment table truncated at offset {pos}")
         size, hlen = SEGMENT.unpack_from(buf, pos)
         pos += SEGMENT.size
         if pos + hlen > end:

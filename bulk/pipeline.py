@@ -122,9 +122,9 @@ def pipeline(owner: Any, source: RemoteBulk | Region,
         while not ring.finished or consuming:
             while consuming and consuming[0][2].done():
                 slot, n, fut = consuming.popleft()
+                ring.free.append(slot)
                 fut.result()
                 total += n
-                ring.free.append(slot)
             ring.launch()
             if ring.inflight:
                 head = ring.inflight[0][3]
@@ -138,10 +138,11 @@ def pipeline(owner: Any, source: RemoteBulk | Region,
                 slot, off, n = ring.head(timeout)
                 consuming.append((slot, n, worker.submit(consume, off, slot.views[0][:n])))
             elif consuming:
-                slot, n, fut = consuming.popleft()
+                slot, n, fut = consuming[0]
                 fut.result(timeout)
-                total += n
+                consuming.popleft()
                 ring.free.append(slot)
+                total += n
         return total
     finally:
         for _slot, _n, fut in consuming:

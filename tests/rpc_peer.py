@@ -4,6 +4,7 @@ first line ``listening on <uri>``) or a thread (``start_in_thread``)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import sys
 import threading
@@ -14,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import rpc_api as api
 
-from petasus import hg
+from petasus import bulk, hg, na
 
 ERRORS = {"KeyError": KeyError, "ValueError": ValueError, "RuntimeError": RuntimeError}
 
@@ -41,7 +42,58 @@ def build(uri: str, **options: Any) -> hg.Engine:
     engine.register(api.pooled_double, lambda x: 2 * x, blocking=True)
     engine.register(api.bad_result, lambda: -1)  # not bytes: the server must answer, not die
     engine.register(api.relay, lambda x, y: engine.lookup(engine.uri).sum(x, y))
+    BulkServer(engine, received)
     return engine
+
+
+class BulkServer:
+    """The bulk RPCs of the suite. Handlers run inline on the progress thread and wait for
+    their transfers there (a nested wait), as a plain handler would."""
+
+    def __init__(self, engine: hg.Engine, received: list[str]) -> None:
+        self.engine = engine
+        self.exposed: bulk.Bulk | None = None
+        self.received = received
+        engine.register(api.expose, self.expose)
+        engine.register(api.exposed_digest, lambda: hashlib.sha256(
+            b"".join(self.exposed.views)).digest())  # type: ignore[union-attr]
+        engine.register(api.pull, self.pull)
+        engine.register(api.push, self.push)
+        engine.register(api.relay_pull, self.relay_pull)
+        engine.register(api.pipelined_digest, self.pipelined_digest)
+        engine.register(api.digest, lambda data: hashlib.sha256(data).digest())
+        engine.register(api.make, lambda size, seed: api.pattern(seed, size))
+        engine.register(api.deposit,
+                        lambda data: received.append(hashlib.sha256(data).hexdigest()))
+
+    def expose(self, size: int, seed: int, access: int, segments: int,
+               eager: bool | None) -> bulk.Bulk:
+        if self.exposed is not None:
+            self.exposed.close()
+        self.exposed = self.engine.bulk(api.split(api.pattern(seed, size), segments),
+                                        na.Access(access), eager=eager)
+        return self.exposed
+
+    def pull(self, src: bulk.RemoteBulk, offset: int, size: int) -> bytes:
+        n = src.size - offset if size < 0 else size
+        with self.engine.bulk(bytearray(n), bulk.WRITE_ONLY) as local:
+            local.pull_from(src, n, offset=offset).wait()
+            return hashlib.sha256(local.views[0]).digest()
+
+    def push(self, dst: bulk.RemoteBulk, offset: int, size: int, seed: int) -> None:
+        with self.engine.bulk(api.pattern(seed, size), bulk.READ_ONLY, eager=False) as local:
+            local.push_to(dst, size, offset=offset).wait()
+
+    def relay_pull(self, other: str, src: bulk.RemoteBulk) -> bytes:
+        return self.engine.lookup(other).pull(src, 0, -1)  # type: ignore[no-any-return]
+
+    def pipelined_digest(self, src: bulk.RemoteBulk, chunk_size: int, depth: int) -> bytes:
+        h = hashlib.sha256()
+        done = bulk.pipeline(self.engine, src, lambda _off, view: h.update(view),
+                             chunk_size=chunk_size, depth=depth)
+        if done != src.size:
+            raise RuntimeError(f"pipeline consumed {done} of {src.size} B")
+        return h.digest()
 
 
 def _fail(kind: str, message: str) -> None:

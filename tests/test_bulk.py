@@ -1,0 +1,485 @@
+"""Bulk conformance: handles, pull/push, rights, cancel, overflow and pipelining over every
+plugin, against a process and a thread; properties of the planner and the handle format."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import itertools
+import threading
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import rpc_api as api
+from conftest import TIMEOUT, Spec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rpc_peer import start_in_thread
+from test_rpc import RpcPeer
+
+from petasus import bulk, hg, na
+from petasus.bulk import layout
+
+MiB = 1 << 20
+RO, WO, RW = bulk.READ_ONLY, bulk.WRITE_ONLY, bulk.READ_WRITE
+
+
+def sha(data: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+@pytest.fixture(params=["process", "thread"], scope="module")
+def rpc(spec: Spec, request: pytest.FixtureRequest) -> Iterator[RpcPeer]:
+    peer = RpcPeer(spec, request.param)
+    yield peer
+    peer.close()
+
+
+@pytest.fixture
+def fresh(spec: Spec) -> Iterator[RpcPeer]:
+    """A server process of its own, for tests that kill it."""
+    peer = RpcPeer(spec, "process")
+    yield peer
+    peer.close()
+
+
+# -- the server pulls from and pushes into the client's memory --------------------------------
+@pytest.mark.parametrize("eager", [False, None], ids=["rma", "auto"])
+def test_server_pulls_ranges_across_segments(rpc: RpcPeer, eager: bool | None) -> None:
+    data = api.pattern(1, 3 * MiB + 123)
+    segments = api.split(data, 4)
+    with rpc.engine.bulk(segments, RO, eager=eager) as handle:
+        assert handle.size == len(data) and not handle.eager
+        for offset, size in [(0, -1), (0, 1), (len(segments[0]) - 7, 4096),
+                             (MiB, 2 * MiB), (len(data) - 1, 1), (5, 0)]:
+            want = data[offset:] if size < 0 else data[offset:offset + size]
+            assert rpc.remote.pull(handle, offset, size) == sha(want), (offset, size)
+
+
+def test_eager_handles_carry_their_bytes(rpc: RpcPeer) -> None:
+    data = api.pattern(2, 3000)
+    with rpc.engine.bulk(api.split(data, 3), RO) as handle:
+        assert handle.eager and len(handle.to_bytes()) > len(data)
+        assert rpc.remote.pull(handle, 10, 2000) == sha(data[10:2010])
+    with rpc.engine.bulk(bytes(4 * bulk.EAGER_BYTES), RO) as big:
+        assert not big.eager, "above the threshold a handle is registered instead"
+    with pytest.raises(ValueError, match="only a READ_ONLY handle"):
+        rpc.engine.bulk(bytearray(10), RW, eager=True)
+
+
+def test_server_pushes_into_client_segments(rpc: RpcPeer) -> None:
+    before = api.pattern(3, 2 * MiB)
+    segments = api.split(before, 3)
+    with rpc.engine.bulk(segments, WO) as handle:
+        rpc.remote.push(handle, 1000, MiB + 5, 4)
+        after = b"".join(segments)
+    want = before[:1000] + api.pattern(4, MiB + 5) + before[1000 + MiB + 5:]
+    assert after == want
+
+
+# -- the client pulls from and pushes into the server's memory ---------------------------------
+def test_client_pulls_regions_of_a_server_handle(rpc: RpcPeer) -> None:
+    size = 2 * MiB + 77
+    remote = rpc.remote.expose(size, 5, int(RW), 3, False)
+    assert isinstance(remote, bulk.RemoteBulk) and remote.size == size
+    want = api.pattern(5, size)
+    first, second = bytearray(1000), bytearray(size)
+    with rpc.engine.bulk([first, second], WO) as local:
+        local.pull_from(remote).wait()
+        assert (first + second)[:size] == want
+        region = remote.select(MiB - 3, MiB)
+        local.select(500, MiB).pull_from(region).wait()
+        assert (first + second)[500:500 + MiB] == want[MiB - 3: 2 * MiB - 3]
+
+
+def test_client_pushes_into_a_server_handle(rpc: RpcPeer) -> None:
+    size = MiB + 1
+    remote = rpc.remote.expose(size, 6, int(WO), 2, None)
+    patch = api.pattern(7, 4096)
+    with rpc.engine.bulk(patch, RO) as local:  # eager locally: registered when pushed from
+        local.push_to(remote.select(size - 5000, 4096)).wait()
+    want = bytearray(api.pattern(6, size))
+    want[size - 5000: size - 904] = patch
+    assert rpc.remote.exposed_digest() == sha(want)
+
+
+def test_numpy_and_mmap_segments(rpc: RpcPeer) -> None:
+    np = pytest.importorskip("numpy")
+    import mmap
+
+    array = np.arange(100_000, dtype=np.float64)
+    mapped = mmap.mmap(-1, 8192)
+    mapped[:] = api.pattern(8, 8192)
+    with rpc.engine.bulk([array, mapped], RO) as handle:
+        assert rpc.remote.pull(handle, 0, -1) == sha(array.tobytes() + mapped[:])
+    mapped.close()
+
+
+# -- rights and ranges: errors before any byte moves ------------------------------------------
+def test_rights_are_checked_before_bytes_move(rpc: RpcPeer) -> None:
+    write_only = rpc.remote.expose(4096, 9, int(WO), 1, None)
+    dest = bytearray(4096)
+    with rpc.engine.bulk(dest, WO) as local, \
+            pytest.raises(na.AccessError, match=r"pull_from.*WRITE_ONLY"):
+        local.pull_from(write_only)
+    assert dest == bytearray(4096)
+    read_only = rpc.remote.expose(4096, 9, int(RO), 1, False)
+    with rpc.engine.bulk(bytes(4096), RO) as local, \
+            pytest.raises(na.AccessError, match=r"push_to.*READ_ONLY"):
+        local.push_to(read_only)
+    with rpc.engine.bulk(bytes(4096), RO) as local, \
+            pytest.raises(ValueError, match="read-only and cannot receive"):
+        local.pull_from(read_only)
+
+
+def test_forged_rights_are_refused_by_the_target(rpc: RpcPeer) -> None:
+    remote = rpc.remote.expose(65536, 10, int(RO), 2, False)
+    forged = bulk.RemoteBulk(dataclasses.replace(remote.wire, access=int(RW)))
+    with rpc.engine.bulk(bytes(65536), RO, eager=False) as local, \
+            pytest.raises(na.AccessError):
+        local.push_to(forged).wait()
+    assert rpc.remote.exposed_digest() == sha(api.pattern(10, 65536))
+    assert rpc.remote.sum(1, 2) == 3
+
+
+def test_range_errors_name_the_operation(rpc: RpcPeer) -> None:
+    remote = rpc.remote.expose(1000, 11, int(RW), 2, False)
+    dest = bytearray(1000)
+    with rpc.engine.bulk(dest, WO) as local:
+        for kwargs, match in [
+            ({"size": 1001}, "exceeds the 1000 B remote"),
+            ({"size": 10, "offset": 995}, "exceeds the 1000 B remote"),
+            ({"offset": -1}, "outside"),
+            ({"size": 100, "local_offset": 950}, "exceeds the 1000 B local"),
+            ({"size": -5}, "negative"),
+        ]:
+            with pytest.raises(ValueError, match=match):
+                local.pull_from(remote, **kwargs)
+        with pytest.raises(ValueError, match="select"):
+            remote.select(900, 200)
+        with pytest.raises(TypeError, match="RemoteBulk"):
+            local.pull_from(b"not a handle")
+    assert dest == bytearray(1000)
+    local.close()
+    with pytest.raises(ValueError, match="closed"):
+        local.pull_from(remote)
+
+
+def test_a_small_local_handle_never_truncates(rpc: RpcPeer) -> None:
+    remote = rpc.remote.expose(5000, 12, int(RO), 1, False)
+    with rpc.engine.bulk(bytearray(4999), WO) as local, \
+            pytest.raises(ValueError, match="exceeds the 4999 B local"):
+        local.pull_from(remote)
+
+
+# -- concurrency, completion styles, cancel ----------------------------------------------------
+def test_many_transfers_in_flight(rpc: RpcPeer) -> None:
+    size = 4 * MiB
+    remote = rpc.remote.expose(size, 13, int(RO), 5, False)
+    dest = bytearray(size)
+    piece = size // 16
+    with rpc.engine.bulk(dest, WO) as local:
+        transfers = [local.pull_from(remote, piece, offset=i * piece, local_offset=i * piece)
+                     for i in range(16)]
+        for t in transfers:
+            t.wait()
+    assert dest == api.pattern(13, size)
+
+
+def test_callbacks_and_asyncio(rpc: RpcPeer) -> None:
+    remote = rpc.remote.expose(MiB, 14, int(RO), 2, False)
+    want = api.pattern(14, MiB)
+    dest = bytearray(MiB)
+    seen: list[bulk.Transfer] = []
+    with rpc.engine.bulk(dest, WO) as local:
+        t = local.pull_from(remote, callback=seen.append)
+        assert rpc.engine.wait_until(lambda: bool(seen), TIMEOUT)
+        assert seen == [t] and t.done and t.error is None and dest == want
+
+        async def main() -> bytes:
+            dest[:] = bytes(MiB)
+            await local.pull_from(remote.select(0, MiB // 2))
+            await local.pull_from(remote.select(MiB // 2, MiB // 2), offset=0,
+                                  local_offset=MiB // 2)
+            return bytes(dest)
+
+        assert asyncio.run(main()) == want
+
+
+def test_cancel_before_progress(rpc: RpcPeer, spec: Spec) -> None:
+    if spec.options.get("rma") == "process_vm":
+        pytest.skip("process_vm RMA completes inside the call; there is nothing in flight")
+    remote = rpc.remote.expose(8 * MiB, 15, int(RO), 1, False)
+    dest = bytearray(8 * MiB)
+    with rpc.engine.bulk(dest, WO) as local:
+        t = local.pull_from(remote)
+        t.cancel()
+        with pytest.raises(na.Canceled, match="pull_from"):
+            t.wait()
+    assert dest == bytearray(8 * MiB)
+    assert rpc.remote.sum(2, 3) == 5
+
+
+def test_peer_killed_mid_transfer(fresh: RpcPeer, spec: Spec) -> None:
+    remote = fresh.remote.expose(32 * MiB, 16, int(RO), 1, False)
+    with fresh.engine.bulk(bytearray(32 * MiB), WO) as local:
+        t = local.pull_from(remote)
+        fresh.kill()
+        if spec.options.get("rma") == "process_vm":
+            t.wait()  # the copy finished inside the call, before the kill
+        else:
+            with pytest.raises(na.PeerError, match="pull_from"):
+                t.wait()
+
+
+def test_closing_a_handle_cancels_its_transfers(rpc: RpcPeer, spec: Spec) -> None:
+    if spec.options.get("rma") == "process_vm":
+        pytest.skip("process_vm RMA completes inside the call; there is nothing in flight")
+    remote = rpc.remote.expose(4 * MiB, 17, int(RO), 1, False)
+    local = rpc.engine.bulk(bytearray(4 * MiB), WO)
+    t = local.pull_from(remote)
+    local.close()
+    with pytest.raises(na.Canceled):
+        t.wait()
+    assert "closed" in repr(local)
+
+
+def test_an_unclosed_handle_warns(rpc: RpcPeer) -> None:
+    handle = rpc.engine.bulk(bytearray(1 << 17), RW)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del handle
+    assert any(issubclass(w.category, ResourceWarning) for w in caught)
+
+
+# -- third parties and pipelining ---------------------------------------------------------------
+def test_a_third_process_pulls_from_the_owner(spec: Spec, rpc: RpcPeer) -> None:
+    other, thread = start_in_thread(spec.uri, **spec.options)
+    data = api.pattern(18, MiB + 3)
+    try:
+        with hg.Engine(spec.uri, listen=True, timeout=TIMEOUT, **spec.options) as owner:
+            owner.declare(api)
+            with owner.bulk(api.split(data, 2), RO, eager=False) as handle:
+                remote = owner.lookup(rpc.uri)
+                future = remote.relay_pull.future(other.uri, handle)
+                assert owner.wait(future) == sha(data)
+    finally:
+        other.shutdown()
+        thread.join(TIMEOUT)
+        other.close()
+
+
+def test_pipelined_pull_on_the_server(rpc: RpcPeer) -> None:
+    data = api.pattern(19, 5 * MiB + 11)
+    with rpc.engine.bulk(api.split(data, 3), RO) as handle:
+        assert rpc.remote.pipelined_digest(handle, MiB, 3) == sha(data)
+        assert rpc.remote.pipelined_digest(handle, 4096, 1) == sha(data)
+
+
+def test_chunks_in_order(rpc: RpcPeer) -> None:
+    size = 3 * MiB + 5
+    remote = rpc.remote.expose(size, 20, int(RO), 2, False)
+    want = api.pattern(20, size)
+    got = bytearray()
+    offsets = []
+    for offset, view in bulk.chunks(rpc.engine, remote, chunk_size=MiB // 2, depth=3,
+                                    offset=7):
+        offsets.append(offset)
+        got += view
+    assert got == want[7:]
+    assert offsets == list(range(7, size, MiB // 2))
+
+
+def test_pipeline_failures_are_raised(rpc: RpcPeer) -> None:
+    remote = rpc.remote.expose(2 * MiB, 21, int(RO), 1, False)
+
+    def consume(offset: int, view: memoryview) -> None:
+        if offset >= MiB:
+            raise RuntimeError("disk full")
+
+    before = rpc.engine.na.statistics()["registrations"]
+    with pytest.raises(RuntimeError, match="disk full"):
+        bulk.pipeline(rpc.engine, remote, consume, chunk_size=MiB // 4)
+    assert rpc.engine.na.statistics()["registrations"] == before  # the ring is released
+    assert rpc.remote.sum(1, 1) == 2
+
+
+# -- RPC overflow ---------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [65536 - 30, 65536, MiB, 9 * MiB])
+def test_large_inputs_and_outputs_just_work(rpc: RpcPeer, size: int) -> None:
+    data = api.pattern(22, size)
+    assert rpc.remote.digest(data) == sha(data)
+    assert rpc.remote.make(size, 23) == api.pattern(23, size)
+    assert rpc.remote.echo_bytes(data) == data
+
+
+def test_a_64_mib_argument(rpc: RpcPeer) -> None:
+    data = api.pattern(24, 64 * MiB)
+    assert rpc.remote.digest(data) == sha(data)
+
+
+def test_large_one_way_calls(rpc: RpcPeer) -> None:
+    data = api.pattern(25, 3 * MiB)
+    rpc.remote.deposit(data)
+    assert hashlib.sha256(data).hexdigest() in rpc.remote.notes()
+
+
+def test_overflow_from_asyncio_and_futures(rpc: RpcPeer) -> None:
+    data = api.pattern(26, 2 * MiB)
+
+    async def main() -> list[bytes]:
+        return list(await asyncio.gather(*(rpc.remote.echo_bytes.async_(data)
+                                           for _ in range(4))))
+
+    assert asyncio.run(main()) == [data] * 4
+    futures = [rpc.remote.digest.future(data) for _ in range(4)]
+    assert [rpc.engine.wait(f) for f in futures] == [sha(data)] * 4
+
+
+def test_the_server_caps_what_a_peer_makes_it_allocate(spec: Spec) -> None:
+    server = hg.Engine(spec.uri, listen=True, max_overflow=MiB, **spec.options)
+    server.register(api.digest, sha)
+    server.register(api.make, lambda size, seed: api.pattern(seed, size))
+    server.register(api.deposit, lambda data: None)
+    thread = threading.Thread(target=server.serve, kwargs={"handle_signals": False})
+    thread.start()
+    try:
+        with hg.Engine(spec.uri, timeout=TIMEOUT, max_overflow=MiB, **spec.options) as client:
+            client.declare(api)
+            remote = client.lookup(server.uri)
+            with pytest.raises(hg.RPCError, match="max_overflow"):
+                remote.digest(bytes(MiB + 1))
+            with pytest.raises(hg.RPCError, match="max_overflow"):
+                remote.deposit(bytes(MiB + 1))  # one way, and still told
+            with pytest.raises(hg.RPCError, match="max_overflow"):
+                remote.make(MiB + 100, 1)  # the result: the client's own cap
+            assert remote.digest(bytes(MiB - 100)) == sha(bytes(MiB - 100))
+            assert server.statistics()["na"]["registrations"] == 0
+    finally:
+        server.shutdown()
+        thread.join(TIMEOUT)
+        server.close()
+
+
+def test_overflow_to_a_killed_server_fails_cleanly(fresh: RpcPeer) -> None:
+    fresh.kill()
+    with pytest.raises(hg.PeerError):
+        fresh.remote.digest(bytes(2 * MiB))
+    assert fresh.engine.na.statistics()["registrations"] == 0
+
+
+# -- properties: the planner and the handle format ----------------------------------------------
+sizes_st = st.lists(st.integers(0, 300), min_size=1, max_size=6)
+
+
+@st.composite
+def transfers(draw: st.DrawFn) -> tuple[list[int], int, list[int], int, int]:
+    local, remote = draw(sizes_st), draw(sizes_st)
+    lt, rt = sum(local), sum(remote)
+    size = draw(st.integers(0, min(lt, rt)))
+    loff = draw(st.integers(0, lt - size))
+    roff = draw(st.integers(0, rt - size))
+    return local, loff, remote, roff, size
+
+
+@settings(max_examples=300, deadline=None)
+@given(transfers())
+def test_plans_cover_exactly_the_reference_slice(case: tuple[list[int], int, list[int], int,
+                                                             int]) -> None:
+    local, loff, remote, roff, size = case
+    src = bytes(i % 251 for i in range(sum(remote)))
+    rsegs = [src[a:b] for a, b in itertools.pairwise(
+        [0, *itertools.accumulate(remote)])]
+    lsegs = [bytearray(n) for n in local]
+    for li, lo_, ri, ro, n in layout.plan(layout.Layout(local), loff, layout.Layout(remote),
+                                          roff, size):
+        assert n > 0 and lo_ + n <= local[li] and ro + n <= remote[ri]
+        lsegs[li][lo_:lo_ + n] = rsegs[ri][ro:ro + n]
+    flat = b"".join(lsegs)
+    assert flat[loff:loff + size] == src[roff:roff + size]
+    assert flat[:loff] == bytes(loff) and flat[loff + size:] == bytes(len(flat) - loff - size)
+
+
+wires = st.builds(
+    lambda access, owner, segs, data: layout.Wire(
+        1 if data is not None else access, owner, tuple(s for s, _h in segs) if data is None
+        else (len(data),), tuple(h for _s, h in segs) if data is None else (), data),
+    st.sampled_from([1, 2, 3]), st.binary(max_size=40),
+    st.lists(st.tuples(st.integers(0, 2**40), st.binary(max_size=30)), max_size=5),
+    st.none() | st.binary(max_size=200))
+
+
+@settings(max_examples=200, deadline=None)
+@given(wires)
+def test_handle_format_round_trips_and_rejects_every_truncation(wire: layout.Wire) -> None:
+    data = layout.encode(wire)
+    assert layout.decode(data) == (wire, len(data))
+    assert layout.decode(b"xx" + data, 2) == (wire, len(data) + 2)
+    for cut in range(len(data)):
+        with pytest.raises(layout.LayoutError):
+            layout.decode(data[:cut])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=120))
+def test_garbage_handles_raise_layout_errors_only(garbage: bytes) -> None:
+    try:
+        wire, end = layout.decode(garbage)
+    except layout.LayoutError:
+        return
+    assert end <= len(garbage) and wire.total >= 0
+
+
+def test_the_bulk_proc_rejects_hostile_handles() -> None:
+    proc = hg.proc_for(bulk.Bulk)
+    good = layout.encode(layout.Wire(1, b"tcp://x", (5,), (b"k",)))
+    for bad in (good[:-1], b"\xb7\x02" + good[2:], good[:4] + b"\xff\xff\xff\xff" + good[8:]):
+        with pytest.raises(hg.DecodeError):
+            proc.decode(bad, 0)
+    with pytest.raises(TypeError, match="Bulk"):
+        proc.encode(b"bytes are not a handle")
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=transfers(), eager=st.booleans(), push=st.booleans())
+def test_random_layouts_move_exactly_the_reference_slice(
+        loopback: na.Plugin, case: tuple[list[int], int, list[int], int, int], eager: bool,
+        push: bool) -> None:
+    local_sizes, loff, remote_sizes, roff, size = case
+    src = api.pattern(sum(remote_sizes), sum(remote_sizes))
+    if push:
+        local_sizes, remote_sizes = remote_sizes, local_sizes
+        loff, roff = roff, loff
+        src = api.pattern(sum(local_sizes), sum(local_sizes))
+        lsegs, rsegs = api_split(src, local_sizes), [bytearray(n) for n in remote_sizes]
+        with bulk.Bulk(loopback, lsegs, RO, eager=eager) as lb, \
+                bulk.Bulk(loopback, rsegs, WO) as rb:
+            lb.push_to(rb.remote(), size, offset=roff, local_offset=loff).wait(TIMEOUT)
+        got = b"".join(rsegs)
+        assert got[roff:roff + size] == src[loff:loff + size]
+        assert got[:roff] == bytes(roff)
+        return
+    rsegs, lsegs = api_split(src, remote_sizes), [bytearray(n) for n in local_sizes]
+    with bulk.Bulk(loopback, rsegs, RO, eager=eager) as rb, \
+            bulk.Bulk(loopback, lsegs, WO) as lb:
+        remote = bulk.RemoteBulk.from_bytes(rb.to_bytes())
+        assert remote.eager == eager
+        lb.pull_from(remote, size, offset=roff, local_offset=loff).wait(TIMEOUT)
+    got = b"".join(lsegs)
+    assert got[loff:loff + size] == src[roff:roff + size]
+    assert got[:loff] == bytes(loff)
+
+
+def api_split(data: bytes, sizes: list[int]) -> list[bytearray]:
+    bounds = [0, *itertools.accumulate(sizes)]
+    return [bytearray(data[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+@pytest.fixture(scope="module")
+def loopback(spec: Spec) -> Iterator[na.Plugin]:
+    """One listening plugin that transfers between its own registrations (through NA)."""
+    with na.initialize(spec.uri, listen=True, **spec.options) as plugin:
+        yield plugin
