@@ -6,14 +6,14 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
 servers=()
-trap 'for p in "${servers[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 
-# run_example NAME URI EXPECTED [SERVER_EXPECTED]: client args come from CLIENT_ARGS.
+# run_example NAME URI EXPECTED [SERVER_EXPECTED]: extra arguments come from SERVER_ARGS and
+# CLIENT_ARGS.
 run_example() {
     local name=$1 uri=$2 expected=$3 server_expected=${4:-}
     local out
     out=$(mktemp)
-    "$PY" "examples/$name/server.py" "$uri" >"$out" &
+    "$PY" "examples/$name/server.py" "$uri" "${SERVER_ARGS[@]}" >"$out" &
     local pid=$!
     servers+=("$pid")
     local addr=""
@@ -43,7 +43,11 @@ run_example() {
     rm -f "$out"
 }
 
+work=$(mktemp -d)
+trap 'for p in "${servers[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
+head -c $((8 << 20)) /dev/urandom >"$work/input.bin"
 for uri in tcp://127.0.0.1:0 sm://; do
+    SERVER_ARGS=()
     CLIENT_ARGS=()
     run_example na_echo "$uri" "get: 30000 bytes"
     CLIENT_ARGS=(3)
@@ -51,5 +55,12 @@ for uri in tcp://127.0.0.1:0 sm://; do
     CLIENT_ARGS=()
     run_example sum "$uri" "42 + 23 = 65"
     run_example int_list "$uri" "sum = 55"
+    CLIENT_ARGS=(64)
+    run_example pipeline "$uri" "pipelined.*(digest ok)"
+    SERVER_ARGS=("$work/out")
+    CLIENT_ARGS=("$work/input.bin")
+    run_example save "$uri" "saved input.bin: 8388608 bytes" "saved input.bin"
+    cmp "$work/input.bin" "$work/out/input.bin" && echo "  [save $uri] the written file is byte-identical"
+    rm -rf "$work/out"
 done
 echo "all examples passed"

@@ -3,6 +3,7 @@ SIGTERM or a shutdown RPC; the client takes the server's URI. Run them as a user
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -15,16 +16,17 @@ from petasus import hg
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CASES = [("sum", [], "42 + 23 = 65", None), ("int_list", [], "sum = 55", None),
          ("hello", ["2"], "sent 2 hello", "Hello World\nHello World"),
-         ("na_echo", [], "get: 30000 bytes", None)]
+         ("na_echo", [], "get: 30000 bytes", None),
+         ("pipeline", ["16"], "pipelined, 4 x 4 MiB chunks in flight: 16 MiB", None)]
 
 
 @pytest.mark.parametrize("uri", ["tcp://127.0.0.1:0", "sm://"])
 @pytest.mark.parametrize(("name", "args", "expected", "server_expected"), CASES,
                          ids=[c[0] for c in CASES])
 def test_example(name: str, args: list[str], expected: str, server_expected: str | None,
-                 uri: str) -> None:
-    server = subprocess.Popen([sys.executable, str(EXAMPLES / name / "server.py"), uri],
-                              stdout=subprocess.PIPE, text=True)
+                 uri: str, server_args: tuple[str, ...] = ()) -> None:
+    server = subprocess.Popen([sys.executable, str(EXAMPLES / name / "server.py"), uri,
+                               *server_args], stdout=subprocess.PIPE, text=True)
     try:
         first = server.stdout.readline()  # type: ignore[union-attr]
         assert first.startswith("listening on "), first
@@ -34,6 +36,7 @@ def test_example(name: str, args: list[str], expected: str, server_expected: str
                                 timeout=60)
         assert client.returncode == 0, client.stderr
         assert expected in client.stdout
+        assert "MISMATCH" not in client.stdout
         if name == "na_echo":
             server.send_signal(signal.SIGTERM)
         else:
@@ -47,3 +50,14 @@ def test_example(name: str, args: list[str], expected: str, server_expected: str
         if server.poll() is None:
             server.kill()
             server.communicate()
+
+
+@pytest.mark.parametrize("size", [0, 1, 5 << 20])
+@pytest.mark.parametrize("uri", ["tcp://127.0.0.1:0", "sm://"])
+def test_save_writes_a_byte_identical_file(tmp_path: Path, uri: str, size: int) -> None:
+    source = tmp_path / "in" / "data.bin"
+    source.parent.mkdir()
+    source.write_bytes(os.urandom(size))
+    test_example("save", [str(source)], f"saved data.bin: {size} bytes", "saved data.bin", uri,
+                 (str(tmp_path / "out"),))
+    assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
