@@ -2,7 +2,7 @@
 or by a ZeroMQ ROUTER, with no protobuf and no framework of ours in the way, so petasus's RPC
 numbers can be set against what the common off-the-shelf stacks reach on the same machine.
 
-    python _rpc_peer_baselines.py grpc-sync|grpc-aio|zmq
+    python _rpc_peer_baselines.py grpc-sync|grpc-aio|grpc-bytes|zmq
 
 First stdout line: ``127.0.0.1:PORT``. Serves until stdin reaches EOF, then exits.
 """
@@ -24,6 +24,8 @@ from _common import pin_from_env
 REQ = struct.Struct("!ii")  # (x, y)
 RES = struct.Struct("!i")   # x + y
 SERVICE, METHOD = "bench.Sum", "Sum"  # path "/bench.Sum/Sum"
+GRPC_LARGE = [("grpc.max_send_message_length", 256 << 20),
+              ("grpc.max_receive_message_length", 256 << 20)]
 
 
 def stdin_closed() -> threading.Event:
@@ -42,6 +44,32 @@ def sum_handler(add: Any) -> grpc.GenericRpcHandler:
     method = grpc.unary_unary_rpc_method_handler(
         add, request_deserializer=REQ.unpack, response_serializer=RES.pack)
     return grpc.method_handlers_generic_handler(SERVICE, {METHOD: method})
+
+
+def grpc_bytes() -> None:
+    """Bulk's yardstick: ``Get`` answers an 8-byte size with that many bytes, ``Put`` answers a
+    payload with its length; messages up to 256 MiB (gRPC's default cap is 4 MiB)."""
+    cache: dict[int, bytes] = {}
+
+    def get(request: bytes, _context: Any) -> bytes:
+        size = struct.unpack("!Q", request)[0]
+        if size not in cache:
+            cache[size] = bytes(size)
+        return cache[size]
+
+    def put(request: bytes, _context: Any) -> bytes:
+        return struct.pack("!Q", len(request))
+
+    handlers = {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in
+                (("Get", get), ("Put", put))}
+    server = grpc.server(ThreadPoolExecutor(max_workers=32), options=GRPC_LARGE)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Bytes",
+                                                                          handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"127.0.0.1:{port}", flush=True)
+    stdin_closed().wait()
+    server.stop(None).wait(5)
 
 
 def grpc_sync() -> None:
@@ -105,5 +133,7 @@ if __name__ == "__main__":
         asyncio.run(grpc_aio())
     elif kind == "zmq":
         zmq_router()
+    elif kind == "grpc-bytes":
+        grpc_bytes()
     else:
-        raise SystemExit(f"unknown kind {kind!r}: grpc-sync, grpc-aio or zmq")
+        raise SystemExit(f"unknown kind {kind!r}: grpc-sync, grpc-aio, grpc-bytes or zmq")

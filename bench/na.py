@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import sys
 import time
 from typing import Any
 
 import _common
 from _common import child, emit, find, percentiles, ratio, summarize, timed, touched
+from _raw import raw_memcpy, raw_pvm, raw_stream
 
 from petasus import na
-from petasus.na import _pvm
 
 QUICK = "--quick" in sys.argv
 MSGS = 2000 if QUICK else 10000
@@ -70,52 +69,6 @@ def report_latency(plugin: str, op: str, samples: list[int], conc: int, **extra:
     mean, p50, p99 = percentiles(samples)
     emit(B, plugin, op, MSG, conc, conc * 1e6 / mean, "ops/s", p50_us=round(p50, 2),
          p99_us=round(p99, 2), **extra)
-
-
-def raw_stream() -> None:
-    pinned(False)
-    with child("_raw_peer.py", "stream") as (_proc, port):
-        sock = socket.create_connection(("127.0.0.1", int(port)))
-        dest = memoryview(touched(64 << 20))
-        for size in SIZES[2:]:
-            def run(size: int = size) -> int:
-                total = max(size, 256 << 20)
-                sock.sendall(struct.pack("<QQ", total, size))
-                # Land every message in the same `size` bytes, as a get of `size` does.
-                region = dest[:size]
-                left = total
-                sock.setblocking(False)
-                while left:
-                    pos = (total - left) % size
-                    try:
-                        left -= sock.recv_into(region[pos: pos + min(left, size - pos)])
-                    except BlockingIOError:
-                        os.sched_yield()
-                sock.setblocking(True)
-                return total
-            emit(B, "raw", "socket-stream", size, 1, timed(run) / 1e9, "GB/s")
-        sock.close()
-
-
-def raw_pvm() -> None:
-    with child("_raw_peer.py", "pvm", str(64 << 20)) as (_proc, line):
-        pid, addr = map(int, line.split())
-        dest = memoryview(touched(64 << 20))
-        for size in (*SIZES[2:], 64 << 20):
-            def run(size: int = size) -> int:
-                _pvm.transfer(False, pid, dest[:size], addr)
-                return size
-            emit(B, "raw", "process_vm_readv", size, 1, timed(run, 0.3) / 1e9, "GB/s")
-
-
-def raw_memcpy() -> None:
-    size = 64 << 20
-    src, dst = memoryview(touched(size)), memoryview(touched(size))
-
-    def run() -> int:
-        dst[:] = src
-        return size
-    emit(B, "raw", "memcpy", size, 1, timed(run) / 1e9, "GB/s")
 
 
 # -- plugins ----------------------------------------------------------------------------------
@@ -184,9 +137,9 @@ KEYS = ("plugin", "op", "size", "concurrency", "spin_us", "placement")
 def main() -> None:
     _common.QUIET = True
     for _round in range(ROUNDS):
-        raw_memcpy()
-        raw_pvm()
-        raw_stream()
+        raw_memcpy(B)
+        raw_pvm(B, SIZES[2:])
+        raw_stream(B, SIZES[2:])
         for placement in ("default", "pinned"):
             raw_pingpong("block", placement)
             raw_pingpong("spin", placement)

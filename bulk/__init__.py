@@ -16,13 +16,13 @@ in chunks while the caller processes the ones that have arrived.
 
 from petasus.na import AccessError, Canceled, NAError, PeerError
 
-from .handle import EAGER_BYTES, READ_ONLY, READ_WRITE, WRITE_ONLY, Bulk, Region, RemoteBulk
+from .handle import READ_ONLY, READ_WRITE, WRITE_ONLY, Bulk, Region, RemoteBulk, eager_limit
 from .layout import LayoutError
 from .pipeline import chunks, pipeline
 from .transfer import Driver, PluginDriver, Transfer
 
 __all__ = [
-    "EAGER_BYTES", "READ_ONLY", "READ_WRITE", "WRITE_ONLY", "AccessError", "Bulk", "Canceled",
+    "READ_ONLY", "READ_WRITE", "WRITE_ONLY", "AccessError", "Bulk", "Canceled",
     "Driver", "LayoutError", "NAError", "PeerError", "PluginDriver", "Region", "RemoteBulk",
-    "Transfer", "chunks", "pipeline",
+    "Transfer", "chunks", "eager_limit", "pipeline",
 ]

@@ -28,13 +28,19 @@ WRITE_ONLY = na.Access.WRITE_ONLY
 READ_WRITE = na.Access.READ_WRITE
 
 
-def _eager_default() -> int:
-    # Crossover measured by ``bench/bulk.py`` (the "eager" rows): below it, carrying the bytes
-    # in the RPC beats a one-sided pull after it; see docs/bulk.md for the figures.
-    return int(os.environ.get("PETASUS_EAGER_BYTES", str(16 << 10)))
+def eager_limit(plugin: na.Plugin) -> int:
+    """The largest read-only handle that carries its bytes by default.
 
-
-EAGER_BYTES = _eager_default()
+    bench/bulk.py's eager rows (docs/bulk.md has the figures): an RPC carrying S bytes inside
+    its handle beats one whose target pulls them at every S that still fits in the request
+    (1.7x at 1 KiB, 1.3-1.7x at 60 KiB, over tcp and sm), and loses 2.5-5x as soon as the
+    request overflows into bulk itself. So the crossover is the message size; three quarters of
+    it leave the other arguments room. ``PETASUS_EAGER_BYTES`` overrides it.
+    """
+    forced = os.environ.get("PETASUS_EAGER_BYTES")
+    if forced is not None:
+        return int(forced)
+    return plugin.msg_get_max_unexpected_size() * 3 // 4
 
 
 class Bulk:
@@ -42,7 +48,7 @@ class Bulk:
 
     ``buffers`` is one buffer-protocol object or a list of them (bytes, bytearray, memoryview,
     mmap, numpy arrays; each C-contiguous). ``eager``: None carries the bytes of a read-only
-    handle of at most ``EAGER_BYTES`` inside its serialized form; True always does (read-only
+    handle of at most ``eager_limit()`` inside its serialized form; True always does (read-only
     only); False never does. Eager bytes are captured when the handle is serialized.
     """
 
@@ -66,8 +72,9 @@ class Bulk:
         self.size = self.layout.total
         if eager and self.access != READ_ONLY:
             raise ValueError("Bulk: only a READ_ONLY handle can carry its bytes (eager=True)")
-        self.eager = (self.access == READ_ONLY and self.size <= EAGER_BYTES) if eager is None \
-            else bool(eager)
+        if eager is None:
+            eager = self.access == READ_ONLY and self.size <= eager_limit(self.na)
+        self.eager = bool(eager)
         self._handles: list[na.MemHandle | None] | None = None
         self._transfers: weakref.WeakSet[Transfer] = weakref.WeakSet()
         self._closed = False

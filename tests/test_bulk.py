@@ -63,7 +63,7 @@ def test_eager_handles_carry_their_bytes(rpc: RpcPeer) -> None:
     with rpc.engine.bulk(api.split(data, 3), RO) as handle:
         assert handle.eager and len(handle.to_bytes()) > len(data)
         assert rpc.remote.pull(handle, 10, 2000) == sha(data[10:2010])
-    with rpc.engine.bulk(bytes(4 * bulk.EAGER_BYTES), RO) as big:
+    with rpc.engine.bulk(bytes(bulk.eager_limit(rpc.engine.na) + 1), RO) as big:
         assert not big.eager, "above the threshold a handle is registered instead"
     with pytest.raises(ValueError, match="only a READ_ONLY handle"):
         rpc.engine.bulk(bytearray(10), RW, eager=True)
