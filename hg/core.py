@@ -44,6 +44,8 @@ POSTED_REQUESTS = 64  # receives a listening context keeps posted: requests in f
 # size from the peer uncapped); Engine(max_overflow=...) changes it.
 MAX_OVERFLOW = 1 << 30
 _ACK = hd.RESPONSE.pack(hd.IDENTIFIER, hd.PROTOCOL, hd.SUCCESS, 0, 0)
+_OWN_SEGMENT = 64 << 10  # an overflowing input's parts from this size on are not copied
+_LANDING_MAX = 64 << 20  # the largest landing buffer a context keeps for the next overflow
 
 
 class PeerError(RPCError, ConnectionError):
@@ -109,6 +111,7 @@ class Context:
         self.na = hg.na
         self.clock = clock
         self.max_overflow = max_overflow
+        self._landing: bytearray | None = None  # reused: fresh pages cost more than the copy
         self.overflow_timeout = overflow_timeout  # how long an exposed output waits for its ack
         self._seq = itertools.count()
         self.max_unexpected = self.na.msg_get_max_unexpected_size()
@@ -174,6 +177,22 @@ class Context:
     def _take_buffer(self) -> memoryview:
         bufs = self._bufs
         return bufs.pop() if bufs else memoryview(bytearray(self.max_expected))
+
+    def _take_landing(self, size: int) -> tuple[bytearray, memoryview]:
+        """A buffer for an overflow to land in (decoders copy out of it, so it is reused)."""
+        with self._timer_lock:
+            buf = self._landing
+            if buf is not None and len(buf) >= size:
+                self._landing = None
+            else:
+                buf = bytearray(size)
+        return buf, memoryview(buf)[:size]
+
+    def _give_landing(self, buf: bytearray) -> None:
+        with self._timer_lock:
+            if len(buf) <= _LANDING_MAX and (self._landing is None
+                                             or len(buf) > len(self._landing)):
+                self._landing = buf
 
     # -- target side ------------------------------------------------------------------------------
     def _on_request(self, op: na.Op) -> None:
@@ -264,7 +283,7 @@ class Context:
                               f"{self.max_overflow} B (max_overflow)")
             return
         self.stats["overflows"] += 1
-        dest = bytearray(size)
+        buf, dest = self._take_landing(size)
         local = Bulk(self.na, dest, WRITE_ONLY, eager=False)
 
         def pulled(transfer: Transfer) -> None:
@@ -286,17 +305,19 @@ class Context:
                 if not one_way:
                     self._reply_error(source, tag, hd.DECODE_ERROR, type(exc).__name__, str(exc))
                 return
+            finally:
+                self._give_landing(buf)
             self._dispatch(rpc, source, tag, int(one_way), args)
 
         try:
             local.pull_from(remote, addr=source, callback=pulled)
         except Exception as exc:  # a handle that names memory this plugin cannot reach
-            local.close()
+            local.close()  # pieces already posted may still land: the buffer is not reused
             self._reply_error(source, tag, hd.OVERFLOW, type(exc).__name__, str(exc))
 
-    def _expose_output(self, rpc: RPC, source: na.Addr, tag: int, payload: bytes) -> None:
+    def _expose_output(self, source: na.Addr, tag: int, parts: list[Any]) -> None:
         """Answer with a handle to the encoded result; the origin pulls it and acks."""
-        exposed = Bulk(self.na, memoryview(payload)[_RESP.size:], READ_ONLY, eager=False)
+        exposed = Bulk(self.na, _segments(parts), READ_ONLY, eager=False)
         exposure = _Exposure(exposed, self.clock() + self.overflow_timeout)
         try:
             head = _RESP.pack(_ID, _PROTO, hd.SUCCESS, hd.MORE_DATA, 0) + exposed.to_bytes()
@@ -322,16 +343,14 @@ class Context:
             if fused is not None:
                 payload = fused.pack(_ID, _PROTO, 0, 0, 0, value)
             else:
-                payload = _RESP.pack(_ID, _PROTO, 0, 0, 0) + rpc.out_proc.encode(value)
+                parts = rpc.out_proc.parts(value)
+                if sum(map(len, parts)) + _RESP.size > self.max_expected:
+                    self._expose_output(source, tag, parts)
+                    return
+                payload = b"".join([_RESP.pack(_ID, _PROTO, 0, 0, 0), *parts])
         except Exception as exc:  # whatever the result's proc raises: answer, don't die
             self._handler_failed(rpc, source, tag, 0, EncodeError(
-                f"{rpc.name}: cannot encode the result {value!r}: {exc}"))
-            return
-        if len(payload) > self.max_expected:
-            try:
-                self._expose_output(rpc, source, tag, payload)
-            except Exception as exc:
-                self._handler_failed(rpc, source, tag, 0, exc)
+                f"{rpc.name}: cannot encode the result {_short(value)}: {exc}"))
             return
         self.na.msg_send_expected(source, payload, tag)  # NA logs a peer lost before it arrives
 
@@ -339,6 +358,29 @@ class Context:
         self.stats["errors"] += 1
         body = _STR.encode(kind[:200]) + _STR.encode(message[:2000])
         self.na.msg_send_expected(source, _RESP.pack(_ID, _PROTO, ret, 0, 0) + body, tag)
+
+
+def _segments(parts: list[Any]) -> list[Any]:
+    """An encoding's parts as bulk segments: large parts as they are (the caller's memory, no
+    copy), the runs of small ones between them joined."""
+    segments: list[Any] = []
+    small: list[Any] = []
+    for part in parts:
+        if len(part) >= _OWN_SEGMENT:
+            if small:
+                segments.append(b"".join(small))
+                small = []
+            segments.append(part)
+        else:
+            small.append(part)
+    if small:
+        segments.append(b"".join(small))
+    return segments
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 class _Exposure:
@@ -407,11 +449,11 @@ class Handle:
             if fused is not None:
                 payload = fused.pack(_ID, _PROTO, rpc.id, flags, 0, *args)
             else:
-                body = rpc.in_proc.encode(args)
-                if len(body) + _REQ.size > ctx.max_unexpected:
-                    payload = self._expose_input(body, flags)
+                parts = rpc.in_proc.parts(args)
+                if sum(map(len, parts)) + _REQ.size > ctx.max_unexpected:
+                    payload = self._expose_input(parts, flags)
                 else:
-                    payload = _REQ.pack(_ID, _PROTO, rpc.id, flags, 0) + body
+                    payload = b"".join([_REQ.pack(_ID, _PROTO, rpc.id, flags, 0), *parts])
         except (struct.error, TypeError) as exc:
             raise EncodeError(f"{rpc.name}: cannot encode the arguments: {exc}") from None
         self.state = new  # type: ignore[assignment]
@@ -435,13 +477,14 @@ class Handle:
         plugin.msg_send_unexpected(self.addr, payload, tag, None if waits else self._on_sent)
         return self
 
-    def _expose_input(self, body: bytes, flags: int) -> bytes:
+    def _expose_input(self, parts: list[Any], flags: int) -> bytes:
         """Overflow: the request carries a handle to the encoded input, which the target
-        pulls before it runs the handler (Mercury's more-data path)."""
+        pulls before it runs the handler (Mercury's more-data path). Large values are exposed
+        in place, as segments of their own; the small pieces between them are joined."""
         ctx = self.context
         if self._overflow is not None:
             self._overflow.close()
-        exposed = Bulk(ctx.na, body, READ_ONLY, eager=False)
+        exposed = Bulk(ctx.na, _segments(parts), READ_ONLY, eager=False)
         request = _REQ.pack(_ID, _PROTO, self.rpc.id, flags | hd.MORE_DATA, 0) + exposed.to_bytes()
         if len(request) > ctx.max_unexpected:
             exposed.close()
@@ -553,7 +596,7 @@ class Handle:
                 rpc.name, self.addr.uri, f"result of {remote.size} B exceeds this process's "
                 f"limit of {ctx.max_overflow} B (max_overflow)"))
             return
-        dest = bytearray(remote.size)
+        buf, dest = ctx._take_landing(remote.size)
         local = Bulk(ctx.na, dest, WRITE_ONLY, eager=False)
         tag = self.tag
 
@@ -572,6 +615,8 @@ class Handle:
                 self._finish("error", None, RPCError(rpc.name, self.addr.uri,
                                                      f"malformed response: {exc}"))
                 return
+            finally:
+                ctx._give_landing(buf)
             self._finish("response", value, None)
 
         try:

@@ -27,6 +27,7 @@ Encode = Callable[[Any], bytes]
 Decode = Callable[[Any, int], tuple[Any, int]]
 
 _U32 = struct.Struct("!I")
+_VIEW_MIN = 64 << 10  # values from this size on are encoded as views of themselves (parts)
 
 
 def _no_free(value: Any) -> None:
@@ -36,13 +37,18 @@ def _no_free(value: Any) -> None:
 class Proc:
     """How one type crosses the wire. ``fmt`` is its struct code when it has a fixed size."""
 
-    __slots__ = ("decode", "encode", "flat", "fmt", "free", "name", "scalar", "struct")
+    __slots__ = ("decode", "encode", "flat", "fmt", "free", "name", "parts", "scalar", "struct")
 
     def __init__(self, name: str, encode: Encode, decode: Decode,
                  free: Callable[[Any], None] = _no_free, fmt: str | None = None,
-                 scalar: bool = False, flat: bool = False) -> None:
+                 scalar: bool = False, flat: bool = False,
+                 parts: Callable[[Any], list[Any]] | None = None) -> None:
         self.name = name
         self.encode = encode
+        # The encoding as a list of buffers whose concatenation is ``encode(value)``: large
+        # values appear as views of themselves, so an overflowing call exposes the caller's
+        # own memory instead of a copy.
+        self.parts = parts or (lambda value: [encode(value)])
         self.decode = decode
         self.free = free
         self.fmt = fmt
@@ -132,7 +138,9 @@ def _span(name: str, buf: Any, pos: int) -> tuple[int, int]:
     return pos + 4, end
 
 
-def _var_bytes(name: str, to_bytes: Callable[[Any], bytes], build: Callable[[Any], Any]) -> Proc:
+def _var_bytes(name: str, to_bytes: Callable[[Any], bytes], build: Callable[[Any], Any],
+               views: bool = True) -> Proc:
+    """Length-prefixed bytes; ``views``: buffers may be sent as views of themselves."""
     def encode(value: Any) -> bytes:
         try:
             data = to_bytes(value)
@@ -147,7 +155,21 @@ def _var_bytes(name: str, to_bytes: Callable[[Any], bytes], build: Callable[[Any
         except UnicodeDecodeError as exc:
             raise DecodeError(f"{name}: {exc}") from None
 
-    return Proc(name, encode, decode)
+    def parts(value: Any) -> list[Any]:
+        if views and not isinstance(value, str | int):
+            try:
+                view = memoryview(value)
+            except TypeError:
+                view = None
+            if view is not None and view.nbytes >= _VIEW_MIN and view.c_contiguous:
+                if view.format != "B" or view.ndim != 1:
+                    view = view.cast("B")
+                if view.nbytes > 0xFFFFFFFF:
+                    raise EncodeError(f"{name}: {view.nbytes} B exceed the u32 length prefix")
+                return [_U32.pack(view.nbytes), view]  # no copy of the caller's buffer
+        return [encode(value)]
+
+    return Proc(name, encode, decode, parts=parts)
 
 
 def _to_bytes(value: Any) -> bytes:
@@ -157,7 +179,7 @@ def _to_bytes(value: Any) -> bytes:
 
 
 _PROCS[str] = _var_bytes("str", lambda v: v.encode() if isinstance(v, str) else _not(v, "str"),
-                         lambda b: str(b, "utf-8"))
+                         lambda b: str(b, "utf-8"), views=False)
 _PROCS[bytes] = _var_bytes("bytes", _to_bytes, bytes)
 _PROCS[bytearray] = _var_bytes("buffer", _to_bytes, bytearray)
 _PROCS[memoryview] = _PROCS[bytearray]
@@ -358,6 +380,15 @@ def record(name: str, fields: list[Proc], build: Callable[[tuple[Any, ...]], Any
             raise EncodeError(f"{name}: expected {count} fields, got {len(values)}")
         return b"".join([f.encode(v) for f, v in zip(fields, values)])
 
+    def parts_of_fields(value: Any) -> list[Any]:
+        values = split(value)
+        if len(values) != count:
+            raise EncodeError(f"{name}: expected {count} fields, got {len(values)}")
+        out: list[Any] = []
+        for f, v in zip(fields, values):
+            out += f.parts(v)
+        return out
+
     def decode_fields(buf: Any, pos: int) -> tuple[Any, int]:
         out = []
         for f in fields:
@@ -369,7 +400,7 @@ def record(name: str, fields: list[Proc], build: Callable[[tuple[Any, ...]], Any
         for f, v in zip(fields, split(value)):
             f.free(v)
 
-    return Proc(name, encode_fields, decode_fields, free)
+    return Proc(name, encode_fields, decode_fields, free, parts=parts_of_fields)
 
 
 def _dataclass(cls: type) -> Proc:

@@ -71,6 +71,7 @@ def test_round_trip(tp: Any, values: st.SearchStrategy[Any], data: st.DataObject
     proc = proc_for(tp)
     value = data.draw(values)
     wire = proc.encode(value)
+    assert b"".join(proc.parts(value)) == wire  # the scatter form says the same bytes
     back = proc.loads(wire)
     if tp is hg.float32:
         assert back == struct.unpack("!f", struct.pack("!f", value))[0]
@@ -179,3 +180,15 @@ def test_rpc_ids_are_djb2() -> None:
     assert hd.rpc_id("sum") != hd.rpc_id("sum", 1) != hd.rpc_id("sun")
     with pytest.raises(ValueError, match="provider"):
         hd.rpc_id("x", 1 << 16)
+
+
+@pytest.mark.parametrize("tp", [bytes, bytearray, memoryview])
+def test_large_buffers_are_sent_as_views_of_themselves(tp: Any) -> None:
+    data = tp(bytes(range(256)) * 1024)
+    record = proc_for(tuple[str, tp, int])
+    parts = record.parts(("name", data, 7))
+    assert any(isinstance(p, memoryview) and p.obj is (data.obj if tp is memoryview else data)
+               for p in parts)
+    assert b"".join(parts) == record.encode(("name", data, 7))
+    with pytest.raises(hg.EncodeError):
+        proc_for(str).parts(b"x" * (1 << 17))  # a str parameter never takes bytes, large or not
