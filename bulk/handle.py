@@ -21,7 +21,7 @@ from petasus import na
 from petasus.na.types import as_byte_view
 
 from . import layout as lo
-from .transfer import Driver, PluginDriver, Transfer
+from .transfer import Driver, Transfer, driver_for
 
 READ_ONLY = na.Access.READ_ONLY
 WRITE_ONLY = na.Access.WRITE_ONLY
@@ -52,12 +52,9 @@ class Bulk:
     only); False never does. Eager bytes are captured when the handle is serialized.
     """
 
-    def __init__(self, owner: Any, buffers: Any, access: na.Access = READ_WRITE, *,
+    def __init__(self, owner: Any, buffers: Any, access: na.Access, *,
                  eager: bool | None = None) -> None:
-        if hasattr(owner, "wait_until") and hasattr(owner, "na"):
-            self._driver: Driver = owner
-        else:
-            self._driver = PluginDriver(owner)
+        self._driver: Driver = driver_for(owner)
         self.na: na.Plugin = self._driver.na
         self.access = na.Access(access)
         segments = list(buffers) if isinstance(buffers, list | tuple) else [buffers]
@@ -154,7 +151,7 @@ class Bulk:
         return lo.encode(self.wire())
 
     def remote(self) -> RemoteBulk:
-        """This handle as a peer sees it (for a transfer between two local handles)."""
+        """This handle as a peer sees it (what ``RemoteBulk.from_bytes(to_bytes())`` gives)."""
         return RemoteBulk(self.wire())
 
     # -- transfers --------------------------------------------------------------------------------
@@ -240,9 +237,10 @@ class RemoteBulk:
         except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"{op}: the handle's owner or keys do not belong to "
                              f"{plugin!r}: {exc}") from None
-        for h, size in zip(handles, wire.sizes, strict=True):
-            if h is not None and h.length != size:
-                raise ValueError(f"{op}: segment of {size} B carries a {h.length} B key")
+        for i, (h, size) in enumerate(zip(handles, wire.sizes, strict=True)):
+            if (h.length if h is not None else 0) != size:
+                raise ValueError(f"{op}: segment {i} of {size} B carries a key for "
+                                 f"{h.length if h is not None else 0} B")
         self._resolved = (plugin, addr, handles)
         return addr, handles
 
@@ -268,12 +266,14 @@ class Region:
         return Region(self.bulk, self.offset + offset, size)
 
     def pull_from(self, source: Any, size: int | None = None, *, offset: int = 0,
-                  callback: Any = None, addr: na.Addr | None = None) -> Transfer:
-        return _transfer("pull_from", self, 0, source, offset, size, callback, addr)
+                  local_offset: int = 0, callback: Any = None,
+                  addr: na.Addr | None = None) -> Transfer:
+        return _transfer("pull_from", self, local_offset, source, offset, size, callback, addr)
 
     def push_to(self, dest: Any, size: int | None = None, *, offset: int = 0,
-                callback: Any = None, addr: na.Addr | None = None) -> Transfer:
-        return _transfer("push_to", self, 0, dest, offset, size, callback, addr)
+                local_offset: int = 0, callback: Any = None,
+                addr: na.Addr | None = None) -> Transfer:
+        return _transfer("push_to", self, local_offset, dest, offset, size, callback, addr)
 
 
 def _span(what: str, obj: Any, offset: int, local: bool) -> tuple[Any, int, int]:
@@ -284,12 +284,9 @@ def _span(what: str, obj: Any, offset: int, local: bool) -> tuple[Any, int, int]
         base, start, avail = obj, 0, getattr(obj, "size", None)
     if local and not isinstance(base, Bulk):
         raise TypeError(f"{what}: the local side must be a Bulk, not {type(base).__name__}")
-    if not local:
-        if isinstance(base, Bulk):
-            base = base.remote()  # a local handle on the other side: transfer through NA
-        elif not isinstance(base, RemoteBulk):
-            raise TypeError(f"{what}: expected a RemoteBulk (or a region of one), "
-                            f"got {type(obj).__name__}")
+    if not local and not isinstance(base, Bulk | RemoteBulk):
+        raise TypeError(f"{what}: expected a RemoteBulk (or a region of one), "
+                        f"got {type(obj).__name__}")
     if offset < 0 or offset > avail:
         raise ValueError(f"{what}: offset {offset} is outside the {avail} B "
                          f"{'local' if local else 'remote'} range")
@@ -298,6 +295,8 @@ def _span(what: str, obj: Any, offset: int, local: bool) -> tuple[Any, int, int]
 
 def _transfer(what: str, local_obj: Any, local_offset: int, remote_obj: Any, remote_offset: int,
               size: int | None, callback: Any, addr: na.Addr | None) -> Transfer:
+    """Check everything, then start the pieces. Whatever fails once a piece may have moved is
+    the transfer's error (reported on completion), never an exception from here."""
     local, loff, lavail = _span(what, local_obj, local_offset, True)
     remote, roff, ravail = _span(what, remote_obj, remote_offset, False)
     pull = what == "pull_from"
@@ -308,28 +307,37 @@ def _transfer(what: str, local_obj: Any, local_offset: int, remote_obj: Any, rem
     if size < 0:
         raise ValueError(f"{what}: size {size} is negative")
     if size > ravail:
-        raise ValueError(f"{what}: {size} B from offset {roff} exceeds the {remote.size} B "
-                         "remote handle")
+        raise ValueError(f"{what}: {size} B at remote offset {remote_offset} exceed the "
+                         f"{ravail + remote_offset} B remote range")
     if size > lavail:
-        raise ValueError(f"{what}: {size} B at local offset {loff} exceeds the {local.size} B "
-                         "local handle")
+        raise ValueError(f"{what}: {size} B at local offset {local_offset} exceed the "
+                         f"{lavail + local_offset} B local range")
     need = READ_ONLY if pull else WRITE_ONLY
     if not remote.access & need:
         raise na.AccessError(what, None, f"the remote handle is {remote.access.name}: peers "
                              f"may not {'read' if pull else 'write'} it")
-    pieces = lo.plan(local.layout, loff, lo.Layout(remote.wire.sizes), roff, size)
+    rsizes = remote.layout.sizes if isinstance(remote, Bulk) else remote.wire.sizes
+    pieces = lo.plan(local.layout, loff, lo.Layout(rsizes), roff, size)
     if pull:
         for li, *_rest in pieces:
             if local.views[li].readonly:
                 raise ValueError(f"{what}: local segment {li} is read-only and cannot receive")
     driver = local._driver
-    if remote.eager:
-        # The bytes came with the handle: a local copy, no round trip.
+    if isinstance(remote, Bulk) or remote.eager:
+        # Both sides in this process, or the bytes came with the handle: a local copy, no
+        # round trip. It completes before this returns (its callback runs here).
+        if isinstance(remote, Bulk):
+            if remote._closed:
+                raise ValueError(f"{what}: {remote!r} is closed")
+            rviews = remote.views
+        else:
+            rviews = [memoryview(remote.wire.data)]  # type: ignore[arg-type]
         transfer = Transfer(what, None, size, driver)
-        if pull:
-            data = memoryview(remote.wire.data)  # type: ignore[arg-type]
-            for li, lo_, _ri, ro, n in pieces:
-                local.views[li][lo_:lo_ + n] = data[ro:ro + n]
+        for li, lo_, ri, ro, n in pieces:
+            if pull:
+                local.views[li][lo_:lo_ + n] = rviews[ri][ro:ro + n]
+            else:
+                rviews[ri][ro:ro + n] = local.views[li][lo_:lo_ + n]
         if callback is not None:
             transfer.add_done_callback(callback)
         transfer._complete()
@@ -350,13 +358,10 @@ def _transfer(what: str, local_obj: Any, local_offset: int, remote_obj: Any, rem
     for i, (li, lo_, ri, ro, n) in enumerate(pieces):
         try:
             op = post(lhandles[li], lo_, rhandles[ri], ro, n, addr, on_op)  # type: ignore[arg-type]
-        except BaseException:
-            # Pieces already posted complete as canceled; the rest never start.
-            transfer.remaining -= len(pieces) - i
-            transfer.cancel()
-            if transfer.remaining == 0:
-                transfer._complete()
-            raise
+        except Exception as exc:
+            # The pieces already posted are canceled and complete the transfer, failed; with
+            # none posted it completes now. Either way the error reaches wait() and callbacks.
+            transfer._fail(exc, len(pieces) - i)
+            break
         transfer._track(op)
     return transfer
-

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .handle import WRITE_ONLY, Bulk, Region, RemoteBulk
-from .transfer import Transfer
+from .transfer import Driver, Transfer, driver_for
 
 log = logging.getLogger("petasus.bulk")
 
@@ -48,13 +48,18 @@ class _Ring:
         self.next = start + offset
         self.end = start + offset + size
         self.base = start
-        n = min(depth + 1, max(1, -(-size // chunk_size)))
-        self.free = deque(Bulk(owner, bytearray(chunk_size), WRITE_ONLY, eager=False)
-                          for _ in range(n))
         self.chunk = chunk_size
         self.inflight: deque[tuple[Bulk, int, int, Transfer]] = deque()
         self.depth = depth
-        self.driver = self.free[0]._driver
+        self.free: deque[Bulk] = deque()
+        try:
+            for _ in range(min(depth + 1, -(-size // chunk_size))):
+                self.free.append(Bulk(owner, bytearray(min(chunk_size, size)), WRITE_ONLY,
+                                      eager=False))
+        except BaseException:
+            self.close()
+            raise
+        self.driver: Driver = self.free[0]._driver if self.free else driver_for(owner)
 
     def launch(self) -> None:
         while self.free and self.next < self.end and len(self.inflight) < self.depth:
@@ -69,8 +74,9 @@ class _Ring:
         return self.next >= self.end and not self.inflight
 
     def head(self, timeout: float | None) -> tuple[Bulk, int, int]:
-        slot, offset, n, t = self.inflight.popleft()
-        t.wait(timeout)
+        slot, offset, n, t = self.inflight[0]
+        t.wait(timeout)  # raises with the slot still in flight, where close() finds it
+        self.inflight.popleft()
         return slot, offset, n
 
     def close(self) -> None:

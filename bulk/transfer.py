@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
@@ -31,6 +32,9 @@ class Driver(Protocol):
 
     async def wait_async(self, subscribe: Callable[[Callable[[], None]], None],
                          cancel: Callable[[], None]) -> None: ...
+
+
+_READERS: dict[tuple[asyncio.AbstractEventLoop, int], int] = {}  # awaits per (loop, fd)
 
 
 class PluginDriver:
@@ -60,29 +64,42 @@ class PluginDriver:
             if not future.done():
                 future.set_result(None)
 
-        plugin, fd = self.na, self.na.poll_fd()
-
-        def pump() -> None:
-            plugin.progress(0)
-            plugin.trigger()
-
         subscribe(lambda: loop.call_soon_threadsafe(finished))
-        loop.add_reader(fd, pump)
+        # One reader per (loop, fd) however many transfers, of however many handles, are
+        # awaited at once: a second add_reader on the fd would replace the first.
+        key = (loop, self.na.poll_fd())
+        if not _READERS.get(key):
+            loop.add_reader(key[1], self._pump)
+        _READERS[key] = _READERS.get(key, 0) + 1
         try:
-            pump()
+            self._pump()
             await future
         except asyncio.CancelledError:
             cancel()
             raise
         finally:
-            loop.remove_reader(fd)
+            _READERS[key] -= 1
+            if not _READERS[key]:
+                del _READERS[key]
+                loop.remove_reader(key[1])
+
+    def _pump(self) -> None:
+        self.na.progress(0)
+        self.na.trigger()
+
+
+def driver_for(owner: Any) -> Driver:
+    """An engine drives its own plugin; a bare NA plugin gets a PluginDriver."""
+    if hasattr(owner, "wait_until") and hasattr(owner, "na"):
+        return owner  # type: ignore[no-any-return]
+    return PluginDriver(owner)
 
 
 class Transfer:
     """A pull or push in flight. Wait with ``wait()``, ``await``, or a callback."""
 
-    __slots__ = ("__weakref__", "_callbacks", "_driver", "_keep", "_ops", "done", "error", "op",
-                 "peer", "remaining", "size")
+    __slots__ = ("__weakref__", "_callbacks", "_driver", "_keep", "_lock", "_ops", "done",
+                 "error", "op", "peer", "remaining", "size")
 
     def __init__(self, op: str, peer: str | None, size: int, driver: Driver,
                  keep: Any = None) -> None:
@@ -96,6 +113,7 @@ class Transfer:
         self._callbacks: list[Callable[[Transfer], Any]] = []
         self._driver = driver
         self._keep = keep  # what must stay alive while bytes move (registrations, buffers)
+        self._lock = threading.Lock()  # completion vs. a callback added from another thread
 
     def __repr__(self) -> str:
         status = "done" if self.done else f"{self.remaining} pieces pending"
@@ -111,20 +129,34 @@ class Transfer:
     def _on_op(self, op: na.Op) -> None:
         self.remaining -= 1
         if op.error is not None and self.error is None:
-            err = op.error
-            cause = getattr(err, "cause", str(err))
-            self.error = (type(err)(self.op, self.peer, cause) if isinstance(err, na.NAError)
-                          else err)
-            self.error.__cause__ = err
+            self._set_error(op.error)
             self.cancel()  # the rest would only finish later, or fail the same way
         if self.remaining == 0:
             self._complete()
 
+    def _set_error(self, err: BaseException) -> None:
+        cause = getattr(err, "cause", str(err))
+        self.error = (type(err)(self.op, self.peer, cause) if isinstance(err, na.NAError)
+                      else err)
+        if self.error is not err:
+            self.error.__cause__ = err
+
+    def _fail(self, err: BaseException, unposted: int) -> None:
+        """Posting a piece failed: the ``unposted`` ones never start, the posted ones are
+        canceled, and the transfer completes failed once they have."""
+        if self.error is None:
+            self._set_error(err)
+        self.remaining -= unposted
+        self.cancel()
+        if self.remaining == 0:
+            self._complete()
+
     def _complete(self) -> None:
-        self.done = True
-        self._keep = None
-        self._ops = []
-        callbacks, self._callbacks = self._callbacks, []
+        with self._lock:
+            self.done = True
+            self._keep = None
+            self._ops = []
+            callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             try:
                 fn(self)
@@ -134,10 +166,11 @@ class Transfer:
     # -- public -----------------------------------------------------------------------------------
     def add_done_callback(self, fn: Callable[[Transfer], Any]) -> None:
         """Run ``fn(transfer)`` when the transfer completes (at once if it already has)."""
-        if self.done:
-            fn(self)
-        else:
-            self._callbacks.append(fn)
+        with self._lock:
+            if not self.done:
+                self._callbacks.append(fn)
+                return
+        fn(self)
 
     def cancel(self) -> None:
         """Stop the pieces still moving; the transfer then completes with ``Canceled``."""

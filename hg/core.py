@@ -31,6 +31,7 @@ from .errors import (
     RPCError,
     RPCTimeout,
 )
+from .overflow import ACK_BIT, TAG_MASK, Deadline, Landing, segments
 from .procs import Proc, proc_for
 
 log = logging.getLogger("petasus.hg.rpc")
@@ -44,8 +45,6 @@ POSTED_REQUESTS = 64  # receives a listening context keeps posted: requests in f
 # size from the peer uncapped); Engine(max_overflow=...) changes it.
 MAX_OVERFLOW = 1 << 30
 _ACK = hd.RESPONSE.pack(hd.IDENTIFIER, hd.PROTOCOL, hd.SUCCESS, 0, 0)
-_OWN_SEGMENT = 64 << 10  # an overflowing input's parts from this size on are not copied
-_LANDING_MAX = 64 << 20  # the largest landing buffer a context keeps for the next overflow
 
 
 class PeerError(RPCError, ConnectionError):
@@ -111,13 +110,14 @@ class Context:
         self.na = hg.na
         self.clock = clock
         self.max_overflow = max_overflow
-        self._landing: bytearray | None = None  # reused: fresh pages cost more than the copy
-        self.overflow_timeout = overflow_timeout  # how long an exposed output waits for its ack
+        self.landing = Landing(max_overflow)
+        self.overflow_timeout = overflow_timeout  # bounds a pull, and the wait for an ack
+        self.timer_hook: Callable[[float], Any] | None = None  # told of each armed deadline
         self._seq = itertools.count()
         self.max_unexpected = self.na.msg_get_max_unexpected_size()
         self.max_expected = self.na.msg_get_max_expected_size()
         self._tags = itertools.count(1)
-        self._timers: list[tuple[float, int, Handle | _Exposure]] = []
+        self._timers: list[tuple[float, int, Handle | Deadline]] = []
         self._timer_lock = threading.Lock()
         self._bufs: list[memoryview] = []  # response buffers, reused across calls
         self.closing = False  # set by the owner before it closes the plugin
@@ -151,48 +151,34 @@ class Context:
         return Handle(self, addr, rpc)
 
     # -- timers -----------------------------------------------------------------------------------
-    def _arm(self, handle: Handle | _Exposure, deadline: float) -> None:
+    def _arm(self, entry: Handle | Deadline, deadline: float) -> None:
         with self._timer_lock:
             timers = self._timers
             if len(timers) > 4096:
                 # Entries of calls that already finished stay until their deadline; drop them
                 # in bulk so a high call rate with long timeouts cannot grow the heap unbounded.
-                timers[:] = [t for t in timers
-                             if t[2].state == _FORWARDED and t[2].deadline == t[0]]
+                timers[:] = [t for t in timers if t[2].live and t[2].deadline == t[0]]
                 heapq.heapify(timers)
-            heapq.heappush(timers, (deadline, next(self._seq), handle))
+            heapq.heappush(timers, (deadline, next(self._seq), entry))
+        hook = self.timer_hook
+        if hook is not None:
+            hook(deadline)  # an event loop that drives progress must wake up for it
 
     def _expire(self, now: float) -> None:
         expired = []
         with self._timer_lock:
             timers = self._timers
             while timers and timers[0][0] <= now:
-                deadline, _tag, handle = heapq.heappop(timers)
-                if handle.state == _FORWARDED and handle.deadline == deadline:
-                    expired.append(handle)
-        for handle in expired:
-            handle.expire()
+                deadline, _seq, entry = heapq.heappop(timers)
+                if entry.live and entry.deadline == deadline:
+                    expired.append(entry)
+        for entry in expired:
+            entry.expire()
 
     # -- origin side ------------------------------------------------------------------------------
     def _take_buffer(self) -> memoryview:
         bufs = self._bufs
         return bufs.pop() if bufs else memoryview(bytearray(self.max_expected))
-
-    def _take_landing(self, size: int) -> tuple[bytearray, memoryview]:
-        """A buffer for an overflow to land in (decoders copy out of it, so it is reused)."""
-        with self._timer_lock:
-            buf = self._landing
-            if buf is not None and len(buf) >= size:
-                self._landing = None
-            else:
-                buf = bytearray(size)
-        return buf, memoryview(buf)[:size]
-
-    def _give_landing(self, buf: bytearray) -> None:
-        with self._timer_lock:
-            if len(buf) <= _LANDING_MAX and (self._landing is None
-                                             or len(buf) > len(self._landing)):
-                self._landing = buf
 
     # -- target side ------------------------------------------------------------------------------
     def _on_request(self, op: na.Op) -> None:
@@ -275,29 +261,40 @@ class Context:
     # -- overflow: inputs and outputs larger than a message travel through bulk ------------------
     def _pull_input(self, rpc: RPC, source: na.Addr, tag: int, one_way: bool,
                     remote: RemoteBulk) -> None:
-        """Pull an input that did not fit in the request, then run the handler."""
+        """Pull an input that did not fit in the request, then run the handler. The handle
+        is checked and the bytes budgeted before anything is allocated."""
         size = remote.size
-        if size > self.max_overflow:
+        refused = self.landing.reserve(size)
+        if refused is None:
+            try:
+                remote.resolve(self.na, "pull the input", source)
+            except ValueError as exc:
+                self.landing.release(size)
+                refused = str(exc)
+        if refused is not None:
             self._reply_error(source, tag, hd.OVERFLOW, "OverflowError",
-                              f"{rpc.name}: input of {size} B exceeds this server's limit of "
-                              f"{self.max_overflow} B (max_overflow)")
+                              f"{rpc.name}: input of {size} B {refused}")
             return
         self.stats["overflows"] += 1
-        buf, dest = self._take_landing(size)
+        buf, dest = self.landing.take(size)
         local = Bulk(self.na, dest, WRITE_ONLY, eager=False)
+        timer = Deadline(self.clock() + self.overflow_timeout, lambda: None)
 
         def pulled(transfer: Transfer) -> None:
             local.close()
+            self.landing.release(size)
+            timed_out = not timer.disarm()
             if self.closing:
                 return
             if transfer.error is not None:
-                log.warning("%s: pulling the input from %s failed: %s", rpc.name, source.uri,
-                            transfer.error)
+                why = (f"not pulled within {self.overflow_timeout:g} s" if timed_out
+                       else f"pulling it failed: {transfer.error}")
+                log.warning("%s: the input from %s was %s", rpc.name, source.uri, why)
                 self._reply_error(source, tag, hd.OVERFLOW, type(transfer.error).__name__,
-                                  f"pulling the input failed: {transfer.error}")
+                                  f"{rpc.name}: the input was {why}")
                 return
             if one_way:
-                self.na.msg_send_expected(source, _ACK, tag)  # the origin may release it now
+                self._send_ack(source, tag)  # its answer: the origin may let go of the input
             try:
                 args = rpc.in_proc.loads(dest)
             except Exception as exc:
@@ -306,29 +303,41 @@ class Context:
                     self._reply_error(source, tag, hd.DECODE_ERROR, type(exc).__name__, str(exc))
                 return
             finally:
-                self._give_landing(buf)
+                self.landing.give(buf)  # the transfer is over: nothing writes into it now
             self._dispatch(rpc, source, tag, int(one_way), args)
 
-        try:
-            local.pull_from(remote, addr=source, callback=pulled)
-        except Exception as exc:  # a handle that names memory this plugin cannot reach
-            local.close()  # pieces already posted may still land: the buffer is not reused
-            self._reply_error(source, tag, hd.OVERFLOW, type(exc).__name__, str(exc))
+        transfer = local.pull_from(remote, addr=source, callback=pulled)
+        if not transfer.done:
+            timer.on_expire = transfer.cancel
+            self._arm(timer, timer.deadline)
 
     def _expose_output(self, source: na.Addr, tag: int, parts: list[Any]) -> None:
-        """Answer with a handle to the encoded result; the origin pulls it and acks."""
-        exposed = Bulk(self.na, _segments(parts), READ_ONLY, eager=False)
-        exposure = _Exposure(exposed, self.clock() + self.overflow_timeout)
+        """Answer with a handle to the encoded result; the origin pulls it and acknowledges.
+        Without an acknowledgement the memory is withdrawn after ``overflow_timeout``."""
+        exposed = Bulk(self.na, segments(parts), READ_ONLY, eager=False)
         try:
             head = _RESP.pack(_ID, _PROTO, hd.SUCCESS, hd.MORE_DATA, 0) + exposed.to_bytes()
-            exposure.ack = self.na.msg_recv_expected(source, bytearray(_RESP.size), tag,
-                                                     exposure.acked)
+            timer = Deadline(self.clock() + self.overflow_timeout, lambda: None)
+
+            def acked(_op: na.Op) -> None:
+                timer.disarm()
+                exposed.close()
+
+            ack = self.na.msg_recv_expected(source, bytearray(_RESP.size), tag | ACK_BIT, acked)
         except Exception:
             exposed.close()
             raise
+        timer.on_expire = lambda: self.na.cancel(ack)  # its completion closes the handle
         self.stats["overflows"] += 1
-        self._arm(exposure, exposure.deadline)
+        self._arm(timer, timer.deadline)
         self.na.msg_send_expected(source, head, tag)
+
+    def _send_ack(self, peer: na.Addr, tag: int) -> None:
+        if not self.closing:
+            try:
+                self.na.msg_send_expected(peer, _ACK, tag)
+            except (RuntimeError, na.NAError):  # closed under us: nobody waits any more
+                pass
 
     def _handler_failed(self, rpc: RPC, source: na.Addr, tag: int, one_way: int,
                         exc: BaseException) -> None:
@@ -344,13 +353,19 @@ class Context:
                 payload = fused.pack(_ID, _PROTO, 0, 0, 0, value)
             else:
                 parts = rpc.out_proc.parts(value)
-                if sum(map(len, parts)) + _RESP.size > self.max_expected:
-                    self._expose_output(source, tag, parts)
-                    return
-                payload = b"".join([_RESP.pack(_ID, _PROTO, 0, 0, 0), *parts])
+                payload = None
+                if sum(map(len, parts)) + _RESP.size <= self.max_expected:
+                    payload = b"".join([_RESP.pack(_ID, _PROTO, 0, 0, 0), *parts])
         except Exception as exc:  # whatever the result's proc raises: answer, don't die
             self._handler_failed(rpc, source, tag, 0, EncodeError(
                 f"{rpc.name}: cannot encode the result {_short(value)}: {exc}"))
+            return
+        if payload is None:
+            try:
+                self._expose_output(source, tag, parts)
+            except Exception as exc:
+                self._handler_failed(rpc, source, tag, 0, RuntimeError(
+                    f"{rpc.name}: cannot expose the {sum(map(len, parts))} B result: {exc}"))
             return
         self.na.msg_send_expected(source, payload, tag)  # NA logs a peer lost before it arrives
 
@@ -360,50 +375,9 @@ class Context:
         self.na.msg_send_expected(source, _RESP.pack(_ID, _PROTO, ret, 0, 0) + body, tag)
 
 
-def _segments(parts: list[Any]) -> list[Any]:
-    """An encoding's parts as bulk segments: large parts as they are (the caller's memory, no
-    copy), the runs of small ones between them joined."""
-    segments: list[Any] = []
-    small: list[Any] = []
-    for part in parts:
-        if len(part) >= _OWN_SEGMENT:
-            if small:
-                segments.append(b"".join(small))
-                small = []
-            segments.append(part)
-        else:
-            small.append(part)
-    if small:
-        segments.append(b"".join(small))
-    return segments
-
-
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 200 else text[:200] + "..."
-
-
-class _Exposure:
-    """An output exposed for the origin to pull; released by its ack, or by the timer."""
-
-    __slots__ = ("ack", "bulk", "deadline", "state")
-
-    def __init__(self, exposed: Bulk, deadline: float) -> None:
-        self.bulk = exposed
-        self.deadline = deadline
-        self.state = _FORWARDED  # what the context's timers look for
-        self.ack: na.Op | None = None
-
-    def acked(self, op: na.Op) -> None:
-        self.state = st.COMPLETED
-        self.bulk.close()
-
-    def expire(self) -> None:
-        """The origin never acknowledged (it died, or lies): withdraw the memory."""
-        self.state = st.COMPLETED
-        if self.ack is not None:
-            self.bulk.na.cancel(self.ack)
-        self.bulk.close()
 
 
 class Handle:
@@ -434,6 +408,11 @@ class Handle:
     def done(self) -> bool:
         return self.state in st.FINISHED
 
+    @property
+    def live(self) -> bool:
+        """Still waiting for its answer (what the context's timers look for)."""
+        return self.state == _FORWARDED
+
     def forward(self, args: tuple[Any, ...], callback: Callable[[Handle], Any] | None = None,
                 timeout: float | None = None, *, arm: bool = True) -> Handle:
         """Send the call. ``callback(handle)`` runs from ``trigger()`` once it has finished.
@@ -460,7 +439,7 @@ class Handle:
         self.callback = callback
         self.error = None
         self.value = None
-        tag = self.tag = next(ctx._tags) & 0xFFFFFFFF
+        tag = self.tag = next(ctx._tags) & TAG_MASK
         plugin = ctx.na
         waits = not rpc.one_way or self._overflow is not None  # an overflow is acknowledged
         if waits:
@@ -484,7 +463,8 @@ class Handle:
         ctx = self.context
         if self._overflow is not None:
             self._overflow.close()
-        exposed = Bulk(ctx.na, _segments(parts), READ_ONLY, eager=False)
+        exposed = Bulk(ctx.na, segments(parts), READ_ONLY, eager=False)
+        ctx.stats["overflows"] += 1
         request = _REQ.pack(_ID, _PROTO, self.rpc.id, flags | hd.MORE_DATA, 0) + exposed.to_bytes()
         if len(request) > ctx.max_unexpected:
             exposed.close()
@@ -589,21 +569,29 @@ class Handle:
 
     def _pull_output(self, remote: RemoteBulk) -> None:
         """The result did not fit in a message: pull it, acknowledge, then decode it."""
-        ctx, rpc = self.context, self.rpc
-        if remote.size > ctx.max_overflow:
-            ctx.na.msg_send_expected(self.addr, _ACK, self.tag)
-            self._finish("error", None, RPCError(
-                rpc.name, self.addr.uri, f"result of {remote.size} B exceeds this process's "
-                f"limit of {ctx.max_overflow} B (max_overflow)"))
+        ctx, rpc, tag = self.context, self.rpc, self.tag
+        size = remote.size
+        refused = ctx.landing.reserve(size)
+        if refused is None:
+            try:
+                remote.resolve(ctx.na, "pull the result", self.addr)
+            except ValueError as exc:
+                ctx.landing.release(size)
+                refused = str(exc)
+        if refused is not None:
+            ctx._send_ack(self.addr, tag | ACK_BIT)
+            self._finish("error", None, RPCError(rpc.name, self.addr.uri,
+                                                 f"result of {size} B {refused}"))
             return
-        buf, dest = ctx._take_landing(remote.size)
+        ctx.stats["overflows"] += 1
+        buf, dest = ctx.landing.take(size)
         local = Bulk(ctx.na, dest, WRITE_ONLY, eager=False)
-        tag = self.tag
 
         def pulled(transfer: Transfer) -> None:
             local.close()
+            ctx.landing.release(size)
             self._pull = None
-            ctx.na.msg_send_expected(self.addr, _ACK, tag)  # the target may release it now
+            ctx._send_ack(self.addr, tag | ACK_BIT)  # the target may withdraw its memory now
             if self.state != _FORWARDED:
                 return
             if transfer.error is not None:
@@ -616,16 +604,12 @@ class Handle:
                                                      f"malformed response: {exc}"))
                 return
             finally:
-                ctx._give_landing(buf)
+                ctx.landing.give(buf)
             self._finish("response", value, None)
 
-        try:
-            self._pull = local.pull_from(remote, addr=self.addr, callback=pulled)
-        except Exception as exc:
-            local.close()
-            ctx.na.msg_send_expected(self.addr, _ACK, tag)
-            self._finish("error", None, RPCError(rpc.name, self.addr.uri,
-                                                 f"cannot pull the result: {exc}"))
+        transfer = local.pull_from(remote, addr=self.addr, callback=pulled)
+        if not transfer.done:
+            self._pull = transfer
 
     def _transport_error(self, error: BaseException) -> BaseException:
         if isinstance(error, na.Canceled):

@@ -35,7 +35,7 @@ from types import ModuleType
 from typing import Any
 
 from petasus import na
-from petasus.bulk import READ_WRITE, Bulk
+from petasus.bulk import Bulk
 
 from . import state as st
 from .core import MAX_OVERFLOW, RPC, Class, Context, Handle, TargetHandle
@@ -98,11 +98,13 @@ class Engine:
 
     def __init__(self, uri: str = "tcp://127.0.0.1:0", listen: bool = False, *,
                  timeout: float = 30.0, pool_size: int = 4, allow_remote_shutdown: bool = False,
-                 max_overflow: int = MAX_OVERFLOW, clock: Callable[[], float] = time.monotonic,
-                 **na_options: Any) -> None:
+                 max_overflow: int = MAX_OVERFLOW, overflow_timeout: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic, **na_options: Any) -> None:
         self.na = na.initialize(uri, listen=listen, **na_options)
         self.hg = Class(self.na, listen)
-        self.context = Context(self.hg, clock=clock, max_overflow=max_overflow)
+        self.context = Context(self.hg, clock=clock, max_overflow=max_overflow,
+                               overflow_timeout=overflow_timeout)
+        self.context.timer_hook = self._timer_armed
         self.timeout = timeout
         self._declared: dict[str, Declaration] = {}
         self._async_ids: set[int] = set()
@@ -148,8 +150,7 @@ class Engine:
         return {**self.context.stats, "inflight_handlers": self._inflight,
                 "na": self.na.statistics()}
 
-    def bulk(self, buffers: Any, access: na.Access = READ_WRITE, *,
-             eager: bool | None = None) -> Bulk:
+    def bulk(self, buffers: Any, access: na.Access, *, eager: bool | None = None) -> Bulk:
         """Expose ``buffers`` (one buffer or a list) for transfers driven by this engine."""
         return Bulk(self, buffers, access, eager=eager)
 
@@ -300,10 +301,9 @@ class Engine:
         loop = asyncio.get_running_loop()
         self._attach(loop)
         future = loop.create_future()
+        # Its deadline reaches the loop's timer through the context's timer hook.
         handle = self.forward(addr, rpc, args, timeout,
                               lambda h: self._on_loop(_settle, future, h))
-        if handle.deadline:
-            self._arm_loop_timer(handle.deadline)
         self._kick()
         try:
             return await future
@@ -321,6 +321,12 @@ class Engine:
             current.cancel()
         delay = max(0.0, deadline - self.context.clock())
         self._loop_timer = self._loop.call_later(delay, self._on_loop_timer)  # type: ignore[union-attr]
+
+    def _timer_armed(self, deadline: float) -> None:
+        """The context armed a deadline (an overflow's): an attached loop must wake for it."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and not self._closed:
+            self._on_loop(self._arm_loop_timer, deadline)
 
     def _on_loop_timer(self) -> None:
         self._loop_timer = None

@@ -234,6 +234,10 @@ class SocketPlugin(RmaMixin):
     def _on_close(self) -> None:
         """Release plugin-specific resources."""
 
+    def _owns_anonymous(self, conn: _Conn, uri: str) -> bool:
+        """Whether the peer on ``conn`` may be looked up by ``uri`` (see _on_hello)."""
+        return False
+
     # -- context manager, repr, introspection ---------------------------------------------------
     def __enter__(self) -> SocketPlugin:
         return self
@@ -259,7 +263,7 @@ class SocketPlugin(RmaMixin):
     def addr_lookup(self, uri: str) -> Addr:
         self._check_open("addr_lookup")
         with self._lock:
-            anon = self._anon.get(uri)
+            anon = self._anon.get(uri) if uri not in self._peers else None
         if anon is not None:
             return anon
         canonical = self._canonical(uri)
@@ -654,7 +658,9 @@ class SocketPlugin(RmaMixin):
             addr = Addr(uri, False)
             addr.conn = conn
             known = self._anon.get(uri)
-            if known is None or known.conn is None:  # first come: an impostor takes nothing
+            # First come, and only a URI of the anonymous kind that this connection can own:
+            # a peer cannot take over a listener's address, or another peer's.
+            if (known is None or known.conn is None) and self._owns_anonymous(conn, uri):
                 self._anon[uri] = addr
         conn.addr = addr
         conn.name = uri

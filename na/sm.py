@@ -179,6 +179,19 @@ class SmPlugin(SocketPlugin):
         sock.setblocking(False)
         return sock, False
 
+    def _owns_anonymous(self, conn: Any, uri: str) -> bool:
+        # The kernel says which process is on the other end of the Unix socket: only that
+        # process may be known by an sm URI with its pid.
+        match = _URI.match(uri)
+        if match is None:
+            return False
+        try:
+            cred = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                        struct.calcsize("3i"))
+        except OSError:
+            return False
+        return struct.unpack("3i", cred)[0] == int(match.group(1))
+
     def _on_close(self) -> None:
         for table in self._tables.values():
             table.close()

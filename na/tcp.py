@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import secrets
 import socket
+from typing import Any
 from urllib.parse import urlsplit
 
 from ._sockets import SocketPlugin
@@ -85,6 +86,9 @@ class TcpPlugin(SocketPlugin):
             sock.close()
             raise OSError(err, errno.errorcode.get(err, str(err)))
         return sock, bool(err)
+
+    def _owns_anonymous(self, conn: Any, uri: str) -> bool:
+        return uri.startswith("tcp://anonymous-")
 
     def _tune(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -7,9 +7,11 @@ import asyncio
 import dataclasses
 import hashlib
 import itertools
+import socket
 import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import rpc_api as api
@@ -21,6 +23,7 @@ from test_rpc import RpcPeer
 
 from petasus import bulk, hg, na
 from petasus.bulk import layout
+from petasus.hg import header as hd
 
 MiB = 1 << 20
 RO, WO, RW = bulk.READ_ONLY, bulk.WRITE_ONLY, bulk.READ_WRITE
@@ -149,10 +152,10 @@ def test_range_errors_name_the_operation(rpc: RpcPeer) -> None:
     dest = bytearray(1000)
     with rpc.engine.bulk(dest, WO) as local:
         for kwargs, match in [
-            ({"size": 1001}, "exceeds the 1000 B remote"),
-            ({"size": 10, "offset": 995}, "exceeds the 1000 B remote"),
+            ({"size": 1001}, "exceed the 1000 B remote range"),
+            ({"size": 10, "offset": 995}, "at remote offset 995 exceed the 1000 B remote"),
             ({"offset": -1}, "outside"),
-            ({"size": 100, "local_offset": 950}, "exceeds the 1000 B local"),
+            ({"size": 100, "local_offset": 950}, "at local offset 950 exceed the 1000 B local"),
             ({"size": -5}, "negative"),
         ]:
             with pytest.raises(ValueError, match=match):
@@ -170,7 +173,7 @@ def test_range_errors_name_the_operation(rpc: RpcPeer) -> None:
 def test_a_small_local_handle_never_truncates(rpc: RpcPeer) -> None:
     remote = rpc.remote.expose(5000, 12, int(RO), 1, False)
     with rpc.engine.bulk(bytearray(4999), WO) as local, \
-            pytest.raises(ValueError, match="exceeds the 4999 B local"):
+            pytest.raises(ValueError, match="exceed the 4999 B local range"):
         local.pull_from(remote)
 
 
@@ -483,3 +486,210 @@ def loopback(spec: Spec) -> Iterator[na.Plugin]:
     """One listening plugin that transfers between its own registrations (through NA)."""
     with na.initialize(spec.uri, listen=True, **spec.options) as plugin:
         yield plugin
+
+
+# -- hostile peers and the overflow path's bookkeeping -----------------------------------------
+def _raw_call(client: na.Plugin, uri: str, payload: bytes, tag: int,
+              expect_reply: bool = True) -> tuple[int, bytes] | None:
+    """Send a hand-made request; return (return code, body) of the answer on its tag."""
+    addr = client.addr_lookup(uri)
+    buf = bytearray(client.msg_get_max_expected_size())
+    recv = client.msg_recv_expected(addr, buf, tag) if expect_reply else None
+    send = client.msg_send_unexpected(addr, payload, tag)
+    na.wait(client, send, *([recv] if recv else []), timeout=TIMEOUT)
+    send.result()
+    if recv is None:
+        return None
+    recv.result()
+    return buf[2], bytes(buf[8:recv.size])
+
+
+def eventually(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+    """Poll a condition that another thread makes true (a server's bookkeeping)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _more_data(name: str, wire: layout.Wire) -> bytes:
+    return hd.encode_request(hd.rpc_id(name), hd.MORE_DATA) + layout.encode(wire)
+
+
+def test_a_forged_overflow_handle_gets_an_error_and_nothing_else(spec: Spec,
+                                                                 rpc: RpcPeer) -> None:
+    with na.initialize(spec.uri, **spec.options) as client:
+        owner = client.addr_serialize(client.addr_self())
+        for wire in (layout.Wire(1, owner, (300_000,), (b"",)),          # a segment without key
+                     layout.Wire(1, owner, (300_000,), (b"\x01" * 18,))):  # a key that lies
+            ret, body = _raw_call(client, rpc.uri, _more_data("digest", wire), 7)
+            assert ret == hd.OVERFLOW, body
+        # One answer per request: a second one on the same tag would be dropped and counted.
+        assert client.statistics()["expected_dropped"] == 0
+    assert rpc.remote.sum(2, 2) == 4
+
+
+def test_an_acknowledgement_is_never_taken_for_a_response(spec: Spec) -> None:
+    """Both peers number their calls from 1: the target's ack channel must not meet the
+    origin's response channel when two listening engines call each other."""
+    b_engine, b_thread = start_in_thread(spec.uri, **spec.options)
+    a_engine = hg.Engine(spec.uri, listen=True, timeout=TIMEOUT, **spec.options)
+    a_engine.register(api.make, lambda size, seed: api.pattern(seed, size))
+    a_thread = threading.Thread(target=a_engine.serve, kwargs={"handle_signals": False})
+    a_thread.start()
+    try:
+        a_engine.declare(api)
+        b_engine.declare(api)
+        held = a_engine.lookup(b_engine.uri).hold.future(TIMEOUT)   # A's call 1, held by B
+        big = b_engine.wait(b_engine.lookup(a_engine.uri).make.future(200_000, 3))  # B's call 1
+        assert big == api.pattern(3, 200_000)
+        assert not held.done, "B's acknowledgement must not answer A's call"
+        a_engine.lookup(b_engine.uri).release()
+        assert a_engine.wait(held) == TIMEOUT
+    finally:
+        for engine, thread in ((a_engine, a_thread), (b_engine, b_thread)):
+            engine.shutdown()
+            thread.join(TIMEOUT)
+            engine.close()
+
+
+def test_an_anonymous_peer_cannot_take_a_listeners_address() -> None:
+    from petasus.na import framing
+
+    with na.initialize("tcp://127.0.0.1:0", listen=True) as server, \
+            na.initialize("tcp://127.0.0.1:0", listen=True) as honest:
+        victim = honest.addr_self().uri
+        with socket.create_connection(server.addr_self().uri[6:].rsplit(":", 1)) as raw:
+            hello = victim.encode()
+            raw.sendall(framing.HEADER.pack(framing.MAGIC, framing.HELLO, 0, len(hello), 0)
+                        + hello)
+            op = server.msg_recv_unexpected(bytearray(64))
+            raw.sendall(framing.HEADER.pack(framing.MAGIC, framing.UNEXPECTED, 0, 2, 1) + b"hi")
+            na.wait(server, op, timeout=TIMEOUT)
+            assert op.source.uri == victim and not op.source.listening
+            assert server.addr_lookup(victim) is not op.source
+
+
+def test_overflow_memory_is_budgeted_and_stalled_pulls_time_out(spec: Spec) -> None:
+    if spec.options.get("rma") == "process_vm":
+        pytest.skip("process_vm pulls do not need the owner's progress: nothing stalls")
+    server = hg.Engine(spec.uri, listen=True, max_overflow=4 * MiB, overflow_timeout=2.0,
+                       **spec.options)
+    server.register(api.digest, sha)
+    thread = threading.Thread(target=server.serve, kwargs={"handle_signals": False})
+    thread.start()
+    try:
+        with na.initialize(spec.uri, **spec.options) as staller, \
+                hg.Engine(spec.uri, timeout=TIMEOUT, **spec.options) as client:
+            client.declare(api)
+            memory = bytearray(3 * MiB)
+            handle = staller.mem_register(memory, na.Access.READ_ONLY)
+            wire = layout.Wire(1, staller.addr_serialize(staller.addr_self()), (3 * MiB,),
+                               (staller.mem_handle_serialize(handle),))
+            # The staller never runs progress: the server's pull of its input cannot finish.
+            _raw_call(staller, server.uri, _more_data("digest", wire), 1, expect_reply=False)
+            assert eventually(lambda: server.context.landing.held == 3 * MiB)
+            with pytest.raises(hg.RPCError, match="does not fit"):
+                client.lookup(server.uri).digest(bytes(2 * MiB))
+            # overflow_timeout later the stalled pull is given up and the budget is back.
+            assert eventually(lambda: server.context.landing.held == 0)
+            data = api.pattern(4, 3 * MiB)
+            assert client.lookup(server.uri).digest(data) == sha(data)
+    finally:
+        server.shutdown()
+        thread.join(TIMEOUT)
+        server.close()
+
+
+@pytest.mark.parametrize("serve", ["sync", "async"])
+def test_an_unacknowledged_result_is_withdrawn(spec: Spec, serve: str) -> None:
+    server = hg.Engine(spec.uri, listen=True, overflow_timeout=0.5, **spec.options)
+    server.register(api.make, lambda size, seed: api.pattern(seed, size))
+    if serve == "async":
+        server.register(api.async_double, _async_double)  # serve() then runs an event loop
+    thread = threading.Thread(target=server.serve, kwargs={"handle_signals": False})
+    thread.start()
+    try:
+        with na.initialize(spec.uri, **spec.options) as client:
+            request = hd.encode_request(hd.rpc_id("make")) + api.make.in_proc.encode((MiB, 1))
+            ret, body = _raw_call(client, server.uri, request, 5)
+            assert ret == hd.SUCCESS and bulk.RemoteBulk.from_bytes(body).size == MiB + 4
+            # The client never pulls nor acknowledges: the server withdraws its memory.
+            deadline = time.monotonic() + TIMEOUT
+            while server.na.statistics()["registrations"] and time.monotonic() < deadline:
+                client.progress(0.05)
+            assert server.na.statistics()["registrations"] == 0
+    finally:
+        server.shutdown()
+        thread.join(TIMEOUT)
+        server.close()
+
+
+async def _async_double(x: int) -> int:
+    return 2 * x
+
+
+def test_mutable_results_are_snapshotted_immutable_ones_exposed_in_place() -> None:
+    from petasus.hg.overflow import segments
+
+    frozen, mutable = bytes(MiB), bytearray(MiB)
+    out = segments([b"head", memoryview(frozen), b"mid", memoryview(mutable), b"tail"])
+    assert out[0] == b"head" and out[1].obj is frozen and out[2] == b"mid"
+    assert isinstance(out[3], bytes) and out[4] == b"tail"
+    mutable[0] = 1
+    assert out[3][0] == 0  # the copy is what the peer gets
+
+
+def test_a_chunk_that_fails_releases_the_ring(rpc: RpcPeer) -> None:
+    remote = rpc.remote.expose(10 * 65536, 27, int(RO), 1, False)
+    before = rpc.engine.na.statistics()["registrations"]
+    with pytest.raises(na.AccessError):
+        for i, (_offset, _view) in enumerate(bulk.chunks(rpc.engine, remote, chunk_size=65536,
+                                                         depth=2)):
+            if i == 0:
+                rpc.remote.expose(16, 28, int(RO), 1, False)  # withdraws the first region
+    assert rpc.engine.na.statistics()["registrations"] == before
+
+
+def test_concurrent_awaits_on_a_bare_plugin(spec: Spec) -> None:
+    with na.initialize(spec.uri, listen=True, **spec.options) as owner, \
+            na.initialize(spec.uri, **spec.options) as puller:
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                owner.progress(0.01)
+                owner.trigger()
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        sources = [bulk.Bulk(owner, api.pattern(i, (i + 1) * MiB), RO, eager=False)
+                   for i in range(3)]
+        dests = [bulk.Bulk(puller, bytearray((i + 1) * MiB), WO) for i in range(3)]
+
+        async def main() -> None:
+            await asyncio.wait_for(asyncio.gather(*(d.pull_from(s.remote())
+                                                    for d, s in zip(dests, sources))), TIMEOUT)
+
+        try:
+            asyncio.run(main())
+            for i, d in enumerate(dests):
+                assert d.views[0] == api.pattern(i, (i + 1) * MiB)
+        finally:
+            stop.set()
+            thread.join(TIMEOUT)
+            for h in (*sources, *dests):
+                h.close()
+
+
+def test_transfers_between_two_local_handles_are_copies(spec: Spec) -> None:
+    with hg.Engine(spec.uri, **spec.options) as engine:  # not listening: no NA loopback
+        data = api.pattern(29, 100_000)
+        with engine.bulk(api.split(data, 3), RW) as src, \
+                engine.bulk(bytearray(100_000), RW) as dst:
+            dst.pull_from(src).wait()
+            assert dst.views[0] == data
+            dst.push_to(src.select(10, 20), 20, local_offset=0).wait()
+            assert b"".join(src.views)[10:30] == data[:20]

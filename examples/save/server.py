@@ -14,15 +14,19 @@ import api
 
 from petasus import bulk, hg
 
+MAX_FILE = 4 << 30  # the client chooses the size: bound what it can make us allocate
+
 
 def main() -> None:
     uri, outdir = sys.argv[1], Path(sys.argv[2])
     outdir.mkdir(parents=True, exist_ok=True)
-    with hg.Engine(uri, listen=True, allow_remote_shutdown=True) as engine:
+    with hg.Engine(uri, listen=True, allow_remote_shutdown=True, timeout=300) as engine:
 
         def save(name: str, data: bulk.RemoteBulk) -> int:
             if not name or Path(name).name != name or name in (".", ".."):
                 raise ValueError(f"{name!r} is not a plain file name")
+            if data.size > MAX_FILE:
+                raise ValueError(f"{data.size} B is more than this server takes ({MAX_FILE} B)")
             buffer = bytearray(data.size)
             with engine.bulk(buffer, bulk.WRITE_ONLY) as local:
                 local.pull_from(data).wait()
