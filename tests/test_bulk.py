@@ -15,11 +15,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import rpc_api as api
-from conftest import TIMEOUT, Spec
+from conftest import TIMEOUT, RpcPeer, Spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rpc_peer import start_in_thread
-from test_rpc import RpcPeer
 
 from petasus import bulk, hg, na
 from petasus.bulk import layout
@@ -31,21 +30,6 @@ RO, WO, RW = bulk.READ_ONLY, bulk.WRITE_ONLY, bulk.READ_WRITE
 
 def sha(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
-
-
-@pytest.fixture(params=["process", "thread"], scope="module")
-def rpc(spec: Spec, request: pytest.FixtureRequest) -> Iterator[RpcPeer]:
-    peer = RpcPeer(spec, request.param)
-    yield peer
-    peer.close()
-
-
-@pytest.fixture
-def fresh(spec: Spec) -> Iterator[RpcPeer]:
-    """A server process of its own, for tests that kill it."""
-    peer = RpcPeer(spec, "process")
-    yield peer
-    peer.close()
 
 
 # -- the server pulls from and pushes into the client's memory --------------------------------
@@ -225,11 +209,11 @@ def test_cancel_before_progress(rpc: RpcPeer, spec: Spec) -> None:
     assert rpc.remote.sum(2, 3) == 5
 
 
-def test_peer_killed_mid_transfer(fresh: RpcPeer, spec: Spec) -> None:
-    remote = fresh.remote.expose(32 * MiB, 16, int(RO), 1, False)
-    with fresh.engine.bulk(bytearray(32 * MiB), WO) as local:
+def test_peer_killed_mid_transfer(fresh_rpc: RpcPeer, spec: Spec) -> None:
+    remote = fresh_rpc.remote.expose(32 * MiB, 16, int(RO), 1, False)
+    with fresh_rpc.engine.bulk(bytearray(32 * MiB), WO) as local:
         t = local.pull_from(remote)
-        fresh.kill()
+        fresh_rpc.kill()
         if spec.options.get("rma") == "process_vm":
             t.wait()  # the copy finished inside the call, before the kill
         else:
@@ -366,11 +350,11 @@ def test_the_server_caps_what_a_peer_makes_it_allocate(spec: Spec) -> None:
         server.close()
 
 
-def test_overflow_to_a_killed_server_fails_cleanly(fresh: RpcPeer) -> None:
-    fresh.kill()
+def test_overflow_to_a_killed_server_fails_cleanly(fresh_rpc: RpcPeer) -> None:
+    fresh_rpc.kill()
     with pytest.raises(hg.PeerError):
-        fresh.remote.digest(bytes(2 * MiB))
-    assert fresh.engine.na.statistics()["registrations"] == 0
+        fresh_rpc.remote.digest(bytes(2 * MiB))
+    assert fresh_rpc.engine.na.statistics()["registrations"] == 0
 
 
 # -- properties: the planner and the handle format ----------------------------------------------

@@ -4,63 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import rpc_api as api
-from conftest import TIMEOUT, Spec, spawn
-from rpc_peer import start_in_thread
+from conftest import TIMEOUT, RpcPeer, Spec
 
 from petasus import hg, na
 
 HERE = Path(__file__).parent
-
-
-class RpcPeer:
-    def __init__(self, spec: Spec, placement: str) -> None:
-        self.proc: subprocess.Popen[str] | None = None
-        self.thread_engine: hg.Engine | None = None
-        self.thread: threading.Thread | None = None
-        if placement == "process":
-            self.proc, self.uri = spawn("rpc_peer.py", spec)
-        else:
-            self.thread_engine, self.thread = start_in_thread(spec.uri, **spec.options)
-            self.uri = self.thread_engine.uri
-        self.engine = hg.Engine(spec.uri, timeout=TIMEOUT, **spec.options)
-        self.engine.declare(api)
-        self.remote = self.engine.lookup(self.uri)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(TIMEOUT)
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.remote.shutdown()
-                self.proc.wait(TIMEOUT)
-            except (hg.RPCError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(TIMEOUT)
-        if self.proc is not None:
-            self.proc.stdout.close()  # type: ignore[union-attr]
-        self.engine.close()
-        if self.thread_engine is not None:
-            self.thread_engine.shutdown()
-            self.thread.join(TIMEOUT)  # type: ignore[union-attr]
-            self.thread_engine.close()
-
-
-@pytest.fixture(params=["process", "thread"], scope="module")
-def rpc(spec: Spec, request: pytest.FixtureRequest) -> Iterator[RpcPeer]:
-    peer = RpcPeer(spec, request.param)
-    yield peer
-    peer.close()
 
 
 # -- calls ----------------------------------------------------------------------------------
