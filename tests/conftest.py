@@ -44,12 +44,35 @@ class Spec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def _ofi_missing() -> str | None:
+    """Why the ofi plugin cannot run here, or None."""
+    try:
+        from petasus.na.ofi import _fabric  # noqa: F401
+    except ImportError as exc:
+        return f"ofi extension not built ({exc}); bash scripts/setup.sh installs libfabric-dev"
+    return None
+
+
+def _verbs_missing() -> str | None:
+    if _ofi_missing():
+        return _ofi_missing()
+    devices = Path("/sys/class/infiniband")
+    if not devices.is_dir() or not any(devices.iterdir()):
+        return "no RDMA (verbs) device on this host (/sys/class/infiniband is empty)"
+    return None
+
+
 SPECS = [
     Spec("tcp", "tcp://127.0.0.1:0"),
     pytest.param(Spec("tcp6", "tcp://[::1]:0"), id="tcp6",
                  marks=pytest.mark.skipif(not _ipv6(), reason="no IPv6 loopback on this host")),
     Spec("sm", "sm://", {"rma": "process_vm"}),
     Spec("sm-copy", "sm://", {"rma": "copy"}),
+    Spec("ofi-tcp", "ofi+tcp://127.0.0.1:0"),
+    Spec("ofi-shm", "ofi+shm://"),
+    pytest.param(Spec("ofi-verbs", "ofi+verbs://"), id="ofi-verbs",
+                 marks=pytest.mark.skipif(bool(_verbs_missing()),
+                                          reason=str(_verbs_missing()))),
 ]
 
 

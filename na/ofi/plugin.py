@@ -55,7 +55,7 @@ from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import Canceled, NAError, PeerError
+from ..errors import AccessError, Canceled, NAError, PeerError
 from ..types import Access, Addr, Callback, MemHandle, Op, OpKind, as_byte_view
 from ._fabric import ffi, lib
 from .errors import PEER_FAILURES, FabricError, check_rc, error_for
@@ -72,12 +72,22 @@ PROBE_INTERVAL = 0.5  # seconds between liveness checks of a peer with pending o
 SHM_TICK_US = 1000
 SPIN_US = int(os.environ.get("PETASUS_SPIN_US", "200"))  # DESIGN: spin, then block
 
-_UNEXP, _EXP, _PROBE = 1 << 32, 2 << 32, 3 << 32
+# Tag bits 32-35: the kind of a pool message; bit 40/41: RMA data, matched by a receive posted
+# for it (the pool ignores bits 0-35 and so never takes those); bits 44-59: a per-instance salt
+# that keeps two initiators' RMA ids apart at a common target.
+_UNEXP, _EXP, _PROBE, _GET_REQ, _PUT_REQ, _RMA_ACK, _RMA_NAK = (k << 32 for k in range(1, 8))
 _KIND_MASK = 0xF << 32
+_POOL_IGNORE = (1 << 36) - 1
+_GET_DATA, _PUT_DATA = 1 << 40, 1 << 41
+_RMA_DESC = struct.Struct("<QQQ")  # key, offset, length
+_NAK_KEY, _NAK_BOUNDS, _NAK_ACCESS, _NAK_PROTOCOL = 1, 2, 3, 4
+_NAK_TEXT = {_NAK_KEY: "unknown key (forged, or deregistered)", _NAK_BOUNDS: "out of bounds",
+             _NAK_ACCESS: "not allowed by the registration's access rights",
+             _NAK_PROTOCOL: "malformed request"}
 _MAX_TAG = 0xFFFFFFFF
 _IGNORE_ALL = 0xFFFFFFFFFFFFFFFF
 _PENDING, _FINISHED, _CANCELING = 0, 1, 2
-_RX, _SEND, _RMA, _PROBE_REQ = 0, 1, 2, 3
+_RX, _SEND, _RMA, _PROBE_REQ, _SERVE, _PUT_SINK = 0, 1, 2, 3, 4, 5
 _HANDLE = struct.Struct("<BBQQQ")  # version, access, key, length, remote base address
 _HANDLE_VERSION = 1
 _DEFAULT_HOST = {"tcp": "127.0.0.1", "sockets": "127.0.0.1"}
@@ -86,7 +96,7 @@ _DEFAULT_HOST = {"tcp": "127.0.0.1", "sockets": "127.0.0.1"}
 class _Req:
     """One posted libfabric operation and what must stay alive until it completes."""
 
-    __slots__ = ("addr", "args", "ctx", "fn", "keep", "kind", "op", "slot")
+    __slots__ = ("addr", "args", "ctx", "fn", "keep", "kind", "op", "owner", "rma_id", "slot")
 
     def __init__(self, kind: int, op: Op | None, addr: Addr | None, fn: Any, args: tuple[Any, ...],
                  keep: Any = None, slot: int = -1) -> None:
@@ -97,6 +107,8 @@ class _Req:
         self.args = args
         self.keep = keep
         self.slot = slot
+        self.rma_id = 0
+        self.owner = op  # the NA op a failure of this request fails
         self.ctx = ffi.new("struct fi_context2 *")
 
 
@@ -125,7 +137,7 @@ class OfiPlugin:
     def __init__(self, uri: str, listen: bool = False, *, max_msg_size: int = MAX_MSG_SIZE,
                  spin_us: int = SPIN_US, rma_chunk: int = RMA_CHUNK,
                  max_queued: int = MAX_QUEUED, rx_buffers: int = RX_BUFFERS,
-                 probe_interval: float = PROBE_INTERVAL) -> None:
+                 probe_interval: float = PROBE_INTERVAL, rma: str = "checked") -> None:
         scheme, _, rest = uri.partition("://")
         self.scheme = scheme
         self.transport = scheme.partition("+")[2]
@@ -134,6 +146,9 @@ class OfiPlugin:
                              f"{', '.join('ofi+' + t for t in PROVIDERS)}")
         if max_msg_size < 1 or rma_chunk < 1 or rx_buffers < 1:
             raise ValueError("max_msg_size, rma_chunk and rx_buffers must be positive")
+        if rma not in ("checked", "native"):
+            raise ValueError(f"rma={rma!r}: expected 'checked' or 'native'")
+        self._rma_mode = rma
         self._max_msg = max_msg_size
         self._spin = max(spin_us, 0) / 1e6
         self._max_queued = max_queued
@@ -164,10 +179,14 @@ class OfiPlugin:
         self._probing: set[Addr] = set()
         self._next_probe = 0.0
         self._regs: dict[int, MemHandle] = {}
+        self._keys: dict[int, MemHandle] = {}  # checked mode: our keys, checked per request
+        self._rma_wait: dict[int, _Req] = {}  # RMA id -> the request its answer completes
+        self._rma_ids = itertools.count(1)
+        self._salt = secrets.randbits(16) << 44
         self.stats = dict.fromkeys(
             ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
              "rma_bytes", "peer_failures", "protocol_errors", "canceled", "expected_dropped",
-             "probes", "eagain"), 0)
+             "probes", "eagain", "rma_served", "rma_refused"), 0)
         try:
             self._open(rest, listen, rx_buffers, rma_chunk)
         except BaseException:
@@ -517,15 +536,23 @@ class OfiPlugin:
             self._start(self._send_req(_SEND, op, addr, data, bits | tag))
         return op
 
-    def _send_req(self, kind: int, op: Op | None, addr: Addr, data: bytes, tag: int) -> _Req:
+    def _send_req(self, kind: int, op: Op | None, addr: Addr, data: bytes, tag: int,
+                  owner: Op | None = None) -> _Req:
+        if tag & _KIND_MASK in (_GET_REQ, _PUT_REQ):
+            # Requests carry their id's salt right after the sender header.
+            data = data[: len(self._hdr)] + _rma_salt(tag) + data[len(self._hdr):]
+            tag &= _KIND_MASK | _MAX_TAG
         cbuf = ffi.from_buffer(data)
         desc = ffi.NULL
         keep: Any = (data, cbuf)
         if self._mr_mode & lib.FI_MR_LOCAL:
             reg = self._mr_reg(cbuf, len(data), lib.FI_SEND)
             desc, keep = reg.desc, (data, cbuf, reg)
-        return _Req(kind, op, addr, lib.fi_tsend,
-                    (self._ep, cbuf, len(data), desc, addr.extra, tag), keep)
+        req = _Req(kind, op, addr, lib.fi_tsend,
+                   (self._ep, cbuf, len(data), desc, addr.extra, tag), keep)
+        if owner is not None:
+            req.owner = owner
+        return req
 
     def msg_recv_unexpected(self, buf: Any, callback: Callback | None = None) -> Op:
         op = Op(OpKind.RECV_UNEXPECTED, callback, _recv_view(buf, "msg_recv_unexpected"))
@@ -568,7 +595,7 @@ class OfiPlugin:
         off = i * self._slot
         req = _Req(_RX, None, None, lib.fi_trecv,
                    (self._ep, self._rx_c + off, self._slot, self._rx_desc, _IGNORE_ALL, 0,
-                    _IGNORE_ALL), slot=i)
+                    _POOL_IGNORE), slot=i)
         self._start(req)
 
     def _on_message(self, req: _Req, length: int, tag: int) -> None:
@@ -617,6 +644,10 @@ class OfiPlugin:
                 self.stats["expected_dropped"] += 1
                 log.debug("dropped an expected message from %s, tag %d: no receive posted",
                           addr.uri, utag)
+        elif kind in (_GET_REQ, _PUT_REQ):
+            self._serve_rma(addr, kind, utag, payload)
+        elif kind in (_RMA_ACK, _RMA_NAK):
+            self._rma_answer(addr, kind, utag, payload)
         elif kind != _PROBE:
             self.stats["protocol_errors"] += 1
             log.warning("%s: dropped a message of unknown kind %#x from %s", self.scheme,
@@ -669,8 +700,16 @@ class OfiPlugin:
         with self._lock:
             self._check_open("mem_register")
             reg = self._mr_reg(cbuf, max(len(view), 1), flags)
-            handle = MemHandle(view, len(view), access, int(lib.fi_mr_key(reg.mr)), True, reg)
+            if self._rma_mode == "native":
+                key = int(lib.fi_mr_key(reg.mr))
+            else:
+                key = secrets.randbits(64) | 1
+                while key in self._keys:
+                    key = secrets.randbits(64) | 1
+            handle = MemHandle(view, len(view), access, key, True, reg)
             self._regs[id(handle)] = handle
+            if self._rma_mode == "checked":
+                self._keys[key] = handle
         return handle
 
     def mem_deregister(self, handle: MemHandle) -> None:
@@ -678,6 +717,7 @@ class OfiPlugin:
             if not handle.local or self._regs.get(id(handle)) is not handle:
                 raise ValueError(f"mem_deregister: {handle!r} is not registered here")
             del self._regs[id(handle)]
+            self._keys.pop(handle.key, None)
             check_rc(lib.fi_close(_fid(handle.extra.mr)), "fi_close", op="mem_deregister")
             handle.registered = False
             handle.view = None
@@ -724,10 +764,6 @@ class OfiPlugin:
         op = Op(kind, callback, view, addr)
         op.local, op.local_off, op.remote, op.remote_off, op.length = (
             local, local_off, remote, remote_off, length)
-        reg = local.extra
-        fn = lib.fi_read if kind == OpKind.GET else lib.fi_write
-        remote_base = (remote.extra if remote.local is False else
-                       (remote.extra.base if self._mr_mode & lib.FI_MR_VIRT_ADDR else 0))
         with self._lock:
             self._check_open(name)
             self.stats["rma_ops"] += 1
@@ -740,12 +776,124 @@ class OfiPlugin:
                 return op
             chunk = self._rma_chunk
             op.remaining = -(-length // chunk)
+            start = self._start_native if self._rma_mode == "native" else self._start_checked
             for off in range(0, length, chunk):
-                n = min(chunk, length - off)
-                self._start(_Req(_RMA, op, addr, fn,
-                                 (self._ep, reg.cbuf + local_off + off, n, reg.desc, addr.extra,
-                                  remote_base + remote_off + off, remote.key)))
+                start(op, off, min(chunk, length - off))
         return op
+
+    def _start_native(self, op: Op, off: int, n: int) -> None:
+        """One fi_read/fi_write; the target's provider checks key, bounds and rights."""
+        reg, remote = op.local.extra, op.remote
+        base = remote.extra if not remote.local else (
+            reg.base if self._mr_mode & lib.FI_MR_VIRT_ADDR else 0)
+        fn = lib.fi_read if op.kind == OpKind.GET else lib.fi_write
+        self._start(_Req(_RMA, op, op.addr, fn,
+                         (self._ep, reg.cbuf + op.local_off + off, n, reg.desc, op.addr.extra,
+                          base + op.remote_off + off, remote.key)))
+
+    def _start_checked(self, op: Op, off: int, n: int) -> None:
+        """One piece of checked RMA: a request the target's progress loop checks against its
+        own registrations, and the data as one tagged message between the two registered
+        buffers (libfabric moves it without a copy: rendezvous on rxm, CMA on shm).
+
+        get: post the receive into our memory, then ask; the target sends from its memory.
+        put: ask and send the data at once; the target receives it into its memory once the
+        request passes (until then the provider holds it as unexpected) and acknowledges.
+        """
+        reg, addr = op.local.extra, op.addr
+        rma_id = self._salt | (next(self._rma_ids) & _MAX_TAG)
+        desc = _RMA_DESC.pack(op.remote.key, op.remote_off + off, n)
+        local = reg.cbuf + op.local_off + off
+        if op.kind == OpKind.GET:
+            data = _Req(_RMA, op, addr, lib.fi_trecv,
+                        (self._ep, local, n, reg.desc, _IGNORE_ALL, _GET_DATA | rma_id, 0))
+            data.rma_id = rma_id
+            self._rma_wait[rma_id] = data
+            self._start(data)
+            self._start(self._send_req(_SEND, None, addr, self._hdr + desc, _GET_REQ | rma_id,
+                                       owner=op))
+        else:
+            wait = _Req(_RMA, op, addr, None, ())
+            wait.rma_id = rma_id
+            self._rma_wait[rma_id] = wait
+            self._start(self._send_req(_SEND, None, addr, self._hdr + desc, _PUT_REQ | rma_id,
+                                       owner=op))
+            data = _Req(_SEND, None, addr, lib.fi_tsend,
+                        (self._ep, local, n, reg.desc, addr.extra, _PUT_DATA | rma_id))
+            data.owner = op
+            self._start(data)
+
+    def _serve_rma(self, addr: Addr, kind: int, utag: int, payload: memoryview) -> None:
+        """A peer's get or put request: check it against our own table, never the claim."""
+        rma_id = self._rma_id_of(utag, payload)
+        if len(payload) != _RMA_DESC.size + 2:
+            self._rma_refuse(addr, rma_id, _NAK_PROTOCOL, kind, 0)
+            return
+        key, off, n = _RMA_DESC.unpack_from(payload, 2)
+        handle = self._keys.get(key)
+        need = Access.READ_ONLY if kind == _GET_REQ else Access.WRITE_ONLY
+        nak = 0
+        if handle is None:
+            nak = _NAK_KEY
+        elif off + n > handle.length:
+            nak = _NAK_BOUNDS
+        elif not handle.access & need:
+            nak = _NAK_ACCESS
+        if nak:
+            self._rma_refuse(addr, rma_id, nak, kind, n)
+            return
+        self.stats["rma_served"] += 1
+        reg = handle.extra  # type: ignore[union-attr]
+        if kind == _GET_REQ:
+            self._start(_Req(_SERVE, None, addr, lib.fi_tsend,
+                             (self._ep, reg.cbuf + off, n, reg.desc, addr.extra,
+                              _GET_DATA | rma_id), keep=handle))
+        else:
+            sink = _Req(_PUT_SINK, None, addr, lib.fi_trecv,
+                        (self._ep, reg.cbuf + off, n, reg.desc, _IGNORE_ALL,
+                         _PUT_DATA | rma_id, 0), keep=handle)
+            sink.rma_id = rma_id
+            self._start(sink)
+
+    def _rma_id_of(self, utag: int, payload: memoryview) -> int:
+        # The salt travels in the first two payload bytes (the tag's bits above 35 are the
+        # data tags'); see _send_req.
+        salt = int.from_bytes(payload[:2], "little") if len(payload) >= 2 else 0
+        return (salt << 44) | utag
+
+    def _rma_refuse(self, addr: Addr, rma_id: int, nak: int, kind: int, n: int) -> None:
+        self.stats["rma_refused"] += 1
+        log.warning("%s: refused an RMA request from %s: %s", self.scheme, addr.uri,
+                    _NAK_TEXT[nak])
+        if kind == _PUT_REQ:
+            # Take the refused data off the provider's unexpected queue: a zero-byte receive
+            # (the truncation it reports is expected and ignored).
+            sink = _Req(_PUT_SINK, None, addr, lib.fi_trecv,
+                        (self._ep, self._rx_c, 0, self._rx_desc, _IGNORE_ALL,
+                         _PUT_DATA | rma_id, 0))
+            sink.rma_id = -1
+            self._start(sink)
+        self._send_answer(addr, rma_id, _RMA_NAK, bytes((nak,)))
+
+    def _rma_answer(self, addr: Addr, kind: int, utag: int, payload: memoryview) -> None:
+        rma_id = self._rma_id_of(utag, payload)
+        req = self._rma_wait.pop(rma_id, None)
+        if req is None or req.addr is not addr:
+            return  # the answer to something canceled, failed or forged
+        op = req.op
+        if kind == _RMA_ACK:
+            op.remaining -= 1  # type: ignore[union-attr]
+            if op.remaining == 0:  # type: ignore[union-attr]
+                self._complete(op)  # type: ignore[arg-type]
+            return
+        reason = payload[2] if len(payload) > 2 else _NAK_PROTOCOL
+        what = op.kind.name.lower()  # type: ignore[union-attr]
+        self._cancel_chunks(op)  # type: ignore[arg-type]
+        error: BaseException = AccessError(what, addr.uri,
+                                           _NAK_TEXT.get(reason, f"refused ({reason})"))
+        if op.state == _CANCELING:  # type: ignore[union-attr]
+            error = Canceled(what, addr.uri, "canceled")
+        self._fail(op, error)  # type: ignore[arg-type]
 
     # -- posting and completions ----------------------------------------------------------------
     def _start(self, req: _Req) -> None:
@@ -792,7 +940,8 @@ class OfiPlugin:
 
     def _req_failed(self, req: _Req, code: int, detail: str) -> None:
         code = abs(code)
-        if req.kind == _RX:
+        kind = req.kind
+        if kind == _RX:
             if code != lib.FI_ECANCELED:
                 self.stats["protocol_errors"] += 1
                 log.warning("%s: receive slot failed: %s", self.scheme,
@@ -800,20 +949,40 @@ class OfiPlugin:
                 if not self._closed:
                     self._post_slot(req.slot)
             return
+        if kind == _PUT_SINK:
+            if req.rma_id != -1 and req.addr is not None and not self._closed:
+                self._send_answer(req.addr, req.rma_id, _RMA_NAK, bytes((_NAK_PROTOCOL,)))
+            return
         addr = req.addr
-        op = req.op
+        op = req.owner
+        if kind == _RMA:
+            self._rma_wait.pop(req.rma_id, None)
         name = op.kind.name.lower() if op is not None else "probe"
-        exc = error_for(code, self._call_name(req), op=name, peer=_uri(addr), detail=detail)
-        if req.kind == _PROBE_REQ:
+        exc: BaseException = error_for(code, self._call_name(req), op=name, peer=_uri(addr),
+                                       detail=detail)
+        if kind == _PROBE_REQ:
             self._probing.discard(addr)  # type: ignore[arg-type]
         if code in PEER_FAILURES and addr is not None:
-            self._peer_failed(addr, exc.cause)
+            self._peer_failed(addr, exc.cause)  # type: ignore[attr-defined]
+        if kind == _SERVE:
+            log.info("%s: serving an RMA request failed: %s", self.scheme, exc)
+            return
         if op is not None:
-            if req.kind == _RMA:
-                op.remaining -= 1
             if op.state == _CANCELING:
                 exc = Canceled(name, _uri(addr), "canceled")
+            if op.state != _FINISHED:
+                self._cancel_chunks(op)
             self._fail(op, exc)
+
+    def _cancel_chunks(self, op: Op) -> None:
+        """Withdraw the receives still posted into ``op``'s memory (get data)."""
+        for req in list(self._rma_wait.values()):
+            if req.op is op and req.fn is lib.fi_trecv:
+                lib.fi_cancel(_fid(self._ep), req.ctx)
+
+    def _send_answer(self, addr: Addr, rma_id: int, kind: int, extra: bytes) -> None:
+        self._start(self._send_req(_SERVE, None, addr, self._hdr + _rma_salt(rma_id) + extra,
+                                   kind | (rma_id & _MAX_TAG)))
 
     def _read_cq(self) -> int:
         """One batch of completions (caller holds the lock); returns how many were read."""
@@ -829,14 +998,20 @@ class OfiPlugin:
                 kind = req.kind
                 if kind == _RX:
                     self._on_message(req, e.len, e.tag)
+                elif kind == _SEND:
+                    if req.op is not None:
+                        self._complete(req.op)
                 elif kind == _RMA:
+                    if req.rma_id:
+                        self._rma_wait.pop(req.rma_id, None)
                     op = req.op
                     op.remaining -= 1  # type: ignore[union-attr]
                     if op.remaining == 0:  # type: ignore[union-attr]
                         self._complete(op)  # type: ignore[arg-type]
-                elif kind == _SEND:
-                    self._complete(req.op)  # type: ignore[arg-type]
-                else:
+                elif kind == _PUT_SINK:
+                    if req.rma_id != -1:
+                        self._send_answer(req.addr, req.rma_id, _RMA_ACK, b"")  # type: ignore[arg-type]
+                elif kind == _PROBE_REQ:
                     self._probing.discard(req.addr)  # type: ignore[arg-type]
             return n
         if n == -lib.FI_EAVAIL:
@@ -886,18 +1061,20 @@ class OfiPlugin:
         for key in [k for k in self._exp_posted if k[0] is addr]:
             for op in self._exp_posted.pop(key):
                 self._fail(op, PeerError(op.kind.name.lower(), addr.uri, cause))
-        for req in itertools.chain(list(self._reqs.values()), self._backlog):
-            op = req.op
+        for req in itertools.chain(list(self._reqs.values()), self._backlog,
+                                   list(self._rma_wait.values())):
+            op = req.owner
             if req.addr is addr and op is not None and op.state != _FINISHED:
                 # The provider may still hold the buffer: the request stays in _reqs (its
                 # late completion is ignored) so that the memory stays alive.
+                self._cancel_chunks(op)
                 self._fail(op, PeerError(op.kind.name.lower(), addr.uri, cause))
 
     def _check_peers(self) -> None:
         """Probe the peers that pending operations wait for (caller holds the lock)."""
         busy = {k[0] for k in self._exp_posted}
-        busy.update(r.addr for r in self._reqs.values()
-                    if r.op is not None and r.op.state != _FINISHED)
+        busy.update(r.addr for r in itertools.chain(self._reqs.values(), self._rma_wait.values())
+                    if r.owner is not None and r.owner.state != _FINISHED)
         busy.discard(None)  # type: ignore[arg-type]
         for addr in busy:
             if addr.dead or addr is self._self_addr:
@@ -970,7 +1147,7 @@ class OfiPlugin:
             finally:
                 self._polling -= 1
             for fd, _ev in events:
-                if fd == self._wake_fd or fd == self._timer_fd:
+                if fd in (self._wake_fd, self._timer_fd):
                     try:
                         os.read(fd, 8)
                     except (BlockingIOError, OSError):
@@ -1005,13 +1182,24 @@ class OfiPlugin:
                 waiting.remove(op)
                 if not waiting:
                     del self._exp_posted[key]  # type: ignore[arg-type]
-            elif any(r.op is op for r in self._reqs.values()):
+            elif op.kind == OpKind.GET and self._rma_mode == "checked":
+                # The data receives are withdrawn (fi_cancel); each reports FI_ECANCELED, or
+                # completes if its data was already landing, and the op then ends as canceled.
+                op.state = _CANCELING
+                self._cancel_chunks(op)
+                return
+            elif any(r.owner is op for r in itertools.chain(self._reqs.values(),
+                                                             self._rma_wait.values())):
                 # Posted to libfabric, which cannot withdraw sends or RMA: it completes as
                 # canceled once the provider hands the buffer back.
                 op.state = _CANCELING
                 return
             op.error = error
             self._post(op)  # still in the backlog (never posted): skipped when retried
+
+
+def _rma_salt(rma_id: int) -> bytes:
+    return ((rma_id >> 44) & 0xFFFF).to_bytes(2, "little")
 
 
 def _fid(obj: Any) -> Any:
