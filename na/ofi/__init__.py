@@ -9,6 +9,7 @@ setup.py when libfabric's headers are installed; without it, opening an ``ofi+``
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 SCHEMES = ("ofi+tcp", "ofi+shm", "ofi+sockets", "ofi+verbs")
@@ -33,7 +34,7 @@ def _missing(uri: str, exc: ImportError) -> OfiUnavailableError:
 def open_plugin(uri: str, listen: bool = False, **options: Any) -> Any:
     """The registry's factory for every ``ofi+`` scheme; imports libfabric only when called."""
     try:
-        from . import _fabric  # noqa: F401
+        importlib.import_module(f"{__name__}._fabric")
     except ImportError as exc:
         raise _missing(uri, exc) from exc
     from .plugin import OfiPlugin
