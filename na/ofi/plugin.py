@@ -789,7 +789,7 @@ class OfiPlugin:
         fn = lib.fi_read if op.kind == OpKind.GET else lib.fi_write
         self._start(_Req(_RMA, op, op.addr, fn,
                          (self._ep, reg.cbuf + op.local_off + off, n, reg.desc, op.addr.extra,
-                          base + op.remote_off + off, remote.key)))
+                          base + op.remote_off + off, remote.key), keep=reg))
 
     def _start_checked(self, op: Op, off: int, n: int) -> None:
         """One piece of checked RMA: a request the target's progress loop checks against its
@@ -805,8 +805,10 @@ class OfiPlugin:
         desc = _RMA_DESC.pack(op.remote.key, op.remote_off + off, n)
         local = reg.cbuf + op.local_off + off
         if op.kind == OpKind.GET:
+            # keep=reg: pointer arithmetic on cdata does not keep the buffer alive.
             data = _Req(_RMA, op, addr, lib.fi_trecv,
-                        (self._ep, local, n, reg.desc, _IGNORE_ALL, _GET_DATA | rma_id, 0))
+                        (self._ep, local, n, reg.desc, _IGNORE_ALL, _GET_DATA | rma_id, 0),
+                        keep=reg)
             data.rma_id = rma_id
             self._rma_wait[rma_id] = data
             self._start(data)
@@ -819,7 +821,8 @@ class OfiPlugin:
             self._start(self._send_req(_SEND, None, addr, self._hdr + desc, _PUT_REQ | rma_id,
                                        owner=op))
             data = _Req(_SEND, None, addr, lib.fi_tsend,
-                        (self._ep, local, n, reg.desc, addr.extra, _PUT_DATA | rma_id))
+                        (self._ep, local, n, reg.desc, addr.extra, _PUT_DATA | rma_id),
+                        keep=reg)
             data.owner = op
             self._start(data)
 
