@@ -292,6 +292,8 @@ def test_cancel_transfer_in_flight(fresh_peer: RemotePeer, spec: Spec) -> None:
 
 # -- hostile bytes ----------------------------------------------------------------------------
 def _raw_connect(peer: RemotePeer) -> socket.socket:
+    if peer.uri.startswith("ofi+"):
+        pytest.skip("ofi's wire format and its connections are libfabric's, not petasus' frames")
     if peer.uri.startswith("tcp://"):
         from petasus.na.tcp import parse_tcp_uri
 
@@ -479,6 +481,9 @@ def test_empty_messages(spec: Spec) -> None:
 def test_a_get_canceled_while_landing_writes_nothing_more(peer: RemotePeer) -> None:
     if peer.spec.options.get("rma") == "process_vm":
         pytest.skip("process_vm RMA completes inside the call; nothing lands later")
+    if peer.uri.startswith("ofi+"):
+        pytest.skip("ofi has no stream reader to catch mid-landing; its get cancel is "
+                    "test_cancel_transfer_in_flight (fi_cancel of the posted data receive)")
     client = peer.na
     size = 8 * MiB
     _index, remote = peer.register(size, na.Access.READ_ONLY, seed=21)

@@ -869,11 +869,14 @@ class OfiPlugin:
         log.warning("%s: refused an RMA request from %s: %s", self.scheme, addr.uri,
                     _NAK_TEXT[nak])
         if kind == _PUT_REQ:
-            # Take the refused data off the provider's unexpected queue: a zero-byte receive
-            # (the truncation it reports is expected and ignored).
+            # Take the refused data off the provider's unexpected queue into scratch memory of
+            # its size (tcp;ofi_rxm stalls the connection on a truncated receive); a claim
+            # above one RMA piece gets a zero-byte receive (never from an honest initiator).
+            scratch = bytearray(n if n <= self._rma_chunk else 0)
+            cscratch = ffi.from_buffer(scratch) if n else self._rx_c
             sink = _Req(_PUT_SINK, None, addr, lib.fi_trecv,
-                        (self._ep, self._rx_c, 0, self._rx_desc, _IGNORE_ALL,
-                         _PUT_DATA | rma_id, 0))
+                        (self._ep, cscratch, len(scratch), ffi.NULL, _IGNORE_ALL,
+                         _PUT_DATA | rma_id, 0), keep=(scratch, cscratch))
             sink.rma_id = -1
             self._start(sink)
         self._send_answer(addr, rma_id, _RMA_NAK, bytes((nak,)))
