@@ -76,6 +76,12 @@ SPECS = [
 ]
 
 
+# The plugins whose wire format is petasus' own frames over a socket: the tests that inject raw
+# frames or look inside a connection's reader run over these only (on ofi the bytes on the wire
+# and the connections are libfabric's).
+SOCKET_SPECS = SPECS[:4]
+
+
 def _spec_id(spec: Any) -> str:
     return spec.id if isinstance(spec, Spec) else str(spec)
 
@@ -166,6 +172,19 @@ class RemotePeer:
 def peer(spec: Spec, request: pytest.FixtureRequest) -> Iterator[RemotePeer]:
     """A long-lived peer shared by the tests of a module (they must leave it working)."""
     remote = RemotePeer(spec, request.param)
+    yield remote
+    remote.close()
+
+
+@pytest.fixture(params=SOCKET_SPECS, ids=_spec_id, scope="module")
+def socket_spec(request: pytest.FixtureRequest) -> Spec:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=["process", "thread"], scope="module")
+def socket_peer(socket_spec: Spec, request: pytest.FixtureRequest) -> Iterator[RemotePeer]:
+    """Like ``peer``, over the socket plugins only (tests of petasus' own stream frames)."""
+    remote = RemotePeer(socket_spec, request.param)
     yield remote
     remote.close()
 

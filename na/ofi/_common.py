@@ -5,8 +5,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 import struct
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..types import Addr, Op, as_byte_view
 from ._fabric import ffi, lib
@@ -168,3 +170,27 @@ def _shm_gone(uri: str) -> str | None:
         return None
     return None
 
+
+
+def _tcp_refused(uri: str) -> str | None:
+    """Why nobody listens at an ofi+tcp peer's address any more, or None if someone does.
+
+    Asked only once a probe to the peer cannot even be posted (rxm answers FI_EAGAIN while it
+    retries a connection the kernel refuses, and never reports that to the application). A
+    refused TCP connect to the port the peer's endpoint listens on is that same refusal.
+    """
+    parts = urlsplit("x://" + uri.partition("://")[2])
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if not host or not port:
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return None
+    except ConnectionRefusedError:
+        return ("could not connect: connection refused at its address (the peer's endpoint is "
+                "closed or its process has exited)")
+    except OSError:
+        return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections import deque
 from typing import Any
 
 from ..errors import Canceled, PeerError
@@ -28,6 +29,7 @@ from ._common import (
     _fid,
     _Req,
     _shm_gone,
+    _tcp_refused,
     _uri,
     log,
 )
@@ -40,40 +42,55 @@ class Progress:
 
     # -- posting and completions ----------------------------------------------------------------
     def _start(self, req: _Req) -> None:
-        """Post ``req`` (caller holds the lock); EAGAIN queues it for the next progress pass."""
-        if self._backlog:
-            self._backlog.append(req)  # keep the order of what the caller posted
+        """Post ``req`` (caller holds the lock); FI_EAGAIN queues it for the progress loop.
+
+        Order is kept per peer (a get's data receive must be posted before its request goes
+        out), not across peers: a peer whose connection cannot take more (rxm answers FI_EAGAIN
+        forever to a dead one) must not hold back the others.
+        """
+        if req.addr in self._blocked:
+            self._queue(req)
             return
-        key = int(ffi.cast("uintptr_t", req.ctx))
-        self._reqs[key] = req
-        rc = req.fn(*req.args, req.ctx)
-        if rc == 0:
-            if self._polling:
-                os.eventfd_write(self._wake_fd, 1)  # the sleeping poller must drive it
-            return
-        del self._reqs[key]
+        rc = self._post_req(req)
         if rc == -lib.FI_EAGAIN:
             self.stats["eagain"] += 1
-            self._backlog.append(req)
-            return
-        self._req_failed(req, rc, "")
+            self._queue(req)
+        elif rc:
+            self._req_failed(req, rc, "")
+
+    def _post_req(self, req: _Req) -> int:
+        key = int(ffi.cast("uintptr_t", req.ctx))
+        self._reqs[key] = req  # before the call: the completion may be read by another thread
+        rc = int(req.fn(*req.args, req.ctx))
+        if rc:
+            del self._reqs[key]
+        elif self._polling:
+            os.eventfd_write(self._wake_fd, 1)  # the sleeping poller must drive it
+        return rc
+
+    def _queue(self, req: _Req) -> None:
+        self._backlog.append(req)
+        self._blocked[req.addr] = self._blocked.get(req.addr, 0) + 1
 
     def _retry_backlog(self) -> None:
-        backlog = self._backlog
-        while backlog:
-            req = backlog[0]
-            if req.op is not None and req.op.state == _FINISHED:
-                backlog.popleft()  # failed or canceled while it waited
+        """Post what FI_EAGAIN held back, oldest first; drop what was failed or canceled."""
+        backlog, self._backlog = self._backlog, deque()
+        self._blocked = {}
+        refused: set[Addr | None] = set()
+        for req in backlog:
+            owner = req.owner
+            if owner is not None and owner.state == _FINISHED:
+                continue  # failed or canceled while it waited: never posted, nothing to undo
+            if owner is None and req.addr is not None and req.addr.dead:
+                continue  # a probe or an answer to a peer known dead
+            if req.addr in refused:
+                self._queue(req)
                 continue
-            key = int(ffi.cast("uintptr_t", req.ctx))
-            self._reqs[key] = req
-            rc = req.fn(*req.args, req.ctx)
+            rc = self._post_req(req)
             if rc == -lib.FI_EAGAIN:
-                del self._reqs[key]
-                return
-            backlog.popleft()
-            if rc:
-                del self._reqs[key]
+                refused.add(req.addr)
+                self._queue(req)
+            elif rc:
                 self._req_failed(req, rc, "")
 
     def _call_name(self, req: _Req) -> str:
@@ -118,9 +135,14 @@ class Progress:
             self._fail(op, exc)
 
     def _cancel_chunks(self, op: Op) -> None:
-        """Withdraw the receives still posted into ``op``'s memory (get data)."""
-        for req in list(self._rma_wait.values()):
-            if req.op is op and req.fn is lib.fi_trecv:
+        """Withdraw the receives still posted into ``op``'s memory (checked get data).
+
+        Only requests in ``_reqs`` were accepted by the provider; one still in the backlog was
+        never posted (fi_cancel of it would name a context libfabric does not know) and is
+        dropped by ``_retry_backlog`` once ``op`` is finished.
+        """
+        for req in list(self._reqs.values()):
+            if req.owner is op and req.kind == _RMA and req.fn is lib.fi_trecv:
                 lib.fi_cancel(_fid(self._ep), req.ctx)
 
     def _read_cq(self) -> int:
@@ -197,6 +219,9 @@ class Progress:
         """Fail every pending operation with ``addr``: none of them will complete normally."""
         self.stats["peer_failures"] += 1
         log.info("%s: peer %s failed: %s", self.scheme, addr.uri, cause)
+        # Later operations fail at once instead of waiting for a provider that may only
+        # ever answer FI_EAGAIN (rxm keeps trying to reconnect to a dead peer).
+        addr.dead = addr.dead or cause
         for key in [k for k in self._exp_posted if k[0] is addr]:
             for op in self._exp_posted.pop(key):
                 self._fail(op, PeerError(op.kind.name.lower(), addr.uri, cause))
@@ -212,7 +237,8 @@ class Progress:
     def _check_peers(self) -> None:
         """Probe the peers that pending operations wait for (caller holds the lock)."""
         busy = {k[0] for k in self._exp_posted}
-        busy.update(r.addr for r in itertools.chain(self._reqs.values(), self._rma_wait.values())
+        busy.update(r.addr for r in itertools.chain(self._reqs.values(), self._rma_wait.values(),
+                                                    self._backlog)
                     if r.owner is not None and r.owner.state != _FINISHED)
         busy.discard(None)  # type: ignore[arg-type]
         for addr in busy:
@@ -222,6 +248,12 @@ class Progress:
                 cause = _shm_gone(addr.uri)
                 if cause:
                     addr.dead = cause  # a process id never comes back
+                    self._peer_failed(addr, cause)
+            elif addr in self._probing and addr in self._blocked:
+                # The last probe could not even be posted: the provider cannot reach the
+                # peer. Ask the kernel whether anyone still listens at its address.
+                cause = _tcp_refused(addr.uri)
+                if cause:
                     self._peer_failed(addr, cause)
             elif addr not in self._probing and addr.extra is not None:
                 self._probing.add(addr)

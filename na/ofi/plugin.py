@@ -40,9 +40,11 @@ and on shm, whose sends to a dead process succeed silently, the process id in th
 
 from __future__ import annotations
 
+import errno
 import itertools
 import mmap
 import os
+import re
 import secrets
 import select
 import threading
@@ -66,6 +68,7 @@ from ._common import (
     _fid,
     _Req,
     _s,
+    _shm_region_exists,
     _strdup,
     _uri,
     log,
@@ -115,6 +118,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
         self._in_pass = 0
         self._reqs: dict[int, _Req] = {}
         self._backlog: deque[_Req] = deque()
+        self._blocked: dict[Addr | None, int] = {}  # peers with requests in the backlog
         self._unexp_posted: deque[Op] = deque()
         self._unexp_queue: deque[tuple[Addr, int, bytes]] = deque()
         self._exp_posted: dict[tuple[Addr, int], deque[Op]] = {}
@@ -158,7 +162,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
             hints.fabric_attr.prov_name = _strdup(prov)
             node, service, flags = self._source(rest, listen)
             if self.transport == "shm":
-                name = f"fi_shm://{os.getpid()}_{secrets.token_hex(4)}"
+                name = f"fi_shm://{self._shm_name(rest, listen)}"
                 hints.addr_format = lib.FI_ADDR_STR
                 hints.src_addr = _strdup(name)
                 hints.src_addrlen = len(name) + 1
@@ -202,8 +206,12 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
         self._fids.append(self._av)
         self._open_cq(info)
         ep = ffi.new("struct fid_ep **")
-        check_rc(lib.fi_endpoint(self._domain, info, ep, ffi.NULL), "fi_endpoint",
-                 op="initialize")
+        rc = lib.fi_endpoint(self._domain, info, ep, ffi.NULL)
+        if rc == -lib.FI_EADDRINUSE:
+            # The same error as the socket plugins' bind(): the caller's, not the fabric's.
+            raise OSError(errno.EADDRINUSE, f"cannot listen at {self.scheme}://{rest}: "
+                          f"{error_for(rc, 'fi_endpoint', op='initialize')}")
+        check_rc(rc, "fi_endpoint", op="initialize")
         self._ep = ep[0]
         self._fids.append(self._ep)
         check_rc(lib.fi_ep_bind(self._ep, _fid(self._av), 0), "fi_ep_bind", op="initialize",
@@ -229,6 +237,25 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
             # data (posting all rx_attr.size entries makes the next fi_trecv fail FI_ENOMEM).
             rx_buffers = int(info.rx_attr.size) // 2 if self.transport == "shm" else RX_BUFFERS
         self._open_rx_pool(rx_buffers)
+
+    def _shm_name(self, rest: str, listen: bool) -> str:
+        """The shm region name to open: ``PID_RANDOM`` (fresh), or the one a listener asks for.
+
+        A listener may name its address (to come back at the same one); a name whose region
+        exists is in use, and refused here the way a bound port is (libfabric's shm would
+        attach to the live region instead). shm appends ``:0:N`` to the name it is given.
+        Names start with the owner's pid, which the liveness check reads, so a requested name
+        must too.
+        """
+        if not (listen and rest):
+            return f"{os.getpid()}_{secrets.token_hex(4)}"
+        if not _shm_region_exists(f"fi_shm://{rest}".encode()):
+            if "/" in rest or not rest.partition("_")[0].isdigit():
+                raise ValueError(f"{self.scheme}://{rest}: an ofi+shm address is PID_NAME")
+            # shm appends ":0:N" (its per-process endpoint count) to whatever name it is given.
+            return re.sub(r"(:\d+:\d+)+$", "", rest)
+        raise OSError(errno.EADDRINUSE, f"cannot listen at {self.scheme}://{rest}: the address "
+                      f"is in use (its shared-memory region /dev/shm/{rest} exists)")
 
     def _open_cq(self, info: Any) -> None:
         cq_attr = ffi.new("struct fi_cq_attr *")
@@ -298,6 +325,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
             self._timer_fd = -1
         self._reqs.clear()
         self._backlog.clear()
+        self._blocked.clear()
 
     def close(self) -> None:
         """Close the endpoint; pending operations complete as canceled (run trigger())."""
