@@ -1,5 +1,10 @@
 """The ofi plugin: NA over a libfabric FI_EP_RDM endpoint (tcp;ofi_rxm, shm, sockets, verbs).
 
+One class, ``OfiPlugin``, behind the NA interface; its parts live in sibling modules:
+``_addressing`` (names, URIs, address vector), ``_messages`` (tagged sends, the receive pool,
+matching), ``_rma`` (registrations, put/get), ``_progress`` (posting with the FI_EAGAIN
+backlog, completions, peer failure, progress, cancel), ``_common`` (constants, records).
+
 Messages. Every message is a tagged send whose 64-bit tag carries the kind (unexpected,
 expected, liveness probe) above the user's 32-bit tag, and whose payload starts with the
 sender's fi_getname() bytes (one length byte, then the name), as Mercury does for providers
@@ -8,34 +13,58 @@ inserts unknown senders into its address vector. A pool of internal receive buff
 posted for any source and any tag; Python matches what lands there against the posted NA
 receives and copies the payload (at most ``max_msg_size``) into the user's buffer. That gives
 exactly the NA semantics on every provider: unexpected messages queue (bounded: past
-``max_queued`` bytes the pool is not reposted, and the provider's flow control pushes back),
-expected messages need a pre-posted receive and late ones are dropped and counted, a receive
-that is too small fails instead of truncating, and cancel of a receive never involves the
-provider. (FI_DIRECTED_RECV is then not needed; tcp;ofi_rxm does not offer it.)
+``max_queued`` bytes the pool is not reposted and the provider's flow control pushes back;
+not on shm, see below), expected messages need a pre-posted receive and late ones are dropped
+and counted, a receive that is too small fails instead of truncating, and cancel of a receive
+never involves the provider. (FI_DIRECTED_RECV is then not needed; tcp;ofi_rxm lacks it.)
 
-RMA. ``put``/``get`` are fi_write/fi_read straight from/into the registered user memory,
-split into pieces of at most ``rma_chunk`` bytes and never more than the provider's
-max_msg_size (Mercury #648). Registrations honor the provider's mr_mode: FI_MR_VIRT_ADDR
-(remote addresses are virtual addresses, else offsets), FI_MR_PROV_KEY (the provider's key,
-else a random one of mr_key_size bytes), FI_MR_LOCAL (descriptors for local buffers; sends then
-register their staging copy), FI_MR_ENDPOINT (fi_mr_bind + fi_mr_enable). READ_ONLY and
-WRITE_ONLY become FI_REMOTE_READ and FI_REMOTE_WRITE, which the *target's provider* enforces
-along with the key and the bounds; a refusal surfaces as an AccessError at the initiator.
-A started fi_read/fi_write cannot be withdrawn from libfabric: canceling one completes it as
-Canceled only when the provider gives the buffer back, so bytes may have landed by then.
+shm (libfabric 1.17) needs three workarounds, each measured: (1) it silently discards the part
+of a burst that exceeds its posted receives by more than their number (K slots posted, N > 2K
+sends: exactly 2K delivered, every send completing successfully), so its pool is half its
+receive queue (512 slots, anonymous memory touched only where messages land) and slots are
+never held back; (2) fi_av_insert of a closed endpoint's name is a SIGSEGV inside libfabric,
+so names are inserted only while their region exists in /dev/shm; (3) a first send to a peer
+returns FI_EAGAIN until the *peer's* progress has accepted the mapping, as rxm's connection
+handshake needs the target's progress: both ends must progress, as with Mercury.
+
+RMA: checked emulation on every provider, by measurement. ``put``/``get`` send a small request
+that the target's progress loop checks against its own table (key, bounds, rights: never the
+handle's claims) before the data moves as one tagged message between the two registered
+buffers, zero-copy in libfabric (rxm's rendezvous; on shm one CMA copy, the same single copy
+a native fi_read would make); a refusal is an AccessError naming the peer and the reason.
+Native fi_read/fi_write (``rma="native"``, the provider's own keys) was run through the NA
+suite's access-violation tests with libfabric 1.17 and fails them on both providers here:
+  - shm: nothing is enforced. A put through a forged READ_WRITE claim on a READ_ONLY
+    registration, a get from a WRITE_ONLY one, a get 4000+200 B into a 4096 B registration and
+    a get with a forged key all *succeed* (shm's CMA fast path copies without looking the key
+    up), and the target's read-only memory is overwritten.
+  - tcp;ofi_rxm: rights are not reported: the put into READ_ONLY completes successfully at
+    the initiator (the data is not written) and the next request to that peer then goes
+    unanswered for seconds; the get from WRITE_ONLY succeeds. Out-of-bounds and forged-key
+    accesses tear the connection down (FI_ECANCELED, then FI_ENOTCONN for everything with
+    that peer) instead of failing one operation on a usable endpoint.
+  - verbs;ofi_rxm: not measured (no RDMA device on the test host), so checked as well.
+``rma="native"`` stays available for trusted deployments that want one-sided transfers and
+accept those gaps; registrations then serialize the provider's key and base address.
+A started transfer cannot be withdrawn from libfabric: canceling one completes it as Canceled
+once the provider gives the buffer back (a checked get's data receive is fi_cancel'ed).
 
 Progress. fi_cq_read in batches of 64. ``poll_fd()`` is an epoll set holding an eventfd
 (completions made by another thread) and, where the CQ has a wait object (tcp, sockets, verbs:
 fi_control(FI_GETWAIT)), its descriptor; blocking is guarded by fi_trywait(). shm has no wait
 object (its peers write shared memory, nothing a descriptor can wait on), so there the set
 holds a 1 ms periodic timerfd instead: an asyncio loop waiting on poll_fd() polls the CQ every
-millisecond, and ``progress()`` spins ``spin_us`` and then sleeps in 1 ms slices.
+millisecond, and ``progress()`` spins ``spin_us`` and then sleeps in 1 ms slices. A post that
+returns FI_EAGAIN is queued and retried from progress, in order per peer, never dropped; a
+request's buffers and fi_context2 stay referenced until its completion has been read.
 
 Peer failure. Error completions with a connection-level code fail every pending operation with
-that peer. An expected receive produces no completion at all if its sender dies, so while
-operations with a peer are pending the plugin checks it every ``probe_interval`` seconds: a
-small probe message on connection-based providers (its error completion reports the death),
-and on shm, whose sends to a dead process succeed silently, the process id in the address.
+that peer, and later ones fail at once. An expected receive produces no completion at all if
+its sender dies, so while operations with a peer are pending the plugin checks it every
+``probe_interval`` seconds: on connection-based providers a small probe message (its error
+completion reports the death; if rxm cannot even take it, answering FI_EAGAIN while it retries
+a refused connection, a refused TCP connect to the peer's address confirms the death), and on
+shm, whose sends to a dead process succeed silently, the process id in the address.
 """
 
 from __future__ import annotations
