@@ -62,9 +62,8 @@ def initialize(uri: str, listen: bool = False, **options: Any) -> Plugin:
 
     ``listen=True`` accepts connections; the address to give peers is ``addr_self()``.
     Options: ``max_msg_size``, ``spin_us`` (0 = always block), ``rma_chunk``, ``max_queued``,
-    and plugin-specific ones (sm: ``rma="auto"|"process_vm"|"copy"``; ofi: ``rma="checked"|
-    "native"``, ``rx_buffers``,
-    ``probe_interval``).
+    and plugin-specific ones (sm: ``rma="auto"|"process_vm"|"copy"``; ofi:
+    ``rma="checked"|"native"``, ``rx_buffers``, ``probe_interval``).
     """
     scheme = uri.split("://", 1)[0] if "://" in uri else uri
     factory = _PLUGINS.get(scheme)
