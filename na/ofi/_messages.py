@@ -125,10 +125,15 @@ class Messages:
             op.size = n
 
     def _post_slot(self, i: int) -> None:
-        off = i * self._slot
-        req = _Req(_RX, None, None, lib.fi_trecv,
-                   (self._ep, self._rx_c + off, self._slot, self._rx_desc, _IGNORE_ALL, 0,
-                    _POOL_IGNORE), slot=i)
+        # One request per slot, reused: a slot is reposted only after its completion was read,
+        # so its fi_context2 is free again (and a message costs no allocation here).
+        req = self._slot_reqs[i]
+        if req is None:
+            off = i * self._slot
+            req = self._slot_reqs[i] = _Req(
+                _RX, None, None, lib.fi_trecv,
+                (self._ep, self._rx_c + off, self._slot, self._rx_desc, _IGNORE_ALL, 0,
+                 _POOL_IGNORE), slot=i)
         self._start(req)
 
     def _on_message(self, req: _Req, length: int, tag: int) -> None:

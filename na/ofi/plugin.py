@@ -327,6 +327,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
         if self._mr_mode & lib.FI_MR_LOCAL:
             self._rx_reg = self._mr_reg(self._rx_c, len(self._rx), lib.FI_RECV)
             self._rx_desc = self._rx_reg.desc
+        self._slot_reqs: list[_Req | None] = [None] * n
         for i in range(n):
             self._post_slot(i)
 
