@@ -194,3 +194,25 @@ def _tcp_refused(uri: str) -> str | None:
                 "closed or its process has exited)")
     except OSError:
         return None
+
+
+def _bell_address(region_name: bytes) -> bytes:
+    """The abstract-namespace name of the doorbell of shm endpoint ``fi_shm://REGION``."""
+    return b"\0petasus-ofi-shm/" + region_name.partition(b"://")[2]
+
+
+def _doorbell(name: bytes) -> socket.socket:
+    """This shm endpoint's doorbell: a datagram socket its peers poke after posting to it.
+
+    shm has no wait object, so without it a peer blocked in progress() would only notice a
+    message at its next 1 ms tick. Datagrams are empty and only wake the poller; the abstract
+    namespace needs no file and vanishes with the process.
+    """
+    bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                         | socket.SOCK_CLOEXEC)
+    try:
+        bell.bind(_bell_address(name))
+    except OSError:
+        bell.close()
+        raise
+    return bell

@@ -26,6 +26,7 @@ from ._common import (
     _SERVE,
     CQ_BATCH,
     SHM_TICK_US,
+    _bell_address,
     _fid,
     _Req,
     _shm_gone,
@@ -64,9 +65,22 @@ class Progress:
         rc = int(req.fn(*req.args, req.ctx))
         if rc:
             del self._reqs[key]
-        elif self._polling:
+            return rc
+        if self._polling:
             os.eventfd_write(self._wake_fd, 1)  # the sleeping poller must drive it
+        if self._bell is not None and req.kind != _RX and req.fn is lib.fi_tsend:
+            self._ring(req.addr)  # type: ignore[arg-type]
         return rc
+
+    def _ring(self, addr: Addr) -> None:
+        """Wake a shm peer that may be asleep in progress() (see ``_doorbell``)."""
+        bell = self._bells.get(addr)
+        if bell is None:
+            bell = self._bells[addr] = _bell_address(self._name_of(addr.uri))
+        try:
+            self._bell.sendto(b"", bell)  # type: ignore[union-attr]
+        except OSError:
+            pass  # full, or no doorbell there (not petasus): the peer's tick still runs
 
     def _queue(self, req: _Req) -> None:
         self._backlog.append(req)
@@ -323,7 +337,16 @@ class Progress:
                         os.read(fd, 8)
                     except (BlockingIOError, OSError):
                         pass
+                elif self._bell is not None and fd == self._bell.fileno():
+                    self._drain_bell()
             spin_end = time.monotonic() + self._spin
+
+    def _drain_bell(self) -> None:
+        for _ in range(256):
+            try:
+                self._bell.recv(1)  # type: ignore[union-attr]
+            except OSError:
+                return
 
     def trigger(self, max_count: int = 1 << 30) -> int:
         cq = self._cq
