@@ -68,7 +68,8 @@ class _Req:
         self.slot = slot
         self.rma_id = 0
         self.owner = op  # the NA op a failure of this request fails
-        self.ctx = ffi.new("struct fi_context2 *")
+        # fi_tinject takes no context (and writes no completion).
+        self.ctx = ffi.new("struct fi_context2 *") if fn is not lib.fi_tinject else None
 
 
 class _Reg:

@@ -15,6 +15,7 @@ from ._common import (
     _MAX_TAG,
     _POOL_IGNORE,
     _PROBE,
+    _PROBE_REQ,
     _PUT_REQ,
     _RMA_ACK,
     _RMA_NAK,
@@ -75,6 +76,13 @@ class Messages:
             # Requests carry their id's salt right after the sender header.
             data = data[: len(self._hdr)] + _rma_salt(tag) + data[len(self._hdr):]
             tag &= _KIND_MASK | _MAX_TAG
+        if len(data) <= self._inject and kind != _PROBE_REQ:
+            # Probes need their completion: its error is how a dead peer shows.
+            req = _Req(kind, op, addr, lib.fi_tinject, (self._ep, data, len(data), addr.extra,
+                                                        tag))
+            if owner is not None:
+                req.owner = owner
+            return req
         cbuf = ffi.from_buffer(data)
         desc = ffi.NULL
         keep: Any = (data, cbuf)

@@ -60,6 +60,14 @@ class Progress:
             self._req_failed(req, rc, "")
 
     def _post_req(self, req: _Req) -> int:
+        if req.fn is lib.fi_tinject:
+            rc = int(lib.fi_tinject(*req.args))  # no context: no completion will come
+            if rc == 0:
+                if req.op is not None:
+                    self._complete(req.op)
+                if self._bell is not None:
+                    self._ring(req.addr)  # type: ignore[arg-type]
+            return rc
         key = int(ffi.cast("uintptr_t", req.ctx))
         self._reqs[key] = req  # before the call: the completion may be read by another thread
         rc = int(req.fn(*req.args, req.ctx))
