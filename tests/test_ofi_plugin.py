@@ -1,13 +1,15 @@
-"""The ofi plugin's opt-in native RMA (``rma="native"``: fi_read/fi_write with provider keys).
+"""ofi-only behavior beyond the conformance suite: opt-in native RMA, registration safety.
 
 Checked emulation is the default because the providers here do not enforce rights, bounds and
 keys cleanly (see the evidence in ``petasus.na.ofi.plugin``); the conformance suite covers it.
-These tests keep the native path honest for the trusted deployments that opt in: data lands
+The native tests keep that path honest for the trusted deployments that opt in: data lands
 where it should, at offsets, in both directions, and the handle carries the provider's key.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -64,3 +66,30 @@ def test_native_get_and_put_at_offsets(uri: str) -> None:
 def test_rma_mode_is_validated() -> None:
     with pytest.raises(ValueError, match="rma="):
         na.initialize("ofi+shm://", rma="trusting")
+
+
+_CYCLE_SCRIPT = """
+import gc
+from petasus import na
+plugin = na.initialize(URI)
+for _ in range(300):
+    view = memoryview(bytearray(64))
+    handle = plugin.mem_register(view, na.Access.READ_WRITE)
+    plugin.mem_deregister(handle)
+    garbage = {"handle": handle, "view": view}
+    garbage["self"] = garbage  # a cycle, as a plugin, its handles and callbacks make
+    del view, handle, garbage
+    gc.collect()
+plugin.close()
+print("survived")
+"""
+
+
+@pytest.mark.parametrize("uri", ["ofi+tcp://127.0.0.1:0", "ofi+shm://"], ids=["tcp", "shm"])
+def test_registered_memoryviews_in_garbage_cycles_are_collected_safely(uri: str) -> None:
+    """A registration never leaves a memoryview exported to cffi: CPython 3.11's GC clears such
+    a view in a cycle and then crashes (SIGSEGV) deallocating it. Run apart, so a crash fails
+    this test instead of killing the suite."""
+    proc = subprocess.run([sys.executable, "-c", _CYCLE_SCRIPT.replace("URI", repr(uri))],
+                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert proc.returncode == 0 and "survived" in proc.stdout, proc.stderr[-2000:]
