@@ -116,9 +116,8 @@ class Progress:
                 self._req_failed(req, rc, "")
 
     def _call_name(self, req: _Req) -> str:
-        if req.kind == _RMA:
-            return "fi_read" if req.op.kind == OpKind.GET else "fi_write"  # type: ignore[union-attr]
-        return "fi_trecv" if req.kind == _RX else "fi_tsend"
+        """The libfabric call that failed (a checked get's failure is its fi_trecv's)."""
+        return str(getattr(req.fn, "__name__", "fi_tsend"))
 
     def _req_failed(self, req: _Req, code: int, detail: str) -> None:
         code = abs(code)

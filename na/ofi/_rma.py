@@ -1,4 +1,6 @@
-"""Registrations and one-sided transfers (native fi_read/fi_write, or checked emulation)."""
+"""Registrations and one-sided transfers: checked emulation (the default on every provider),
+or native fi_read/fi_write for trusted peers (``rma="native"``; why not by default: see
+``plugin``'s docstring)."""
 
 from __future__ import annotations
 
@@ -168,7 +170,8 @@ class Rma:
         return op
 
     def _start_native(self, op: Op, off: int, n: int) -> None:
-        """One fi_read/fi_write; the target's provider checks key, bounds and rights."""
+        """One fi_read/fi_write. The target's provider is trusted with key, bounds and rights,
+        which shm and tcp;ofi_rxm (libfabric 1.17) do not enforce cleanly: opt-in only."""
         reg, remote = op.local.extra, op.remote
         base = remote.extra if not remote.local else (
             reg.base if self._mr_mode & lib.FI_MR_VIRT_ADDR else 0)
