@@ -19,12 +19,17 @@ PROVIDERS = {"tcp": "tcp;ofi_rxm", "shm": "shm", "sockets": "sockets", "verbs": 
 MAX_MSG_SIZE = 64 * 1024  # the tcp plugin's eager size, so hg behaves the same on every plugin
 RMA_CHUNK = 64 * 1024 * 1024  # one fi_read/fi_write at most; the provider's limit when lower
 MAX_QUEUED = 64 * 1024 * 1024  # unmatched unexpected bytes held before the pool stops reposting
-# Receive slots always posted. On shm the pool is half the provider's receive queue
-# (rx_attr.size, 1024 in 1.17): libfabric 1.17's shm keeps at most as many *unexpected*
-# messages as there are posted receives and silently discards the rest of a burst (measured:
-# with K slots posted, a burst of N > 2K sends delivers exactly 2K, every send completing
-# successfully), so its unexpected path must stay unused. Elsewhere 64 slots absorb a burst.
+# Receive slots always posted. On shm the pool is half the provider's receive-request pool
+# (FI_SHM_RX_SIZE, which plugin.py raises to SHM_RX_SIZE: 4096 slots, in private anonymous
+# memory touched only where messages land). libfabric 1.17's shm silently discards messages
+# that take its unexpected path beyond what it can hold (with K slots posted, a burst of N > 2K
+# sends delivers exactly 2K, every send completing successfully), so that path must stay
+# unused, and how many receives that takes grows with the number of senders: back-to-back
+# bursts of 3000 messages from 4 processes lost 500 of 12000 with 512 slots and none with 2048;
+# from 8 processes, 688 of 24000 with 2048 and none with 4096. Elsewhere 64 slots absorb a
+# burst and the provider's flow control does the rest.
 RX_BUFFERS = 64
+SHM_RX_SIZE = 8192
 CQ_BATCH = 64
 PROBE_INTERVAL = 0.5  # seconds between liveness checks of a peer with pending operations
 SHM_TICK_US = 1000

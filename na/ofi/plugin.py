@@ -20,10 +20,11 @@ never involves the provider. (FI_DIRECTED_RECV is then not needed; tcp;ofi_rxm l
 
 shm (libfabric 1.17) needs three workarounds, each measured: (1) it silently discards the part
 of a burst that exceeds its posted receives by more than their number (K slots posted, N > 2K
-sends: exactly 2K delivered, every send completing successfully), so its pool is half its
-receive queue (512 slots, anonymous memory touched only where messages land) and slots are
-never held back; (2) fi_av_insert of a closed endpoint's name is a SIGSEGV inside libfabric,
-so names are inserted only while their region exists in /dev/shm; (3) a first send to a peer
+sends: exactly 2K delivered, every send completing successfully; several senders at once
+need more), so its pool is 4096 slots (FI_SHM_RX_SIZE raised to 8192; anonymous memory
+touched only where messages land) and slots are never held back; (2) fi_av_insert of a
+closed endpoint's name is a SIGSEGV inside libfabric, so names are inserted only while their
+region exists in /dev/shm; (3) a first send to a peer
 returns FI_EAGAIN until the *peer's* progress has accepted the mapping, as rxm's connection
 handshake needs the target's progress: both ends must progress, as with Mercury.
 
@@ -97,6 +98,7 @@ from ._common import (
     PROVIDERS,
     RMA_CHUNK,
     RX_BUFFERS,
+    SHM_RX_SIZE,
     SHM_TICK_US,
     SPIN_US,
     _doorbell,
@@ -113,6 +115,11 @@ from ._messages import Messages
 from ._progress import Progress
 from ._rma import Rma
 from .errors import FabricError, check_rc, error_for
+
+# shm sizes its receive-request pool from this parameter, read once when libfabric first
+# initializes in the process (hints cannot raise it above 1024); see SHM_RX_SIZE for why the
+# pool must be large. A value the user set is kept.
+os.environ.setdefault("FI_SHM_RX_SIZE", str(SHM_RX_SIZE))
 
 
 class OfiPlugin(Addressing, Messages, Rma, Progress):
@@ -276,9 +283,14 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
         self._by_name[self._name] = self._self_addr
         self._self_addr.extra = self._insert(self._name, self._self_addr.uri)
         if rx_buffers is None:
-            # shm: half its receive queue; the other half is for the tagged receives of RMA
-            # data (posting all rx_attr.size entries makes the next fi_trecv fail FI_ENOMEM).
-            rx_buffers = int(info.rx_attr.size) // 2 if self.transport == "shm" else RX_BUFFERS
+            # shm: half its receive-request pool; the other half is for the tagged receives of
+            # RMA data (posting all rx_attr.size entries makes the next fi_trecv FI_ENOMEM).
+            pool = int(info.rx_attr.size)
+            rx_buffers = pool // 2 if self.transport == "shm" else RX_BUFFERS
+            if self.transport == "shm" and pool < SHM_RX_SIZE:
+                log.warning("%s: shm's receive pool is %d, not %d (libfabric was initialized "
+                            "before petasus set FI_SHM_RX_SIZE): bursts from several senders "
+                            "may lose messages", self.scheme, pool, SHM_RX_SIZE)
         self._open_rx_pool(rx_buffers)
 
     def _shm_name(self, rest: str, listen: bool) -> str:
@@ -332,9 +344,9 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
 
     def _open_rx_pool(self, n: int) -> None:
         self._slot = self._max_msg + 1 + 256
-        # Anonymous memory: pages are mapped on first touch, so a 1024-slot pool costs about one
-        # page per slot used, not 64 MiB up front.
-        self._rx = mmap.mmap(-1, self._slot * n)
+        # Private anonymous memory: pages are mapped on first touch, so shm's 4096-slot pool
+        # (256 MiB of address space) costs about one page per slot a message has used.
+        self._rx = mmap.mmap(-1, self._slot * n, flags=mmap.MAP_PRIVATE)
         self._rx_view = memoryview(self._rx)
         self._rx_c = ffi.from_buffer(self._rx)
         self._rx_desc = ffi.NULL
