@@ -93,3 +93,52 @@ def test_registered_memoryviews_in_garbage_cycles_are_collected_safely(uri: str)
     proc = subprocess.run([sys.executable, "-c", _CYCLE_SCRIPT.replace("URI", repr(uri))],
                           capture_output=True, text=True, timeout=TIMEOUT, check=False)
     assert proc.returncode == 0 and "survived" in proc.stdout, proc.stderr[-2000:]
+
+
+_SENDER_SCRIPT = """
+import sys, time
+from petasus import na
+client = na.initialize("ofi+shm://")
+addr = client.addr_lookup(sys.argv[1])
+ops = [client.msg_send_unexpected(addr, b"%s:%d" % (sys.argv[2].encode(), i), i)
+       for i in range(int(sys.argv[3]))]
+na.wait(client, *ops, timeout=20)
+for op in ops:
+    op.result()
+sys.stdout.write("sent\\n")
+sys.stdout.flush()
+sys.stdin.readline()  # stay until told: larger messages are read from the sender's memory
+client.close()
+"""
+
+
+def test_shm_loses_nothing_when_several_processes_burst_at_once() -> None:
+    """libfabric 1.17's shm silently dropped hundreds of messages of 4 concurrent bursts when
+    the plugin posted 512 receives; every message must arrive, each exactly once."""
+    senders, n = 4, 2000
+    with na.initialize("ofi+shm://", listen=True) as server:
+        got: list[bytes] = []
+
+        def on_message(op: na.Op) -> None:
+            got.append(bytes(op.buffer[: op.size]))
+            server.msg_recv_unexpected(op.buffer, on_message)
+
+        for _ in range(8):
+            server.msg_recv_unexpected(bytearray(32), on_message)
+        procs = [subprocess.Popen([sys.executable, "-c", _SENDER_SCRIPT,
+                                   server.addr_self().uri, str(k), str(n)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                 for k in range(senders)]
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while len(got) < senders * n:
+                assert time.monotonic() < deadline, f"{len(got)} of {senders * n} arrived"
+                server.progress(0.01)
+                server.trigger()
+            for proc in procs:
+                assert proc.stdout.readline() == "sent\n"  # type: ignore[union-attr]
+        finally:
+            for proc in procs:
+                proc.communicate("done\n", timeout=TIMEOUT)
+        expected = {b"%d:%d" % (k, i) for k in range(senders) for i in range(n)}
+        assert sorted(got) == sorted(expected)
