@@ -27,7 +27,8 @@ QUICK = "--quick" in sys.argv
 MSGS = 2000 if QUICK else 10000
 MSG = 64
 SIZES = [4096, 64 << 10, 1 << 20, 16 << 20]
-PLUGINS = {"tcp": "tcp://127.0.0.1:0", "sm": "sm://"}
+PLUGINS = {"tcp": "tcp://127.0.0.1:0", "sm": "sm://", "ofi-tcp": "ofi+tcp://127.0.0.1:0",
+           "ofi-shm": "ofi+shm://"}
 B = "na"
 
 
@@ -161,14 +162,16 @@ def main() -> None:
                   3.0, higher_is_better=False, plugin=name)
     for size in SIZES[2:]:
         for conc in (1, 4):
-            ratio(B, "tcp-get-vs-socket-stream",
-                  find(bench=B, plugin="tcp", op="get", size=size, concurrency=conc),
-                  find(bench=B, plugin="raw", op="socket-stream", size=size), 0.8)
+            for name in ("tcp", "ofi-tcp"):
+                ratio(B, f"{name}-get-vs-socket-stream",
+                      find(bench=B, plugin=name, op="get", size=size, concurrency=conc),
+                      find(bench=B, plugin="raw", op="socket-stream", size=size), 0.8)
     for size in SIZES[2:]:
         for conc in (1, 4):
-            ratio(B, "sm-get-vs-process_vm_readv",
-                  find(bench=B, plugin="sm", op="get", size=size, concurrency=conc),
-                  find(bench=B, plugin="raw", op="process_vm_readv", size=size), 0.8)
+            for name in ("sm", "ofi-shm"):
+                ratio(B, f"{name}-get-vs-process_vm_readv",
+                      find(bench=B, plugin=name, op="get", size=size, concurrency=conc),
+                      find(bench=B, plugin="raw", op="process_vm_readv", size=size), 0.8)
 
 
 if __name__ == "__main__":

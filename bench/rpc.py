@@ -82,6 +82,10 @@ for _placement in ("default", "pinned"):
                     lambda p=_placement: peers.bench_grpc_sync(CALLS // 4, p, pin(p))))
     CONFIGS.append((f"pyzmq {_placement}",
                     lambda p=_placement: peers.bench_zmq(CALLS, p, pin(p))))
+for _name, _uri in (("ofi-tcp", "ofi+tcp://127.0.0.1:0"), ("ofi-shm", "ofi+shm://")):
+    for _api in ("sync", "asyncio"):
+        CONFIGS.append((f"petasus {_name} {_api} spin=200 default",
+                        lambda n=_name, u=_uri, a=_api: bench_petasus(n, u, 200, a, "default")))
 CONFIGS.append(("grpcio asyncio default",
                 lambda: peers.bench_grpc_aio(CALLS // 4, "default", pin("default"))))
 
@@ -105,6 +109,12 @@ def main() -> None:
             ratio(B, f"tcp-vs-best-grpcio[{placement}]", mine, best_grpc, vs_grpc)
             ratio(B, f"tcp-vs-pyzmq[{placement}]", mine,
                   find(bench=B, plugin="pyzmq", concurrency=conc, placement=placement), vs_zmq)
+    for conc in (1, 16):
+        # Issue 5: small-RPC rate over ofi+tcp at least the tcp plugin's.
+        ratio(B, "ofi-tcp-vs-tcp", find(bench=B, plugin="ofi-tcp", api="sync", concurrency=conc,
+                                       spin_us=200, placement="default"),
+              find(bench=B, plugin="tcp", api="sync", concurrency=conc, spin_us=200,
+                   placement="default"), 1.0)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,17 @@ def _sm(uri: str, listen: bool = False, **options: Any) -> Plugin:
     return SmPlugin(uri, listen, **options)
 
 
+def _ofi(uri: str, listen: bool = False, **options: Any) -> Plugin:
+    # Imports libfabric only now, so that ``import petasus.na`` never needs it.
+    from .ofi import open_plugin
+
+    return open_plugin(uri, listen, **options)  # type: ignore[no-any-return]
+
+
 register_plugin("tcp", _tcp)
 register_plugin("sm", _sm)
+for _scheme in ("ofi+tcp", "ofi+shm", "ofi+sockets", "ofi+verbs"):
+    register_plugin(_scheme, _ofi)
 
 
 def available_plugins() -> list[str]:
@@ -53,7 +62,8 @@ def initialize(uri: str, listen: bool = False, **options: Any) -> Plugin:
 
     ``listen=True`` accepts connections; the address to give peers is ``addr_self()``.
     Options: ``max_msg_size``, ``spin_us`` (0 = always block), ``rma_chunk``, ``max_queued``,
-    and plugin-specific ones (sm: ``rma="auto"|"process_vm"|"copy"``).
+    and plugin-specific ones (sm: ``rma="auto"|"process_vm"|"copy"``; ofi:
+    ``rma="checked"|"native"``, ``rx_buffers``, ``probe_interval``).
     """
     scheme = uri.split("://", 1)[0] if "://" in uri else uri
     factory = _PLUGINS.get(scheme)

@@ -5,22 +5,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(python3-venv)
+# libfabric-dev: headers and library of the ofi plugin (setup.py compiles it when present).
+debs=(libfabric-dev)
+# python3-venv only matters when the interpreter lacks venv (Debian's own python3 does).
+python3 -c "import venv, ensurepip" 2>/dev/null || debs+=(python3-venv)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
 done
-# python3-venv only matters when the interpreter lacks venv (Debian's own python3 does).
-if ((${#missing[@]})) && ! python3 -c "import venv, ensurepip" 2>/dev/null; then
+if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-# Reinstall only when the packaging files or the extras change (an editable install follows
-# the sources by itself).
-stamp=".venv/.petasus-$(cat setup.py pyproject.toml | sha256sum | cut -c1-16)-${EXTRAS:-test}"
-if [ ! -e "$stamp" ]; then
+# Reinstall only when the packaging files, the ofi extension's sources or the extras change
+# (an editable install follows the Python sources by itself), or when the extension is missing.
+stamp=".venv/.petasus-$(cat setup.py pyproject.toml na/ofi/_cdefs.h na/ofi/_glue.c \
+    na/ofi/_build.py | sha256sum | cut -c1-16)-${EXTRAS:-test}"
+built() { [ ! -e /usr/include/rdma/fabric.h ] || compgen -G "na/ofi/_fabric*.so" >/dev/null; }
+if [ ! -e "$stamp" ] || ! built; then
     log=$(mktemp)
     if ! { .venv/bin/python -m pip install -q --upgrade pip &&
            .venv/bin/python -m pip install -q -e ".[${EXTRAS:-test}]"; } >"$log" 2>&1; then

@@ -47,13 +47,42 @@ class Spec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def _ofi_missing() -> str | None:
+    """Why the ofi plugin cannot run here, or None."""
+    try:
+        from petasus.na.ofi import _fabric  # noqa: F401
+    except ImportError as exc:
+        return f"ofi extension not built ({exc}); bash scripts/setup.sh installs libfabric-dev"
+    return None
+
+
+def _verbs_missing() -> str | None:
+    if _ofi_missing():
+        return _ofi_missing()
+    devices = Path("/sys/class/infiniband")
+    if not devices.is_dir() or not any(devices.iterdir()):
+        return "no RDMA (verbs) device on this host (/sys/class/infiniband is empty)"
+    return None
+
+
 SPECS = [
     Spec("tcp", "tcp://127.0.0.1:0"),
     pytest.param(Spec("tcp6", "tcp://[::1]:0"), id="tcp6",
                  marks=pytest.mark.skipif(not _ipv6(), reason="no IPv6 loopback on this host")),
     Spec("sm", "sm://", {"rma": "process_vm"}),
     Spec("sm-copy", "sm://", {"rma": "copy"}),
+    Spec("ofi-tcp", "ofi+tcp://127.0.0.1:0"),
+    Spec("ofi-shm", "ofi+shm://"),
+    pytest.param(Spec("ofi-verbs", "ofi+verbs://"), id="ofi-verbs",
+                 marks=pytest.mark.skipif(bool(_verbs_missing()),
+                                          reason=str(_verbs_missing()))),
 ]
+
+
+# The plugins whose wire format is petasus' own frames over a socket: the tests that inject raw
+# frames or look inside a connection's reader run over these only (on ofi the bytes on the wire
+# and the connections are libfabric's).
+SOCKET_SPECS = SPECS[:4]
 
 
 def _spec_id(spec: Any) -> str:
@@ -146,6 +175,19 @@ class RemotePeer:
 def peer(spec: Spec, request: pytest.FixtureRequest) -> Iterator[RemotePeer]:
     """A long-lived peer shared by the tests of a module (they must leave it working)."""
     remote = RemotePeer(spec, request.param)
+    yield remote
+    remote.close()
+
+
+@pytest.fixture(params=SOCKET_SPECS, ids=_spec_id, scope="module")
+def socket_spec(request: pytest.FixtureRequest) -> Spec:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=["process", "thread"], scope="module")
+def socket_peer(socket_spec: Spec, request: pytest.FixtureRequest) -> Iterator[RemotePeer]:
+    """Like ``peer``, over the socket plugins only (tests of petasus' own stream frames)."""
+    remote = RemotePeer(socket_spec, request.param)
     yield remote
     remote.close()
 

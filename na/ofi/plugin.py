@@ -1,0 +1,436 @@
+"""The ofi plugin: NA over a libfabric FI_EP_RDM endpoint (tcp;ofi_rxm, shm, sockets, verbs).
+
+One class, ``OfiPlugin``, behind the NA interface; its parts live in sibling modules:
+``_addressing`` (names, URIs, address vector), ``_messages`` (tagged sends, the receive pool,
+matching), ``_rma`` (registrations, put/get), ``_progress`` (posting with the FI_EAGAIN
+backlog, completions, peer failure, progress, cancel), ``_common`` (constants, records).
+
+Messages. Every message is a tagged send whose 64-bit tag carries the kind (unexpected,
+expected, liveness probe) above the user's 32-bit tag, and whose payload starts with the
+sender's fi_getname() bytes (one length byte, then the name), as Mercury does for providers
+without FI_SOURCE: the receiver learns who wrote without relying on FI_SOURCE support, and
+inserts unknown senders into its address vector. A pool of internal receive buffers is always
+posted for any source and any tag; Python matches what lands there against the posted NA
+receives and copies the payload (at most ``max_msg_size``) into the user's buffer. That gives
+exactly the NA semantics on every provider: unexpected messages queue (bounded: past
+``max_queued`` bytes the pool is not reposted and the provider's flow control pushes back;
+not on shm, see below), expected messages need a pre-posted receive and late ones are dropped
+and counted, a receive that is too small fails instead of truncating, and cancel of a receive
+never involves the provider. (FI_DIRECTED_RECV is then not needed; tcp;ofi_rxm lacks it.)
+
+shm (libfabric 1.17) needs three workarounds, each measured: (1) it silently discards the part
+of a burst that exceeds its posted receives by more than their number (K slots posted, N > 2K
+sends: exactly 2K delivered, every send completing successfully; several senders at once
+need more), so its pool is 4096 slots (FI_SHM_RX_SIZE raised to 8192; anonymous memory
+touched only where messages land) and slots are never held back; (2) fi_av_insert of a
+closed endpoint's name is a SIGSEGV inside libfabric, so names are inserted only while their
+region exists in /dev/shm; (3) a first send to a peer
+returns FI_EAGAIN until the *peer's* progress has accepted the mapping, as rxm's connection
+handshake needs the target's progress: both ends must progress, as with Mercury.
+
+RMA: checked emulation on every provider, by measurement. ``put``/``get`` send a small request
+that the target's progress loop checks against its own table (key, bounds, rights: never the
+handle's claims) before the data moves as one tagged message between the two registered
+buffers, zero-copy in libfabric (rxm's rendezvous; on shm one CMA copy, the same single copy
+a native fi_read would make); a refusal is an AccessError naming the peer and the reason.
+Native fi_read/fi_write (``rma="native"``, the provider's own keys) was run through the NA
+suite's access-violation tests with libfabric 1.17 and fails them on both providers here:
+  - shm: nothing is enforced. A put through a forged READ_WRITE claim on a READ_ONLY
+    registration, a get from a WRITE_ONLY one, a get 4000+200 B into a 4096 B registration and
+    a get with a forged key all *succeed* (shm's CMA fast path copies without looking the key
+    up), and the target's read-only memory is overwritten.
+  - tcp;ofi_rxm: rights are not reported: the put into READ_ONLY completes successfully at
+    the initiator (the data is not written) and the next request to that peer then goes
+    unanswered for seconds; the get from WRITE_ONLY succeeds. Out-of-bounds and forged-key
+    accesses tear the connection down (FI_ECANCELED, then FI_ENOTCONN for everything with
+    that peer) instead of failing one operation on a usable endpoint.
+  - verbs;ofi_rxm: not measured (no RDMA device on the test host), so checked as well.
+``rma="native"`` stays available for trusted deployments that want one-sided transfers and
+accept those gaps; registrations then serialize the provider's key and base address.
+A started transfer cannot be withdrawn from libfabric: canceling one completes it as Canceled
+once the provider gives the buffer back (a checked get's data receive is fi_cancel'ed).
+
+Progress. fi_cq_read in batches of 64. ``poll_fd()`` is an epoll set holding an eventfd
+(completions made by another thread) and, where the CQ has a wait object (tcp, sockets, verbs:
+fi_control(FI_GETWAIT)), its descriptor; blocking is guarded by fi_trywait(). shm has no wait
+object (its peers write shared memory, nothing a descriptor can wait on), so there the set
+holds a 1 ms periodic timerfd instead: an asyncio loop waiting on poll_fd() polls the CQ every
+millisecond, and ``progress()`` spins ``spin_us`` and then sleeps in 1 ms slices. So that a
+sleeping shm peer does not answer a millisecond late (999 round trips/s with spin_us=0, and a
+16 MiB get at 0.68x process_vm_readv), each endpoint also has a doorbell in the set, an
+abstract Unix datagram socket named after its region: every message petasus posts to a shm
+peer rings the peer's (one sendto, whose failure only costs the tick). A post that
+returns FI_EAGAIN is queued and retried from progress, in order per peer, never dropped; a
+request's buffers and fi_context2 stay referenced until its completion has been read.
+
+Peer failure. Error completions with a connection-level code fail every pending operation with
+that peer, and later ones fail at once. An expected receive produces no completion at all if
+its sender dies, so while operations with a peer are pending the plugin checks it every
+``probe_interval`` seconds: on connection-based providers a small probe message (its error
+completion reports the death; if rxm cannot even take it, answering FI_EAGAIN while it retries
+a refused connection, a refused TCP connect to the peer's address confirms the death), and on
+shm, whose sends to a dead process succeed silently, the process id in the address.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import mmap
+import os
+import re
+import secrets
+import select
+import socket
+import threading
+import warnings
+from collections import deque
+from typing import Any
+
+from ..errors import Canceled
+from ..types import Addr, MemHandle, Op
+from ._addressing import Addressing
+from ._common import (
+    CQ_BATCH,
+    MAX_MSG_SIZE,
+    MAX_QUEUED,
+    PROBE_INTERVAL,
+    PROVIDERS,
+    RMA_CHUNK,
+    RX_BUFFERS,
+    SHM_RX_SIZE,
+    SHM_TICK_US,
+    SPIN_US,
+    _doorbell,
+    _fid,
+    _Req,
+    _s,
+    _shm_region_exists,
+    _strdup,
+    _uri,
+    log,
+)
+from ._fabric import ffi, lib
+from ._messages import Messages
+from ._progress import Progress
+from ._rma import Rma
+from .errors import FabricError, check_rc, error_for
+
+# shm sizes its receive-request pool from this parameter, read once when libfabric first
+# initializes in the process (hints cannot raise it above 1024); see SHM_RX_SIZE for why the
+# pool must be large. A value the user set is kept.
+os.environ.setdefault("FI_SHM_RX_SIZE", str(SHM_RX_SIZE))
+
+
+class OfiPlugin(Addressing, Messages, Rma, Progress):
+    """One endpoint, its CQ and AV, a posted receive pool, and Python-side matching."""
+
+    def __init__(self, uri: str, listen: bool = False, *, max_msg_size: int = MAX_MSG_SIZE,
+                 spin_us: int = SPIN_US, rma_chunk: int = RMA_CHUNK,
+                 max_queued: int = MAX_QUEUED, rx_buffers: int | None = None,
+                 probe_interval: float = PROBE_INTERVAL, rma: str = "checked") -> None:
+        scheme, _, rest = uri.partition("://")
+        self.scheme = scheme
+        self.transport = scheme.partition("+")[2]
+        if self.transport not in PROVIDERS:
+            raise ValueError(f"{uri!r}: unknown ofi transport {self.transport!r}; known: "
+                             f"{', '.join('ofi+' + t for t in PROVIDERS)}")
+        if max_msg_size < 1 or rma_chunk < 1 or (rx_buffers is not None and rx_buffers < 1):
+            raise ValueError("max_msg_size, rma_chunk and rx_buffers must be positive")
+        if rma not in ("checked", "native"):
+            raise ValueError(f"rma={rma!r}: expected 'checked' or 'native'")
+        self._rma_mode = rma
+        self._max_msg = max_msg_size
+        self._spin = max(spin_us, 0) / 1e6
+        self._max_queued = max_queued
+        self._probe_interval = probe_interval
+        self._lock = threading.Lock()
+        self._closed = False
+        self._fids: list[Any] = []  # opened libfabric objects, closed in reverse order
+        self._info: Any = None
+        self._ep_fd: Any = None
+        self._timer_fd = -1
+        self._bell: socket.socket | None = None  # shm: see _doorbell
+        self._bells: dict[Addr, bytes] = {}
+        self._wait_fd = -1
+        self._ep_poll = select.epoll()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep_poll.register(self._wake_fd, select.EPOLLIN)
+        self._cq: deque[Op] = deque()
+        self._completed = 0
+        self._polling = 0
+        self._in_pass = 0
+        self._reqs: dict[int, _Req] = {}
+        self._backlog: deque[_Req] = deque()
+        self._blocked: dict[Addr | None, int] = {}  # peers with requests in the backlog
+        self._unexp_posted: deque[Op] = deque()
+        self._unexp_queue: deque[tuple[Addr, int, bytes]] = deque()
+        self._exp_posted: dict[tuple[Addr, int], deque[Op]] = {}
+        self._queued = 0
+        self._held_slots: list[int] = []
+        self._peers: dict[str, Addr] = {}
+        self._by_name: dict[bytes, Addr] = {}
+        self._probing: set[Addr] = set()
+        self._next_probe = 0.0
+        self._regs: dict[int, MemHandle] = {}
+        self._keys: dict[int, MemHandle] = {}  # checked mode: our keys, checked per request
+        self._rma_wait: dict[int, _Req] = {}  # RMA id -> the request its answer completes
+        self._rma_ids = itertools.count(1)
+        self._salt = secrets.randbits(16) << 44
+        self.stats = dict.fromkeys(
+            ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
+             "rma_bytes", "peer_failures", "protocol_errors", "canceled", "expected_dropped",
+             "probes", "eagain", "rma_served", "rma_refused"), 0)
+        try:
+            self._open(rest, listen, rx_buffers, rma_chunk)
+        except BaseException:
+            self._release()
+            raise
+        self._listening = listen
+
+    # -- opening and closing --------------------------------------------------------------------
+    def _open(self, rest: str, listen: bool, rx_buffers: int | None, rma_chunk: int) -> None:
+        prov = PROVIDERS[self.transport]
+        hints = lib.fi_allocinfo()
+        if hints == ffi.NULL:
+            raise MemoryError("fi_allocinfo failed")
+        try:
+            hints.ep_attr.type = lib.FI_EP_RDM
+            hints.caps = lib.FI_MSG | lib.FI_TAGGED | lib.FI_RMA
+            hints.mode = lib.FI_CONTEXT | lib.FI_CONTEXT2
+            hints.domain_attr.mr_mode = (lib.FI_MR_LOCAL | lib.FI_MR_VIRT_ADDR
+                                         | lib.FI_MR_ALLOCATED | lib.FI_MR_PROV_KEY
+                                         | lib.FI_MR_ENDPOINT)
+            hints.domain_attr.threading = lib.FI_THREAD_DOMAIN
+            # fi_freeinfo frees prov_name: it must come from libfabric's allocator.
+            hints.fabric_attr.prov_name = _strdup(prov)
+            node, service, flags = self._source(rest, listen)
+            if self.transport == "shm":
+                name = f"fi_shm://{self._shm_name(rest, listen)}"
+                hints.addr_format = lib.FI_ADDR_STR
+                hints.src_addr = _strdup(name)
+                hints.src_addrlen = len(name) + 1
+            out = ffi.new("struct fi_info **")
+            rc = lib.fi_getinfo(lib.petasus_fi_version(), node, service, flags, hints, out)
+            if rc == -lib.FI_ENODATA:
+                hint = (" (no RDMA device on this host?)" if self.transport == "verbs" else "")
+                raise error_for(rc, "fi_getinfo", op="initialize", provider=prov,
+                                node=_s(node), service=_s(service),
+                                detail=f"no {prov} endpoint with FI_MSG|FI_TAGGED|FI_RMA{hint}")
+            check_rc(rc, "fi_getinfo", op="initialize", provider=prov, node=_s(node),
+                     service=_s(service))
+        finally:
+            lib.fi_freeinfo(hints)
+        info = self._info = out[0]
+        self.provider = ffi.string(info.fabric_attr.prov_name).decode()
+        self._mr_mode = info.domain_attr.mr_mode
+        self._key_size = info.domain_attr.mr_key_size
+        self._rma_chunk = min(rma_chunk, info.ep_attr.max_msg_size)
+        # Sends up to this size go by fi_tinject: the provider copies them at once and writes
+        # no completion (tcp;ofi_rxm: 64 B, an eager RPC of a few numbers; shm: 4 KiB).
+        self._inject = 0 if self._mr_mode & lib.FI_MR_LOCAL else int(info.tx_attr.inject_size)
+        if self._max_msg + 256 > info.ep_attr.max_msg_size:
+            raise ValueError(f"max_msg_size {self._max_msg} exceeds {self.provider}'s limit")
+        if self._mr_mode & lib.FI_MR_RAW:
+            raise FabricError("initialize", None, f"{self.provider} needs raw memory keys "
+                              "(FI_MR_RAW), which petasus does not support")
+
+        fabric = ffi.new("struct fid_fabric **")
+        check_rc(lib.fi_fabric(info.fabric_attr, fabric, ffi.NULL), "fi_fabric", op="initialize")
+        self._fabric = fabric[0]
+        self._fids.append(self._fabric)
+        domain = ffi.new("struct fid_domain **")
+        check_rc(lib.fi_domain(self._fabric, info, domain, ffi.NULL), "fi_domain",
+                 op="initialize")
+        self._domain = domain[0]
+        self._fids.append(self._domain)
+        av_attr = ffi.new("struct fi_av_attr *")
+        av_attr.type = lib.FI_AV_MAP
+        av = ffi.new("struct fid_av **")
+        check_rc(lib.fi_av_open(self._domain, av_attr, av, ffi.NULL), "fi_av_open",
+                 op="initialize")
+        self._av = av[0]
+        self._fids.append(self._av)
+        self._open_cq(info)
+        ep = ffi.new("struct fid_ep **")
+        rc = lib.fi_endpoint(self._domain, info, ep, ffi.NULL)
+        if rc == -lib.FI_EADDRINUSE:
+            # The same error as the socket plugins' bind(): the caller's, not the fabric's.
+            raise OSError(errno.EADDRINUSE, f"cannot listen at {self.scheme}://{rest}: "
+                          f"{error_for(rc, 'fi_endpoint', op='initialize')}")
+        check_rc(rc, "fi_endpoint", op="initialize")
+        self._ep = ep[0]
+        self._fids.append(self._ep)
+        check_rc(lib.fi_ep_bind(self._ep, _fid(self._av), 0), "fi_ep_bind", op="initialize",
+                 what="av")
+        check_rc(lib.fi_ep_bind(self._ep, _fid(self._cq_fid), lib.FI_SEND | lib.FI_RECV),
+                 "fi_ep_bind", op="initialize", what="cq")
+        check_rc(lib.fi_enable(self._ep), "fi_enable", op="initialize")
+        size = ffi.new("size_t *", 256)
+        name = ffi.new("char[]", 256)
+        check_rc(lib.fi_getname(_fid(self._ep), name, size), "fi_getname", op="initialize")
+        self._name = bytes(ffi.buffer(name, size[0]))
+        if self.addr_format == lib.FI_ADDR_STR:
+            self._name = self._name.rstrip(b"\0")
+        if len(self._name) > 255:
+            raise FabricError("initialize", None, f"address of {len(self._name)} B is too long")
+        self._hdr = bytes((len(self._name),)) + self._name
+        if self._timer_fd >= 0 and self.transport == "shm":
+            self._bell = _doorbell(self._name)
+            self._ep_poll.register(self._bell.fileno(), select.EPOLLIN)
+        self._self_addr = Addr(self._uri_of(self._name), listen)
+        self._peers[self._self_addr.uri] = self._self_addr
+        self._by_name[self._name] = self._self_addr
+        self._self_addr.extra = self._insert(self._name, self._self_addr.uri)
+        if rx_buffers is None:
+            # shm: half its receive-request pool; the other half is for the tagged receives of
+            # RMA data (posting all rx_attr.size entries makes the next fi_trecv FI_ENOMEM).
+            pool = int(info.rx_attr.size)
+            rx_buffers = pool // 2 if self.transport == "shm" else RX_BUFFERS
+            if self.transport == "shm" and pool < SHM_RX_SIZE:
+                log.warning("%s: shm's receive pool is %d, not %d (libfabric was initialized "
+                            "before petasus set FI_SHM_RX_SIZE): bursts from several senders "
+                            "may lose messages", self.scheme, pool, SHM_RX_SIZE)
+        self._open_rx_pool(rx_buffers)
+
+    def _shm_name(self, rest: str, listen: bool) -> str:
+        """The shm region name to open: ``PID_RANDOM`` (fresh), or the one a listener asks for.
+
+        A listener may name its address (to come back at the same one); a name whose region
+        exists is in use, and refused here the way a bound port is (libfabric's shm would
+        attach to the live region instead). shm appends ``:0:N`` to the name it is given.
+        Names start with the owner's pid, which the liveness check reads, so a requested name
+        must too.
+        """
+        if not (listen and rest):
+            return f"{os.getpid()}_{secrets.token_hex(4)}"
+        if not _shm_region_exists(f"fi_shm://{rest}".encode()):
+            if "/" in rest or not rest.partition("_")[0].isdigit():
+                raise ValueError(f"{self.scheme}://{rest}: an ofi+shm address is PID_NAME")
+            # shm appends ":0:N" (its per-process endpoint count) to whatever name it is given.
+            return re.sub(r"(:\d+:\d+)+$", "", rest)
+        raise OSError(errno.EADDRINUSE, f"cannot listen at {self.scheme}://{rest}: the address "
+                      f"is in use (its shared-memory region /dev/shm/{rest} exists)")
+
+    def _open_cq(self, info: Any) -> None:
+        cq_attr = ffi.new("struct fi_cq_attr *")
+        cq_attr.format = lib.FI_CQ_FORMAT_TAGGED
+        cq_attr.size = 0
+        cq = ffi.new("struct fid_cq **")
+        # shm's completions come from shared memory, which no descriptor signals.
+        waits = ((lib.FI_WAIT_NONE,) if self.transport == "shm"
+                 else (lib.FI_WAIT_FD, lib.FI_WAIT_NONE))
+        for wait in waits:
+            cq_attr.wait_obj = wait
+            rc = lib.fi_cq_open(self._domain, cq_attr, cq, ffi.NULL)
+            if rc == 0:
+                break
+        check_rc(rc, "fi_cq_open", op="initialize", wait_obj=int(cq_attr.wait_obj))
+        self._cq_fid = cq[0]
+        self._fids.append(self._cq_fid)
+        self._cq_entries = ffi.new("struct fi_cq_tagged_entry[]", CQ_BATCH)
+        self._cq_fids = ffi.new("struct fid *[1]", [_fid(self._cq_fid)])
+        if cq_attr.wait_obj == lib.FI_WAIT_FD:
+            fd = ffi.new("int *", -1)
+            rc = lib.fi_control(_fid(self._cq_fid), lib.FI_GETWAIT, fd)
+            if rc == 0 and fd[0] >= 0:
+                self._wait_fd = fd[0]
+                self._ep_poll.register(self._wait_fd, select.EPOLLIN)
+                return
+        self._timer_fd = lib.petasus_timerfd(SHM_TICK_US)
+        if self._timer_fd < 0:
+            raise OSError(ffi.errno, f"timerfd_create: {os.strerror(ffi.errno)}")
+        self._ep_poll.register(self._timer_fd, select.EPOLLIN)
+
+    def _open_rx_pool(self, n: int) -> None:
+        self._slot = self._max_msg + 1 + 256
+        # Private anonymous memory: pages are mapped on first touch, so shm's 4096-slot pool
+        # (256 MiB of address space) costs about one page per slot a message has used.
+        self._rx = mmap.mmap(-1, self._slot * n, flags=mmap.MAP_PRIVATE)
+        self._rx_view = memoryview(self._rx)
+        self._rx_c = ffi.from_buffer(self._rx)
+        self._rx_desc = ffi.NULL
+        if self._mr_mode & lib.FI_MR_LOCAL:
+            self._rx_reg = self._mr_reg(self._rx_c, len(self._rx), lib.FI_RECV)
+            self._rx_desc = self._rx_reg.desc
+        self._slot_reqs: list[_Req | None] = [None] * n
+        for i in range(n):
+            self._post_slot(i)
+
+    def _release(self) -> None:
+        """Close what was opened, newest first; safe on a half-opened instance."""
+        for handle in list(self._regs.values()):
+            lib.fi_close(_fid(handle.extra.mr))
+        self._regs.clear()
+        rx_reg = getattr(self, "_rx_reg", None)
+        if rx_reg is not None:
+            lib.fi_close(_fid(rx_reg.mr))
+        while self._fids:
+            fid = self._fids.pop()
+            rc = lib.fi_close(_fid(fid))
+            if rc:
+                log.warning("fi_close failed while closing %s: %s", self.scheme,
+                            error_for(rc, "fi_close"))
+        if self._info is not None:
+            lib.fi_freeinfo(self._info)
+            self._info = None
+        self._ep_poll.close()
+        os.close(self._wake_fd)
+        if self._bell is not None:
+            self._bell.close()
+        if self._timer_fd >= 0:
+            os.close(self._timer_fd)
+            self._timer_fd = -1
+        self._reqs.clear()
+        self._backlog.clear()
+        self._blocked.clear()
+
+    def close(self) -> None:
+        """Close the endpoint; pending operations complete as canceled (run trigger())."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            reason = "the plugin was closed"
+            for op in self._unexp_posted:
+                self._fail(op, Canceled(op.kind.name.lower(), None, reason))
+            self._unexp_posted.clear()
+            for ops in self._exp_posted.values():
+                for op in ops:
+                    self._fail(op, Canceled(op.kind.name.lower(), _uri(op.addr), reason))
+            self._exp_posted.clear()
+            for req in itertools.chain(self._reqs.values(), self._backlog):
+                if req.op is not None:
+                    self._fail(req.op, Canceled(req.op.kind.name.lower(), _uri(req.addr),
+                                                reason))
+            self._release()
+
+    def __enter__(self) -> OfiPlugin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A warning only: libfabric objects are released by close(), never here.
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"{self!r} was not closed", ResourceWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._by_name)} peers"
+        uri = self._self_addr.uri if hasattr(self, "_self_addr") else self.scheme
+        return f"<OfiPlugin {uri} provider={getattr(self, 'provider', '?')} {state}>"
+
+    def statistics(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.stats)
+        out.update(uri=self._self_addr.uri, provider=self.provider,
+                   open_connections=len(self._by_name), registrations=len(self._regs),
+                   queued_bytes=self._queued, spin_us=int(self._spin * 1e6),
+                   wait="fd" if self._wait_fd >= 0 else "spin+timer", mr_mode=self._mr_mode,
+                   in_flight=len(self._reqs) - len(self._rx) // self._slot)
+        return out
+
+    def _check_open(self, op: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"{op}: {self!r} is closed")
+
