@@ -122,7 +122,8 @@ class Context:
         self._bufs: list[memoryview] = []  # response buffers, reused across calls
         self.closing = False  # set by the owner before it closes the plugin
         self.stats = dict.fromkeys(("sent", "received", "errors", "timeouts", "canceled",
-                                    "remote_errors", "handler_errors", "overflows"), 0)
+                                    "remote_errors", "handler_errors", "overflows",
+                                    "overflow_timeouts"), 0)
         if hg.listening:
             for _ in range(posted):
                 self.na.msg_recv_unexpected(bytearray(self.max_unexpected), self._on_request)
@@ -308,7 +309,11 @@ class Context:
 
         transfer = local.pull_from(remote, addr=source, callback=pulled)
         if not transfer.done:
-            timer.on_expire = transfer.cancel
+            def give_up() -> None:
+                self.stats["overflow_timeouts"] += 1
+                transfer.cancel()
+
+            timer.on_expire = give_up
             self._arm(timer, timer.deadline)
 
     def _expose_output(self, source: na.Addr, tag: int, parts: list[Any]) -> None:
@@ -327,7 +332,11 @@ class Context:
         except Exception:
             exposed.close()
             raise
-        timer.on_expire = lambda: self.na.cancel(ack)  # its completion closes the handle
+        def withdraw() -> None:
+            self.stats["overflow_timeouts"] += 1
+            self.na.cancel(ack)  # its completion closes the handle
+
+        timer.on_expire = withdraw
         self.stats["overflows"] += 1
         self._arm(timer, timer.deadline)
         self.na.msg_send_expected(source, head, tag)

@@ -19,6 +19,7 @@ from conftest import TIMEOUT, RpcPeer, Spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rpc_peer import start_in_thread
+from test_hg_core import FakeClock
 
 from petasus import bulk, hg, na
 from petasus.bulk import layout
@@ -559,8 +560,9 @@ def test_an_anonymous_peer_cannot_take_a_listeners_address() -> None:
 def test_overflow_memory_is_budgeted_and_stalled_pulls_time_out(spec: Spec) -> None:
     if spec.options.get("rma") == "process_vm":
         pytest.skip("process_vm pulls do not need the owner's progress: nothing stalls")
+    clock = FakeClock()  # the stalled pull times out when the test says so, not before
     server = hg.Engine(spec.uri, listen=True, max_overflow=4 * MiB, overflow_timeout=2.0,
-                       **spec.options)
+                       clock=clock, **spec.options)
     server.register(api.digest, sha)
     thread = threading.Thread(target=server.serve, kwargs={"handle_signals": False})
     thread.start()
@@ -572,12 +574,27 @@ def test_overflow_memory_is_budgeted_and_stalled_pulls_time_out(spec: Spec) -> N
             handle = staller.mem_register(memory, na.Access.READ_ONLY)
             wire = layout.Wire(1, staller.addr_serialize(staller.addr_self()), (3 * MiB,),
                                (staller.mem_handle_serialize(handle),))
-            # The staller never runs progress: the server's pull of its input cannot finish.
-            _raw_call(staller, server.uri, _more_data("digest", wire), 1, expect_reply=False)
+            # A first exchange sets the path up (ofi makes first contact in both progress
+            # loops), so that sending the request below needs no progress that could serve
+            # the server's pull by accident.
+            assert _raw_call(staller, server.uri, hd.encode_request(hd.rpc_id("nothing")),
+                             9)[0] == hd.NO_SUCH_RPC  # type: ignore[index]
+            # The staller runs no progress: the server's pull of its input cannot finish.
+            addr = staller.addr_lookup(server.uri)
+            reply = bytearray(4096)
+            answer = staller.msg_recv_expected(addr, reply, 1)
+            sent = staller.msg_send_unexpected(addr, _more_data("digest", wire), 1)
+            na.wait(staller, sent, timeout=TIMEOUT)
             assert eventually(lambda: server.context.landing.held == 3 * MiB)
             with pytest.raises(hg.RPCError, match="does not fit"):
                 client.lookup(server.uri).digest(bytes(2 * MiB))
-            # overflow_timeout later the stalled pull is given up and the budget is back.
+            assert server.context.landing.held == 3 * MiB
+            # overflow_timeout later the stalled pull is given up (canceled), the staller is
+            # told so, and the budget is back.
+            clock.now += 2.0
+            assert eventually(lambda: server.statistics()["overflow_timeouts"] == 1)
+            na.wait(staller, answer, timeout=TIMEOUT)  # ofi+tcp reports the cancel only now
+            assert reply[2] == hd.OVERFLOW and b"not pulled within 2 s" in reply[:answer.size]
             assert eventually(lambda: server.context.landing.held == 0)
             data = api.pattern(4, 3 * MiB)
             assert client.lookup(server.uri).digest(data) == sha(data)

@@ -155,16 +155,20 @@ class Progress:
                 self._cancel_chunks(op)
             self._fail(op, exc)
 
-    def _cancel_chunks(self, op: Op) -> None:
-        """Withdraw the receives still posted into ``op``'s memory (checked get data).
+    def _cancel_chunks(self, op: Op) -> int:
+        """Withdraw the receives still posted into ``op``'s memory (checked get data); return
+        how many were withdrawn.
 
         Only requests in ``_reqs`` were accepted by the provider; one still in the backlog was
         never posted (fi_cancel of it would name a context libfabric does not know) and is
         dropped by ``_retry_backlog`` once ``op`` is finished.
         """
+        n = 0
         for req in list(self._reqs.values()):
             if req.owner is op and req.kind == _RMA and req.fn is lib.fi_trecv:
                 lib.fi_cancel(_fid(self._ep), req.ctx)
+                n += 1
+        return n
 
     def _read_cq(self) -> int:
         """One batch of completions (caller holds the lock); returns how many were read."""
@@ -387,8 +391,10 @@ class Progress:
                 # The data receives are withdrawn (fi_cancel); each reports FI_ECANCELED, or
                 # completes if its data was already landing, and the op then ends as canceled.
                 op.state = _CANCELING
-                self._cancel_chunks(op)
-                return
+                if self._cancel_chunks(op):
+                    return
+                # Nothing of it reached the provider yet (all in the FI_EAGAIN backlog, say
+                # to a peer that does not progress): nothing will report back, so end it now.
             elif any(r.owner is op for r in itertools.chain(self._reqs.values(),
                                                              self._rma_wait.values())):
                 # Posted to libfabric, which cannot withdraw sends or RMA: it completes as
