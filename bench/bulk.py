@@ -34,7 +34,8 @@ ROUNDS = 1 if QUICK else 3
 SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
 EAGER_SIZES = [1 << 10, 2 << 10, 4 << 10, 8 << 10, 16 << 10, 32 << 10, 48 << 10, 60 << 10,
                128 << 10, 256 << 10, 1 << 20]
-PLUGINS = {"tcp": "tcp://127.0.0.1:0", "sm": "sm://"}
+PLUGINS = {"tcp": "tcp://127.0.0.1:0", "sm": "sm://", "ofi-tcp": "ofi+tcp://127.0.0.1:0",
+           "ofi-shm": "ofi+shm://"}
 B = "bulk"
 MiB = 1 << 20
 
@@ -144,10 +145,10 @@ def main() -> None:
         for conc in (1, 16):
             pulls = {n: find(bench=B, plugin=n, op="pull", size=size, concurrency=conc)
                      for n in PLUGINS}
-            ratio(B, "tcp-pull-vs-socket-stream", pulls["tcp"],
-                  find(bench=B, plugin="raw", op="socket-stream", size=size), 0.8)
-            ratio(B, "sm-pull-vs-process_vm_readv", pulls["sm"],
-                  find(bench=B, plugin="raw", op="process_vm_readv", size=size), 0.8)
+            for n, raw in (("tcp", "socket-stream"), ("ofi-tcp", "socket-stream"),
+                           ("sm", "process_vm_readv"), ("ofi-shm", "process_vm_readv")):
+                ratio(B, f"{n}-pull-vs-{raw}", pulls[n],
+                      find(bench=B, plugin="raw", op=raw, size=size), 0.8)
             for n in PLUGINS:
                 ratio(B, f"{n}-pull-vs-grpcio", pulls[n],
                       find(bench=B, plugin="grpcio", op="get", size=size), 2.5)
