@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import framing as fr
+from ._generic import message_view
 from ._rma import _CANCELING, _FINISHED, _NAK_TEXT, _PENDING, RmaMixin
 from .errors import AccessError, Canceled, NAError, PeerError, ProtocolError
 from .types import Addr, Callback, MemHandle, Op, OpKind, as_byte_view
@@ -40,7 +41,6 @@ _HDR = fr.HEADER
 _MAGIC = fr.MAGIC
 _UNEXPECTED = fr.UNEXPECTED
 _EXPECTED = fr.EXPECTED
-_MAX_TAG = 0xFFFFFFFF
 
 # Defaults, each overridable per instance.
 MAX_MSG_SIZE = 64 * 1024  # sockets have no slot size; big enough that most RPCs need no overflow
@@ -302,17 +302,8 @@ class SocketPlugin(RmaMixin):
 
     def _send_msg(self, kind: OpKind, frame_kind: int, addr: Addr, buf: Any, tag: int,
                   callback: Callback | None) -> Op:
-        if type(buf) is bytes or (type(buf) is memoryview and buf.format == "B"
-                                  and buf.ndim == 1):
-            view = buf
-        else:
-            view = as_byte_view(buf, kind.name.lower())
+        view = message_view(kind, buf, tag, self._max_msg)
         n = len(view)
-        if n > self._max_msg:
-            raise ValueError(f"{kind.name.lower()}: message of {n} B exceeds the maximum of "
-                             f"{self._max_msg} B")
-        if not 0 <= tag <= _MAX_TAG:
-            raise ValueError(f"{kind.name.lower()}: tag {tag} is not a u32")
         op = Op(kind, callback, view, addr, tag)
         with self._lock:
             if self._closed:

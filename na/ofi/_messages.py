@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from .._generic import message_view
 from ..errors import NAError, PeerError
-from ..types import Addr, Callback, Op, OpKind, as_byte_view
+from ..types import Addr, Callback, Op, OpKind
 from ._common import (
     _EXP,
     _GET_REQ,
@@ -50,13 +51,8 @@ class Messages:
 
     def _send_msg(self, kind: OpKind, bits: int, addr: Addr, buf: Any, tag: int,
                   callback: Callback | None) -> Op:
-        view = buf if type(buf) is bytes else as_byte_view(buf, kind.name.lower())
+        view = message_view(kind, buf, tag, self._max_msg)
         n = len(view)
-        if n > self._max_msg:
-            raise ValueError(f"{kind.name.lower()}: message of {n} B exceeds the maximum of "
-                             f"{self._max_msg} B")
-        if not 0 <= tag <= _MAX_TAG:
-            raise ValueError(f"{kind.name.lower()}: tag {tag} is not a u32")
         op = Op(kind, callback, view, addr, tag)
         data = self._hdr + view  # one staging copy: sender name + payload in one send
         with self._lock:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from .._generic import rma_op
 from ..errors import AccessError, Canceled, PeerError
 from ..types import Access, Addr, Callback, MemHandle, Op, OpKind, as_byte_view
 from ._common import (
@@ -136,22 +137,7 @@ class Rma:
     def _rma(self, kind: OpKind, local: MemHandle, local_off: int, remote: MemHandle,
              remote_off: int, length: int, addr: Addr, callback: Callback | None) -> Op:
         name = kind.name.lower()
-        view = local.view
-        if not local.local or view is None or not local.registered:
-            raise ValueError(f"{name}: the local handle {local!r} is not a live local registration")
-        if min(local_off, remote_off, length) < 0:
-            raise ValueError(f"{name}: offsets and length must be non-negative")
-        if local_off + length > local.length:
-            raise ValueError(f"{name}: local range {local_off}+{length} exceeds the "
-                             f"{local.length} B registration")
-        if remote_off + length > remote.length:
-            raise ValueError(f"{name}: remote range {remote_off}+{length} exceeds the "
-                             f"{remote.length} B registration")
-        if kind == OpKind.GET and view.readonly:
-            raise ValueError(f"{name}: the local registration is read-only and cannot receive")
-        op = Op(kind, callback, view, addr)
-        op.local, op.local_off, op.remote, op.remote_off, op.length = (
-            local, local_off, remote, remote_off, length)
+        op = rma_op(kind, local, local_off, remote, remote_off, length, addr, callback)
         with self._lock:
             self._check_open(name)
             self.stats["rma_ops"] += 1
