@@ -6,6 +6,7 @@ plugin, so the conformance suite can hold them all to one contract.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from .types import Addr, Callback, MemHandle, Op, OpKind, as_byte_view
@@ -50,3 +51,18 @@ def rma_op(kind: OpKind, local: MemHandle, local_off: int, remote: MemHandle, re
     op.local, op.local_off, op.remote, op.remote_off, op.length = (
         local, local_off, remote, remote_off, length)
     return op
+
+
+def run_completions(cq: deque[Op], max_count: int) -> int:
+    """trigger(): mark each completed op done and run its callback, oldest first."""
+    n = 0
+    while n < max_count:
+        try:
+            op = cq.popleft()
+        except IndexError:
+            break
+        op.done = True
+        n += 1
+        if op.callback is not None:
+            op.callback(op)
+    return n

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import framing as fr
-from ._generic import message_view
+from ._generic import message_view, run_completions
 from ._rma import _CANCELING, _FINISHED, _NAK_TEXT, _PENDING, RmaMixin
 from .errors import AccessError, Canceled, NAError, PeerError, ProtocolError
 from .types import Addr, Callback, MemHandle, Op, OpKind, as_byte_view
@@ -421,19 +421,9 @@ class SocketPlugin(RmaMixin):
             self._post(op)
 
     def trigger(self, max_count: int = 1 << 30) -> int:
-        cq = self._cq
-        n = 0
         self._in_pass += 1
         try:
-            while n < max_count:
-                try:
-                    op = cq.popleft()
-                except IndexError:
-                    break
-                op.done = True
-                n += 1
-                if op.callback is not None:
-                    op.callback(op)
+            n = run_completions(self._cq, max_count)
         finally:
             self._in_pass -= 1
         if self._dirty and not self._in_pass:

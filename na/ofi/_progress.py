@@ -8,6 +8,7 @@ import time
 from collections import deque
 from typing import Any
 
+from .._generic import run_completions
 from ..errors import Canceled, PeerError
 from ..types import Addr, Op, OpKind
 from ._common import (
@@ -360,18 +361,7 @@ class Progress:
                 return
 
     def trigger(self, max_count: int = 1 << 30) -> int:
-        cq = self._cq
-        n = 0
-        while n < max_count:
-            try:
-                op = cq.popleft()
-            except IndexError:
-                break
-            op.done = True
-            n += 1
-            if op.callback is not None:
-                op.callback(op)
-        return n
+        return run_completions(self._cq, max_count)
 
     def cancel(self, op: Op) -> None:
         with self._lock:
