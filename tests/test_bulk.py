@@ -489,16 +489,6 @@ def _raw_call(client: na.Plugin, uri: str, payload: bytes, tag: int,
     return buf[2], bytes(buf[8:recv.size])
 
 
-def eventually(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    """Poll a condition that another thread makes true (a server's bookkeeping)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def _more_data(name: str, wire: layout.Wire) -> bytes:
     return hd.encode_request(hd.rpc_id(name), hd.MORE_DATA) + layout.encode(wire)
 
@@ -558,50 +548,57 @@ def test_an_anonymous_peer_cannot_take_a_listeners_address() -> None:
 
 
 def test_overflow_memory_is_budgeted_and_stalled_pulls_time_out(spec: Spec) -> None:
+    """One thread drives every party, so the test decides who progresses (the staller only
+    when it may) and waits on conditions, never on time."""
     if spec.options.get("rma") == "process_vm":
         pytest.skip("process_vm pulls do not need the owner's progress: nothing stalls")
     clock = FakeClock()  # the stalled pull times out when the test says so, not before
-    server = hg.Engine(spec.uri, listen=True, max_overflow=4 * MiB, overflow_timeout=2.0,
-                       clock=clock, **spec.options)
-    server.register(api.digest, sha)
-    thread = threading.Thread(target=server.serve, kwargs={"handle_signals": False})
-    thread.start()
-    try:
-        with na.initialize(spec.uri, **spec.options) as staller, \
-                hg.Engine(spec.uri, timeout=TIMEOUT, **spec.options) as client:
-            client.declare(api)
-            memory = bytearray(3 * MiB)
-            handle = staller.mem_register(memory, na.Access.READ_ONLY)
-            wire = layout.Wire(1, staller.addr_serialize(staller.addr_self()), (3 * MiB,),
-                               (staller.mem_handle_serialize(handle),))
-            # A first exchange sets the path up (ofi makes first contact in both progress
-            # loops), so that sending the request below needs no progress that could serve
-            # the server's pull by accident.
-            assert _raw_call(staller, server.uri, hd.encode_request(hd.rpc_id("nothing")),
-                             9)[0] == hd.NO_SUCH_RPC  # type: ignore[index]
-            # The staller runs no progress: the server's pull of its input cannot finish.
-            addr = staller.addr_lookup(server.uri)
-            reply = bytearray(4096)
-            answer = staller.msg_recv_expected(addr, reply, 1)
-            sent = staller.msg_send_unexpected(addr, _more_data("digest", wire), 1)
-            na.wait(staller, sent, timeout=TIMEOUT)
-            assert eventually(lambda: server.context.landing.held == 3 * MiB)
-            with pytest.raises(hg.RPCError, match="does not fit"):
-                client.lookup(server.uri).digest(bytes(2 * MiB))
-            assert server.context.landing.held == 3 * MiB
-            # overflow_timeout later the stalled pull is given up (canceled), the staller is
-            # told so, and the budget is back.
-            clock.now += 2.0
-            assert eventually(lambda: server.statistics()["overflow_timeouts"] == 1)
-            na.wait(staller, answer, timeout=TIMEOUT)  # ofi+tcp reports the cancel only now
-            assert reply[2] == hd.OVERFLOW and b"not pulled within 2 s" in reply[:answer.size]
-            assert eventually(lambda: server.context.landing.held == 0)
-            data = api.pattern(4, 3 * MiB)
-            assert client.lookup(server.uri).digest(data) == sha(data)
-    finally:
-        server.shutdown()
-        thread.join(TIMEOUT)
-        server.close()
+    with hg.Engine(spec.uri, listen=True, max_overflow=4 * MiB, overflow_timeout=2.0,
+                   clock=clock, **spec.options) as server, \
+            na.initialize(spec.uri, **spec.options) as staller, \
+            hg.Engine(spec.uri, timeout=TIMEOUT, **spec.options) as client:
+        server.register(api.digest, sha)
+        client.declare(api)
+        remote = client.lookup(server.uri)
+        engines = (server.context, client.context)
+
+        def pump(until: Callable[[], bool], *plugins: na.Plugin) -> None:
+            deadline = time.monotonic() + TIMEOUT
+            while not until():
+                assert time.monotonic() < deadline, "the condition never came true"
+                for party in (*engines, *plugins):
+                    party.progress(0)
+                    party.trigger()
+
+        memory = bytearray(3 * MiB)
+        handle = staller.mem_register(memory, na.Access.READ_ONLY)
+        wire = layout.Wire(1, staller.addr_serialize(staller.addr_self()), (3 * MiB,),
+                           (staller.mem_handle_serialize(handle),))
+        addr = staller.addr_lookup(server.uri)
+        # A first exchange sets the path up (ofi makes first contact in both progress loops).
+        hello = staller.msg_recv_expected(addr, bytearray(4096), 9)
+        staller.msg_send_unexpected(addr, hd.encode_request(hd.rpc_id("nothing")), 9)
+        pump(lambda: hello.done, staller)
+        # From here the staller runs no progress: the server's pull of its input stalls.
+        reply = bytearray(4096)
+        answer = staller.msg_recv_expected(addr, reply, 1)
+        staller.msg_send_unexpected(addr, _more_data("digest", wire), 1)
+        pump(lambda: server.context.landing.held == 3 * MiB)
+        refused = remote.digest.future(bytes(2 * MiB))
+        pump(lambda: refused.done)
+        with pytest.raises(hg.RPCError, match="does not fit"):
+            client.wait(refused)
+        assert server.context.landing.held == 3 * MiB
+        # overflow_timeout later the stalled pull is given up (canceled), the staller is told
+        # so, and the budget is back.
+        clock.now += 2.0
+        pump(lambda: server.statistics()["overflow_timeouts"] == 1)
+        pump(lambda: answer.done and server.context.landing.held == 0, staller)
+        assert reply[2] == hd.OVERFLOW and b"not pulled within 2 s" in reply[:answer.size]
+        data = api.pattern(4, 3 * MiB)
+        fine = remote.digest.future(data)
+        pump(lambda: fine.done)
+        assert client.wait(fine) == sha(data)
 
 
 @pytest.mark.parametrize("serve", ["sync", "async"])
