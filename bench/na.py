@@ -160,18 +160,15 @@ def main() -> None:
                   find(bench=B, plugin=name, op="msg-roundtrip", concurrency=1, spin_us=200,
                        placement=placement),
                   3.0, higher_is_better=False, plugin=name)
-    for size in SIZES[2:]:
-        for conc in (1, 4):
-            for name in ("tcp", "ofi-tcp"):
-                ratio(B, f"{name}-get-vs-socket-stream",
+    # The same raw limits the bulk benchmark uses (bench/bulk.py): per plugin, its transport's.
+    limits = {"tcp": "socket-stream", "ofi-tcp": "socket-stream",
+              "sm": "process_vm_readv", "ofi-shm": "process_vm_readv"}
+    for name, raw in limits.items():
+        for size in SIZES[2:]:
+            for conc in (1, 4):
+                ratio(B, f"{name}-get-vs-{raw}",
                       find(bench=B, plugin=name, op="get", size=size, concurrency=conc),
-                      find(bench=B, plugin="raw", op="socket-stream", size=size), 0.8)
-    for size in SIZES[2:]:
-        for conc in (1, 4):
-            for name in ("sm", "ofi-shm"):
-                ratio(B, f"{name}-get-vs-process_vm_readv",
-                      find(bench=B, plugin=name, op="get", size=size, concurrency=conc),
-                      find(bench=B, plugin="raw", op="process_vm_readv", size=size), 0.8)
+                      find(bench=B, plugin="raw", op=raw, size=size), 0.8)
 
 
 if __name__ == "__main__":
