@@ -41,8 +41,8 @@ _ID, _PROTO = hd.IDENTIFIER, hd.PROTOCOL
 _FORWARDED = st.FORWARDED
 _STR = proc_for(str)
 POSTED_REQUESTS = 64  # receives a listening context keeps posted: requests in flight per target
-# The most a peer can make us allocate for one overflowing input or output (Mercury takes the
-# size from the peer uncapped); Engine(max_overflow=...) changes it.
+# The bytes all overflowing inputs and outputs being pulled may hold at once (Mercury takes
+# the size from the peer uncapped); Engine(max_overflow=...) changes it.
 MAX_OVERFLOW = 1 << 30
 _ACK = hd.RESPONSE.pack(hd.IDENTIFIER, hd.PROTOCOL, hd.SUCCESS, 0, 0)
 
