@@ -1,0 +1,78 @@
+"""Counters and phase histograms, and their Prometheus exposition.
+
+Histograms are fixed log-spaced buckets (10 us .. 10 s), cheap enough to record on every disk
+phase; ``collector(store)`` turns any store's ``stats()`` into Prometheus metrics at scrape
+time, so the hot path never touches prometheus_client.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from typing import Any
+
+BOUNDS = tuple(10.0 ** (e / 2) for e in range(-10, 3))  # 10 us .. 10 s, two per decade
+
+
+class Histogram:
+    __slots__ = ("count", "counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BOUNDS) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BOUNDS, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        cumulative, buckets = 0, []
+        for bound, n in zip((*BOUNDS, float("inf")), self.counts):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        return {"count": self.count, "sum_s": self.sum, "buckets": buckets}
+
+
+def collector(store: Any, prefix: str = "petasus_store") -> Any:
+    """A prometheus_client collector over ``store.stats()``; register it in a registry."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    gauges = {"capacity", "used", "objects", "pages_total", "pages_used", "queued",
+              "in_flight", "full"}
+
+    class StoreCollector:
+        def collect(self) -> Iterator[Any]:
+            stats = store.stats()
+            for group in ("dram", "disk", "offload", "ops"):
+                for name, raw in stats.get(group, {}).items():
+                    value = int(raw) if isinstance(raw, bool) else raw
+                    if not isinstance(value, (int, float)):
+                        continue
+                    metric = f"{prefix}_{group}_{name}"
+                    if name in gauges:
+                        yield GaugeMetricFamily(metric, f"{group} {name}", value=value)
+                    else:
+                        yield CounterMetricFamily(metric, f"{group} {name}", value=value)
+            for phase, hist in stats.get("phases", {}).items():
+                buckets = [(str(b), c) for b, c in hist["buckets"]]
+                buckets[-1] = ("+Inf", hist["count"])
+                yield HistogramMetricFamily(f"{prefix}_phase_{phase}_seconds",
+                                            f"time spent in the {phase} phase",
+                                            buckets=buckets, sum_value=hist["sum_s"])
+
+    return StoreCollector()
+
+
+def serve_metrics(store: Any, port: int, addr: str = "127.0.0.1") -> Any:
+    """Serve ``/metrics`` for one store on ``addr:port``; returns (server, thread)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(collector(store))
+    return start_http_server(port, addr=addr, registry=registry)
