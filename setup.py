@@ -35,7 +35,10 @@ setup(
     package_dir={f"petasus.{layer}": layer for layer in LAYERS},
     package_data={"petasus.na.ofi": ["_cdefs.h", "_glue.c"]},
     setup_requires=["cffi>=1.15"],
-    install_requires=["cffi>=1.15", "msgpack>=1.0"],
+    # xxhash: the disk tier's checksums; rich: the store CLI; prometheus-client: metrics.
+    install_requires=["cffi>=1.15", "msgpack>=1.0", "xxhash>=3", "rich>=13",
+                      "prometheus-client>=0.17"],
+    entry_points={"console_scripts": ["petasus-store=petasus.store.cli:main"]},
     cffi_modules=["na/ofi/_build.py:ffibuilder"] if _have_libfabric() else [],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "ruff", "numpy"],

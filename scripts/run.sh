@@ -64,3 +64,8 @@ for uri in tcp://127.0.0.1:0 sm://; do
     rm -rf "$work/out"
 done
 echo "all examples passed"
+# The store's main job: an embedded store with 16 MiB of DRAM takes 64 MiB, spills to disk,
+# and reads every object back verified.
+.venv/bin/petasus-store demo "$work/store"
+# Reopen the same directory: every object that reached the disk tier survived the restart.
+.venv/bin/petasus-store demo "$work/store" --total 16
