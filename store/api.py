@@ -119,8 +119,14 @@ class Store(abc.ABC):
 
 
 def _attempt(fn: Any, *args: Any) -> Any:
+    """The per-key result of a batch: the value or the key's error; a closed store is not a
+    per-key condition and raises."""
+    from .errors import StoreClosed
+
     try:
         return fn(*args)
+    except StoreClosed:
+        raise
     except StoreError as exc:
         return exc
 
@@ -193,7 +199,7 @@ def validate_key(key: object, max_bytes: int) -> None:
     except UnicodeEncodeError:
         raise InvalidKey("the key is not encodable as UTF-8", key=key) from None
     if n > max_bytes:
-        raise InvalidKey(f"the key is {n} bytes, over the limit of {max_bytes}", key=key[:64])
+        raise InvalidKey(f"the key is {n} bytes, over the limit of {max_bytes}", key=key)
 
 
 def readable(value: Buffer, op: str) -> memoryview:

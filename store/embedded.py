@@ -101,7 +101,10 @@ class EmbeddedStore(Store):
             self._closed = True
             self._room.notify_all()
         self.offloader.stop(timeout)
-        self.dram.close()
+        try:
+            self.dram.close()
+        except BufferError:  # a reader still copies out of the arena: it goes with its views
+            log.warning("store %s closed while a read was in progress", self.path)
         self._release_directory()
 
     def __repr__(self) -> str:
@@ -122,17 +125,22 @@ class EmbeddedStore(Store):
                  atomic: bool = False, timeout: float | None = None,
                  pin: Pin = Pin.NONE) -> list[StoreError | None]:
         staged: list[tuple[ObjectRecord, memoryview] | StoreError] = []
+        seen: set[str] = set()
         for key, value in items:
-            validate_key(key, self.config.max_key_bytes)
             src = readable(value, "put")
-            if len(src) > self.config.max_value_bytes:
-                error: StoreError = ValueTooLarge(
-                    f"value of {len(src)} bytes exceeds the cap of "
-                    f"{self.config.max_value_bytes}", key=key, tier="dram")
+            try:
+                validate_key(key, self.config.max_key_bytes)
+                if len(src) > self.config.max_value_bytes:
+                    raise ValueTooLarge(f"value of {len(src)} bytes exceeds the cap of "
+                                        f"{self.config.max_value_bytes}", key=key, tier="dram")
+                if atomic and key in seen:
+                    raise ValueError(f"put_many: key {key!r} appears twice in an atomic group")
+            except StoreError as error:
                 if atomic:
-                    raise error
+                    raise
                 staged.append(error)
                 continue
+            seen.add(key)
             staged.append((ObjectRecord(key, len(src), 0, None, pin=Pin(pin)), src))
         deadline = time.monotonic() + (self.config.put_timeout if timeout is None else timeout)
         results: list[StoreError | None] = []
@@ -221,8 +229,9 @@ class EmbeddedStore(Store):
                 self._room.notify_all()
                 raise AlreadyExists("key was put concurrently", key=clash[0].key, tier="dram")
             for obj in objs:
-                if obj in clash:
+                if not overwrite and obj.key in self._objects:
                     self.dram.pages.free(obj.alloc)  # type: ignore[arg-type]
+                    self._room.notify_all()
                     out.append(AlreadyExists("key was put concurrently", key=obj.key,
                                              tier="dram"))
                     continue
@@ -235,23 +244,23 @@ class EmbeddedStore(Store):
                 out.append(None)
                 if self.config.offload is Offload.ON_PUT:
                     self.offloader.submit(obj)
-            self._watermark()
+            self._watermark(frozenset(objs))
         return out
 
     # --- eviction -------------------------------------------------------------------------
-    def _watermark(self) -> None:
+    def _watermark(self, spare: frozenset[ObjectRecord]) -> None:
         pages = self.dram.pages
         if pages.used_pages > self.config.high_watermark * pages.total:
-            self._evict(pages.used_pages - int(self.config.low_watermark * pages.total))
+            self._evict(pages.used_pages - int(self.config.low_watermark * pages.total), spare)
 
-    def _evict(self, need_pages: int) -> None:
+    def _evict(self, need_pages: int, spare: frozenset[ObjectRecord] = frozenset()) -> None:
         """One eviction cycle (under the lock)."""
         if need_pages <= 0:
             return
         plan = plan_eviction(self._objects.values(), need_pages, policy=self.config.offload,
                              force_evict=self.config.force_evict,
                              queue_room=self.offloader.room(),
-                             disk_ok=self.offloader.disk_ok())
+                             disk_ok=self.offloader.disk_ok(), spare=spare)
         self.c["deferred"] += plan.deferred
         dropped = dropped_bytes = 0
         for obj, action in plan.actions:
@@ -350,12 +359,12 @@ class EmbeddedStore(Store):
         validate_key(key, self.config.max_key_bytes)
         with self._lock:
             self._check_open()
+            self.c["get"] += 1
             obj = self._lookup(key)
             size = obj.size
             if dst is not None and len(dst) < size:
                 raise ValueError(f"get_into {key!r}: the buffer holds {len(dst)} bytes, the "
                                  f"object {size}")
-            self.c["get"] += 1
             if obj.alloc is not None:
                 self.c["dram_hits"] += 1
                 self.c["dram_out"] += size
@@ -418,7 +427,8 @@ class EmbeddedStore(Store):
         with self._lock:
             self._check_open()
             for key in keys:
-                validate_key(key, self.config.max_key_bytes)
+                if not isinstance(key, str):
+                    validate_key(key, self.config.max_key_bytes)  # raises TypeError
                 obj = self._objects.get(key)
                 if obj is not None and obj.alloc is not None and obj.size <= INLINE_COPY:
                     self.c["get"] += 1

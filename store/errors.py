@@ -11,7 +11,8 @@ class StoreError(Exception):
     """Base of every error the store raises on purpose."""
 
     def __init__(self, message: str, *, key: str | None = None, tier: str | None = None) -> None:
-        where = ", ".join(p for p in (f"key {key!r}" if key is not None else "",
+        shown = key if key is None or len(key) <= 80 else f"{key[:64]}...({len(key)} chars)"
+        where = ", ".join(p for p in (f"key {shown!r}" if key is not None else "",
                                       f"tier {tier}" if tier else "") if p)
         super().__init__(f"{message} ({where})" if where else message)
         self.key = key

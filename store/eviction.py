@@ -49,9 +49,11 @@ class Plan:
 
 
 def plan_eviction(lru: Iterable[ObjectRecord], need_pages: int, *, policy: Offload,
-                  force_evict: bool, queue_room: int, disk_ok: bool) -> Plan:
+                  force_evict: bool, queue_room: int, disk_ok: bool,
+                  spare: frozenset[ObjectRecord] = frozenset()) -> Plan:
     """Walk candidates least recently used first until ``need_pages`` are accounted for;
-    soft-pinned objects are considered only in a second pass, hard-pinned never."""
+    soft-pinned objects are considered only in a second pass, hard-pinned never, and those in
+    ``spare`` (the objects the triggering put just made visible) not at all."""
     actions: list[tuple[ObjectRecord, Action]] = []
     deferred = 0
     got = 0
@@ -63,7 +65,7 @@ def plan_eviction(lru: Iterable[ObjectRecord], need_pages: int, *, policy: Offlo
             if got >= need_pages:
                 break
             alloc = obj.alloc
-            if alloc is None or alloc.pages == 0 or obj.dead:
+            if alloc is None or alloc.pages == 0 or obj.dead or obj in spare:
                 continue
             if obj.pin is Pin.HARD or (obj.pin is Pin.SOFT) != soft_pass:
                 continue
