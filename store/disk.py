@@ -137,8 +137,9 @@ class DiskTier:
         if xxhash.xxh3_64_intdigest(fields + key_bytes) != head_sum:
             return None
         offset = HEADER.size + key_len
-        if file_size != offset + size:
-            return None
+        if file_size != offset + size:  # a truncated or extended copy: indexed, read as lost
+            log.warning("disk tier: %s holds %d data bytes, its header says %d", path,
+                        file_size - offset, size)
         try:
             key = key_bytes.decode()
         except UnicodeDecodeError:

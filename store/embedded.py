@@ -143,38 +143,51 @@ class EmbeddedStore(Store):
             seen.add(key)
             staged.append((ObjectRecord(key, len(src), 0, None, pin=Pin(pin)), src))
         deadline = time.monotonic() + (self.config.put_timeout if timeout is None else timeout)
-        results: list[StoreError | None] = []
-        taken: list[tuple[ObjectRecord, memoryview]] = []
+        results: list[StoreError | None] = [
+            item if isinstance(item, StoreError) else None for item in staged]
+        # A group is reserved, written and published together. An atomic batch is one group
+        # (it must fit in DRAM at once); any other batch is cut wherever the next object would
+        # have to wait for room, so a batch larger than DRAM spills like single puts do.
+        group: list[tuple[int, ObjectRecord, memoryview]] = []
+        for i, item in enumerate(staged):
+            if isinstance(item, StoreError):
+                continue
+            obj, src = item
+            try:
+                if not self._reserve(obj, overwrite, deadline, wait=atomic or not group):
+                    self._commit(group, results, overwrite, atomic)
+                    group = []
+                    self._reserve(obj, overwrite, deadline, wait=True)
+            except StoreError as exc:
+                if atomic:
+                    self._unreserve([o for _, o, _ in group])
+                    raise
+                results[i] = exc
+                continue
+            except BaseException:
+                self._unreserve([o for _, o, _ in group])
+                raise
+            group.append((i, obj, src))
+        self._commit(group, results, overwrite, atomic)
+        return results
+
+    def _commit(self, group: list[tuple[int, ObjectRecord, memoryview]],
+                results: list[StoreError | None], overwrite: bool, atomic: bool) -> None:
         try:
-            for item in staged:
-                if isinstance(item, StoreError):
-                    results.append(item)
-                    continue
-                try:
-                    self._reserve(item[0], overwrite, deadline)
-                except StoreError as exc:
-                    if atomic:
-                        raise
-                    results.append(exc)
-                    continue
-                taken.append(item)
-                results.append(None)
-            for obj, src in taken:
+            for _, obj, src in group:
                 if obj.alloc is not None:
                     self.dram.write(obj.alloc, src)
         except BaseException:
-            self._unreserve([obj for obj, _ in taken])
+            self._unreserve([o for _, o, _ in group])
             raise
-        errors = self._publish([obj for obj, _ in taken], overwrite, atomic)
-        pos = 0
-        for i, result in enumerate(results):
-            if result is None and isinstance(staged[i], tuple):
-                results[i] = errors[pos]
-                pos += 1
-        return results
+        errors = self._publish([o for _, o, _ in group], overwrite, atomic)
+        for (i, _, _), error in zip(group, errors):
+            results[i] = error
 
-    def _reserve(self, obj: ObjectRecord, overwrite: bool, deadline: float) -> None:
-        """Take pages for an object that is not visible yet, evicting and waiting for room."""
+    def _reserve(self, obj: ObjectRecord, overwrite: bool, deadline: float,
+                 wait: bool = True) -> bool:
+        """Take pages for an object that is not visible yet, evicting and (if ``wait``)
+        waiting for room; False if there was no room and waiting was not allowed."""
         pages = self.dram.pages_for(obj.size)
         if pages > self.dram.pages.total:
             raise StoreFull(f"object of {obj.size} bytes is larger than DRAM "
@@ -193,6 +206,8 @@ class EmbeddedStore(Store):
                 alloc = self.dram.pages.allocate(pages)
                 if alloc is not None:
                     break
+                if not wait:
+                    return False
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise StoreFull(
@@ -205,6 +220,7 @@ class EmbeddedStore(Store):
             obj.gen = self._gen
             obj.alloc = alloc
         self.phases["allocate"].observe(time.perf_counter() - started)
+        return True
 
     def _unreserve(self, objs: list[ObjectRecord]) -> None:
         with self._lock:
