@@ -396,7 +396,8 @@ class EmbeddedStore(Store):
             else:
                 self.c["dram_misses"] += 1
                 if obj.disk is None:
-                    raise ObjectLost("object has neither a DRAM nor a disk copy", key=key)
+                    raise ObjectLost("object has neither a DRAM nor a disk copy", key=key,
+                                     tier="disk")
                 entry = obj.disk
                 fd = self.disk.open(entry)
         if fd < 0:

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from .disk import DiskFull
-from .errors import StoreFull
+from .errors import StoreError, StoreFull
 from .eviction import ObjectRecord
 
 log = logging.getLogger("petasus.store.offload")
@@ -39,6 +39,7 @@ class Offloader:
         self.disk_full = False
         self.last_error: str | None = None
         self._error_at = -RETRY_AFTER_S
+        self._epoch = 0  # failures so far: a copy started before the last one proves nothing
         self._logged_at = -LOG_EVERY_S
         self._threads = [threading.Thread(target=self._run, name=f"petasus-store-offload-{i}",
                                           daemon=True) for i in range(workers)]
@@ -79,8 +80,9 @@ class Offloader:
             while self._queue or self.in_flight:
                 self._wait(deadline, "waiting for disk copies")
             if self.failed != failed:
-                raise StoreFull(f"{self.failed - failed} disk copies failed: {self.last_error}",
-                                tier="disk")
+                kind = StoreFull if self.disk_full else StoreError
+                raise kind(f"{self.failed - failed} disk copies failed: {self.last_error}",
+                           tier="disk")
 
     def _wait(self, deadline: float | None, what: str) -> None:
         left = None if deadline is None else deadline - time.monotonic()
@@ -123,6 +125,7 @@ class Offloader:
                 obj.readers += 1
                 self.in_flight += 1
                 segments = store.dram.segments(obj.alloc, obj.size)
+                epoch = self._epoch
             started = time.perf_counter()
             entry, error = None, None
             try:
@@ -142,7 +145,8 @@ class Offloader:
                 store.phases["write"].observe(elapsed)
                 if entry is not None:
                     self.completed += 1
-                    self.disk_full = False
+                    if epoch == self._epoch:
+                        self.disk_full = False
                 else:
                     self._failed(obj, error)
                 store.offload_done(obj, entry)
@@ -151,6 +155,7 @@ class Offloader:
     def _failed(self, obj: ObjectRecord, error: BaseException | None) -> None:
         now = time.monotonic()
         self.failed += 1
+        self._epoch += 1
         self._error_at = now
         self.disk_full = isinstance(error, DiskFull)
         self.last_error = f"{obj.key!r}: {error}"

@@ -1,0 +1,504 @@
+"""The master's metadata and decisions, without I/O: time comes in as ``now``, and what must
+happen on nodes (a disk copy, a delete) goes out as actions the service carries out.
+
+Objects: key -> size, generation, state, DRAM copies (node, page runs), the node holding the
+disk copy, pin, read lease. Pages: one ``PageAllocator`` per node segment. Puts are two-phase
+(pending until ``put_end``; a writer that never finishes is reclaimed after ``put_ttl``);
+reads take a lease during which the copy's pages are neither freed nor reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import random
+from collections import OrderedDict
+from typing import Any
+
+from .config import Offload, Pin, StoreConfig
+from .errors import AlreadyExists, NotFound, ObjectLost, StoreError, StoreFull
+from .pages import Allocation, PageAllocator
+
+log = logging.getLogger("petasus.store.master")
+
+PENDING, READY, LOST = "pending", "ready", "lost"
+STRATEGIES = ("most_free", "random")
+
+
+@dataclasses.dataclass(eq=False)
+class Node:
+    node_id: int
+    name: str
+    uri: str
+    segment: bytes
+    page_size: int
+    pages: PageAllocator
+    last_seen: float
+    disk_used: int = 0
+
+    def runs(self, alloc: Allocation, size: int) -> list[tuple[int, int]]:
+        out, left = [], size
+        for start, count in alloc.runs:
+            take = min(count * self.page_size, left)
+            out.append((start * self.page_size, take))
+            left -= take
+        return out
+
+
+@dataclasses.dataclass(eq=False)
+class Copy:
+    node: Node
+    alloc: Allocation
+
+
+@dataclasses.dataclass(eq=False)
+class MObject:
+    key: str
+    size: int
+    gen: int
+    state: str
+    copies: list[Copy]
+    overwrite: bool = False
+    pin: Pin = Pin.NONE
+    disk: Node | None = None
+    lease_until: float = 0.0
+    token: int = 0
+    deadline: float = 0.0
+    offloading: Copy | None = None
+    evict_after: bool = False
+
+
+@dataclasses.dataclass
+class Grant:
+    token: int
+    replicas: list[tuple[Node, list[tuple[int, int]]]]
+
+
+class MasterState:
+    def __init__(self, config: StoreConfig, *, lease_ttl: float = 5.0, node_ttl: float = 10.0,
+                 put_ttl: float = 30.0, strategy: str = "most_free",
+                 rng: random.Random | None = None) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"placement strategy must be one of {STRATEGIES}, not {strategy!r}")
+        self.config = config
+        self.lease_ttl, self.node_ttl, self.put_ttl = lease_ttl, node_ttl, put_ttl
+        self.strategy = strategy
+        self.rng = rng or random.Random()
+        self.nodes: dict[int, Node] = {}
+        self.objects: OrderedDict[str, MObject] = OrderedDict()
+        self.pending: dict[int, MObject] = {}
+        self.finished: OrderedDict[int, None] = OrderedDict()  # recent tokens: idempotent end
+        self.held: list[tuple[float, Copy]] = []  # freed copies whose pages a lease still holds
+        self.actions: list[tuple[Any, ...]] = []
+        self.offloads_in_flight = 0
+        self._ids = itertools.count(1)
+        self._gens = itertools.count(1)
+        self.blocks = BlockIndex()
+        self.c = dict.fromkeys(("put", "get", "remove", "evictions", "offloads", "offload_failed",
+                                "deferred", "force_dropped", "dropped", "lost", "expired_puts",
+                                "nodes_dropped", "leases"), 0)
+
+    # --- nodes ----------------------------------------------------------------------------
+    def register_node(self, name: str, uri: str, segment: bytes, capacity: int, page_size: int,
+                      now: float) -> Node:
+        if page_size <= 0 or page_size & (page_size - 1) or capacity < page_size:
+            raise StoreError(f"node {name!r} offers a bad segment: {capacity} bytes of "
+                             f"{page_size}-byte pages")
+        for old in [n for n in self.nodes.values() if n.name == name]:
+            self.drop_node(old, "it registered again")
+        node = Node(next(self._ids), name, uri, segment, page_size,
+                    PageAllocator(capacity // page_size), now)
+        self.nodes[node.node_id] = node
+        log.info("node %s (%s) joined: %d pages of %d bytes", name, uri, node.pages.total,
+                 page_size)
+        return node
+
+    def heartbeat(self, node_id: int, disk_used: int, now: float) -> bool:
+        node = self.nodes.get(node_id)
+        if node is None:
+            return False
+        node.last_seen = now
+        node.disk_used = disk_used
+        return True
+
+    def drop_node(self, node: Node, why: str) -> None:
+        """Forget a node: its copies leave the metadata; objects left without any copy are
+        lost (a tombstone, so reads raise ObjectLost rather than NotFound)."""
+        self.nodes.pop(node.node_id, None)
+        self.c["nodes_dropped"] += 1
+        lost = 0
+        for token, obj in list(self.pending.items()):
+            if any(c.node is node for c in obj.copies):
+                self._free_copies(obj, 0.0)
+                del self.pending[token]
+        for obj in self.objects.values():
+            if obj.state != READY:
+                continue
+            obj.copies = [c for c in obj.copies if c.node is not node]
+            if obj.offloading is not None and obj.offloading.node is node:
+                obj.offloading, obj.evict_after = None, False
+            if obj.disk is node:
+                obj.disk = None
+            if not obj.copies and obj.disk is None:
+                obj.state = LOST
+                lost += 1
+        self.held = [(t, c) for t, c in self.held if c.node is not node]
+        self.blocks.revoke_node(node.name)
+        self.c["lost"] += lost
+        log.warning("node %s (%s) dropped (%s): %d objects lost", node.name, node.uri, why, lost)
+
+    # --- puts -----------------------------------------------------------------------------
+    def put_start(self, keys: list[str], sizes: list[int], replicas: int, overwrite: bool,
+                  pin: Pin, preferred: str, now: float) -> list[Grant | StoreError]:
+        out: list[Grant | StoreError] = []
+        for key, size in zip(keys, sizes):
+            try:
+                out.append(self._grant(key, size, replicas, overwrite, pin, preferred, now))
+            except StoreError as exc:
+                out.append(exc)
+        return out
+
+    def _grant(self, key: str, size: int, replicas: int, overwrite: bool, pin: Pin,
+               preferred: str, now: float) -> Grant:
+        if size > self.config.max_value_bytes:
+            from .errors import ValueTooLarge
+
+            raise ValueTooLarge(f"value of {size} bytes exceeds the cap of "
+                                f"{self.config.max_value_bytes}", key=key, tier="dram")
+        old = self.objects.get(key)
+        if old is not None and old.state == READY and not overwrite:
+            raise AlreadyExists("key is present (pass overwrite=True)", key=key, tier="dram")
+        if replicas < 1:
+            raise StoreError(f"replicas must be at least 1, not {replicas}", key=key)
+        nodes = self._placement(preferred)
+        if len(nodes) < replicas:
+            raise StoreFull(f"{replicas} replicas asked, {len(nodes)} nodes alive", key=key,
+                            tier="dram")
+        copies: list[Copy] = []
+        for node in nodes:
+            if len(copies) == replicas:
+                break
+            pages = -(-size // node.page_size)
+            if pages > node.pages.total:
+                continue
+            alloc = node.pages.allocate(pages)
+            if alloc is None:
+                self._evict(node, pages - node.pages.free_pages, now)
+                alloc = node.pages.allocate(pages)
+            if alloc is not None:
+                copies.append(Copy(node, alloc))
+        if len(copies) < replicas:
+            for c in copies:
+                c.node.pages.free(c.alloc)
+            raise StoreFull(f"no room for {size} bytes on {replicas} nodes now", key=key,
+                            tier="dram")
+        token = next(self._ids)
+        obj = MObject(key, size, next(self._gens), PENDING, copies, overwrite, pin, token=token,
+                      deadline=now + self.put_ttl)
+        self.pending[token] = obj
+        return Grant(token, [(c.node, c.node.runs(c.alloc, size)) for c in copies])
+
+    def _placement(self, preferred: str) -> list[Node]:
+        nodes = list(self.nodes.values())
+        if self.strategy == "random":
+            self.rng.shuffle(nodes)
+        else:
+            nodes.sort(key=lambda n: -n.pages.free_pages)
+        nodes.sort(key=lambda n: preferred not in (n.name, n.uri))
+        return nodes
+
+    def put_end(self, tokens: list[int], atomic: bool, now: float) -> list[StoreError | None]:
+        objs: list[MObject | StoreError | None] = []
+        for token in tokens:
+            obj = self.pending.get(token)
+            if obj is None:
+                objs.append(None if token in self.finished else StoreError(
+                    f"put {token} is unknown or expired (writers have {self.put_ttl} s)"))
+                continue
+            old = self.objects.get(obj.key)
+            if old is not None and old.state == READY and not obj.overwrite:
+                objs.append(AlreadyExists("key was put concurrently", key=obj.key, tier="dram"))
+                continue
+            objs.append(obj)
+        if atomic and any(isinstance(o, StoreError) for o in objs):
+            self.put_abort(tokens)
+            return [o if isinstance(o, StoreError) else None for o in objs]
+        out: list[StoreError | None] = []
+        for token, obj in zip(tokens, objs):
+            if not isinstance(obj, MObject):
+                if isinstance(obj, StoreError):
+                    self.put_abort([token])
+                out.append(obj)
+                continue
+            del self.pending[token]
+            self._finish(token)
+            old = self.objects.pop(obj.key, None)
+            if old is not None:
+                self._retire(old, now)
+            obj.state = READY
+            self.objects[obj.key] = obj
+            self.c["put"] += 1
+            if self.config.offload is Offload.ON_PUT:
+                self._offload(obj, obj.copies[0])
+            out.append(None)
+        self.watermarks(now, spare={o.key for o in objs if isinstance(o, MObject)})
+        return out
+
+    def _finish(self, token: int) -> None:
+        self.finished[token] = None
+        while len(self.finished) > 65536:
+            self.finished.popitem(last=False)
+
+    def put_abort(self, tokens: list[int]) -> None:
+        for token in tokens:
+            obj = self.pending.pop(token, None)
+            if obj is not None:
+                self._free_copies(obj, 0.0)
+
+    # --- reads and the rest ---------------------------------------------------------------
+    def locate(self, key: str, preferred: str, now: float) -> MObject:
+        obj = self.objects.get(key)
+        if obj is None:
+            raise NotFound("no such key", key=key, tier="dram")
+        if obj.state == LOST:
+            raise ObjectLost("every copy was on nodes that are gone", key=key, tier="dram")
+        self.c["get"] += 1
+        self.c["leases"] += 1
+        obj.lease_until = now + self.lease_ttl
+        self.objects.move_to_end(key)
+        obj.copies.sort(key=lambda c: preferred not in (c.node.name, c.node.uri))
+        return obj
+
+    def exists(self, key: str) -> bool:
+        obj = self.objects.get(key)
+        return obj is not None and obj.state == READY
+
+    def remove(self, key: str, now: float) -> None:
+        obj = self.objects.pop(key, None)
+        if obj is None:
+            raise NotFound("no such key", key=key, tier="dram")
+        self._retire(obj, now)
+        self.c["remove"] += 1
+
+    def pin(self, key: str, mode: Pin) -> None:
+        obj = self.objects.get(key)
+        if obj is None or obj.state != READY:
+            raise NotFound("no such key", key=key, tier="dram")
+        obj.pin = mode
+
+    def _retire(self, obj: MObject, now: float) -> None:
+        obj.state = LOST if obj.state == LOST else "retired"
+        self._free_copies(obj, obj.lease_until if obj.lease_until > now else 0.0)
+        if obj.disk is not None:
+            self.actions.append(("delete", obj.disk, obj.key, obj.gen))
+            obj.disk = None
+
+    def _free_copies(self, obj: MObject, until: float) -> None:
+        for c in obj.copies:
+            if until:
+                self.held.append((until, c))
+            elif c.node.node_id in self.nodes:
+                c.node.pages.free(c.alloc)
+        obj.copies = []
+
+    # --- time -----------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        for token, obj in list(self.pending.items()):
+            if obj.deadline <= now:
+                del self.pending[token]
+                self._free_copies(obj, 0.0)
+                self.c["expired_puts"] += 1
+                log.warning("put of %r expired: its writer did not finish in %s s", obj.key,
+                            self.put_ttl)
+        for node in list(self.nodes.values()):
+            if node.last_seen + self.node_ttl <= now:
+                self.drop_node(node, f"no heartbeat for {self.node_ttl} s")
+        if self.held:
+            keep = []
+            for until, c in self.held:
+                if until > now:
+                    keep.append((until, c))
+                elif c.node.node_id in self.nodes:
+                    c.node.pages.free(c.alloc)
+            self.held = keep
+        self.watermarks(now)
+
+    def watermarks(self, now: float, spare: set[str] | frozenset[str] = frozenset()) -> None:
+        high, low = self.config.high_watermark, self.config.low_watermark
+        for node in self.nodes.values():
+            pages = node.pages
+            if pages.used_pages > high * pages.total:
+                self._evict(node, pages.used_pages - int(low * pages.total), now, spare)
+
+    # --- eviction and offload ---------------------------------------------------------------
+    def _evict(self, node: Node, need: int, now: float,
+               spare: set[str] | frozenset[str] = frozenset()) -> None:
+        got = deferred = dropped = 0
+        for soft_pass in (False, True):
+            for obj in list(self.objects.values()):
+                if got >= need:
+                    break
+                copy = next((c for c in obj.copies if c.node is node), None)
+                if copy is None or obj.state != READY or obj.key in spare:
+                    continue
+                if obj.pin is Pin.HARD or (obj.pin is Pin.SOFT) != soft_pass:
+                    continue
+                if obj.lease_until > now:
+                    continue
+                pages = copy.alloc.pages
+                if obj.evict_after and obj.offloading is not None:
+                    got += pages if obj.offloading is copy else 0
+                    if obj.offloading is not copy:
+                        self._drop_copy(obj, copy)
+                        got += pages
+                    continue
+                if obj.disk is not None:
+                    self._drop_copy(obj, copy)
+                    got += pages
+                elif self.config.offload is Offload.OFF:
+                    self._drop_object(obj, now)
+                    self.c["dropped"] += 1
+                    got += pages
+                elif obj.offloading is not None or self._offload(obj, self._keeper(obj, copy)):
+                    # One copy is kept for its disk copy, the others leave at once.
+                    obj.evict_after = True
+                    for other in [c for c in obj.copies if c is not obj.offloading]:
+                        self._drop_copy(obj, other)
+                    got += pages
+                elif self.config.force_evict:
+                    self._drop_object(obj, now)
+                    dropped += 1
+                    got += pages
+                else:
+                    deferred += 1
+            if got >= need:
+                break
+        self.c["deferred"] += deferred
+        if dropped:
+            self.c["force_dropped"] += dropped
+            log.warning("force_evict dropped %d objects without a disk copy from node %s this "
+                        "cycle", dropped, node.name)
+
+    def _keeper(self, obj: MObject, pressed: Copy) -> Copy:
+        """The copy kept until the disk copy is made: the one on the least pressed node."""
+        return max(obj.copies, key=lambda c: (c is not pressed, c.node.pages.free_pages))
+
+    def _drop_copy(self, obj: MObject, copy: Copy) -> None:
+        obj.copies.remove(copy)
+        copy.node.pages.free(copy.alloc)
+        self.c["evictions"] += 1
+
+    def _drop_object(self, obj: MObject, now: float) -> None:
+        del self.objects[obj.key]
+        self._retire(obj, now)
+
+    def _offload(self, obj: MObject, copy: Copy) -> bool:
+        if obj.offloading is not None or obj.disk is not None:
+            return obj.offloading is not None
+        if self.offloads_in_flight >= self.config.offload_queue:
+            return False
+        obj.offloading = copy
+        self.offloads_in_flight += 1
+        self.actions.append(("offload", copy.node, obj.key, obj.gen,
+                             copy.node.runs(copy.alloc, obj.size), obj.size))
+        return True
+
+    def offload_done(self, key: str, gen: int, node: Node, ok: bool, now: float) -> None:
+        self.offloads_in_flight -= 1
+        obj = self.objects.get(key)
+        if obj is None or obj.gen != gen or obj.state != READY:
+            if ok:
+                self.actions.append(("delete", node, key, gen))
+            return
+        copy, obj.offloading = obj.offloading, None
+        if not ok:
+            obj.evict_after = False
+            self.c["offload_failed"] += 1
+            return
+        self.c["offloads"] += 1
+        if node.node_id in self.nodes:
+            obj.disk = node
+        if (obj.evict_after and copy is not None and copy in obj.copies
+                and obj.disk is not None and obj.lease_until <= now):
+            self._drop_copy(obj, copy)
+        obj.evict_after = False
+
+    def take_actions(self) -> list[tuple[Any, ...]]:
+        out, self.actions = self.actions, []
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        dram_objects = sum(1 for o in self.objects.values() if o.copies)
+        disk_objects = sum(1 for o in self.objects.values() if o.disk is not None)
+        return {
+            "nodes": [{"id": n.node_id, "name": n.name, "uri": n.uri,
+                       "capacity": n.pages.total * n.page_size,
+                       "used": n.pages.used_pages * n.page_size, "disk_used": n.disk_used}
+                      for n in self.nodes.values()],
+            "objects": sum(1 for o in self.objects.values() if o.state == READY),
+            "dram_objects": dram_objects, "disk_objects": disk_objects,
+            "pending": len(self.pending), "offloads_in_flight": self.offloads_in_flight,
+            "policy": self.config.offload.value, "force_evict": self.config.force_evict,
+            **self.c,
+        }
+
+
+class BlockIndex:
+    """KV-block hashes per node and tier (UMBP's external KV block index)."""
+
+    def __init__(self) -> None:
+        self.index: dict[int, dict[str, set[str]]] = {}
+        self.by: dict[tuple[str, str], set[int]] = {}
+
+    def register(self, node: str, hashes: list[int], tier: str) -> int:
+        mine = self.by.setdefault((node, tier), set())
+        added = 0
+        for h in hashes:
+            if h not in mine:
+                mine.add(h)
+                self.index.setdefault(h, {}).setdefault(node, set()).add(tier)
+                added += 1
+        return added
+
+    def revoke(self, node: str, hashes: list[int], tier: str) -> int:
+        mine = self.by.get((node, tier), set())
+        gone = 0
+        for h in hashes:
+            if h in mine:
+                mine.discard(h)
+                self._unindex(h, node, tier)
+                gone += 1
+        return gone
+
+    def revoke_tier(self, node: str, tier: str) -> int:
+        mine = self.by.pop((node, tier), set())
+        for h in mine:
+            self._unindex(h, node, tier)
+        return len(mine)
+
+    def revoke_node(self, node: str) -> None:
+        for n, tier in [k for k in self.by if k[0] == node]:
+            self.revoke_tier(n, tier)
+
+    def _unindex(self, h: int, node: str, tier: str) -> None:
+        nodes = self.index.get(h)
+        if nodes is None:
+            return
+        tiers = nodes.get(node)
+        if tiers is not None:
+            tiers.discard(tier)
+            if not tiers:
+                del nodes[node]
+        if not nodes:
+            del self.index[h]
+
+    def match(self, hashes: list[int]) -> dict[str, Any]:
+        per_node: dict[str, dict[str, list[int]]] = {}
+        distinct = set()
+        for h in hashes:
+            for node, tiers in self.index.get(h, {}).items():
+                distinct.add(h)
+                for tier in tiers:
+                    per_node.setdefault(node, {}).setdefault(tier, []).append(h)
+        return {"nodes": per_node, "distinct": len(distinct)}

@@ -1,0 +1,195 @@
+"""The distributed store's RPCs, declared once and imported by master, nodes and clients.
+
+Control goes through these RPCs (one per batch); data never does above the inline threshold:
+clients read and write node segments one-sided through bulk handles the master hands out.
+Errors travel as a status code and a message and are raised on the client as the same
+``StoreError`` classes the embedded scheme raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from petasus import bulk, hg
+
+from .errors import (
+    AlreadyExists,
+    InvalidKey,
+    NotFound,
+    ObjectLost,
+    StoreError,
+    StoreFull,
+    ValueTooLarge,
+)
+
+OK = 0
+CODES: dict[int, type[StoreError]] = {
+    1: NotFound, 2: AlreadyExists, 3: StoreFull, 4: ObjectLost, 5: InvalidKey,
+    6: ValueTooLarge, 7: StoreError,
+}
+CODE_OF = {cls: code for code, cls in CODES.items()}
+
+MASTER_PROVIDER = 40
+NODE_PROVIDER = 41
+
+
+def code_of(exc: StoreError) -> int:
+    return CODE_OF.get(type(exc), 7)
+
+
+def raise_status(code: int, message: str, key: str | None, tier: str | None = None) -> None:
+    if code != OK:
+        raise CODES.get(code, StoreError)(message, key=key, tier=tier)
+
+
+def error_of(code: int, message: str, key: str | None, tier: str | None = None) -> StoreError:
+    return CODES.get(code, StoreError)(message, key=key, tier=tier)
+
+
+@dataclasses.dataclass
+class Status:
+    code: int
+    message: str
+
+
+@dataclasses.dataclass
+class Replica:
+    """Where one copy lives: a node, its segment's serialized bulk handle, byte runs in it."""
+
+    node_id: int
+    uri: str
+    segment: bytes
+    runs: list[tuple[int, int]]  # (byte offset in the segment, length), in object order
+
+
+@dataclasses.dataclass
+class PutGrant:
+    code: int
+    message: str
+    token: int
+    replicas: list[Replica]
+
+
+@dataclasses.dataclass
+class Location:
+    code: int
+    message: str
+    size: int
+    gen: int
+    lease_ms: int
+    replicas: list[Replica]  # DRAM copies, preferred first
+    disk_uri: str  # the node holding the disk copy when no DRAM copy exists, else ""
+
+
+@dataclasses.dataclass
+class NodeHello:
+    node_id: int
+    heartbeat_s: float
+
+
+@dataclasses.dataclass
+class Staged:
+    stage_id: int
+    handle: bytes
+
+
+# --- master ---------------------------------------------------------------------------------
+@hg.declare(name="petasus.store.register_node")
+def register_node(uri: str, segment: bytes, capacity: hg.uint64, page_size: hg.uint32,
+                  name: str) -> NodeHello: ...
+
+
+@hg.declare(name="petasus.store.heartbeat")
+def heartbeat(node_id: hg.uint32, disk_used: hg.uint64) -> bool: ...
+
+
+@hg.declare(name="petasus.store.put_start")
+def put_start(client: str, keys: list[str], sizes: list[int], replicas: hg.uint8,
+              overwrite: bool, pin: str, preferred: str) -> list[PutGrant]: ...
+
+
+@hg.declare(name="petasus.store.put_end")
+def put_end(tokens: list[int], atomic: bool) -> list[Status]: ...
+
+
+@hg.declare(name="petasus.store.put_abort")
+def put_abort(tokens: list[int]) -> None: ...
+
+
+@hg.declare(name="petasus.store.locate")
+def locate(keys: list[str], preferred: str) -> list[Location]: ...
+
+
+@hg.declare(name="petasus.store.remove")
+def remove(keys: list[str]) -> list[Status]: ...
+
+
+@hg.declare(name="petasus.store.exists")
+def exists(keys: list[str]) -> list[bool]: ...
+
+
+@hg.declare(name="petasus.store.pin")
+def pin(key: str, mode: str) -> Status: ...
+
+
+@hg.declare(name="petasus.store.flush")
+def flush(timeout: float) -> Status: ...
+
+
+@hg.declare(name="petasus.store.cluster_stats")
+def cluster_stats() -> Any: ...
+
+
+@hg.declare(name="petasus.store.register_blocks")
+def register_blocks(node: str, hashes: list[int], tier: str) -> hg.uint32: ...
+
+
+@hg.declare(name="petasus.store.revoke_blocks")
+def revoke_blocks(node: str, hashes: list[int], tier: str) -> hg.uint32: ...
+
+
+@hg.declare(name="petasus.store.revoke_tier")
+def revoke_tier(node: str, tier: str) -> hg.uint32: ...
+
+
+@hg.declare(name="petasus.store.match_blocks")
+def match_blocks(hashes: list[int]) -> Any: ...
+
+
+MASTER_RPCS = (register_node, heartbeat, put_start, put_end, put_abort, locate, remove, exists,
+               pin, flush, cluster_stats, register_blocks, revoke_blocks, revoke_tier,
+               match_blocks)
+
+
+# --- node -----------------------------------------------------------------------------------
+@hg.declare(name="petasus.store.node.offload")
+def offload(key: str, gen: int, runs: list[tuple[int, int]], size: int) -> Status: ...
+
+
+@hg.declare(name="petasus.store.node.disk_push")
+def disk_push(key: str, gen: int, dest: bulk.Bulk) -> Status: ...
+
+
+@hg.declare(name="petasus.store.node.disk_stage")
+def disk_stage(key: str, gen: int) -> Staged: ...
+
+
+@hg.declare(name="petasus.store.node.disk_release")
+def disk_release(stage_id: int) -> None: ...
+
+
+@hg.declare(name="petasus.store.node.disk_delete")
+def disk_delete(key: str, gen: int) -> None: ...
+
+
+@hg.declare(name="petasus.store.node.read_inline")
+def read_inline(runs: list[list[tuple[int, int]]]) -> list[bytes]: ...
+
+
+@hg.declare(name="petasus.store.node.write_inline")
+def write_inline(runs: list[list[tuple[int, int]]], data: list[bytes]) -> None: ...
+
+
+NODE_RPCS = (offload, disk_push, disk_stage, disk_release, disk_delete, read_inline,
+             write_inline)
