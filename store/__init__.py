@@ -8,8 +8,9 @@
         kv.exists_prefix(["block/0", "block/1"])
 
 ``embedded://PATH`` keeps every tier in this process (``embedded://`` uses a temporary
-directory, removed on close); the distributed scheme (a master URI) comes with the master and
-storage nodes and serves the same interface. docs/store.md describes the model.
+directory, removed on close); a master's URI (``tcp://HOST:PORT``, ``sm://...``,
+``ofi+tcp://...``) gives the distributed scheme, the same interface over a master and storage
+nodes (``petasus-store master`` / ``node``). docs/store.md describes the model.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ from .errors import (
     ValueTooLarge,
 )
 
-SCHEMES = ("embedded://",)
-
 
 def connect(uri: str, *, config: StoreConfig | None = None, **options: Any) -> Store:
     """Open a store by URI. Keyword options are ``StoreConfig`` fields (or pass ``config``)."""
@@ -45,8 +44,15 @@ def connect(uri: str, *, config: StoreConfig | None = None, **options: Any) -> S
 
         path = unquote(uri[len("embedded://"):]) or None
         return EmbeddedStore(path, config or StoreConfig.from_dict(options))
-    raise ValueError(f"store.connect: unsupported URI {uri!r}; supported schemes: "
-                     f"{', '.join(SCHEMES)}")
+    if "://" in uri:
+        from .client import DistributedStore
+
+        if config is not None:
+            raise ValueError("store.connect: a master URI takes client options, not a "
+                             "StoreConfig (the master and nodes hold the store's config)")
+        return DistributedStore(uri, **options)
+    raise ValueError(f"store.connect: unsupported URI {uri!r}; use embedded://[PATH] or a "
+                     "master's URI (tcp://HOST:PORT, sm://..., ofi+tcp://...)")
 
 
 __all__ = [

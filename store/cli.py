@@ -13,6 +13,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import xxhash
 from rich.console import Console
@@ -20,7 +21,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import StoreError, connect
-from .config import Offload
+from .config import Offload, StoreConfig
+from .metrics import serve_http
 
 MiB = 1 << 20
 
@@ -109,6 +111,61 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def master(args: argparse.Namespace) -> int:
+    from .master import MasterService
+
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(StoreConfig.from_json(args.config).to_dict())
+    for name in ("offload", "high_watermark", "low_watermark", "offload_queue",
+                 "offload_workers", "max_value_bytes"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.force_evict:
+        values["force_evict"] = True
+    config = StoreConfig.from_dict(values)
+    service = MasterService(args.listen, config, lease_ttl=args.lease_ttl,
+                            node_ttl=args.node_ttl, put_ttl=args.put_ttl,
+                            strategy=args.strategy)
+    if args.metrics_port is not None:
+        serve_http(args.metrics_port, service.state.stats, lambda: True)
+    print(f"listening on {service.uri}", flush=True)
+    service.serve()
+    return 0
+
+
+def node(args: argparse.Namespace) -> int:
+    from .node import NodeService
+
+    service = NodeService(args.master, args.listen, dram_bytes=args.dram_bytes,
+                          page_size=args.page_size, disk_dir=args.disk, disk_bytes=args.disk_bytes,
+                          disk_fsync=args.disk_fsync, name=args.name)
+    if args.metrics_port is not None:
+        serve_http(args.metrics_port, lambda: {**service.c, "disk_used": service.disk.used},
+                   lambda: service.node_id > 0)
+    print(f"listening on {service.uri}", flush=True)
+    service.serve()
+    return 0
+
+
+def stat(args: argparse.Namespace) -> int:
+    with connect(args.master, timeout=args.timeout) as kv:
+        cluster = kv.cluster()  # type: ignore[attr-defined]
+    console = Console()
+    table = Table(title=f"petasus store at {args.master}")
+    for col in ("node", "uri", "DRAM", "used", "disk used"):
+        table.add_column(col, justify="right")
+    for n in cluster["nodes"]:
+        table.add_row(n["name"], n["uri"], _size(n["capacity"]), _size(n["used"]),
+                      _size(n["disk_used"]))
+    console.print(table)
+    console.print(f"objects {cluster['objects']} (DRAM {cluster['dram_objects']}, disk "
+                  f"{cluster['disk_objects']}), pending puts {cluster['pending']}, policy "
+                  f"{cluster['policy']}, evictions {cluster['evictions']}, offloads "
+                  f"{cluster['offloads']}, lost {cluster['lost']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="petasus-store", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,9 +176,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--object-kib", type=int, default=256, help="object size in KiB")
     d.add_argument("--offload", default=Offload.ON_EVICT.value,
                    choices=[o.value for o in Offload])
+    m = sub.add_parser("master", help="run a master (metadata, placement, eviction)")
+    m.add_argument("--listen", default="tcp://127.0.0.1:7000", help="hg URI to listen on")
+    m.add_argument("--config", help="a JSON file of store configuration fields")
+    m.add_argument("--offload", choices=[o.value for o in Offload])
+    m.add_argument("--force-evict", action="store_true")
+    m.add_argument("--high-watermark", type=float)
+    m.add_argument("--low-watermark", type=float)
+    m.add_argument("--offload-queue", type=int)
+    m.add_argument("--offload-workers", type=int)
+    m.add_argument("--max-value-bytes", type=int)
+    m.add_argument("--lease-ttl", type=float, default=5.0, help="read lease, seconds")
+    m.add_argument("--node-ttl", type=float, default=10.0, help="heartbeat TTL, seconds")
+    m.add_argument("--put-ttl", type=float, default=30.0, help="pending put TTL, seconds")
+    m.add_argument("--strategy", default="most_free", choices=["most_free", "random"])
+    m.add_argument("--metrics-port", type=int, help="serve /metrics and /health here")
+    n = sub.add_parser("node", help="run a storage node (DRAM segment and disk tier)")
+    n.add_argument("--master", required=True, help="the master's URI")
+    n.add_argument("--listen", default="tcp://127.0.0.1:0")
+    n.add_argument("--dram-bytes", type=int, default=64 * MiB)
+    n.add_argument("--page-size", type=int, default=4096)
+    n.add_argument("--disk", help="disk tier directory (default: a temporary one)")
+    n.add_argument("--disk-bytes", type=int)
+    n.add_argument("--disk-fsync", action="store_true")
+    n.add_argument("--name")
+    n.add_argument("--metrics-port", type=int)
+    st = sub.add_parser("stat", help="print the cluster: nodes, segments, use per tier")
+    st.add_argument("master")
+    st.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args(argv)
+    commands = {"demo": demo, "master": master, "node": node, "stat": stat}
     try:
-        return demo(args)
+        return commands[args.command](args)
     except StoreError as exc:
         print(f"petasus-store: {exc}", file=sys.stderr)
         return 1

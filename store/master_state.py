@@ -97,7 +97,9 @@ class MasterState:
         self.blocks = BlockIndex()
         self.c = dict.fromkeys(("put", "get", "remove", "evictions", "offloads", "offload_failed",
                                 "deferred", "force_dropped", "dropped", "lost", "expired_puts",
-                                "nodes_dropped", "leases"), 0)
+                                "nodes_dropped", "leases", "dram_hits", "dram_misses",
+                                "disk_hits", "misses", "bytes_in", "bytes_out",
+                                "disk_bytes_in"), 0)
 
     # --- nodes ----------------------------------------------------------------------------
     def register_node(self, name: str, uri: str, segment: bytes, capacity: int, page_size: int,
@@ -239,6 +241,7 @@ class MasterState:
             obj.state = READY
             self.objects[obj.key] = obj
             self.c["put"] += 1
+            self.c["bytes_in"] += obj.size
             if self.config.offload is Offload.ON_PUT:
                 self._offload(obj, obj.copies[0])
             out.append(None)
@@ -260,11 +263,19 @@ class MasterState:
     def locate(self, key: str, preferred: str, now: float) -> MObject:
         obj = self.objects.get(key)
         if obj is None:
+            self.c["misses"] += 1
+            self.c["dram_misses"] += 1
             raise NotFound("no such key", key=key, tier="dram")
         if obj.state == LOST:
             raise ObjectLost("every copy was on nodes that are gone", key=key, tier="dram")
         self.c["get"] += 1
         self.c["leases"] += 1
+        self.c["bytes_out"] += obj.size
+        if obj.copies:
+            self.c["dram_hits"] += 1
+        else:
+            self.c["dram_misses"] += 1
+            self.c["disk_hits"] += 1
         obj.lease_until = now + self.lease_ttl
         self.objects.move_to_end(key)
         obj.copies.sort(key=lambda c: preferred not in (c.node.name, c.node.uri))
@@ -417,6 +428,7 @@ class MasterState:
             self.c["offload_failed"] += 1
             return
         self.c["offloads"] += 1
+        self.c["disk_bytes_in"] += obj.size
         if node.node_id in self.nodes:
             obj.disk = node
         if (obj.evict_after and copy is not None and copy in obj.copies

@@ -76,3 +76,44 @@ def serve_metrics(store: Any, port: int, addr: str = "127.0.0.1") -> Any:
     registry = CollectorRegistry()
     registry.register(collector(store))
     return start_http_server(port, addr=addr, registry=registry)
+
+
+def serve_http(port: int, stats: Any, healthy: Any, addr: str = "127.0.0.1") -> Any:
+    """``/metrics`` (Prometheus text, from ``stats()``'s numbers) and ``/health`` (200 while
+    ``healthy()``) on a daemon thread; returns the server."""
+    import http.server
+    import threading
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+
+    class Flat:
+        def collect(self) -> Iterator[Any]:
+            for name, value in stats().items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    yield GaugeMetricFamily(f"petasus_store_{name}", name, value=value)
+
+    registry = CollectorRegistry()
+    registry.register(Flat())
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                body, code = generate_latest(registry), 200
+            elif self.path == "/health":
+                ok = healthy()
+                body, code = (b"ok\n" if ok else b"starting\n"), (200 if ok else 503)
+            else:
+                body, code = b"not found\n", 404
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((addr, port), Handler)
+    threading.Thread(target=server.serve_forever, name="petasus-store-metrics",
+                     daemon=True).start()
+    return server

@@ -95,65 +95,65 @@ class Staged:
 
 
 # --- master ---------------------------------------------------------------------------------
-@hg.declare(name="petasus.store.register_node")
+@hg.declare
 def register_node(uri: str, segment: bytes, capacity: hg.uint64, page_size: hg.uint32,
                   name: str) -> NodeHello: ...
 
 
-@hg.declare(name="petasus.store.heartbeat")
+@hg.declare
 def heartbeat(node_id: hg.uint32, disk_used: hg.uint64) -> bool: ...
 
 
-@hg.declare(name="petasus.store.put_start")
+@hg.declare
 def put_start(client: str, keys: list[str], sizes: list[int], replicas: hg.uint8,
               overwrite: bool, pin: str, preferred: str) -> list[PutGrant]: ...
 
 
-@hg.declare(name="petasus.store.put_end")
+@hg.declare
 def put_end(tokens: list[int], atomic: bool) -> list[Status]: ...
 
 
-@hg.declare(name="petasus.store.put_abort")
+@hg.declare
 def put_abort(tokens: list[int]) -> None: ...
 
 
-@hg.declare(name="petasus.store.locate")
+@hg.declare
 def locate(keys: list[str], preferred: str) -> list[Location]: ...
 
 
-@hg.declare(name="petasus.store.remove")
+@hg.declare
 def remove(keys: list[str]) -> list[Status]: ...
 
 
-@hg.declare(name="petasus.store.exists")
+@hg.declare
 def exists(keys: list[str]) -> list[bool]: ...
 
 
-@hg.declare(name="petasus.store.pin")
+@hg.declare
 def pin(key: str, mode: str) -> Status: ...
 
 
-@hg.declare(name="petasus.store.flush")
+@hg.declare
 def flush(timeout: float) -> Status: ...
 
 
-@hg.declare(name="petasus.store.cluster_stats")
+@hg.declare
 def cluster_stats() -> Any: ...
 
 
-@hg.declare(name="petasus.store.register_blocks")
+@hg.declare
 def register_blocks(node: str, hashes: list[int], tier: str) -> hg.uint32: ...
 
 
-@hg.declare(name="petasus.store.revoke_blocks")
+@hg.declare
 def revoke_blocks(node: str, hashes: list[int], tier: str) -> hg.uint32: ...
 
 
-@hg.declare(name="petasus.store.revoke_tier")
+@hg.declare
 def revoke_tier(node: str, tier: str) -> hg.uint32: ...
 
 
-@hg.declare(name="petasus.store.match_blocks")
+@hg.declare
 def match_blocks(hashes: list[int]) -> Any: ...
 
 
@@ -163,31 +163,31 @@ MASTER_RPCS = (register_node, heartbeat, put_start, put_end, put_abort, locate, 
 
 
 # --- node -----------------------------------------------------------------------------------
-@hg.declare(name="petasus.store.node.offload")
+@hg.declare
 def offload(key: str, gen: int, runs: list[tuple[int, int]], size: int) -> Status: ...
 
 
-@hg.declare(name="petasus.store.node.disk_push")
+@hg.declare
 def disk_push(key: str, gen: int, dest: bulk.Bulk) -> Status: ...
 
 
-@hg.declare(name="petasus.store.node.disk_stage")
+@hg.declare
 def disk_stage(key: str, gen: int) -> Staged: ...
 
 
-@hg.declare(name="petasus.store.node.disk_release")
+@hg.declare
 def disk_release(stage_id: int) -> None: ...
 
 
-@hg.declare(name="petasus.store.node.disk_delete")
+@hg.declare
 def disk_delete(key: str, gen: int) -> None: ...
 
 
-@hg.declare(name="petasus.store.node.read_inline")
+@hg.declare
 def read_inline(runs: list[list[tuple[int, int]]]) -> list[bytes]: ...
 
 
-@hg.declare(name="petasus.store.node.write_inline")
+@hg.declare
 def write_inline(runs: list[list[tuple[int, int]]], data: list[bytes]) -> None: ...
 
 

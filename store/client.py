@@ -1,0 +1,464 @@
+"""The distributed scheme's client: the ``Store`` interface over a master and storage nodes.
+
+Control: one master RPC per batch (``put_start``/``put_end``, ``locate``, ...). Data: one-sided
+bulk transfers straight between the caller's buffer and the node's segment, grouped per
+node and all in flight at once; objects up to ``inline_bytes`` ride in a node RPC instead
+(two-sided, copied through message buffers), which ``bench/store.py`` measures to be faster
+below the crossover. Disk-only objects are pushed by their node into the caller's buffer in
+one RPC (``disk_read="push"``), or staged, pulled and released (``"pull"``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from petasus import bulk, hg
+
+from . import protocol as p
+from .api import Buffer, Store, readable, validate_key, writable
+from .config import Pin
+from .errors import ObjectLost, StoreClosed, StoreError, StoreFull, ValueTooLarge
+
+# Objects up to this size are read and written through a node RPC rather than one-sided:
+# below it the RPC's copy costs less than a bulk round trip (bench/store.py, "crossover").
+INLINE_BYTES = 16 << 10
+RETRY_S = 0.005  # first back-off of a put that found no room; doubles up to 0.1 s
+
+
+class DistributedStore(Store):
+    def __init__(self, uri: str, *, timeout: float = 30.0, put_timeout: float = 10.0,
+                 replicas: int = 1, disk_read: str = "push", inline_bytes: int = INLINE_BYTES,
+                 preferred: str = "", max_key_bytes: int = 4096,
+                 max_value_bytes: int = 1 << 30, **engine_options: Any) -> None:
+        if disk_read not in ("push", "pull"):
+            raise ValueError(f"disk_read must be 'push' or 'pull', not {disk_read!r}")
+        self.uri = uri
+        self.timeout, self.put_timeout = timeout, put_timeout
+        self.replicas, self.disk_read = replicas, disk_read
+        self.inline_bytes, self.preferred = inline_bytes, preferred
+        self.max_key_bytes, self.max_value_bytes = max_key_bytes, max_value_bytes
+        self.engine = hg.Engine(uri, timeout=timeout, **engine_options)
+        self.engine.declare(p.MASTER_RPCS, p.NODE_RPCS)
+        self.master = self.engine.lookup(uri, provider_id=p.MASTER_PROVIDER)
+        self.client_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self._nodes: dict[str, hg.Remote] = {}
+        self._segments: dict[bytes, bulk.RemoteBulk] = {}
+        self._closed = False
+        self.c = dict.fromkeys(("inline", "one_sided", "disk_push", "disk_pull", "retries"), 0)
+
+    def __repr__(self) -> str:
+        return f"<DistributedStore {self.uri}{' closed' if self._closed else ''}>"
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.engine.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"the store client of {self.uri} is closed")
+
+    def _call(self, method: Any, *args: Any) -> Any:
+        try:
+            return method.call(*args, timeout=self.timeout)
+        except (hg.RPCError, hg.PeerError) as exc:
+            raise StoreError(f"store master {self.uri}: {exc}") from exc
+
+    def _node(self, uri: str) -> hg.Remote:
+        remote = self._nodes.get(uri)
+        if remote is None:
+            remote = self._nodes[uri] = self.engine.lookup(uri, provider_id=p.NODE_PROVIDER)
+        return remote
+
+    def _segment(self, wire: bytes) -> bulk.RemoteBulk:
+        seg = self._segments.get(wire)
+        if seg is None:
+            seg = self._segments[wire] = bulk.RemoteBulk.from_bytes(wire)
+        return seg
+
+    # --- puts -----------------------------------------------------------------------------
+    def put(self, key: str, value: Buffer, *, overwrite: bool = False, pin: Pin = Pin.NONE,
+            timeout: float | None = None) -> None:
+        self.put_many([(key, value)], overwrite=overwrite, atomic=True, timeout=timeout,
+                      pin=pin)
+
+    def put_many(self, items: Iterable[tuple[str, Buffer]], *, overwrite: bool = False,
+                 atomic: bool = False, timeout: float | None = None, pin: Pin = Pin.NONE,
+                 replicas: int | None = None) -> list[StoreError | None]:
+        self._check_open()
+        keys: list[str] = []
+        views: list[memoryview] = []
+        results: list[StoreError | None] = []
+        seen: set[str] = set()
+        for key, value in items:
+            view = readable(value, "put")
+            try:
+                validate_key(key, self.max_key_bytes)
+                if len(view) > self.max_value_bytes:
+                    raise ValueTooLarge(f"value of {len(view)} bytes exceeds the cap of "
+                                        f"{self.max_value_bytes}", key=key, tier="dram")
+                if atomic and key in seen:
+                    raise ValueError(f"put_many: key {key!r} appears twice in an atomic group")
+                results.append(None)
+            except StoreError as exc:
+                if atomic:
+                    raise
+                results.append(exc)
+            seen.add(key)
+            keys.append(key)
+            views.append(view)
+        todo = [i for i, r in enumerate(results) if r is None]
+        deadline = time.monotonic() + (self.put_timeout if timeout is None else timeout)
+        backoff = RETRY_S
+        while todo:
+            grants = self._call(self.master.put_start, self.client_id, [keys[i] for i in todo],
+                                [len(views[i]) for i in todo], replicas or self.replicas,
+                                overwrite, Pin(pin).value, self.preferred)
+            granted = [(i, g) for i, g in zip(todo, grants) if g.code == p.OK]
+            full = [i for i, g in zip(todo, grants) if g.code == 3]
+            failed = [(i, g) for i, g in zip(todo, grants) if g.code not in (p.OK, 3)]
+            if atomic and (full or failed):
+                self._abort([g.token for _, g in granted])
+                if failed or time.monotonic() >= deadline:
+                    i, g = (failed or [(full[0], grants[todo.index(full[0])])])[0]
+                    raise p.error_of(g.code, g.message, keys[i], "dram")
+                backoff = self._back_off(backoff, deadline)
+                continue
+            for i, g in failed:
+                results[i] = p.error_of(g.code, g.message, keys[i], "dram")
+            if granted:
+                self._write_granted(granted, views, keys, atomic, results)
+            if full and time.monotonic() >= deadline:
+                for i in full:
+                    results[i] = StoreFull("no room before the put's timeout", key=keys[i],
+                                           tier="dram")
+                full = []
+            todo = full
+            if todo:
+                backoff = self._back_off(backoff, deadline)
+        return results
+
+    def _back_off(self, backoff: float, deadline: float) -> float:
+        self.c["retries"] += 1
+        time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
+        return min(backoff * 2, 0.1)
+
+    def _abort(self, tokens: list[int]) -> None:
+        if tokens:
+            try:
+                self.master.put_abort.call(tokens, timeout=self.timeout)
+            except (hg.RPCError, hg.PeerError):
+                pass  # the master reclaims pending pages after their TTL anyway
+
+    def _write_granted(self, granted: list[tuple[int, p.PutGrant]], views: list[memoryview],
+                       keys: list[str], atomic: bool, results: list[StoreError | None]) -> None:
+        inline: dict[str, tuple[list[list[tuple[int, int]]], list[bytes], list[int]]] = {}
+        transfers: list[tuple[int, bulk.Transfer]] = []
+        handles: list[bulk.Bulk] = []
+        broken: dict[int, StoreError] = {}
+        try:
+            for i, g in granted:
+                view = views[i]
+                for rep in g.replicas:
+                    if len(view) <= self.inline_bytes:
+                        runs, data, idx = inline.setdefault(rep.uri, ([], [], []))
+                        runs.append(rep.runs)
+                        data.append(bytes(view))
+                        idx.append(i)
+                        continue
+                    handle = self.engine.bulk(view, bulk.READ_ONLY, eager=False)
+                    handles.append(handle)
+                    seg = self._segment(rep.segment)
+                    pos = 0
+                    for off, length in rep.runs:
+                        transfers.append((i, handle.push_to(seg, length, offset=off,
+                                                            local_offset=pos)))
+                        pos += length
+                    self.c["one_sided"] += 1
+            futures = [(idx, self._node(uri).write_inline.future(runs, data,
+                                                                 timeout=self.timeout))
+                       for uri, (runs, data, idx) in inline.items()]
+            for idx, fut in futures:
+                try:
+                    fut.result()
+                    self.c["inline"] += len(idx)
+                except (hg.RPCError, hg.PeerError) as exc:
+                    for i in idx:
+                        broken[i] = StoreError(f"writing to a node failed: {exc}", key=keys[i])
+            for i, t in transfers:
+                try:
+                    t.wait(self.timeout)
+                except (bulk.NAError, TimeoutError, ValueError) as exc:
+                    broken[i] = StoreError(f"writing to a node failed: {exc}", key=keys[i])
+        finally:
+            for h in handles:
+                h.close()
+        tokens = [g.token for i, g in granted if i not in broken]
+        if broken:
+            self._abort([g.token for i, g in granted if i in broken])
+            if atomic:
+                self._abort(tokens)
+                raise next(iter(broken.values()))
+            for i, exc in broken.items():
+                results[i] = exc
+        statuses = self._call(self.master.put_end, tokens, atomic)
+        ok_ids = [i for i, _ in granted if i not in broken]
+        for i, st in zip(ok_ids, statuses):
+            if st.code != p.OK:
+                if atomic:
+                    raise p.error_of(st.code, st.message, keys[i], "dram")
+                results[i] = p.error_of(st.code, st.message, keys[i], "dram")
+
+    # --- gets -----------------------------------------------------------------------------
+    def get(self, key: str) -> bytes:
+        out = self.get_many([key])[0]
+        if isinstance(out, StoreError):
+            raise out
+        return out
+
+    def get_into(self, key: str, buffer: Buffer) -> int:
+        out = self.get_into_many([key], [buffer])[0]
+        if isinstance(out, StoreError):
+            raise out
+        return out
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | StoreError]:
+        got = self._read_many(keys, None)
+        return [bytes(r) if isinstance(r, bytearray) else r for r in got]  # type: ignore[misc]
+
+    def get_into_many(self, keys: Sequence[str],
+                      buffers: Sequence[Buffer]) -> list[int | StoreError]:
+        if len(keys) != len(buffers):
+            raise ValueError(f"get_into_many: {len(keys)} keys but {len(buffers)} buffers")
+        views = [writable(b, "get_into") for b in buffers]
+        return self._read_many(keys, views)  # type: ignore[return-value]
+
+    def _read_many(self, keys: Sequence[str],
+                   dsts: list[memoryview] | None) -> list[Any]:
+        self._check_open()
+        results: list[Any] = [None] * len(keys)
+        valid = []
+        for i, key in enumerate(keys):
+            try:
+                validate_key(key, self.max_key_bytes)
+                valid.append(i)
+            except StoreError as exc:
+                results[i] = exc
+        for _attempt in range(3):
+            if not valid:
+                break
+            started = time.monotonic()
+            locs = self._call(self.master.locate, [keys[i] for i in valid], self.preferred)
+            again = []
+            pending: list[tuple[int, p.Location, memoryview, Any]] = []
+            for i, loc in zip(valid, locs):
+                if loc.code != p.OK:
+                    results[i] = p.error_of(loc.code, loc.message, keys[i], "dram")
+                    continue
+                if dsts is None:
+                    buf = bytearray(loc.size)
+                    dst = memoryview(buf)
+                    results[i] = buf
+                else:
+                    dst = dsts[i]
+                    if len(dst) < loc.size:
+                        raise ValueError(f"get_into {keys[i]!r}: the buffer holds {len(dst)} "
+                                         f"bytes, the object {loc.size}")
+                    results[i] = loc.size
+                pending.append((i, loc, dst, None))
+            self._fetch(pending, keys, results, _attempt)
+            lease = min((loc.lease_ms for _, loc, _, _ in pending), default=0) / 1000
+            for i, _loc, _dst, _ in pending:
+                if isinstance(results[i], _Retry) or time.monotonic() - started > lease:
+                    again.append(i)  # the lease lapsed mid-read: the bytes may be stale
+            valid = again
+            if again:
+                self.c["retries"] += 1
+        for i in valid:
+            results[i] = ObjectLost("could not read a stable copy in three attempts",
+                                    key=keys[i], tier="dram")
+        return results
+
+    def _fetch(self, pending: list[tuple[int, p.Location, memoryview, Any]],
+               keys: Sequence[str], results: list[Any], attempt: int) -> None:
+        inline: dict[str, tuple[list[list[tuple[int, int]]], list[int]]] = {}
+        transfers: list[tuple[int, bulk.Transfer]] = []
+        handles: list[bulk.Bulk] = []
+        disk: list[tuple[int, p.Location, memoryview]] = []
+        try:
+            for i, loc, dst, _ in pending:
+                if not loc.replicas:
+                    if loc.disk_uri:
+                        disk.append((i, loc, dst))
+                    else:
+                        results[i] = ObjectLost("no copy is reachable", key=keys[i])
+                    continue
+                rep = loc.replicas[attempt % len(loc.replicas)]  # a retry tries the next
+                if loc.size <= self.inline_bytes:
+                    runs, idx = inline.setdefault(rep.uri, ([], []))
+                    runs.append(rep.runs)
+                    idx.append(i)
+                    continue
+                handle = self.engine.bulk(dst[: loc.size], bulk.WRITE_ONLY, eager=False)
+                handles.append(handle)
+                seg = self._segment(rep.segment)
+                pos = 0
+                for off, length in rep.runs:
+                    transfers.append((i, handle.pull_from(seg, length, offset=off,
+                                                          local_offset=pos)))
+                    pos += length
+            futures = [(idx, self._node(uri).read_inline.future(runs, timeout=self.timeout))
+                       for uri, (runs, idx) in inline.items()]
+            for i, loc, dst in disk:
+                self._read_disk(i, loc, dst, keys, results)
+            for idx, fut in futures:
+                try:
+                    values = fut.result()
+                except (hg.RPCError, hg.PeerError):
+                    for i in idx:
+                        results[i] = _Retry()
+                    continue
+                for i, value in zip(idx, values):
+                    dst = next(d for j, _, d, _ in pending if j == i)
+                    dst[: len(value)] = value
+                self.c["inline"] += len(idx)
+            for i, t in transfers:
+                try:
+                    t.wait(self.timeout)
+                    self.c["one_sided"] += 1
+                except (bulk.NAError, TimeoutError, ValueError):
+                    results[i] = _Retry()
+        finally:
+            for h in handles:
+                h.close()
+
+    def _read_disk(self, i: int, loc: p.Location, dst: memoryview, keys: Sequence[str],
+                   results: list[Any]) -> None:
+        node = self._node(loc.disk_uri)
+        view = dst[: loc.size]
+        try:
+            if not loc.size:
+                return
+            if self.disk_read == "push":
+                with self.engine.bulk(view, bulk.WRITE_ONLY, eager=False) as handle:
+                    status = node.disk_push.call(keys[i], loc.gen, handle, timeout=self.timeout)
+                if status.code != p.OK:
+                    results[i] = p.error_of(status.code, status.message, keys[i], "disk")
+                self.c["disk_push"] += 1
+                return
+            staged = node.disk_stage.call(keys[i], loc.gen, timeout=self.timeout)
+            try:
+                with self.engine.bulk(view, bulk.WRITE_ONLY, eager=False) as handle:
+                    handle.pull_from(bulk.RemoteBulk.from_bytes(staged.handle),
+                                     loc.size).wait(self.timeout)
+            finally:
+                node.disk_release.call(staged.stage_id, timeout=self.timeout)
+            self.c["disk_pull"] += 1
+        except hg.RemoteError as exc:
+            results[i] = ObjectLost(f"disk read failed: {exc}", key=keys[i], tier="disk")
+        except (hg.RPCError, hg.PeerError, bulk.NAError, TimeoutError):
+            results[i] = _Retry()
+
+    # --- the rest -------------------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        return self.exists_many([key])[0]
+
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        self._check_open()
+        for key in keys:
+            validate_key(key, self.max_key_bytes)
+        return list(self._call(self.master.exists, list(keys)))
+
+    def size(self, key: str) -> int:
+        self._check_open()
+        validate_key(key, self.max_key_bytes)
+        loc = self._call(self.master.locate, [key], self.preferred)[0]
+        p.raise_status(loc.code, loc.message, key, "dram")
+        return int(loc.size)
+
+    def remove(self, key: str) -> None:
+        out = self.remove_many([key])[0]
+        if out is not None:
+            raise out
+
+    def remove_many(self, keys: Sequence[str]) -> list[StoreError | None]:
+        self._check_open()
+        results: list[StoreError | None] = [None] * len(keys)
+        valid = []
+        for i, key in enumerate(keys):
+            try:
+                validate_key(key, self.max_key_bytes)
+                valid.append(i)
+            except StoreError as exc:
+                results[i] = exc
+        statuses = self._call(self.master.remove, [keys[i] for i in valid])
+        for i, st in zip(valid, statuses):
+            if st.code != p.OK:
+                results[i] = p.error_of(st.code, st.message, keys[i], "dram")
+        return results
+
+    def pin(self, key: str, mode: Pin = Pin.SOFT) -> None:
+        self._check_open()
+        validate_key(key, self.max_key_bytes)
+        st = self._call(self.master.pin, key, Pin(mode).value)
+        p.raise_status(st.code, st.message, key, "dram")
+
+    def flush(self, timeout: float | None = None) -> None:
+        self._check_open()
+        limit = self.timeout if timeout is None else timeout
+        st = self.master.flush.call(limit, timeout=limit + 5)
+        p.raise_status(st.code, st.message, None, "disk")
+
+    def cluster(self) -> dict[str, Any]:
+        """The master's view: nodes, their segments and use, counters."""
+        self._check_open()
+        return dict(self._call(self.master.cluster_stats))
+
+    def stats(self) -> dict[str, Any]:
+        s = self.cluster()
+        nodes = s["nodes"]
+        page = 4096
+        cap = sum(n["capacity"] for n in nodes)
+        used = sum(n["used"] for n in nodes)
+        return {
+            "dram": {"capacity": cap, "used": used, "objects": s["dram_objects"],
+                     "pages_total": cap // page, "pages_used": used // page,
+                     "hits": s["dram_hits"], "misses": s["dram_misses"],
+                     "evictions": s["evictions"], "bytes_in": s["bytes_in"],
+                     "bytes_out": s["bytes_out"]},
+            "disk": {"capacity": None, "used": sum(n["disk_used"] for n in nodes),
+                     "objects": s["disk_objects"], "hits": s["disk_hits"],
+                     "misses": s["misses"], "bytes_in": s["disk_bytes_in"], "bytes_out": 0,
+                     "errors": s["offload_failed"], "full": False, "last_error": None},
+            "offload": {"policy": s["policy"], "force_evict": s["force_evict"],
+                        "queued": 0, "in_flight": s["offloads_in_flight"],
+                        "completed": s["offloads"], "deferred": s["deferred"],
+                        "force_dropped": s["force_dropped"], "failed": s["offload_failed"],
+                        "dropped": s["dropped"]},
+            "ops": {"put": s["put"], "get": s["get"], "remove": s["remove"],
+                    "promotions": 0},
+            "phases": {},
+            "client": dict(self.c),
+            "nodes": nodes,
+        }
+
+    # --- KV-block index -------------------------------------------------------------------
+    def register_blocks(self, node: str, hashes: Sequence[int], tier: str) -> int:
+        return int(self._call(self.master.register_blocks, node, list(hashes), tier))
+
+    def revoke_blocks(self, node: str, hashes: Sequence[int], tier: str) -> int:
+        return int(self._call(self.master.revoke_blocks, node, list(hashes), tier))
+
+    def revoke_tier(self, node: str, tier: str) -> int:
+        return int(self._call(self.master.revoke_tier, node, tier))
+
+    def match_blocks(self, hashes: Sequence[int]) -> dict[str, Any]:
+        return dict(self._call(self.master.match_blocks, list(hashes)))
+
+
+class _Retry:
+    """A read that failed on its replica (node gone, lease lapsed): locate and try again."""

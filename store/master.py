@@ -1,0 +1,250 @@
+"""The master service: ``MasterState`` behind RPCs, and a maintenance thread for time.
+
+Handlers are plain functions on the progress thread: each takes the state lock for
+microseconds, so metadata never waits on a node. What must happen on nodes (disk copies,
+deletes) is queued by the state and carried out by a small pool, whose results come back
+into the state under the same lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from petasus import hg
+
+from . import protocol as p
+from .api import validate_key
+from .config import Pin, StoreConfig
+from .errors import StoreError
+from .master_state import MasterState, Node
+
+log = logging.getLogger("petasus.store.master")
+
+TICK_S = 0.05  # pending puts, node heartbeats and held leases are checked this often
+
+
+class MasterService:
+    def __init__(self, uri: str, config: StoreConfig, *, lease_ttl: float = 5.0,
+                 node_ttl: float = 10.0, put_ttl: float = 30.0, strategy: str = "most_free",
+                 rpc_timeout: float = 30.0, clock: Any = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.state = MasterState(config, lease_ttl=lease_ttl, node_ttl=node_ttl,
+                                 put_ttl=put_ttl, strategy=strategy)
+        self.lock = threading.Lock()
+        self.engine = hg.Engine(uri, listen=True, timeout=rpc_timeout,
+                                allow_remote_shutdown=True)
+        self.engine.declare(p.NODE_RPCS)
+        self._pool = ThreadPoolExecutor(max(2, config.offload_workers),
+                                        thread_name_prefix="petasus-store-master")
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._nodes: dict[str, hg.Remote] = {}
+        self.latency: dict[str, list[float]] = {}
+        handlers = {
+            p.register_node: self._register_node, p.heartbeat: self._heartbeat,
+            p.put_start: self._put_start, p.put_end: self._put_end,
+            p.put_abort: self._put_abort, p.locate: self._locate, p.remove: self._remove,
+            p.exists: self._exists, p.pin: self._pin, p.cluster_stats: self._stats,
+            p.register_blocks: self._register_blocks, p.revoke_blocks: self._revoke_blocks,
+            p.revoke_tier: self._revoke_tier, p.match_blocks: self._match_blocks,
+        }
+        for decl, impl in handlers.items():
+            self.engine.register(decl, impl, provider_id=p.MASTER_PROVIDER)
+        self.engine.register(p.flush, self._flush, provider_id=p.MASTER_PROVIDER, blocking=True)
+        self._thread = threading.Thread(target=self._maintain, name="petasus-store-maintain",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def uri(self) -> str:
+        return self.engine.uri
+
+    def serve(self, handle_signals: bool = True) -> None:
+        try:
+            self.engine.serve(handle_signals=handle_signals)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(5)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.engine.close()
+
+    # --- handlers (progress thread) -------------------------------------------------------
+    def _register_node(self, uri: str, segment: bytes, capacity: int, page_size: int,
+                       name: str) -> p.NodeHello:
+        with self.lock:
+            node = self.state.register_node(name, uri, segment, capacity, page_size,
+                                            self.clock())
+        return p.NodeHello(node.node_id, self.state.node_ttl / 4)
+
+    def _heartbeat(self, node_id: int, disk_used: int) -> bool:
+        with self.lock:
+            return self.state.heartbeat(node_id, disk_used, self.clock())
+
+    def _put_start(self, client: str, keys: list[str], sizes: list[int], replicas: int,
+                   overwrite: bool, pin: str, preferred: str) -> list[p.PutGrant]:
+        out = []
+        checked: list[StoreError | None] = [self._check(k) for k in keys]
+        with self.lock:
+            grants = self.state.put_start(
+                [k for k, e in zip(keys, checked) if e is None],
+                [s for s, e in zip(sizes, checked) if e is None], replicas, overwrite,
+                Pin(pin), preferred, self.clock())
+        self._wake.set()
+        it = iter(grants)
+        for err in checked:
+            g = err if err is not None else next(it)
+            if isinstance(g, StoreError):
+                out.append(p.PutGrant(p.code_of(g), str(g), 0, []))
+            else:
+                out.append(p.PutGrant(p.OK, "", g.token, [
+                    p.Replica(n.node_id, n.uri, n.segment, runs) for n, runs in g.replicas]))
+        return out
+
+    def _check(self, key: str) -> StoreError | None:
+        try:
+            validate_key(key, self.config.max_key_bytes)
+        except StoreError as exc:
+            return exc
+        return None
+
+    def _put_end(self, tokens: list[int], atomic: bool) -> list[p.Status]:
+        with self.lock:
+            errors = self.state.put_end(tokens, atomic, self.clock())
+        self._wake.set()
+        return [p.Status(p.OK, "") if e is None else p.Status(p.code_of(e), str(e))
+                for e in errors]
+
+    def _put_abort(self, tokens: list[int]) -> None:
+        with self.lock:
+            self.state.put_abort(tokens)
+
+    def _locate(self, keys: list[str], preferred: str) -> list[p.Location]:
+        out = []
+        now = self.clock()
+        with self.lock:
+            for key in keys:
+                try:
+                    obj = self.state.locate(key, preferred, now)
+                except StoreError as exc:
+                    out.append(p.Location(p.code_of(exc), str(exc), 0, 0, 0, [], ""))
+                    continue
+                replicas = [p.Replica(c.node.node_id, c.node.uri, c.node.segment,
+                                      c.node.runs(c.alloc, obj.size)) for c in obj.copies]
+                disk = obj.disk.uri if obj.disk is not None and not replicas else ""
+                out.append(p.Location(p.OK, "", obj.size, obj.gen,
+                                      int(self.state.lease_ttl * 1000), replicas, disk))
+        return out
+
+    def _remove(self, keys: list[str]) -> list[p.Status]:
+        out = []
+        with self.lock:
+            for key in keys:
+                try:
+                    self.state.remove(key, self.clock())
+                    out.append(p.Status(p.OK, ""))
+                except StoreError as exc:
+                    out.append(p.Status(p.code_of(exc), str(exc)))
+        self._wake.set()
+        return out
+
+    def _exists(self, keys: list[str]) -> list[bool]:
+        with self.lock:
+            return [self.state.exists(k) for k in keys]
+
+    def _pin(self, key: str, mode: str) -> p.Status:
+        with self.lock:
+            try:
+                self.state.pin(key, Pin(mode))
+            except StoreError as exc:
+                return p.Status(p.code_of(exc), str(exc))
+        return p.Status(p.OK, "")
+
+    def _stats(self) -> Any:
+        with self.lock:
+            return self.state.stats()
+
+    def _register_blocks(self, node: str, hashes: list[int], tier: str) -> int:
+        with self.lock:
+            return self.state.blocks.register(node, hashes, tier)
+
+    def _revoke_blocks(self, node: str, hashes: list[int], tier: str) -> int:
+        with self.lock:
+            return self.state.blocks.revoke(node, hashes, tier)
+
+    def _revoke_tier(self, node: str, tier: str) -> int:
+        with self.lock:
+            return self.state.blocks.revoke_tier(node, tier)
+
+    def _match_blocks(self, hashes: list[int]) -> Any:
+        with self.lock:
+            return self.state.blocks.match(hashes)
+
+    def _flush(self, timeout: float) -> p.Status:
+        """Give every DRAM-only object a disk copy, and wait until none is missing."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                missing = [o for o in self.state.objects.values()
+                           if o.state == "ready" and o.disk is None and o.copies]
+                for obj in missing:
+                    if not self.state._offload(obj, obj.copies[0]):
+                        break
+                busy = self.state.offloads_in_flight
+            self._wake.set()
+            if not missing and not busy:
+                return p.Status(p.OK, "")
+            if time.monotonic() > deadline:
+                return p.Status(3, f"flush: {len(missing)} objects still without a disk copy")
+            time.sleep(0.01)
+
+    # --- maintenance (its own thread) -----------------------------------------------------
+    def _maintain(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+            with self.lock:
+                self.state.tick(self.clock())
+                actions = self.state.take_actions()
+            for action in actions:
+                self._pool.submit(self._carry_out, action)
+
+    def _node(self, node: Node) -> hg.Remote:
+        remote = self._nodes.get(node.uri)
+        if remote is None:
+            remote = self._nodes[node.uri] = self.engine.lookup(node.uri,
+                                                                provider_id=p.NODE_PROVIDER)
+        return remote
+
+    def _carry_out(self, action: tuple[Any, ...]) -> None:
+        kind, node = action[0], action[1]
+        try:
+            if kind == "offload":
+                _, _, key, gen, runs, size = action
+                ok = False
+                try:
+                    status = self._node(node).offload(key, gen, runs, size)
+                    ok = status.code == p.OK
+                    if not ok:
+                        log.warning("disk copy of %r on node %s failed: %s", key, node.name,
+                                    status.message)
+                except (hg.RPCError, hg.PeerError) as exc:
+                    log.warning("disk copy of %r on node %s failed: %s", key, node.name, exc)
+                with self.lock:
+                    self.state.offload_done(key, gen, node, ok, self.clock())
+                self._wake.set()
+            elif kind == "delete":
+                _, _, key, gen = action
+                self._node(node).disk_delete(key, gen)
+        except (hg.RPCError, hg.PeerError) as exc:
+            log.info("%s on node %s: %s", kind, node.name, exc)
+        except Exception:
+            log.exception("%s on node %s failed", kind, node.name)

@@ -1,0 +1,231 @@
+"""A storage node: a registered DRAM segment clients read and write one-sided, a disk tier,
+and the disk-side RPCs (offload, push and pull reads, delete), announced to the master.
+
+The node never decides anything: the master allocates pages in its segment and tells it
+what to copy to disk. A push read is one RPC: the node reads the object from disk into
+memory it registers for the occasion and writes it one-sided into the caller's buffer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import mmap
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from petasus import bulk, hg
+
+from . import protocol as p
+from .disk import DiskEntry, DiskTier
+from .errors import ObjectLost, StoreError
+from .metrics import Histogram
+
+log = logging.getLogger("petasus.store.node")
+
+
+class NodeService:
+    def __init__(self, master_uri: str, listen: str, *, dram_bytes: int, page_size: int = 4096,
+                 disk_dir: str | os.PathLike[str] | None = None, disk_bytes: int | None = None,
+                 disk_fsync: bool = False, name: str | None = None,
+                 rpc_timeout: float = 30.0) -> None:
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self._temporary = disk_dir is None
+        root = Path(tempfile.mkdtemp(prefix="petasus-node-") if disk_dir is None else disk_dir)
+        # The master forgets a node's objects when the node goes: start from an empty tier.
+        shutil.rmtree(root / "objects", ignore_errors=True)
+        self.root = root
+        self.disk = DiskTier(root / "objects", disk_bytes, disk_fsync)
+        self.entries: dict[tuple[str, int], DiskEntry] = {}
+        self.capacity = dram_bytes // page_size * page_size
+        self.page_size = page_size
+        self.arena = mmap.mmap(-1, self.capacity)
+        self.view = memoryview(self.arena)
+        self.engine = hg.Engine(listen, listen=True, timeout=rpc_timeout,
+                                allow_remote_shutdown=True)
+        self.segment = self.engine.bulk(self.arena, bulk.READ_WRITE, eager=False)
+        self.engine.declare(p.MASTER_RPCS)
+        self._lock = threading.Lock()
+        self._staged: dict[int, tuple[bulk.Bulk, mmap.mmap]] = {}
+        self._stage_ids = itertools.count(1)
+        self.phases = {k: Histogram() for k in ("write", "load", "push", "stage")}
+        self.c = dict.fromkeys(("offloads", "pushes", "stages", "inline_reads",
+                                "inline_writes", "failed"), 0)
+        for decl, impl, blocking in (
+            (p.offload, self._offload, True), (p.disk_push, self._disk_push, True),
+            (p.disk_stage, self._disk_stage, True), (p.disk_release, self._disk_release, False),
+            (p.disk_delete, self._disk_delete, True), (p.read_inline, self._read_inline, False),
+            (p.write_inline, self._write_inline, False),
+        ):
+            self.engine.register(decl, impl, provider_id=p.NODE_PROVIDER, blocking=blocking)
+        self.master = self.engine.lookup(master_uri, provider_id=p.MASTER_PROVIDER)
+        self._stop = threading.Event()
+        self.node_id, self.heartbeat_s = 0, 1.0
+        self._thread: threading.Thread | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.engine.uri
+
+    def start(self) -> None:
+        """Join the master (from a thread other than the one that will serve)."""
+        hello = self.master.register_node(self.uri, self.segment.to_bytes(), self.capacity,
+                                          self.page_size, self.name)
+        self.node_id, self.heartbeat_s = hello.node_id, hello.heartbeat_s
+        self._thread = threading.Thread(target=self._beat, name="petasus-store-heartbeat",
+                                        daemon=True)
+        self._thread.start()
+
+    def serve(self, handle_signals: bool = True) -> None:
+        threading.Thread(target=self.start, daemon=True).start()
+        try:
+            self.engine.serve(handle_signals=handle_signals)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        for handle, buf in self._staged.values():
+            handle.close()
+            buf.close()
+        self._staged.clear()
+        self.segment.close()
+        self.engine.close()
+        self.view.release()
+        self.arena.close()
+        if self._temporary:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                if not self.master.heartbeat(self.node_id, self.disk.used):
+                    hello = self.master.register_node(self.uri, self.segment.to_bytes(),
+                                                      self.capacity, self.page_size, self.name)
+                    self.node_id = hello.node_id
+                    log.warning("node %s re-registered with the master as %d", self.name,
+                                self.node_id)
+            except (hg.RPCError, hg.PeerError) as exc:
+                log.warning("node %s: heartbeat to the master failed: %s", self.name, exc)
+
+    # --- handlers -------------------------------------------------------------------------
+    def _segments(self, runs: list[tuple[int, int]]) -> list[memoryview]:
+        out = []
+        for off, length in runs:
+            if off < 0 or length < 0 or off + length > self.capacity:
+                raise ValueError(f"run ({off}, {length}) is outside the {self.capacity}-byte "
+                                 "segment")
+            out.append(self.view[off : off + length])
+        return out
+
+    def _offload(self, key: str, gen: int, runs: list[tuple[int, int]], size: int) -> p.Status:
+        started = time.perf_counter()
+        try:
+            segments = self._segments(runs)
+            if sum(len(s) for s in segments) != size:
+                raise ValueError(f"runs hold {sum(len(s) for s in segments)} bytes, not {size}")
+            entry = self.disk.write(key, gen, segments, size)
+        except (OSError, ValueError) as exc:
+            self.c["failed"] += 1
+            return p.Status(3 if isinstance(exc, OSError) else 7, f"node {self.name}: {exc}")
+        with self._lock:
+            old = [k for k in self.entries if k[0] == key and k[1] < gen]
+            for k in old:
+                self.disk.delete(self.entries.pop(k))
+            self.entries[(key, gen)] = entry
+        self.c["offloads"] += 1
+        self.phases["write"].observe(time.perf_counter() - started)
+        return p.Status(p.OK, "")
+
+    def _entry(self, key: str, gen: int) -> DiskEntry:
+        with self._lock:
+            entry = self.entries.get((key, gen))
+        if entry is None:
+            raise ObjectLost(f"node {self.name} has no disk copy of generation {gen}", key=key,
+                             tier="disk")
+        return entry
+
+    def _load(self, key: str, gen: int) -> tuple[DiskEntry, mmap.mmap]:
+        """Read a disk copy into fresh anonymous memory (untouched until the read fills it)."""
+        entry = self._entry(key, gen)
+        started = time.perf_counter()
+        buf = mmap.mmap(-1, max(entry.size, 1))
+        fd = self.disk.open(entry)
+        try:
+            self.disk.read_into(fd, entry, memoryview(buf))
+        except BaseException:
+            buf.close()
+            raise
+        finally:
+            os.close(fd)
+        self.phases["load"].observe(time.perf_counter() - started)
+        return entry, buf
+
+    def _disk_push(self, key: str, gen: int, dest: bulk.RemoteBulk) -> p.Status:
+        try:
+            entry = self._entry(key, gen)
+            if dest.size < entry.size:
+                raise StoreError(f"the destination holds {dest.size} bytes, the object "
+                                 f"{entry.size}", key=key, tier="disk")
+            entry, buf = self._load(key, gen)
+        except StoreError as exc:
+            return p.Status(p.code_of(exc), str(exc))
+        started = time.perf_counter()
+        try:
+            if entry.size:
+                with self.engine.bulk(buf, bulk.READ_ONLY, eager=False) as local:
+                    local.push_to(dest, entry.size).wait()
+        finally:
+            buf.close()
+        self.c["pushes"] += 1
+        self.phases["push"].observe(time.perf_counter() - started)
+        return p.Status(p.OK, "")
+
+    def _disk_stage(self, key: str, gen: int) -> p.Staged:
+        started = time.perf_counter()
+        _, buf = self._load(key, gen)
+        handle = self.engine.bulk(buf, bulk.READ_ONLY, eager=False)
+        stage_id = next(self._stage_ids)
+        with self._lock:
+            self._staged[stage_id] = (handle, buf)
+        self.c["stages"] += 1
+        self.phases["stage"].observe(time.perf_counter() - started)
+        return p.Staged(stage_id, handle.to_bytes())
+
+    def _disk_release(self, stage_id: int) -> None:
+        with self._lock:
+            staged = self._staged.pop(stage_id, None)
+        if staged is not None:
+            staged[0].close()
+            staged[1].close()
+
+    def _disk_delete(self, key: str, gen: int) -> None:
+        with self._lock:
+            entry = self.entries.pop((key, gen), None)
+        if entry is not None:
+            self.disk.delete(entry)
+
+    def _read_inline(self, runs: list[list[tuple[int, int]]]) -> list[bytes]:
+        self.c["inline_reads"] += len(runs)
+        return [b"".join(self._segments(r)) for r in runs]
+
+    def _write_inline(self, runs: list[list[tuple[int, int]]], data: list[bytes]) -> None:
+        if len(runs) != len(data):
+            raise ValueError(f"{len(runs)} run lists for {len(data)} values")
+        for r, value in zip(runs, data):
+            segments = self._segments(r)
+            if sum(len(s) for s in segments) != len(value):
+                raise ValueError(f"runs hold {sum(len(s) for s in segments)} bytes, the value "
+                                 f"{len(value)}")
+            pos = 0
+            for seg in segments:
+                seg[:] = value[pos : pos + len(seg)]
+                pos += len(seg)
+        self.c["inline_writes"] += len(runs)
