@@ -1,7 +1,7 @@
 """Store benchmark: the embedded scheme's puts, gets, batches and disk offload, beside memcpy
 and raw os.pwrite / os.pread of the same sizes, in one run.
 
-    python bench/store.py [--json] [--quick]
+    python bench/store.py [--json] [--quick] [--embedded]
 
 Single objects at 4 KiB, 64 KiB, 1 MiB and 16 MiB: put (a copy of bytes), put_from (a numpy
 array read in place), get (a new bytes object), get_into (into a buffer already touched), and
@@ -12,7 +12,14 @@ flush() returns, every copy complete; raw pwrite writes the same bytes into a ne
 Every figure is the median of ROUNDS interleaved rounds (rounds=N in the row); the ratios
 against the targets of issue 9 come last.
 
-Records: {"bench": "store", "scheme": "embedded" | "raw", "op", "size" (bytes per object),
+The distributed scheme (a master and a node in processes, the client here) over tcp and sm:
+the same single-object and batch rows, gets through the node RPC against one-sided per size
+(the inline crossover), and push against pull reads of disk-only objects; Redis (Debian's
+redis-server, persistence off, redis-py with hiredis) GET/SET and MGET/MSET beside them; and
+the raw loopback socket stream. ``--embedded`` leaves the distributed rows out.
+
+Records: {"bench": "store", "scheme": "embedded" | "tcp" | "sm" | "redis" | "raw", "op",
+"size" (bytes per object),
 "batch" (objects per call), "value", "unit", ...}; --json prints only these.
 """
 
@@ -157,7 +164,8 @@ def raw(scratch: Path, src: memoryview, dst: memoryview) -> None:
 
 
 # -- the embedded scheme ----------------------------------------------------------------------
-def singles(kv: store.Store, disk_kv: store.Store, src: np.ndarray, dst: memoryview) -> None:
+def singles(kv: store.Store, disk_kv: store.Store | None, src: np.ndarray, dst: memoryview,
+            label: str = "embedded") -> None:
     for size in SIZES:
         value = src[:size].tobytes()
         array = src[:size]
@@ -185,11 +193,11 @@ def singles(kv: store.Store, disk_kv: store.Store, src: np.ndarray, dst: memoryv
             turn[0] += 1
             return kv.get_into(keys[turn[0] % 4], dst)
 
-        bandwidth("embedded", "put", size, put)
-        bandwidth("embedded", "put_from", size, put_from)
-        bandwidth("embedded", "get", size, get)
-        bandwidth("embedded", "get_into", size, get_into)
-        if size >= 64 * KiB:
+        bandwidth(label, "put", size, put)
+        bandwidth(label, "put_from", size, put_from)
+        bandwidth(label, "get", size, get)
+        bandwidth(label, "get_into", size, get_into)
+        if size >= 64 * KiB and disk_kv is not None:
             disk_keys = [f"d/{size}/{i}" for i in range(4)]
 
             def disk_get_into(keys: list[str] = disk_keys, turn: list[int] = turn) -> int:
@@ -199,7 +207,7 @@ def singles(kv: store.Store, disk_kv: store.Store, src: np.ndarray, dst: memoryv
         kv.remove_many(keys)
 
 
-def batches(kv: store.Store, src: np.ndarray) -> None:
+def batches(kv: store.Store, src: np.ndarray, label: str = "embedded") -> None:
     items = [(f"b/{i}", src[i * SMALL:(i + 1) * SMALL].tobytes()) for i in range(BATCH)]
     keys = [k for k, _ in items]
     buffers = [touched(SMALL) for _ in range(BATCH)]
@@ -218,7 +226,7 @@ def batches(kv: store.Store, src: np.ndarray) -> None:
     for op, fn in (("put_many", put_many), ("get_many", get_many),
                    ("get_into_many", get_into_many)):
         ops = rate(fn)
-        emit("embedded", op, SMALL, BATCH, ops, "ops/s", gb_s=round(ops * SMALL / 1e9, 3))
+        emit(label, op, SMALL, BATCH, ops, "ops/s", gb_s=round(ops * SMALL / 1e9, 3))
     kv.remove_many(keys)
 
 
@@ -272,6 +280,33 @@ def disk_store(scratch: Path, src: np.ndarray) -> store.Store:
     return store.connect(f"embedded://{path}", dram_bytes=16 * MiB)
 
 
+# -- the distributed scheme, Redis, and the raw socket stream ------------------------------------
+NET = {"tcp": "tcp://127.0.0.1:0", "sm": "sm://"}
+EMBEDDED_ONLY = "--embedded" in sys.argv
+CROSSOVER = [1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB]
+
+
+def distributed(src: np.ndarray, dst: memoryview) -> None:
+    import _common
+    from _raw import raw_stream
+    from _store_net import cluster, crossover, disk_reads, redis_rows, redis_server
+
+    _common.QUIET = True
+    for round_ in range(ROUNDS):
+        raw_stream("store", [16 * MiB])
+        row = _common.RESULTS[-1]
+        emit("raw", "socket-stream", row["size"], 1, row["value"], "GB/s", round=round_)
+        with redis_server() as client:
+            if client is not None:
+                redis_rows(client, SIZES, src, BATCH, SMALL, bandwidth, emit, rate)
+        for label, scheme in NET.items():
+            with cluster(scheme, dram=256 * MiB) as uri, store.connect(uri) as kv:
+                singles(kv, None, src, dst, label)
+                batches(kv, src, label)
+                crossover(kv, label, src, dst, CROSSOVER, emit, rate)
+            disk_reads(scheme, label, src, dst, 64 * KiB, emit, rate)
+
+
 def main() -> None:
     global QUIET
     logging.disable(logging.WARNING)
@@ -292,6 +327,8 @@ def main() -> None:
         disk_kv.close()
         for kv in stores.values():
             kv.close()
+        if not EMBEDDED_ONLY:
+            distributed(src, dst)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     summarize()
@@ -304,6 +341,17 @@ def main() -> None:
     for size in OFFLOAD_SIZES:
         ratio("offload-vs-pwrite", find(scheme="embedded", op="offload", size=size),
               find(scheme="raw", op="pwrite", size=size), 0.7)
+    stream = find(scheme="raw", op="socket-stream", size=16 * MiB)
+    for label in NET:
+        ratio("get-vs-redis", find(scheme=label, op="get", size=mib),
+              find(scheme="redis", op="get", size=mib), 1.5)
+        ratio("get_into-vs-socket-stream", find(scheme=label, op="get_into", size=16 * MiB),
+              stream, 0.7)
+        ratio("get_many-vs-redis-mget", find(scheme=label, op="get_many", size=SMALL,
+                                             batch=BATCH),
+              find(scheme="redis", op="get_many", size=SMALL, batch=BATCH), 0.5)
+        ratio("disk-push-vs-pull", find(scheme=label, op="get_disk_push", size=64 * KiB),
+              find(scheme=label, op="get_disk_pull", size=64 * KiB), 1.3)
     many = find(scheme="embedded", op="get_many", size=SMALL, batch=BATCH)
     if many is not None:
         value = many["value"] / 200_000
