@@ -69,3 +69,9 @@ echo "all examples passed"
 .venv/bin/petasus-store demo "$work/store"
 # Reopen the same directory: every object that reached the disk tier survived the restart.
 .venv/bin/petasus-store demo "$work/store" --total 16
+# The distributed scheme: a master and two storage nodes (processes) on loopback, over tcp
+# and sm; objects spill past the cluster's DRAM, then a node holding replicas is killed and
+# nothing is lost. The demo stops everything it started.
+for uri in tcp://127.0.0.1:0 sm://; do
+    .venv/bin/petasus-store demo --cluster "$uri" --dram 16 --total 48
+done

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 # libfabric-dev: headers and library of the ofi plugin (setup.py compiles it when present).
 debs=(libfabric-dev)
+# redis-server: the peer bench/store.py measures the store against (bench extras only).
+[[ "${EXTRAS:-test}" == *bench* ]] && debs+=(redis-server)
 # python3-venv only matters when the interpreter lacks venv (Debian's own python3 does).
 python3 -c "import venv, ensurepip" 2>/dev/null || debs+=(python3-venv)
 missing=()

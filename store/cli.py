@@ -8,107 +8,17 @@ shows where the bytes are. Part 2 adds ``master`` and ``node``.
 from __future__ import annotations
 
 import argparse
-import os
-import random
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
-import xxhash
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import StoreError, connect
 from .config import Offload, StoreConfig
+from .demo import MiB, _size, cluster_demo, demo
 from .metrics import serve_http
-
-MiB = 1 << 20
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-def demo(args: argparse.Namespace) -> int:
-    console = Console()
-    uri = f"embedded://{os.path.abspath(args.path)}" if args.path else "embedded://"
-    count = max(1, args.total * MiB // (args.object_kib * 1024))
-    size = args.object_kib * 1024
-    console.print(f"[bold]petasus store demo[/]: {uri}  DRAM {args.dram} MiB, writing "
-                  f"{count} objects of {args.object_kib} KiB ({_size(count * size)}), "
-                  f"offload={args.offload}")
-    digests: dict[str, int] = {}
-    bad = 0
-    with connect(uri, dram_bytes=args.dram * MiB, offload=args.offload) as kv, Progress(
-        TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.completed}/"
-        "{task.total}"), TimeElapsedColumn(), console=console, transient=False,
-    ) as progress:
-        task = progress.add_task("put", total=count)
-        # Deterministic contents, so a second run over the same PATH can verify what the
-        # first one left on disk.
-        base = random.Random(size).randbytes(size)
-        keys = [f"demo/{size}/{i:06d}" for i in range(count)]
-        found = [key for key, present in zip(keys, kv.exists_many(keys)) if present]
-        if found:
-            buffer = bytearray(size)
-            damaged = 0
-            for key in found:
-                i = int(key.rsplit("/", 1)[1])
-                n = kv.get_into(key, buffer)
-                damaged += n != size or buffer != i.to_bytes(8, "little") + base[8:]
-            progress.console.print(f"reopened: {len(found)} objects from an earlier run, "
-                                   f"{len(found) - damaged} intact")
-            bad += damaged
-        started = time.perf_counter()
-        for i, key in enumerate(keys):
-            value = i.to_bytes(8, "little") + base[8:]
-            digests[key] = xxhash.xxh3_64_intdigest(value)
-            kv.put(key, value, overwrite=True)
-            progress.advance(task)
-        put_s = time.perf_counter() - started
-        task = progress.add_task("get", total=count)
-        buffer = bytearray(size)
-        started = time.perf_counter()
-        for key, digest in digests.items():
-            n = kv.get_into(key, buffer)
-            if n != size or xxhash.xxh3_64_intdigest(buffer) != digest:
-                bad += 1
-            progress.advance(task)
-        get_s = time.perf_counter() - started
-        prefix = kv.exists_prefix([*keys[:8], "demo/missing", *keys[8:10]])
-        stats = kv.stats()
-    table = Table(title="tiers")
-    for col in ("tier", "capacity", "used", "objects", "hits", "bytes in", "bytes out"):
-        table.add_column(col, justify="right")
-    for tier in ("dram", "disk"):
-        s = stats[tier]
-        cap = "unbounded" if s["capacity"] is None else _size(s["capacity"])
-        table.add_row(tier, cap, _size(s["used"]), str(s["objects"]), str(s["hits"]),
-                      _size(s["bytes_in"]), _size(s["bytes_out"]))
-    console.print(table)
-    off = stats["offload"]
-    table = Table(title="offload")
-    for col in ("policy", "completed", "deferred", "force dropped", "failed", "evictions"):
-        table.add_column(col, justify="right")
-    table.add_row(off["policy"], str(off["completed"]), str(off["deferred"]),
-                  str(off["force_dropped"]), str(off["failed"]),
-                  str(stats["dram"]["evictions"]))
-    console.print(table)
-    total = count * size
-    console.print(f"put {_size(total / put_s)}/s, get_into {_size(total / get_s)}/s; "
-                  f"exists_prefix of 8 present + 1 missing = {prefix}")
-    if bad:
-        console.print(f"[red]FAIL[/]: {bad} of {count} objects read back wrong")
-        return 1
-    spilled = stats["disk"]["objects"]
-    console.print(f"verified {count} objects ({_size(total)}), {spilled} with a disk copy: ok")
-    return 0
 
 
 def master(args: argparse.Namespace) -> int:
@@ -176,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--object-kib", type=int, default=256, help="object size in KiB")
     d.add_argument("--offload", default=Offload.ON_EVICT.value,
                    choices=[o.value for o in Offload])
+    d.add_argument("--cluster", metavar="URI", help="run the distributed demo instead: a "
+                   "master and two nodes on this hg URI (tcp://127.0.0.1:0, sm://), processes")
     m = sub.add_parser("master", help="run a master (metadata, placement, eviction)")
     m.add_argument("--listen", default="tcp://127.0.0.1:7000", help="hg URI to listen on")
     m.add_argument("--config", help="a JSON file of store configuration fields")
@@ -205,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     st.add_argument("master")
     st.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args(argv)
-    commands = {"demo": demo, "master": master, "node": node, "stat": stat}
+    commands = {"demo": lambda a: cluster_demo(a) if a.cluster else demo(a), "master": master,
+                "node": node, "stat": stat}
     try:
         return commands[args.command](args)
     except StoreError as exc:

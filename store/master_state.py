@@ -345,7 +345,10 @@ class MasterState:
     # --- eviction and offload ---------------------------------------------------------------
     def _evict(self, node: Node, need: int, now: float,
                spare: set[str] | frozenset[str] = frozenset()) -> None:
-        got = deferred = dropped = 0
+        # Pages of removed objects that a read lease still holds come back by themselves
+        # when it lapses: evicting live objects for them would lose the wrong data.
+        got = sum(c.alloc.pages for _, c in self.held if c.node is node)
+        deferred = dropped = 0
         for soft_pass in (False, True):
             for obj in list(self.objects.values()):
                 if got >= need:
