@@ -224,8 +224,11 @@ class MasterState:
                 continue
             objs.append(obj)
         if atomic and any(isinstance(o, StoreError) for o in objs):
+            first = next(o for o in objs if isinstance(o, StoreError))
             self.put_abort(tokens)
-            return [o if isinstance(o, StoreError) else None for o in objs]
+            return [o if isinstance(o, StoreError) else StoreError(
+                f"not made visible: the atomic group failed ({first})",
+                key=o.key if isinstance(o, MObject) else None) for o in objs]
         out: list[StoreError | None] = []
         for token, obj in zip(tokens, objs):
             if not isinstance(obj, MObject):
