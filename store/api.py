@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 from .config import Pin
-from .errors import StoreError
+from .errors import InvalidKey, StoreClosed, StoreError
 
 Buffer = Any  # any object with the buffer protocol: bytes, bytearray, memoryview, mmap, numpy
 T = TypeVar("T")
@@ -121,8 +121,6 @@ class Store(abc.ABC):
 def _attempt(fn: Any, *args: Any) -> Any:
     """The per-key result of a batch: the value or the key's error; a closed store is not a
     per-key condition and raises."""
-    from .errors import StoreClosed
-
     try:
         return fn(*args)
     except StoreClosed:
@@ -188,8 +186,6 @@ class AsyncStore:
 
 def validate_key(key: object, max_bytes: int) -> None:
     """Keys are non-empty UTF-8 strings of bounded length (the same rule on every scheme)."""
-    from .errors import InvalidKey
-
     if not isinstance(key, str):
         raise TypeError(f"store keys are str, not {type(key).__name__}")
     if not key:

@@ -71,6 +71,7 @@ class DiskTier:
         self.capacity = capacity
         self.fsync = fsync
         self._lock = threading.Lock()
+        self._dirs: set[str] = set()  # fan-out directories known to exist
         self.used = 0
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -163,7 +164,9 @@ class DiskTier:
                 digest.update(seg)
             checksum = digest.intdigest()
             path = self._path(key_bytes, gen)
-            path.parent.mkdir(exist_ok=True)
+            if path.parent.name not in self._dirs:
+                path.parent.mkdir(exist_ok=True)
+                self._dirs.add(path.parent.name)
             tmp = path.with_name(path.name + TMP)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
