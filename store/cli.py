@@ -38,7 +38,7 @@ def master(args: argparse.Namespace) -> int:
                             node_ttl=args.node_ttl, put_ttl=args.put_ttl,
                             strategy=args.strategy)
     if args.metrics_port is not None:
-        serve_http(args.metrics_port, service.state.stats, lambda: True)
+        serve_http(args.metrics_port, service.stats, lambda: True)
     print(f"listening on {service.uri}", flush=True)
     service.serve()
     return 0
@@ -51,8 +51,7 @@ def node(args: argparse.Namespace) -> int:
                           page_size=args.page_size, disk_dir=args.disk, disk_bytes=args.disk_bytes,
                           disk_fsync=args.disk_fsync, name=args.name)
     if args.metrics_port is not None:
-        serve_http(args.metrics_port, lambda: {**service.c, "disk_used": service.disk.used},
-                   lambda: service.node_id > 0)
+        serve_http(args.metrics_port, service.stats, lambda: service.node_id > 0)
     print(f"listening on {service.uri}", flush=True)
     service.serve()
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ from . import protocol as p
 from .api import Buffer, Store, readable, validate_key, writable
 from .config import Pin
 from .errors import ObjectLost, StoreClosed, StoreError, StoreFull, ValueTooLarge
+from .metrics import merge_histograms
 
 # Objects up to this size are read and written through a node RPC rather than one-sided:
 # below it the RPC's copy costs less than a bulk round trip (bench/store.py, "crossover").
@@ -48,6 +50,7 @@ class DistributedStore(Store):
         self._nodes: dict[str, hg.Remote] = {}
         self._segments: dict[bytes, bulk.RemoteBulk] = {}
         self._closed = False
+        self._closing = threading.Event()  # wakes a put that backs off waiting for room
         self.c = dict.fromkeys(("inline", "one_sided", "disk_push", "disk_pull", "retries"), 0)
 
     def __repr__(self) -> str:
@@ -56,16 +59,19 @@ class DistributedStore(Store):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._closing.set()
             self.engine.close()
 
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosed(f"the store client of {self.uri} is closed")
 
-    def _call(self, method: Any, *args: Any) -> Any:
+    def _call(self, method: Any, *args: Any, timeout: float | None = None) -> Any:
+        self._check_open()
         try:
-            return method.call(*args, timeout=self.timeout)
-        except (hg.RPCError, hg.PeerError) as exc:
+            return method.call(*args, timeout=self.timeout if timeout is None else timeout)
+        except (hg.RPCError, hg.PeerError, RuntimeError, ValueError) as exc:
+            self._check_open()  # closed meanwhile, from another thread
             raise StoreError(f"store master {self.uri}: {exc}") from exc
 
     def _node(self, uri: str) -> hg.Remote:
@@ -119,8 +125,8 @@ class DistributedStore(Store):
                                 [len(views[i]) for i in todo], replicas or self.replicas,
                                 overwrite, Pin(pin).value, self.preferred)
             granted = [(i, g) for i, g in zip(todo, grants) if g.code == p.OK]
-            full = [i for i, g in zip(todo, grants) if g.code == 3]
-            failed = [(i, g) for i, g in zip(todo, grants) if g.code not in (p.OK, 3)]
+            full = [i for i, g in zip(todo, grants) if g.code == p.FULL]
+            failed = [(i, g) for i, g in zip(todo, grants) if g.code not in (p.OK, p.FULL)]
             if atomic and (full or failed):
                 self._abort([g.token for _, g in granted])
                 if failed or time.monotonic() >= deadline:
@@ -144,7 +150,8 @@ class DistributedStore(Store):
 
     def _back_off(self, backoff: float, deadline: float) -> float:
         self.c["retries"] += 1
-        time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
+        if self._closing.wait(max(0.0, min(backoff, deadline - time.monotonic()))):
+            self._check_open()
         return min(backoff * 2, 0.1)
 
     def _abort(self, tokens: list[int]) -> None:
@@ -170,15 +177,7 @@ class DistributedStore(Store):
                         data.append(bytes(view))
                         idx.append(i)
                         continue
-                    handle = self.engine.bulk(view, bulk.READ_ONLY, eager=False)
-                    handles.append(handle)
-                    seg = self._segment(rep.segment)
-                    pos = 0
-                    for off, length in rep.runs:
-                        transfers.append((i, handle.push_to(seg, length, offset=off,
-                                                            local_offset=pos)))
-                        pos += length
-                    self.c["one_sided"] += 1
+                    handles.append(self._one_sided(i, view, rep, bulk.READ_ONLY, transfers))
             futures = [(idx, self._node(uri).write_inline.future(runs, data,
                                                                  timeout=self.timeout))
                        for uri, (runs, data, idx) in inline.items()]
@@ -192,6 +191,7 @@ class DistributedStore(Store):
             for i, t in transfers:
                 try:
                     t.wait(self.timeout)
+                    self.c["one_sided"] += 1
                 except (bulk.NAError, TimeoutError, ValueError) as exc:
                     broken[i] = StoreError(f"writing to a node failed: {exc}", key=keys[i])
         finally:
@@ -212,6 +212,19 @@ class DistributedStore(Store):
                 if atomic:
                     raise p.error_of(st.code, st.message, keys[i], "dram")
                 results[i] = p.error_of(st.code, st.message, keys[i], "dram")
+
+    def _one_sided(self, i: int, view: memoryview, rep: p.Replica, access: Any,
+                   transfers: list[tuple[int, bulk.Transfer]]) -> bulk.Bulk:
+        """Start the transfers between ``view`` and a copy's runs: pushes to write it
+        (``access`` READ_ONLY), pulls to read it (WRITE_ONLY); the handle to close after."""
+        handle = self.engine.bulk(view, access, eager=False)
+        seg = self._segment(rep.segment)
+        move = handle.push_to if access == bulk.READ_ONLY else handle.pull_from
+        pos = 0
+        for off, length in rep.runs:
+            transfers.append((i, move(seg, length, offset=off, local_offset=pos)))
+            pos += length
+        return handle
 
     # --- gets -----------------------------------------------------------------------------
     def get(self, key: str) -> bytes:
@@ -292,7 +305,7 @@ class DistributedStore(Store):
         try:
             for i, loc, dst, _ in pending:
                 if not loc.replicas:
-                    if loc.disk_uri:
+                    if loc.disk_uris:
                         disk.append((i, loc, dst))
                     else:
                         results[i] = ObjectLost("no copy is reachable", key=keys[i])
@@ -303,18 +316,12 @@ class DistributedStore(Store):
                     runs.append(rep.runs)
                     idx.append(i)
                     continue
-                handle = self.engine.bulk(dst[: loc.size], bulk.WRITE_ONLY, eager=False)
-                handles.append(handle)
-                seg = self._segment(rep.segment)
-                pos = 0
-                for off, length in rep.runs:
-                    transfers.append((i, handle.pull_from(seg, length, offset=off,
-                                                          local_offset=pos)))
-                    pos += length
+                handles.append(self._one_sided(i, dst[: loc.size], rep, bulk.WRITE_ONLY,
+                                               transfers))
             futures = [(idx, self._node(uri).read_inline.future(runs, timeout=self.timeout))
                        for uri, (runs, idx) in inline.items()]
             for i, loc, dst in disk:
-                self._read_disk(i, loc, dst, keys, results)
+                self._read_disk(i, loc, dst, keys, results, attempt)
             for idx, fut in futures:
                 try:
                     values = fut.result()
@@ -337,8 +344,8 @@ class DistributedStore(Store):
                 h.close()
 
     def _read_disk(self, i: int, loc: p.Location, dst: memoryview, keys: Sequence[str],
-                   results: list[Any]) -> None:
-        node = self._node(loc.disk_uri)
+                   results: list[Any], attempt: int) -> None:
+        node = self._node(loc.disk_uris[attempt % len(loc.disk_uris)])
         view = dst[: loc.size]
         try:
             if not loc.size:
@@ -410,7 +417,7 @@ class DistributedStore(Store):
     def flush(self, timeout: float | None = None) -> None:
         self._check_open()
         limit = self.timeout if timeout is None else timeout
-        st = self.master.flush.call(limit, timeout=limit + 5)
+        st = self._call(self.master.flush, limit, timeout=limit + 5)
         p.raise_status(st.code, st.message, None, "disk")
 
     def cluster(self) -> dict[str, Any]:
@@ -421,12 +428,20 @@ class DistributedStore(Store):
     def stats(self) -> dict[str, Any]:
         s = self.cluster()
         nodes = s["nodes"]
-        page = 4096
         cap = sum(n["capacity"] for n in nodes)
         used = sum(n["used"] for n in nodes)
+        phases = dict(s.get("phases", {}))
+        for n in nodes:
+            try:
+                node = self._node(n["uri"]).node_stats.call(timeout=self.timeout)
+            except (hg.RPCError, hg.PeerError):
+                continue  # a node that is going away; the master drops it after its TTL
+            for name, hist in node["phases"].items():
+                phases[name] = merge_histograms(phases.get(name), hist)
         return {
             "dram": {"capacity": cap, "used": used, "objects": s["dram_objects"],
-                     "pages_total": cap // page, "pages_used": used // page,
+                     "pages_total": sum(n["capacity"] // n["page_size"] for n in nodes),
+                     "pages_used": sum(n["used"] // n["page_size"] for n in nodes),
                      "hits": s["dram_hits"], "misses": s["dram_misses"],
                      "evictions": s["evictions"], "bytes_in": s["bytes_in"],
                      "bytes_out": s["bytes_out"]},
@@ -441,7 +456,8 @@ class DistributedStore(Store):
                         "dropped": s["dropped"]},
             "ops": {"put": s["put"], "get": s["get"], "remove": s["remove"],
                     "promotions": 0},
-            "phases": {},
+            "phases": phases,
+            "latency": s.get("latency", {}),
             "client": dict(self.c),
             "nodes": nodes,
         }

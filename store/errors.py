@@ -34,6 +34,10 @@ class StoreFull(StoreError):
     """No room for the object after waiting up to the put's timeout for eviction."""
 
 
+class NeverFits(StoreFull):
+    """The object is larger than any DRAM segment: waiting for eviction cannot help."""
+
+
 class ObjectLost(StoreError):
     """The store knew the object but its bytes are gone or damaged (a failed checksum)."""
 

@@ -21,6 +21,7 @@ from .api import validate_key
 from .config import Pin, StoreConfig
 from .errors import StoreError
 from .master_state import MasterState, Node
+from .metrics import Histogram
 
 log = logging.getLogger("petasus.store.master")
 
@@ -44,21 +45,35 @@ class MasterService:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._nodes: dict[str, hg.Remote] = {}
-        self.latency: dict[str, list[float]] = {}
+        self.latency: dict[str, Histogram] = {}
+        self.phases = {"allocate": Histogram(), "release": Histogram()}
         handlers = {
             p.register_node: self._register_node, p.heartbeat: self._heartbeat,
             p.put_start: self._put_start, p.put_end: self._put_end,
             p.put_abort: self._put_abort, p.locate: self._locate, p.remove: self._remove,
-            p.exists: self._exists, p.pin: self._pin, p.cluster_stats: self._stats,
+            p.exists: self._exists, p.pin: self._pin, p.cluster_stats: self.stats,
             p.register_blocks: self._register_blocks, p.revoke_blocks: self._revoke_blocks,
             p.revoke_tier: self._revoke_tier, p.match_blocks: self._match_blocks,
         }
         for decl, impl in handlers.items():
-            self.engine.register(decl, impl, provider_id=p.MASTER_PROVIDER)
+            self.engine.register(decl, self._timed(decl.name, impl),
+                                 provider_id=p.MASTER_PROVIDER)
         self.engine.register(p.flush, self._flush, provider_id=p.MASTER_PROVIDER, blocking=True)
         self._thread = threading.Thread(target=self._maintain, name="petasus-store-maintain",
                                         daemon=True)
         self._thread.start()
+
+    def _timed(self, name: str, impl: Any) -> Any:
+        """The handler, its service time recorded per RPC (the /metrics latency)."""
+        hist = self.latency[name] = Histogram()
+
+        def timed(*args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return impl(*args)
+            finally:
+                hist.observe(time.perf_counter() - started)
+        return timed
 
     @property
     def uri(self) -> str:
@@ -93,11 +108,13 @@ class MasterService:
                    overwrite: bool, pin: str, preferred: str) -> list[p.PutGrant]:
         out = []
         checked: list[StoreError | None] = [self._check(k) for k in keys]
+        started = time.perf_counter()
         with self.lock:
             grants = self.state.put_start(
                 [k for k, e in zip(keys, checked) if e is None],
                 [s for s, e in zip(sizes, checked) if e is None], replicas, overwrite,
                 Pin(pin), preferred, self.clock())
+        self.phases["allocate"].observe(time.perf_counter() - started)
         self._wake.set()
         it = iter(grants)
         for err in checked:
@@ -135,11 +152,11 @@ class MasterService:
                 try:
                     obj = self.state.locate(key, preferred, now)
                 except StoreError as exc:
-                    out.append(p.Location(p.code_of(exc), str(exc), 0, 0, 0, [], ""))
+                    out.append(p.Location(p.code_of(exc), str(exc), 0, 0, 0, [], []))
                     continue
                 replicas = [p.Replica(c.node.node_id, c.node.uri, c.node.segment,
                                       c.node.runs(c.alloc, obj.size)) for c in obj.copies]
-                disk = obj.disk.uri if obj.disk is not None and not replicas else ""
+                disk = [n.uri for n in obj.disk] if not replicas else []
                 out.append(p.Location(p.OK, "", obj.size, obj.gen,
                                       int(self.state.lease_ttl * 1000), replicas, disk))
         return out
@@ -168,9 +185,11 @@ class MasterService:
                 return p.Status(p.code_of(exc), str(exc))
         return p.Status(p.OK, "")
 
-    def _stats(self) -> Any:
+    def stats(self) -> Any:
         with self.lock:
-            return self.state.stats()
+            return {**self.state.stats(),
+                    "phases": {k: h.snapshot() for k, h in self.phases.items()},
+                    "latency": {k: h.snapshot() for k, h in self.latency.items() if h.count}}
 
     def _register_blocks(self, node: str, hashes: list[int], tier: str) -> int:
         with self.lock:
@@ -193,10 +212,10 @@ class MasterService:
         deadline = time.monotonic() + timeout
         while True:
             with self.lock:
-                missing = [o for o in self.state.objects.values()
-                           if o.state == "ready" and o.disk is None and o.copies]
-                for obj in missing:
-                    if not self.state._offload(obj, obj.copies[0]):
+                missing = [(o, c) for o in self.state.objects.values() if o.state == "ready"
+                           for c in o.copies if c.node not in o.disk]
+                for obj, copy in missing:
+                    if not self.state._offload(obj, copy):
                         break
                 busy = self.state.offloads_in_flight
             self._wake.set()
@@ -238,8 +257,10 @@ class MasterService:
                                     status.message)
                 except (hg.RPCError, hg.PeerError) as exc:
                     log.warning("disk copy of %r on node %s failed: %s", key, node.name, exc)
+                started = time.perf_counter()
                 with self.lock:
                     self.state.offload_done(key, gen, node, ok, self.clock())
+                self.phases["release"].observe(time.perf_counter() - started)
                 self._wake.set()
             elif kind == "delete":
                 _, _, key, gen = action

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from typing import Any
 
 from .config import Offload, Pin, StoreConfig
-from .errors import AlreadyExists, NotFound, ObjectLost, StoreError, StoreFull
+from .errors import AlreadyExists, NeverFits, NotFound, ObjectLost, StoreError, StoreFull
 from .pages import Allocation, PageAllocator
 
 log = logging.getLogger("petasus.store.master")
@@ -61,12 +61,13 @@ class MObject:
     copies: list[Copy]
     overwrite: bool = False
     pin: Pin = Pin.NONE
-    disk: Node | None = None
+    disk: list[Node] = dataclasses.field(default_factory=list)  # complete disk copies
     lease_until: float = 0.0
     token: int = 0
     deadline: float = 0.0
-    offloading: Copy | None = None
+    offloading: list[Copy] = dataclasses.field(default_factory=list)  # copies being written
     evict_after: bool = False
+    replicas: int = 1
 
 
 @dataclasses.dataclass
@@ -138,11 +139,9 @@ class MasterState:
             if obj.state != READY:
                 continue
             obj.copies = [c for c in obj.copies if c.node is not node]
-            if obj.offloading is not None and obj.offloading.node is node:
-                obj.offloading, obj.evict_after = None, False
-            if obj.disk is node:
-                obj.disk = None
-            if not obj.copies and obj.disk is None:
+            obj.offloading = [c for c in obj.offloading if c.node is not node]
+            obj.disk = [n for n in obj.disk if n is not node]
+            if not obj.copies and not obj.disk:
                 obj.state = LOST
                 lost += 1
         self.held = [(t, c) for t, c in self.held if c.node is not node]
@@ -177,6 +176,9 @@ class MasterState:
         if len(nodes) < replicas:
             raise StoreFull(f"{replicas} replicas asked, {len(nodes)} nodes alive", key=key,
                             tier="dram")
+        if all(-(-size // n.page_size) > n.pages.total for n in nodes):
+            raise NeverFits(f"object of {size} bytes is larger than every node's segment",
+                            key=key, tier="dram")
         copies: list[Copy] = []
         for node in nodes:
             if len(copies) == replicas:
@@ -197,7 +199,7 @@ class MasterState:
                             tier="dram")
         token = next(self._ids)
         obj = MObject(key, size, next(self._gens), PENDING, copies, overwrite, pin, token=token,
-                      deadline=now + self.put_ttl)
+                      deadline=now + self.put_ttl, replicas=replicas)
         self.pending[token] = obj
         return Grant(token, [(c.node, c.node.runs(c.alloc, size)) for c in copies])
 
@@ -246,7 +248,8 @@ class MasterState:
             self.c["put"] += 1
             self.c["bytes_in"] += obj.size
             if self.config.offload is Offload.ON_PUT:
-                self._offload(obj, obj.copies[0])
+                for copy in obj.copies:
+                    self._offload(obj, copy)
             out.append(None)
         self.watermarks(now, spare={o.key for o in objs if isinstance(o, MObject)})
         return out
@@ -304,9 +307,9 @@ class MasterState:
     def _retire(self, obj: MObject, now: float) -> None:
         obj.state = LOST if obj.state == LOST else "retired"
         self._free_copies(obj, obj.lease_until if obj.lease_until > now else 0.0)
-        if obj.disk is not None:
-            self.actions.append(("delete", obj.disk, obj.key, obj.gen))
-            obj.disk = None
+        for node in obj.disk:
+            self.actions.append(("delete", node, obj.key, obj.gen))
+        obj.disk = []
 
     def _free_copies(self, obj: MObject, until: float) -> None:
         for c in obj.copies:
@@ -364,28 +367,29 @@ class MasterState:
                 if obj.lease_until > now:
                     continue
                 pages = copy.alloc.pages
-                if obj.evict_after and obj.offloading is not None:
-                    got += pages if obj.offloading is copy else 0
-                    if obj.offloading is not copy:
+                others = len(obj.copies) > 1
+                if copy in obj.offloading:
+                    obj.evict_after = True  # freed when its disk copy completes
+                    got += pages
+                elif node in obj.disk or len(obj.disk) >= obj.replicas:
+                    self._drop_copy(obj, copy)  # enough disk copies: this one may go
+                    got += pages
+                elif self.config.offload is Offload.OFF or (
+                        self.config.force_evict and not self._offload(obj, copy)):
+                    if others:
                         self._drop_copy(obj, copy)
-                        got += pages
-                    continue
-                if obj.disk is not None:
-                    self._drop_copy(obj, copy)
+                    else:
+                        self._drop_object(obj, now)
+                        if self.config.offload is Offload.OFF:
+                            self.c["dropped"] += 1
+                        else:
+                            dropped += 1
                     got += pages
-                elif self.config.offload is Offload.OFF:
-                    self._drop_object(obj, now)
-                    self.c["dropped"] += 1
-                    got += pages
-                elif obj.offloading is not None or self._offload(obj, self._keeper(obj, copy)):
-                    # One copy is kept for its disk copy, the others leave at once.
+                elif self.config.force_evict or self._offload(obj, copy):
+                    # Every replica gets its own disk copy on its own node, so replicas=N
+                    # survives N-1 node losses in either tier; each DRAM copy goes as soon as
+                    # its disk copy is complete.
                     obj.evict_after = True
-                    for other in [c for c in obj.copies if c is not obj.offloading]:
-                        self._drop_copy(obj, other)
-                    got += pages
-                elif self.config.force_evict:
-                    self._drop_object(obj, now)
-                    dropped += 1
                     got += pages
                 else:
                     deferred += 1
@@ -397,10 +401,6 @@ class MasterState:
             log.warning("force_evict dropped %d objects without a disk copy from node %s this "
                         "cycle", dropped, node.name)
 
-    def _keeper(self, obj: MObject, pressed: Copy) -> Copy:
-        """The copy kept until the disk copy is made: the one on the least pressed node."""
-        return max(obj.copies, key=lambda c: (c is not pressed, c.node.pages.free_pages))
-
     def _drop_copy(self, obj: MObject, copy: Copy) -> None:
         obj.copies.remove(copy)
         copy.node.pages.free(copy.alloc)
@@ -411,11 +411,12 @@ class MasterState:
         self._retire(obj, now)
 
     def _offload(self, obj: MObject, copy: Copy) -> bool:
-        if obj.offloading is not None or obj.disk is not None:
-            return obj.offloading is not None
+        """Queue the disk copy of one replica on its own node (False: the queue is full)."""
+        if copy in obj.offloading or copy.node in obj.disk:
+            return True
         if self.offloads_in_flight >= self.config.offload_queue:
             return False
-        obj.offloading = copy
+        obj.offloading.append(copy)
         self.offloads_in_flight += 1
         self.actions.append(("offload", copy.node, obj.key, obj.gen,
                              copy.node.runs(copy.alloc, obj.size), obj.size))
@@ -428,19 +429,23 @@ class MasterState:
             if ok:
                 self.actions.append(("delete", node, key, gen))
             return
-        copy, obj.offloading = obj.offloading, None
+        copy = next((c for c in obj.offloading if c.node is node), None)
+        if copy is not None:
+            obj.offloading.remove(copy)
         if not ok:
-            obj.evict_after = False
+            if not obj.offloading:
+                obj.evict_after = False
             self.c["offload_failed"] += 1
             return
         self.c["offloads"] += 1
         self.c["disk_bytes_in"] += obj.size
-        if node.node_id in self.nodes:
-            obj.disk = node
+        if node.node_id in self.nodes and node not in obj.disk:
+            obj.disk.append(node)
         if (obj.evict_after and copy is not None and copy in obj.copies
-                and obj.disk is not None and obj.lease_until <= now):
+                and obj.lease_until <= now):
             self._drop_copy(obj, copy)
-        obj.evict_after = False
+        if not obj.offloading:
+            obj.evict_after = False
 
     def take_actions(self) -> list[tuple[Any, ...]]:
         out, self.actions = self.actions, []
@@ -448,11 +453,12 @@ class MasterState:
 
     def stats(self) -> dict[str, Any]:
         dram_objects = sum(1 for o in self.objects.values() if o.copies)
-        disk_objects = sum(1 for o in self.objects.values() if o.disk is not None)
+        disk_objects = sum(1 for o in self.objects.values() if o.disk)
         return {
             "nodes": [{"id": n.node_id, "name": n.name, "uri": n.uri,
                        "capacity": n.pages.total * n.page_size,
-                       "used": n.pages.used_pages * n.page_size, "disk_used": n.disk_used}
+                       "used": n.pages.used_pages * n.page_size, "disk_used": n.disk_used,
+                       "page_size": n.page_size}
                       for n in self.nodes.values()],
             "objects": sum(1 for o in self.objects.values() if o.state == READY),
             "dram_objects": dram_objects, "disk_objects": disk_objects,

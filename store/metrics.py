@@ -35,13 +35,26 @@ class Histogram:
         return {"count": self.count, "sum_s": self.sum, "buckets": buckets}
 
 
+def merge_histograms(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+    """The sum of two ``Histogram.snapshot()`` records (same bounds)."""
+    if a is None:
+        return {"count": b["count"], "sum_s": b["sum_s"], "buckets": [tuple(x) for x in
+                                                                      b["buckets"]]}
+    return {"count": a["count"] + b["count"], "sum_s": a["sum_s"] + b["sum_s"],
+            "buckets": [(x[0], x[1] + y[1]) for x, y in zip(a["buckets"], b["buckets"])]}
+
+
+def histogram_family(name: str, doc: str, snapshot: dict[str, Any]) -> Any:
+    from prometheus_client.core import HistogramMetricFamily
+
+    buckets = [(str(float(bound)), count) for bound, count in snapshot["buckets"]]
+    buckets[-1] = ("+Inf", snapshot["count"])
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=snapshot["sum_s"])
+
+
 def collector(store: Any, prefix: str = "petasus_store") -> Any:
     """A prometheus_client collector over ``store.stats()``; register it in a registry."""
-    from prometheus_client.core import (
-        CounterMetricFamily,
-        GaugeMetricFamily,
-        HistogramMetricFamily,
-    )
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     gauges = {"capacity", "used", "objects", "pages_total", "pages_used", "queued",
               "in_flight", "full"}
@@ -60,11 +73,8 @@ def collector(store: Any, prefix: str = "petasus_store") -> Any:
                     else:
                         yield CounterMetricFamily(metric, f"{group} {name}", value=value)
             for phase, hist in stats.get("phases", {}).items():
-                buckets = [(str(b), c) for b, c in hist["buckets"]]
-                buckets[-1] = ("+Inf", hist["count"])
-                yield HistogramMetricFamily(f"{prefix}_phase_{phase}_seconds",
-                                            f"time spent in the {phase} phase",
-                                            buckets=buckets, sum_value=hist["sum_s"])
+                yield histogram_family(f"{prefix}_phase_{phase}_seconds",
+                                       f"time spent in the {phase} phase", hist)
 
     return StoreCollector()
 
@@ -92,6 +102,11 @@ def serve_http(port: int, stats: Any, healthy: Any, addr: str = "127.0.0.1") -> 
             for name, value in stats().items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     yield GaugeMetricFamily(f"petasus_store_{name}", name, value=value)
+                elif name in ("phases", "latency") and isinstance(value, dict):
+                    for op, hist in value.items():
+                        what = "RPC latency of" if name == "latency" else "time spent in"
+                        yield histogram_family(f"petasus_store_{name}_{op}_seconds",
+                                               f"{what} {op}", hist)
 
     registry = CollectorRegistry()
     registry.register(Flat())

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from petasus import bulk, hg
 
@@ -59,7 +60,8 @@ class NodeService:
         for decl, impl, blocking in (
             (p.offload, self._offload, True), (p.disk_push, self._disk_push, True),
             (p.disk_stage, self._disk_stage, True), (p.disk_release, self._disk_release, False),
-            (p.disk_delete, self._disk_delete, True), (p.read_inline, self._read_inline, False),
+            (p.disk_delete, self._disk_delete, True), (p.node_stats, self.stats, False),
+            (p.read_inline, self._read_inline, False),
             (p.write_inline, self._write_inline, False),
         ):
             self.engine.register(decl, impl, provider_id=p.NODE_PROVIDER, blocking=blocking)
@@ -205,6 +207,10 @@ class NodeService:
         if staged is not None:
             staged[0].close()
             staged[1].close()
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.c, "disk_used": self.disk.used, "disk_objects": len(self.entries),
+                "phases": {k: h.snapshot() for k, h in self.phases.items()}}
 
     def _disk_delete(self, key: str, gen: int) -> None:
         with self._lock:

@@ -16,6 +16,7 @@ from petasus import bulk, hg
 from .errors import (
     AlreadyExists,
     InvalidKey,
+    NeverFits,
     NotFound,
     ObjectLost,
     StoreError,
@@ -24,9 +25,13 @@ from .errors import (
 )
 
 OK = 0
+FULL = 3  # no room now: the client retries until its put timeout
+NEVER_FITS = 8  # no node could ever hold it: final
+
+
 CODES: dict[int, type[StoreError]] = {
-    1: NotFound, 2: AlreadyExists, 3: StoreFull, 4: ObjectLost, 5: InvalidKey,
-    6: ValueTooLarge, 7: StoreError,
+    1: NotFound, 2: AlreadyExists, FULL: StoreFull, 4: ObjectLost, 5: InvalidKey,
+    6: ValueTooLarge, 7: StoreError, NEVER_FITS: NeverFits,
 }
 CODE_OF = {cls: code for code, cls in CODES.items()}
 
@@ -79,7 +84,7 @@ class Location:
     gen: int
     lease_ms: int
     replicas: list[Replica]  # DRAM copies, preferred first
-    disk_uri: str  # the node holding the disk copy when no DRAM copy exists, else ""
+    disk_uris: list[str]  # the nodes holding disk copies, when no DRAM copy exists
 
 
 @dataclasses.dataclass
@@ -142,11 +147,11 @@ def cluster_stats() -> Any: ...
 
 
 @hg.declare
-def register_blocks(node: str, hashes: list[int], tier: str) -> hg.uint32: ...
+def register_blocks(node: str, hashes: list[hg.uint64], tier: str) -> hg.uint32: ...
 
 
 @hg.declare
-def revoke_blocks(node: str, hashes: list[int], tier: str) -> hg.uint32: ...
+def revoke_blocks(node: str, hashes: list[hg.uint64], tier: str) -> hg.uint32: ...
 
 
 @hg.declare
@@ -154,7 +159,7 @@ def revoke_tier(node: str, tier: str) -> hg.uint32: ...
 
 
 @hg.declare
-def match_blocks(hashes: list[int]) -> Any: ...
+def match_blocks(hashes: list[hg.uint64]) -> Any: ...
 
 
 MASTER_RPCS = (register_node, heartbeat, put_start, put_end, put_abort, locate, remove, exists,
@@ -184,6 +189,10 @@ def disk_delete(key: str, gen: int) -> None: ...
 
 
 @hg.declare
+def node_stats() -> Any: ...
+
+
+@hg.declare
 def read_inline(runs: list[list[tuple[int, int]]]) -> list[bytes]: ...
 
 
@@ -191,5 +200,5 @@ def read_inline(runs: list[list[tuple[int, int]]]) -> list[bytes]: ...
 def write_inline(runs: list[list[tuple[int, int]]], data: list[bytes]) -> None: ...
 
 
-NODE_RPCS = (offload, disk_push, disk_stage, disk_release, disk_delete, read_inline,
-             write_inline)
+NODE_RPCS = (offload, disk_push, disk_stage, disk_release, disk_delete, node_stats,
+             read_inline, write_inline)

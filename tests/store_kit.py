@@ -7,16 +7,20 @@ against the ``open_store`` fixture, and the stateful model, runs over them uncha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pytest
+import store_cluster
 
 from petasus import store
 from petasus.store import StoreError
@@ -39,13 +43,50 @@ class Scheme:
     connect: Callable[[Path, dict[str, Any]], store.Store]
     # Whether objects can spill to a disk tier (the lossless invariant of the model needs one).
     has_disk: bool = True
+    # ``share(root, config)``: a context in which ``connect(directory)`` opens stores of one
+    # shared backend (the stateful model opens one per example: a cluster of processes is
+    # started once per state machine, not once per example). None: a fresh backend each time.
+    share: Callable[[Path, dict[str, Any]],
+                    AbstractContextManager[Callable[[Path], store.Store]]] | None = None
+    # Examples of the stateful model per policy (a cluster's round trips cost more).
+    model_examples: int = 50
+    # The DRAM of a test that names none. A cluster splits its DRAM across its nodes and an
+    # object lives on one node: twice the embedded arena lets each node hold what that arena
+    # holds (the 16 MiB + 1 object of the size tests).
+    dram_bytes: int = 32 * MiB
+
+    def shared(self, root: Path,
+               config: dict[str, Any]) -> AbstractContextManager[Callable[[Path], store.Store]]:
+        if self.share is not None:
+            return self.share(root, config)
+        return contextlib.nullcontext(lambda directory: self.connect(directory, config))
 
 
 def _embedded(directory: Path, config: dict[str, Any]) -> store.Store:
     return store.connect(f"embedded://{directory}", **config)
 
 
-SCHEMES: list[Any] = [Scheme("embedded", _embedded)]
+OFI_OPT_IN = "PETASUS_STORE_OFI"
+
+
+def _distributed(transport: str) -> Any:
+    """A master and two storage nodes in their own processes over ``transport`` (part 2)."""
+    listen = store_cluster.TRANSPORTS[transport]
+    scheme = Scheme(f"cluster-{transport}",
+                    lambda root, config: store_cluster.connect(listen, root, config),
+                    share=lambda root, config: store_cluster.shared(listen, root, config),
+                    model_examples=6, dram_bytes=64 * MiB)
+    missing = store_cluster.ofi_missing() if transport.startswith("ofi") else None
+    if transport.startswith("ofi") and missing is None and not os.environ.get(OFI_OPT_IN):
+        # Opt-in: libfabric makes a cluster start twice as slow (1.7 s); the suite over it
+        # takes longer than the rest of the store tests together on a 2-core machine.
+        missing = f"the store suite over an ofi+tcp cluster runs with {OFI_OPT_IN}=1"
+    return pytest.param(scheme, id=scheme.id,
+                        marks=[pytest.mark.skipif(missing is not None, reason=str(missing))])
+
+
+SCHEMES: list[Any] = [Scheme("embedded", _embedded),
+                      *(_distributed(t) for t in store_cluster.TRANSPORTS)]
 
 
 def scheme_id(scheme: Any) -> str:
@@ -63,7 +104,7 @@ def opener(scheme: Scheme, root: Path) -> tuple[Opener, list[store.Store]]:
 
     def open_store(**config: Any) -> store.Store:
         config.setdefault("put_timeout", PUT_TIMEOUT)
-        config.setdefault("dram_bytes", 32 * MiB)
+        config.setdefault("dram_bytes", scheme.dram_bytes)
         kv = scheme.connect(root / f"store-{next(numbers)}", config)
         opened.append(kv)
         return kv

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from hypothesis.stateful import (
 )
 from store_kit import PUT_TIMEOUT, KiB, MiB, Scheme, check_error, pattern
 
-from petasus.store import AlreadyExists, NotFound, Pin, StoreFull
+from petasus.store import AlreadyExists, NotFound, Pin, Store, StoreFull
 
 scheme = store_kit.scheme
 
@@ -63,18 +64,29 @@ def pages(size: int) -> int:
     return -(-size // PAGE)
 
 
+def config(offload: str, force_evict: bool) -> dict[str, Any]:
+    return {"dram_bytes": ARENA, "page_size": PAGE, "offload": offload,
+            "force_evict": force_evict, "put_timeout": PUT_TIMEOUT,
+            "offload_queue": OFFLOAD_QUEUE, "offload_workers": 1}
+
+
 class StoreMachine(RuleBasedStateMachine):
     scheme: Scheme
     offload: str
     force_evict: bool
+    # Opens the example's store in a directory (store_kit.Scheme.shared).
+    open: Callable[[Path], Store]
 
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="petasus-model-"))
-        self.kv = self.scheme.connect(self.dir / "store", {
-            "dram_bytes": ARENA, "page_size": PAGE, "offload": self.offload,
-            "force_evict": self.force_evict, "put_timeout": PUT_TIMEOUT,
-            "offload_queue": OFFLOAD_QUEUE, "offload_workers": 1})
+        self.kv = self.open(self.dir / "store")
+        # A backend shared by the examples (a cluster) starts each one empty: whatever an
+        # earlier example left (it failed before its teardown) goes first.
+        self.shared = self.scheme.share is not None
+        if self.shared:
+            self.kv.remove_many(ALL_KEYS)
+            assert not any(self.kv.exists_many(ALL_KEYS)), "the shared store is not empty"
         # Objects may vanish (and then must be NotFound) only when the store may drop them.
         self.lossy = self.force_evict or self.offload == "off" or not self.scheme.has_disk
         self.model: dict[str, bytes] = {}
@@ -86,8 +98,12 @@ class StoreMachine(RuleBasedStateMachine):
         try:
             self.check_everything()
         finally:
-            self.kv.close()
-            shutil.rmtree(self.dir, ignore_errors=True)
+            try:
+                if self.shared:
+                    self.kv.remove_many(ALL_KEYS)
+            finally:
+                self.kv.close()
+                shutil.rmtree(self.dir, ignore_errors=True)
 
     # --- the model's bookkeeping ------------------------------------------------------------
     def value(self, key: str, size: int) -> bytes:
@@ -290,13 +306,18 @@ class StoreMachine(RuleBasedStateMachine):
             assert stats["offload"]["force_dropped"] == 0
 
 
-def machine(scheme: Scheme, offload: str, force_evict: bool) -> type[StoreMachine]:
+def machine(scheme: Scheme, offload: str, force_evict: bool,
+            open_: Callable[[Path], Store]) -> type[StoreMachine]:
     name = f"Store_{scheme.id}_{offload}_{'force' if force_evict else 'keep'}"
-    attrs: dict[str, Any] = {"scheme": scheme, "offload": offload, "force_evict": force_evict}
+    attrs: dict[str, Any] = {"scheme": scheme, "offload": offload, "force_evict": force_evict,
+                             "open": staticmethod(open_)}
     return type(name, (StoreMachine,), attrs)
 
 
 @pytest.mark.parametrize("force_evict", [False, True], ids=["keep", "force"])
 @pytest.mark.parametrize("offload", ["on_put", "on_evict", "off"])
-def test_store_matches_the_model(scheme: Scheme, offload: str, force_evict: bool) -> None:
-    run_state_machine_as_test(machine(scheme, offload, force_evict), settings=SETTINGS)
+def test_store_matches_the_model(scheme: Scheme, offload: str, force_evict: bool,
+                                 tmp_path: Path) -> None:
+    with scheme.shared(tmp_path / "shared", config(offload, force_evict)) as open_:
+        run_state_machine_as_test(machine(scheme, offload, force_evict, open_),
+                                  settings=settings(SETTINGS, max_examples=scheme.model_examples))
