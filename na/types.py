@@ -27,6 +27,14 @@ class OpKind(enum.IntEnum):
 Callback = Callable[["Op"], Any]
 
 
+class OpState(enum.IntEnum):
+    """Where an op is in the plugin: the one set of state names every plugin uses."""
+
+    PENDING = 0  # posted, not finished
+    FINISHED = 1  # its completion is posted (queued for trigger(), or done)
+    CANCELING = 2  # cancel() asked; the transport still holds its buffer, it finishes later
+
+
 class Op:
     """One operation, from post to completion; also the completion record its callback receives.
 
@@ -67,8 +75,7 @@ class Op:
         self.source: Addr | None = None
         self.error: BaseException | None = None
         self.done = False
-        # Plugin bookkeeping: 0 pending, 1 completing (queued for trigger), 2 canceled.
-        self.state = 0
+        self.state = OpState.PENDING
         self.op_id = 0
         self.remaining = 0
 
@@ -81,7 +88,7 @@ class Op:
         return self
 
     def __repr__(self) -> str:
-        status = "done" if self.done else ("canceling" if self.state == 2 else "pending")
+        status = "done" if self.done else self.state.name.lower()
         if self.error is not None:
             status = f"failed: {self.error}"
         peer = f" peer={self.addr.uri}" if self.addr is not None else ""

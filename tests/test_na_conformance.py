@@ -392,6 +392,22 @@ def test_local_misuse_raises_at_the_call(spec: Spec) -> None:
         plugin.msg_recv_unexpected(bytearray(1))
 
 
+@pytest.mark.parametrize("tag", [-1, 1 << 32])
+def test_every_tagged_call_refuses_a_tag_outside_u32(spec: Spec, tag: int) -> None:
+    # tcp and sm once accepted msg_recv_expected(addr, buf, -1), a receive no message can
+    # ever match, while ofi refused it: the same misuse must be the same error everywhere.
+    with na.initialize(spec.uri, **spec.options) as plugin:
+        me = plugin.addr_self()
+        calls = {"send_unexpected": lambda: plugin.msg_send_unexpected(me, b"", tag),
+                 "send_expected": lambda: plugin.msg_send_expected(me, b"", tag),
+                 "msg_recv_expected": lambda: plugin.msg_recv_expected(me, bytearray(1), tag)}
+        for name, call in calls.items():
+            with pytest.raises(ValueError, match=f"{name}: tag {tag} is not a u32"):
+                call()
+        assert plugin.trigger() == 0  # nothing was posted
+        assert plugin.statistics()["msgs_sent"] == 0
+
+
 def test_unknown_scheme() -> None:
     with pytest.raises(ValueError, match=r"available schemes: ofi\+shm, .*, sm, tcp$"):
         na.initialize("carrier-pigeon://coop")

@@ -87,20 +87,26 @@ import warnings
 from collections import deque
 from typing import Any
 
+from ..core import (
+    MAX_MSG_SIZE,
+    MAX_QUEUED,
+    SPIN_US,
+    CompletionQueue,
+    Matcher,
+    PluginCore,
+    Registrations,
+)
 from ..errors import Canceled
-from ..types import Addr, MemHandle, Op
+from ..types import Addr, MemHandle
 from ._addressing import Addressing
 from ._common import (
     CQ_BATCH,
-    MAX_MSG_SIZE,
-    MAX_QUEUED,
     PROBE_INTERVAL,
     PROVIDERS,
     RMA_CHUNK,
     RX_BUFFERS,
     SHM_RX_SIZE,
     SHM_TICK_US,
-    SPIN_US,
     _doorbell,
     _fid,
     _Req,
@@ -122,7 +128,7 @@ from .errors import FabricError, check_rc, error_for
 os.environ.setdefault("FI_SHM_RX_SIZE", str(SHM_RX_SIZE))
 
 
-class OfiPlugin(Addressing, Messages, Rma, Progress):
+class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
     """One endpoint, its CQ and AV, a posted receive pool, and Python-side matching."""
 
     def __init__(self, uri: str, listen: bool = False, *, max_msg_size: int = MAX_MSG_SIZE,
@@ -142,7 +148,6 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
         self._rma_mode = rma
         self._max_msg = max_msg_size
         self._spin = max(spin_us, 0) / 1e6
-        self._max_queued = max_queued
         self._probe_interval = probe_interval
         self._lock = threading.Lock()
         self._closed = False
@@ -153,34 +158,27 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
         self._bell: socket.socket | None = None  # shm: see _doorbell
         self._bells: dict[Addr, bytes] = {}
         self._wait_fd = -1
+        self.stats = dict.fromkeys(
+            ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
+             "rma_bytes", "peer_failures", "protocol_errors", "canceled", "expected_dropped",
+             "probes", "eagain", "rma_served", "rma_refused"), 0)
         self._ep_poll = select.epoll()
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._ep_poll.register(self._wake_fd, select.EPOLLIN)
-        self._cq: deque[Op] = deque()
-        self._completed = 0
-        self._polling = 0
-        self._in_pass = 0
+        self._cq = CompletionQueue()
+        self._ep_poll.register(self._cq.wake_fd, select.EPOLLIN)
+        self._matcher = Matcher(self._cq, self.stats, log, max_queued, self._repost_held)
         self._reqs: dict[int, _Req] = {}
         self._backlog: deque[_Req] = deque()
         self._blocked: dict[Addr | None, int] = {}  # peers with requests in the backlog
-        self._unexp_posted: deque[Op] = deque()
-        self._unexp_queue: deque[tuple[Addr, int, bytes]] = deque()
-        self._exp_posted: dict[tuple[Addr, int], deque[Op]] = {}
-        self._queued = 0
         self._held_slots: list[int] = []
         self._peers: dict[str, Addr] = {}
         self._by_name: dict[bytes, Addr] = {}
         self._probing: set[Addr] = set()
         self._next_probe = 0.0
         self._regs: dict[int, MemHandle] = {}
-        self._keys: dict[int, MemHandle] = {}  # checked mode: our keys, checked per request
+        self._keys = Registrations()  # checked mode: our keys, checked per request
         self._rma_wait: dict[int, _Req] = {}  # RMA id -> the request its answer completes
         self._rma_ids = itertools.count(1)
         self._salt = secrets.randbits(16) << 44
-        self.stats = dict.fromkeys(
-            ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
-             "rma_bytes", "peer_failures", "protocol_errors", "canceled", "expected_dropped",
-             "probes", "eagain", "rma_served", "rma_refused"), 0)
         try:
             self._open(rest, listen, rx_buffers, rma_chunk)
         except BaseException:
@@ -375,7 +373,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
             lib.fi_freeinfo(self._info)
             self._info = None
         self._ep_poll.close()
-        os.close(self._wake_fd)
+        self._cq.close()
         if self._bell is not None:
             self._bell.close()
         if self._timer_fd >= 0:
@@ -392,16 +390,10 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
                 return
             self._closed = True
             reason = "the plugin was closed"
-            for op in self._unexp_posted:
-                self._fail(op, Canceled(op.kind.name.lower(), None, reason))
-            self._unexp_posted.clear()
-            for ops in self._exp_posted.values():
-                for op in ops:
-                    self._fail(op, Canceled(op.kind.name.lower(), _uri(op.addr), reason))
-            self._exp_posted.clear()
+            self._matcher.close(reason)
             for req in itertools.chain(self._reqs.values(), self._backlog):
                 if req.op is not None:
-                    self._fail(req.op, Canceled(req.op.kind.name.lower(), _uri(req.addr),
+                    self._cq.fail(req.op, Canceled(req.op.kind.name.lower(), _uri(req.addr),
                                                 reason))
             self._release()
 
@@ -425,12 +417,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
         out: dict[str, Any] = dict(self.stats)
         out.update(uri=self._self_addr.uri, provider=self.provider,
                    open_connections=len(self._by_name), registrations=len(self._regs),
-                   queued_bytes=self._queued, spin_us=int(self._spin * 1e6),
+                   queued_bytes=self._matcher.queued, spin_us=int(self._spin * 1e6),
                    wait="fd" if self._wait_fd >= 0 else "spin+timer", mr_mode=self._mr_mode,
                    in_flight=len(self._reqs) - len(self._rx) // self._slot)
         return out
-
-    def _check_open(self, op: str) -> None:
-        if self._closed:
-            raise RuntimeError(f"{op}: {self!r} is closed")
-
