@@ -29,11 +29,10 @@ from .core import (
     Registrations,
     pack_handle,
     register_view,
-    rma_op,
     unpack_handle,
 )
 from .errors import Canceled, PeerError, ProtocolError
-from .types import Access, Addr, Callback, MemHandle, Op, OpKind, OpState
+from .types import Access, Addr, MemHandle, Op, OpKind, OpState
 
 _HDR = fr.HEADER
 _MAGIC = fr.MAGIC
@@ -237,16 +236,6 @@ class SocketPlugin(PluginCore):
     def mem_handle_deserialize(self, data: bytes) -> MemHandle:
         access, key, length, tail = unpack_handle(data, self.scheme, self._TAIL_SIZE)
         return MemHandle(None, length, access, key, False, self._parse_handle_tail(tail))
-
-    def put(self, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
-            length: int, addr: Addr, callback: Callback | None = None) -> Op:
-        return self._start_op(rma_op(OpKind.PUT, local, local_off, remote, remote_off, length,
-                                     addr, callback))
-
-    def get(self, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
-            length: int, addr: Addr, callback: Callback | None = None) -> Op:
-        return self._start_op(rma_op(OpKind.GET, local, local_off, remote, remote_off, length,
-                                     addr, callback))
 
     def _start_op(self, op: Op) -> Op:
         with self._lock:

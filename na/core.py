@@ -367,10 +367,11 @@ def unpack_handle(data: bytes, scheme: str, tail_size: int) -> tuple[Access, int
 
 # -- the operations every plugin implements alike ------------------------------------------------
 class PluginCore:
-    """The generic half of a plugin: messages posted to the matcher, trigger, cancel of
-    receives. A plugin creates ``_lock``, ``_closed``, ``_cq``, ``_matcher``, ``_max_msg``
-    and ``stats``, and supplies its transport in two methods: ``_send`` (submit a checked
-    message) and ``_cancel_transfer`` (withdraw a send or RMA)."""
+    """The generic half of a plugin: messages posted to the matcher, argument checks of put
+    and get, trigger, cancel of receives. A plugin creates ``_lock``, ``_closed``, ``_cq``,
+    ``_matcher``, ``_max_msg`` and ``stats``, and supplies its transport in three methods:
+    ``_send`` (submit a checked message), ``_start_op`` (a checked put or get) and
+    ``_cancel_transfer`` (withdraw a send or RMA)."""
 
     _lock: Any
     _closed: bool
@@ -384,6 +385,10 @@ class PluginCore:
 
     def _cancel_transfer(self, op: Op) -> bool:
         """Withdraw a send or RMA (lock held); True if it will finish later, as canceled."""
+        raise NotImplementedError
+
+    def _start_op(self, op: Op) -> Op:
+        """Start a checked put or get (``rma_op``); return it."""
         raise NotImplementedError
 
     def _check_open(self, name: str) -> None:
@@ -424,6 +429,16 @@ class PluginCore:
             self._check_open("msg_recv_expected")
             self._matcher.post_expected(op)
         return op
+
+    def put(self, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
+            length: int, addr: Addr, callback: Callback | None = None) -> Op:
+        return self._start_op(rma_op(OpKind.PUT, local, local_off, remote, remote_off, length,
+                                     addr, callback))
+
+    def get(self, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
+            length: int, addr: Addr, callback: Callback | None = None) -> Op:
+        return self._start_op(rma_op(OpKind.GET, local, local_off, remote, remote_off, length,
+                                     addr, callback))
 
     def trigger(self, max_count: int = 1 << 30) -> int:
         return self._cq.trigger(max_count)

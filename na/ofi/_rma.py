@@ -13,11 +13,10 @@ from ..core import (
     REFUSALS,
     pack_handle,
     register_view,
-    rma_op,
     unpack_handle,
 )
 from ..errors import AccessError, Canceled, PeerError
-from ..types import Access, Addr, Callback, MemHandle, Op, OpKind, OpState
+from ..types import Access, Addr, MemHandle, Op, OpKind, OpState
 from ._common import (
     _BASE,
     _GET_DATA,
@@ -113,16 +112,6 @@ class Rma:
         return MemHandle(None, length, access, key, False, _BASE.unpack(tail)[0])
 
     # -- RMA ------------------------------------------------------------------------------------
-    def put(self, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
-            length: int, addr: Addr, callback: Callback | None = None) -> Op:
-        return self._start_op(rma_op(OpKind.PUT, local, local_off, remote, remote_off, length,
-                                     addr, callback))
-
-    def get(self, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
-            length: int, addr: Addr, callback: Callback | None = None) -> Op:
-        return self._start_op(rma_op(OpKind.GET, local, local_off, remote, remote_off, length,
-                                     addr, callback))
-
     def _start_op(self, op: Op) -> Op:
         name, addr, length = op.kind.name.lower(), op.addr, op.length
         with self._lock:

@@ -87,15 +87,7 @@ import warnings
 from collections import deque
 from typing import Any
 
-from ..core import (
-    MAX_MSG_SIZE,
-    MAX_QUEUED,
-    SPIN_US,
-    CompletionQueue,
-    Matcher,
-    PluginCore,
-    Registrations,
-)
+from .. import core
 from ..errors import Canceled
 from ..types import Addr, MemHandle
 from ._addressing import Addressing
@@ -128,12 +120,12 @@ from .errors import FabricError, check_rc, error_for
 os.environ.setdefault("FI_SHM_RX_SIZE", str(SHM_RX_SIZE))
 
 
-class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
+class OfiPlugin(Addressing, Messages, Rma, Progress, core.PluginCore):
     """One endpoint, its CQ and AV, a posted receive pool, and Python-side matching."""
 
-    def __init__(self, uri: str, listen: bool = False, *, max_msg_size: int = MAX_MSG_SIZE,
-                 spin_us: int = SPIN_US, rma_chunk: int = RMA_CHUNK,
-                 max_queued: int = MAX_QUEUED, rx_buffers: int | None = None,
+    def __init__(self, uri: str, listen: bool = False, *, max_msg_size: int = core.MAX_MSG_SIZE,
+                 spin_us: int = core.SPIN_US, rma_chunk: int = RMA_CHUNK,
+                 max_queued: int = core.MAX_QUEUED, rx_buffers: int | None = None,
                  probe_interval: float = PROBE_INTERVAL, rma: str = "checked") -> None:
         scheme, _, rest = uri.partition("://")
         self.scheme = scheme
@@ -163,9 +155,9 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
              "rma_bytes", "peer_failures", "protocol_errors", "canceled", "expected_dropped",
              "probes", "eagain", "rma_served", "rma_refused"), 0)
         self._ep_poll = select.epoll()
-        self._cq = CompletionQueue()
+        self._cq = core.CompletionQueue()
         self._ep_poll.register(self._cq.wake_fd, select.EPOLLIN)
-        self._matcher = Matcher(self._cq, self.stats, log, max_queued, self._repost_held)
+        self._matcher = core.Matcher(self._cq, self.stats, log, max_queued, self._repost_held)
         self._reqs: dict[int, _Req] = {}
         self._backlog: deque[_Req] = deque()
         self._blocked: dict[Addr | None, int] = {}  # peers with requests in the backlog
@@ -175,7 +167,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
         self._probing: set[Addr] = set()
         self._next_probe = 0.0
         self._regs: dict[int, MemHandle] = {}
-        self._keys = Registrations()  # checked mode: our keys, checked per request
+        self._keys = core.Registrations()  # checked mode: our keys, checked per request
         self._rma_wait: dict[int, _Req] = {}  # RMA id -> the request its answer completes
         self._rma_ids = itertools.count(1)
         self._salt = secrets.randbits(16) << 44
