@@ -27,7 +27,6 @@ import os
 import signal
 import threading
 import time
-import typing
 import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,59 +37,17 @@ from petasus import na
 from petasus.bulk import Bulk
 
 from . import state as st
-from .core import MAX_OVERFLOW, RPC, Class, Context, Handle, TargetHandle
+from .context import MAX_OVERFLOW, Context
+from .declarations import _SHUTDOWN, Declaration
 from .header import rpc_id
-from .procs import Proc, proc_for, record
+from .origin import Handle
+from .registry import RPC, Class
+from .remote import Remote
+from .target import TargetHandle
 
 log = logging.getLogger("petasus.hg.engine")
 _FORWARDED = st.FORWARDED
 _NEVER = float("inf")
-
-
-class Declaration:
-    """An RPC's name and types, declared once and imported by client and server."""
-
-    def __init__(self, func: Callable[..., Any], *, name: str | None = None,
-                 one_way: bool = False) -> None:
-        self.name = name or func.__name__
-        self.one_way = one_way
-        self.func = func
-        sig = inspect.signature(func)
-        hints = typing.get_type_hints(func)
-        self.params = [p.name for p in sig.parameters.values()]
-        self.nparams = len(self.params)
-        for p in sig.parameters.values():
-            if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-                raise TypeError(f"{self.name}: parameter {p.name!r} must be positional "
-                                "(no *args, **kwargs or keyword-only parameters)")
-        self.signature = sig
-        fields = [proc_for(hints.get(p, Any)) for p in self.params]
-        self.in_proc: Proc = record(f"{self.name}.in", fields, tuple, tuple)
-        ret = hints.get("return", None if one_way else Any)
-        if one_way and ret not in (None, type(None)):
-            raise TypeError(f"{self.name}: a one-way RPC returns nothing (annotate -> None)")
-        self.out_proc: Proc = proc_for(ret)
-
-    def __repr__(self) -> str:
-        return f"<Declaration {self.name}({', '.join(self.params)})>"
-
-    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        if not kwargs and len(args) == len(self.params):
-            return args
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{self.name}: {exc}") from None
-        bound.apply_defaults()
-        return tuple(bound.arguments.values())
-
-
-def declare(func: Callable[..., Any] | None = None, *, name: str | None = None,
-            one_way: bool = False) -> Any:
-    """Declare an RPC from a function's signature (its body is not used)."""
-    if func is None:
-        return lambda f: Declaration(f, name=name, one_way=one_way)
-    return Declaration(func, name=name, one_way=one_way)
 
 
 class Engine:
@@ -333,9 +290,9 @@ class Engine:
         if self._closed:
             return
         self._poll()
-        timers = self.context._timers
-        if timers and self._loop is not None:
-            self._arm_loop_timer(timers[0][0])
+        deadline = self.context.next_deadline()
+        if deadline is not None and self._loop is not None:
+            self._arm_loop_timer(deadline)
 
     # -- asyncio driver ---------------------------------------------------------------------------
     def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -348,8 +305,9 @@ class Engine:
         self._poll_pending = None  # handles of a previous (closed) loop are void
         self._loop_timer = None
         loop.add_reader(self.na.poll_fd(), self._poll)
-        if self.context._timers:
-            self._arm_loop_timer(self.context._timers[0][0])
+        deadline = self.context.next_deadline()
+        if deadline is not None:
+            self._arm_loop_timer(deadline)
 
     def _on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn`` on the loop's thread: progress may be driven by another thread (a
@@ -520,78 +478,3 @@ def _settle(future: asyncio.Future[Any], handle: Handle) -> None:
         future.set_exception(handle.error)
     else:
         future.set_result(handle.value)
-
-
-class Remote:
-    """A peer (address and provider id) whose declared RPCs are attributes."""
-
-    def __init__(self, engine: Engine, addr: na.Addr, provider_id: int = 0) -> None:
-        self.engine = engine
-        self.addr = addr
-        self.provider_id = provider_id
-
-    def __repr__(self) -> str:
-        return f"<Remote {self.addr.uri} provider={self.provider_id}>"
-
-    def __getattr__(self, name: str) -> RemoteMethod:
-        decl = self.engine._declared.get(name)
-        if decl is None:
-            raise AttributeError(f"{name!r} is not a declared RPC; declare it with "
-                                 f"engine.declare(...) or define it with @engine.rpc")
-        method = RemoteMethod(self, decl)
-        self.__dict__[name] = method
-        return method
-
-    def call(self, name: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        return getattr(self, name).call(*args, timeout=timeout, **kwargs)
-
-    def shutdown(self) -> None:
-        """Ask the peer's engine to stop serving (it must allow remote shutdown)."""
-        RemoteMethod(self, _SHUTDOWN)()
-
-
-class RemoteMethod:
-    """``remote.name(...)`` blocks; ``.future(...)`` returns a Handle; ``.async_(...)`` awaits."""
-
-    __slots__ = ("addr", "decl", "engine", "rpc")
-
-    def __init__(self, remote: Remote, decl: Declaration) -> None:
-        self.engine = remote.engine
-        self.addr = remote.addr
-        self.decl = decl
-        self.rpc = remote.engine._rpc_for(decl, remote.provider_id)
-
-    def __repr__(self) -> str:
-        return f"<RemoteMethod {self.decl.name} on {self.addr.uri}>"
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        engine, decl = self.engine, self.decl
-        if kwargs or len(args) != decl.nparams:
-            args = decl.bind(args, kwargs)
-        # The blocking wait enforces the deadline itself: no context timer to arm.
-        return engine.wait(Handle(engine.context, self.addr, self.rpc).forward(
-            args, None, engine.timeout, arm=False))
-
-    def call(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        engine = self.engine
-        return engine.wait(Handle(engine.context, self.addr, self.rpc).forward(
-            self.decl.bind(args, kwargs), None, timeout or engine.timeout, arm=False))
-
-    def future(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Handle:
-        """Send now; ``engine.wait(handle)`` or ``handle.result()`` later (they enforce the
-        timeout, so no context timer is armed)."""
-        engine, decl = self.engine, self.decl
-        if kwargs or len(args) != decl.nparams:
-            args = decl.bind(args, kwargs)
-        return Handle(engine.context, self.addr, self.rpc).forward(
-            args, None, timeout or engine.timeout, arm=False)
-
-    def async_(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        return self.engine.acall(self.addr, self.rpc, self.decl.bind(args, kwargs), timeout)
-
-
-def _shutdown() -> None:
-    """Ask the engine to stop serving."""
-
-
-_SHUTDOWN = Declaration(_shutdown, name="petasus.shutdown")

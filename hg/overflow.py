@@ -19,7 +19,6 @@ handle itself, before anything is allocated.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any
 
 ACK_BIT = 0x80000000
@@ -48,26 +47,6 @@ def segments(parts: list[Any]) -> list[Any]:
     if small:
         out.append(b"".join(small))
     return out
-
-
-class Deadline:
-    """A context timer that runs ``on_expire`` once, unless disarmed first."""
-
-    __slots__ = ("deadline", "live", "on_expire")
-
-    def __init__(self, deadline: float, on_expire: Callable[[], Any]) -> None:
-        self.deadline = deadline
-        self.on_expire = on_expire
-        self.live = True
-
-    def disarm(self) -> bool:
-        """True if it was still armed (so it will not fire)."""
-        was, self.live = self.live, False
-        return was
-
-    def expire(self) -> None:
-        if self.disarm():
-            self.on_expire()
 
 
 class Landing:

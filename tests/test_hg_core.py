@@ -104,7 +104,7 @@ def test_timer_heap_stays_bounded(pair: tuple[hg.Context, hg.Context, FakeClock]
     for i in range(4200):
         handle = client.create(addr, rpc).forward((i, 1), timeout=3600.0)
         drive(client, server, until=lambda h=handle: h.done)
-    assert len(client._timers) <= 4097
+    assert len(client.timers) <= 4097
 
 
 def test_state_table_rejects_illegal_events() -> None:

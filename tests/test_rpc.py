@@ -255,5 +255,5 @@ def test_raw_garbage_request_gets_an_error_reply(rpc: RpcPeer) -> None:
     recv = plugin.msg_recv_expected(addr, reply, 999_999)
     send = plugin.msg_send_unexpected(addr, b"GET / HTTP/1.1\r\n\r\n", 999_999)
     na.wait(plugin, send, recv, timeout=TIMEOUT)
-    assert reply[2] == hg.core.hd.PROTOCOL_ERROR
+    assert reply[2] == hg.header.PROTOCOL_ERROR
     assert rpc.remote.sum(1, 2) == 3
