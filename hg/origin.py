@@ -16,6 +16,7 @@ from petasus import na
 from petasus.bulk import READ_ONLY, WRITE_ONLY, Bulk, RemoteBulk, Transfer
 
 from . import header as hd
+from . import overflow as ov
 from . import state as st
 from .errors import Canceled, EncodeError, NoSuchRPC, PeerError, RemoteError, RPCError, RPCTimeout
 from .overflow import ACK_BIT, TAG_MASK, segments
@@ -36,7 +37,7 @@ _STR = proc_for(str)
 class Handle:
     """One call from the origin. Forward, then wait (``result()``), or get a callback."""
 
-    __slots__ = ("_overflow", "_pull", "_recv", "addr", "callback", "context", "deadline",
+    __slots__ = ("_flow", "_overflow", "_pull", "_recv", "addr", "callback", "context", "deadline",
                  "error", "rpc", "state", "tag", "timeout", "value")
 
     def __init__(self, context: Context, addr: na.Addr, rpc: RPC) -> None:
@@ -53,6 +54,7 @@ class Handle:
         self._recv: na.Op | None = None
         self._overflow: Bulk | None = None  # our input, exposed while the target pulls it
         self._pull: Transfer | None = None  # the target's output, being pulled
+        self._flow: ov.Overflow | None = None  # that pull's state
 
     def __repr__(self) -> str:
         return f"<Handle {self.rpc.name} to {self.addr.uri} {st.NAMES[self.state]}>"
@@ -224,17 +226,16 @@ class Handle:
         """The result did not fit in a message: pull it, acknowledge, then decode it."""
         ctx, rpc, tag = self.context, self.rpc, self.tag
         size = remote.size
-        refused = ctx.landing.reserve(size)
-        if refused is None:
-            try:
-                remote.resolve(ctx.na, "pull the result", self.addr)
-            except ValueError as exc:
-                ctx.landing.release(size)
-                refused = str(exc)
-        if refused is not None:
+        try:
+            remote.resolve(ctx.na, "pull the result", self.addr)
+            refused = None
+        except ValueError as exc:
+            refused = str(exc)
+        flow = self._flow = ov.Overflow(ov.ORIGIN, ctx.landing)
+        if ov.Action.PULL not in flow.begin(size, refused):
             ctx.target.send_ack(self.addr, tag | ACK_BIT)
             self._finish("error", None, RPCError(rpc.name, self.addr.uri,
-                                                 f"result of {size} B {refused}"))
+                                                 f"result of {size} B {flow.reason}"))
             return
         ctx.stats["overflows"] += 1
         buf, dest = ctx.landing.take(size)
@@ -242,23 +243,24 @@ class Handle:
 
         def pulled(transfer: Transfer) -> None:
             local.close()
-            ctx.landing.release(size)
             self._pull = None
-            ctx.target.send_ack(self.addr, tag | ACK_BIT)  # the target may withdraw its memory now
-            if self.state != _FORWARDED:
-                return
-            if transfer.error is not None:
-                self._finish("error", None, self._transport_error(transfer.error))
-                return
-            try:
-                value = rpc.out_proc.loads(dest)
-            except Exception as exc:
-                self._finish("error", None, RPCError(rpc.name, self.addr.uri,
-                                                     f"malformed response: {exc}"))
-                return
-            finally:
-                ctx.landing.give(buf)
-            self._finish("response", value, None)
+            for action in flow.handle("failed" if transfer.error is not None else "pulled"):
+                if action is ov.Action.ACK:
+                    ctx.target.send_ack(self.addr, tag | ACK_BIT)  # the target may let go now
+                elif self.state != _FORWARDED:
+                    return  # timed out or canceled meanwhile
+                elif action is ov.Action.FAIL:
+                    self._finish("error", None, self._transport_error(transfer.error))  # type: ignore[arg-type]
+                elif action is ov.Action.DELIVER:
+                    try:
+                        value = rpc.out_proc.loads(dest)
+                    except Exception as exc:
+                        self._finish("error", None, RPCError(rpc.name, self.addr.uri,
+                                                             f"malformed response: {exc}"))
+                        return
+                    finally:
+                        ctx.landing.give(buf)
+                    self._finish("response", value, None)
 
         transfer = local.pull_from(remote, addr=self.addr, callback=pulled)
         if not transfer.done:
@@ -283,7 +285,8 @@ class Handle:
                 # Withdraw the receive; its (canceled) completion returns the buffer to the pool.
                 recv, self._recv = self._recv, None
                 self.context.na.cancel(recv)
-            if self._pull is not None:
+            if self._pull is not None and self._flow is not None and \
+                    ov.Action.CANCEL_PULL in self._flow.handle("cancel"):
                 self._pull.cancel()
         if self._overflow is not None:
             overflow, self._overflow = self._overflow, None

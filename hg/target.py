@@ -15,6 +15,7 @@ from petasus import na
 from petasus.bulk import READ_ONLY, WRITE_ONLY, Bulk, RemoteBulk, Transfer
 
 from . import header as hd
+from . import overflow as ov
 from . import state as st
 from .errors import EncodeError
 from .overflow import ACK_BIT, segments
@@ -124,18 +125,17 @@ class Target:
     def _pull_input(self, rpc: RPC, source: na.Addr, tag: int, one_way: bool,
                     remote: RemoteBulk) -> None:
         """Pull an input that did not fit in the request, then run the handler. The handle
-        is checked and the bytes budgeted before anything is allocated."""
+        is checked and the bytes budgeted (by the table) before anything is allocated."""
         size = remote.size
-        refused = self.landing.reserve(size)
-        if refused is None:
-            try:
-                remote.resolve(self.na, "pull the input", source)
-            except ValueError as exc:
-                self.landing.release(size)
-                refused = str(exc)
-        if refused is not None:
+        try:
+            remote.resolve(self.na, "pull the input", source)
+            refused = None
+        except ValueError as exc:
+            refused = str(exc)
+        flow = ov.Overflow(ov.TARGET_ONE_WAY if one_way else ov.TARGET, self.landing)
+        if ov.Action.PULL not in flow.begin(size, refused):
             self.reply_error(source, tag, hd.OVERFLOW, "OverflowError",
-                              f"{rpc.name}: input of {size} B {refused}")
+                             f"{rpc.name}: input of {size} B {flow.reason}")
             return
         self.stats["overflows"] += 1
         buf, dest = self.landing.take(size)
@@ -144,35 +144,38 @@ class Target:
 
         def pulled(transfer: Transfer) -> None:
             local.close()
-            self.landing.release(size)
             timed_out = not timer.disarm()
-            if self.ctx.closing:
-                return
-            if transfer.error is not None:
-                why = (f"not pulled within {self.overflow_timeout:g} s" if timed_out
-                       else f"pulling it failed: {transfer.error}")
-                log.warning("%s: the input from %s was %s", rpc.name, source.uri, why)
-                self.reply_error(source, tag, hd.OVERFLOW, type(transfer.error).__name__,
-                                  f"{rpc.name}: the input was {why}")
-                return
-            if one_way:
-                self.send_ack(source, tag)  # its answer: the origin may let go of the input
-            try:
-                args = rpc.in_proc.loads(dest)
-            except Exception as exc:
-                log.warning("%s from %s: %s", rpc.name, source.uri, exc)
-                if not one_way:
-                    self.reply_error(source, tag, hd.DECODE_ERROR, type(exc).__name__, str(exc))
-                return
-            finally:
-                self.landing.give(buf)  # the transfer is over: nothing writes into it now
-            self._dispatch(rpc, source, tag, int(one_way), args)
+            error = transfer.error
+            event = "closed" if self.ctx.closing else ("failed" if error is not None
+                                                       else "pulled")
+            for action in flow.handle(event):
+                if action is ov.Action.REPLY_ERROR:
+                    why = (f"not pulled within {self.overflow_timeout:g} s" if timed_out
+                           else f"pulling it failed: {error}")
+                    log.warning("%s: the input from %s was %s", rpc.name, source.uri, why)
+                    self.reply_error(source, tag, hd.OVERFLOW, type(error).__name__,
+                                     f"{rpc.name}: the input was {why}")
+                elif action is ov.Action.ACK:
+                    self.send_ack(source, tag)  # its answer: the origin may let go of the input
+                elif action is ov.Action.DISPATCH:
+                    try:
+                        args = rpc.in_proc.loads(dest)
+                    except Exception as exc:
+                        log.warning("%s from %s: %s", rpc.name, source.uri, exc)
+                        if not one_way:
+                            self.reply_error(source, tag, hd.DECODE_ERROR, type(exc).__name__,
+                                             str(exc))
+                        return
+                    finally:
+                        self.landing.give(buf)  # the transfer is over: nothing writes into it
+                    self._dispatch(rpc, source, tag, int(one_way), args)
 
         transfer = local.pull_from(remote, addr=source, callback=pulled)
         if not transfer.done:
             def give_up() -> None:
                 self.stats["overflow_timeouts"] += 1
-                transfer.cancel()
+                if ov.Action.CANCEL_PULL in flow.handle("timeout"):
+                    transfer.cancel()
 
             timer.on_expire = give_up
             self.timers.arm(timer, timer.deadline)
@@ -181,21 +184,25 @@ class Target:
         """Answer with a handle to the encoded result; the origin pulls it and acknowledges.
         Without an acknowledgement the memory is withdrawn after ``overflow_timeout``."""
         exposed = Bulk(self.na, segments(parts), READ_ONLY, eager=False)
+        flow = ov.Overflow(ov.EXPOSER)
         try:
             head = _RESP.pack(_ID, _PROTO, hd.SUCCESS, hd.MORE_DATA, 0) + exposed.to_bytes()
             timer = Deadline(self.clock() + self.overflow_timeout, lambda: None)
 
             def acked(_op: na.Op) -> None:
                 timer.disarm()
-                exposed.close()
+                if ov.Action.RELEASE in flow.handle("acked"):
+                    exposed.close()
 
             ack = self.na.msg_recv_expected(source, bytearray(_RESP.size), tag | ACK_BIT, acked)
         except Exception:
             exposed.close()
             raise
+
         def withdraw() -> None:
             self.stats["overflow_timeouts"] += 1
-            self.na.cancel(ack)  # its completion closes the handle
+            if ov.Action.WITHDRAW in flow.handle("timeout"):
+                self.na.cancel(ack)  # its completion ("acked") closes the handle
 
         timer.on_expire = withdraw
         self.stats["overflows"] += 1
