@@ -5,7 +5,9 @@ a private runtime directory (``$PETASUS_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/p
 ``/tmp/petasus-<uid>``), are removed on close, and those left by dead processes are reclaimed.
 
 RMA, as Mercury's na+sm does it: the initiator moves the bytes with one ``process_vm_readv`` or
-``process_vm_writev``; the target's CPU is not involved. Unlike na+sm, the target still decides
+``process_vm_writev``; the target's CPU is not involved. ``put``/``get`` queue the copy and
+the next ``progress()`` makes it, so the op completes through the queue like any other (and
+can be canceled until then). Unlike na+sm, the target still decides
 what may be touched: it publishes each registration (key, base, length, rights) in a table file
 that peers map read-only, and the initiator checks the table, not the handle it was given, so a
 forged or stale key, a range past the end or a write into a read-only registration is refused.
@@ -30,12 +32,13 @@ import re
 import socket
 import struct
 import weakref
+from collections import deque
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import _pvm
 from ._sockets import SocketPlugin
-from .core import NAK_KEY, REFUSALS, refusal
+from .core import NAK_KEY, REFUSALS, canceled, refusal
 from .errors import AccessError, NAError, PeerError
 from .types import Access, Addr, MemHandle, Op, OpKind
 
@@ -184,6 +187,7 @@ class SmPlugin(SocketPlugin):
         self._mode = mode
         self._slots = table_slots
         self._copy_peers: set[Addr] = set()
+        self._copies: deque[Op] = deque()  # process_vm copies waiting for progress
         self._denied = False
         self._tables: dict[tuple[int, int], mmap.mmap] = {}
         self._free_slots: list[int] = []
@@ -274,10 +278,41 @@ class SmPlugin(SocketPlugin):
 
     # -- one-sided RMA --------------------------------------------------------------------------
     def _start_rma(self, op: Op) -> None:
-        addr = op.addr
-        if self._mode == "copy" or addr in self._copy_peers:
+        """Queue the copy for the next progress pass, as every other op completes: the call
+        never blocks, and a cancel before progress withdraws it. The wake-up eventfd makes
+        ``poll_fd()`` readable so an event loop runs that pass."""
+        if self._mode == "copy" or op.addr in self._copy_peers:
             self._emulate_rma(op)
             return
+        self._copies.append(op)
+        os.eventfd_write(self._cq.wake_fd, 1)
+
+    def progress(self, timeout: float = 0.0) -> bool:
+        if self._copies:
+            self._check_open("progress")
+            with self._lock:
+                copies, self._copies = self._copies, deque()
+                for op in copies:
+                    self._copy(op)
+            return True
+        return super().progress(timeout)
+
+    def _cancel_transfer(self, op: Op) -> bool:
+        if op in self._copies:
+            self._copies.remove(op)
+            return False  # never started: it ends now, canceled
+        return super()._cancel_transfer(op)
+
+    def close(self) -> None:
+        with self._lock:
+            copies, self._copies = self._copies, deque()
+            for op in copies:
+                self._cq.fail(op, canceled(op, "the plugin was closed"))
+        super().close()
+
+    def _copy(self, op: Op) -> None:
+        """One process_vm_readv/writev, checked against the target's table first."""
+        addr = op.addr
         name = "put" if op.kind == OpKind.PUT else "get"
         remote = op.remote
         try:
