@@ -45,6 +45,7 @@ class Context:
                                     "remote_errors", "handler_errors", "overflows",
                                     "overflow_timeouts"), 0)
         self.target = Target(self)
+        self.driver = na.BlockingDriver(self, clock)  # every blocking wait goes through it
         if hg.listening:
             for _ in range(posted):
                 self.na.msg_recv_unexpected(bytearray(self.max_unexpected),
@@ -58,6 +59,9 @@ class Context:
     @timer_hook.setter
     def timer_hook(self, hook: Callable[[float], Any] | None) -> None:
         self.timers.hook = hook
+
+    def poll_fd(self) -> int:
+        return self.na.poll_fd()
 
     def next_deadline(self) -> float | None:
         """When progress must next run to expire a call or an overflow, if ever."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import os
 import signal
 import threading
 import time
@@ -61,26 +60,21 @@ class Engine:
         self.hg = Class(self.na, listen)
         self.context = Context(self.hg, clock=clock, max_overflow=max_overflow,
                                overflow_timeout=overflow_timeout)
-        self.context.timer_hook = self._timer_armed
+        spin = self.na.statistics().get("spin_us", 200) / 1e6
+        self._aio = na.AsyncioDriver(self.context, clock, spin)
+        self.context.timer_hook = self._aio.deadline_armed
+        # An attached loop also drives progress, without the blocking driver's lock.
+        self._driver = self.context.driver
+        self._driver.shared = lambda: self._aio.loop is not None
         self.timeout = timeout
         self._declared: dict[str, Declaration] = {}
         self._async_ids: set[int] = set()
         self._pool_size = pool_size
         self._pool: ThreadPoolExecutor | None = None
-        self._progress_lock = threading.Lock()
-        self._progress_owner: int | None = None  # thread id holding _progress_lock
-        self._cond = threading.Condition()
-        self._waiters = 0
         self._stop = threading.Event()
         self._closed = False
         self._inflight = 0
         self._inflight_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
-        self._poll_pending: asyncio.Handle | None = None
-        self._loop_timer: asyncio.TimerHandle | None = None
-        self._spin_until = 0.0
-        self._spin = self.na.statistics().get("spin_us", 200) / 1e6
         if listen and allow_remote_shutdown:
             self.register(_SHUTDOWN, self.shutdown)
 
@@ -169,8 +163,8 @@ class Engine:
         """Drive progress (or let the thread that does) until ``handle`` finishes, enforcing
         its deadline here for calls forwarded without a context timer."""
         if handle.state == _FORWARDED:
-            self._block(lambda: handle.state != _FORWARDED, handle.deadline or _NEVER,
-                        handle.expire)
+            self._driver.wait_until(lambda: handle.state != _FORWARDED,
+                                    handle.deadline or _NEVER, handle.expire)
         if handle.error is not None:
             raise handle.error
         return handle.value
@@ -178,76 +172,17 @@ class Engine:
     def wait_until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
         """Drive progress until ``done()`` or ``timeout`` (default: the engine's) has passed;
         return ``done()``. Bulk transfers wait through this."""
-        if not done():
-            limit = self.timeout if timeout is None else timeout
-            self._block(done, _NEVER if limit is None else self.context.clock() + limit, None)
-        return done()
+        if done():
+            return True
+        limit = self.timeout if timeout is None else timeout
+        return self._driver.wait_until(
+            done, _NEVER if limit is None else self.context.clock() + limit)
 
     async def wait_async(self, subscribe: Callable[[Callable[[], None]], None],
                          cancel: Callable[[], None]) -> None:
         """Await a completion that ``subscribe(fn)`` reports by calling ``fn`` (on whatever
         thread drives progress); ``cancel()`` it if the awaiting task is cancelled."""
-        loop = asyncio.get_running_loop()
-        self._attach(loop)
-        future: asyncio.Future[None] = loop.create_future()
-        subscribe(lambda: self._on_loop(_resolve, future))
-        self._kick()
-        try:
-            await future
-        except asyncio.CancelledError:
-            cancel()
-            raise
-
-    def _block(self, done: Callable[[], bool], deadline: float,
-               expire: Callable[[], None] | None) -> None:
-        me = threading.get_ident()
-        clock = self.context.clock
-        while not done():
-            if self._progress_owner == me or self._progress_lock.acquire(blocking=False):
-                # Ours already (a handler calling out from serve()) or free: drive it here.
-                nested = self._progress_owner == me
-                self._progress_owner = me
-                try:
-                    self._drive(done, deadline, expire)
-                finally:
-                    if not nested:
-                        self._progress_owner = None
-                        self._progress_lock.release()
-                if self._waiters:
-                    with self._cond:
-                        self._cond.notify_all()
-                if not done():
-                    return  # the deadline passed
-            else:
-                if deadline <= clock():
-                    if expire is not None:
-                        expire()
-                    return
-                with self._cond:
-                    self._waiters += 1
-                    try:
-                        self._cond.wait(0.01)
-                    finally:
-                        self._waiters -= 1
-
-    def _drive(self, done: Callable[[], bool], deadline: float,
-               expire: Callable[[], None] | None) -> None:
-        ctx = self.context
-        clock = ctx.clock
-        # An attached event loop also drives progress (without this lock) and may run our
-        # completion: then our epoll sleep would not end with it, so sleep in short slices.
-        most = 0.01 if self._loop is not None else 1.0
-        while not done():
-            left = deadline - clock()
-            if left <= 0:
-                if expire is not None:
-                    expire()
-                return
-            ctx.progress(left if left < most else most)
-            ctx.trigger()
-            if self._waiters:
-                with self._cond:
-                    self._cond.notify_all()
+        await self._aio.wait(subscribe, cancel)
 
     def call(self, addr: na.Addr, rpc: RPC, args: tuple[Any, ...],
              timeout: float | None = None) -> Any:
@@ -256,99 +191,21 @@ class Engine:
     async def acall(self, addr: na.Addr, rpc: RPC, args: tuple[Any, ...],
                     timeout: float | None = None) -> Any:
         loop = asyncio.get_running_loop()
-        self._attach(loop)
+        self._aio.attach(loop)
         future = loop.create_future()
         # Its deadline reaches the loop's timer through the context's timer hook.
         handle = self.forward(addr, rpc, args, timeout,
-                              lambda h: self._on_loop(_settle, future, h))
-        self._kick()
+                              lambda h: self._aio.on_loop(_settle, future, h))
+        self._aio.kick()
         try:
             return await future
         except asyncio.CancelledError:
             handle.cancel()  # the task was cancelled: so is the call
             raise
 
-    def _arm_loop_timer(self, deadline: float) -> None:
-        """One loop timer, at the earliest deadline, lets the context expire calls on time."""
-        current = self._loop_timer
-        if current is not None and current.when() <= self._loop.time() + (  # type: ignore[union-attr]
-                deadline - self.context.clock()) and not current.cancelled():
-            return
-        if current is not None:
-            current.cancel()
-        delay = max(0.0, deadline - self.context.clock())
-        self._loop_timer = self._loop.call_later(delay, self._on_loop_timer)  # type: ignore[union-attr]
-
-    def _timer_armed(self, deadline: float) -> None:
-        """The context armed a deadline (an overflow's): an attached loop must wake for it."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed() and not self._closed:
-            self._on_loop(self._arm_loop_timer, deadline)
-
-    def _on_loop_timer(self) -> None:
-        self._loop_timer = None
-        if self._closed:
-            return
-        self._poll()
-        deadline = self.context.next_deadline()
-        if deadline is not None and self._loop is not None:
-            self._arm_loop_timer(deadline)
-
-    # -- asyncio driver ---------------------------------------------------------------------------
-    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._loop is loop:
-            return
-        if self._loop is not None and not self._loop.is_closed():
-            raise RuntimeError(f"{self!r} is already attached to another event loop")
-        self._loop = loop
-        self._loop_thread = threading.get_ident()
-        self._poll_pending = None  # handles of a previous (closed) loop are void
-        self._loop_timer = None
-        loop.add_reader(self.na.poll_fd(), self._poll)
-        deadline = self.context.next_deadline()
-        if deadline is not None:
-            self._arm_loop_timer(deadline)
-
-    def _on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn`` on the loop's thread: progress may be driven by another thread (a
-        blocking call from an executor), and asyncio objects are not thread-safe."""
-        if threading.get_ident() == self._loop_thread:
-            fn(*args)
-        else:
-            self._loop.call_soon_threadsafe(fn, *args)  # type: ignore[union-attr]
-
-    def _kick(self) -> None:
-        """Schedule one poll soon, unless one is already pending (never two spin chains)."""
-        if self._poll_pending is None and self._loop is not None:
-            self._poll_pending = self._loop.call_soon(self._scheduled_poll)
-
-    def _scheduled_poll(self) -> None:
-        self._poll_pending = None
-        self._poll()
-
-    def _poll(self) -> None:
-        """Reader callback: progress without blocking, then keep polling for the spin budget
-        (via call_soon, so other tasks still run) before waiting on the fd again."""
-        if self._closed:
-            return
-        ctx = self.context
-        busy = ctx.progress(0)
-        if ctx.trigger() or busy:
-            self._spin_until = time.monotonic() + self._spin
-        elif time.monotonic() < self._spin_until:
-            # Idle spin: let a peer that shares this CPU run, as NA's own spin does.
-            os.sched_yield()
-        if time.monotonic() < self._spin_until:
-            self._kick()
-
     async def serve_async(self) -> None:
         """Serve until ``shutdown()``, as a task of the running loop."""
-        loop = asyncio.get_running_loop()
-        self._attach(loop)
-        self._kick()
-        while not self._stop.is_set():
-            await asyncio.sleep(0.05)
-        self._poll()  # send the answers of the last pass (shutdown's own)
+        await self._aio.serve(self._stop.is_set)
 
     # -- handlers that answer later ---------------------------------------------------------------
     def _enter(self) -> None:
@@ -360,7 +217,7 @@ class Engine:
             self._inflight -= 1
 
     def _run_async(self, handle: TargetHandle, impl: Callable[..., Any]) -> None:
-        loop = self._loop
+        loop = self._aio.loop
         if loop is None:
             raise RuntimeError(f"{handle.rpc.name} is an async handler: serve with "
                                "serve_async() or serve() (which runs an event loop)")
@@ -375,8 +232,8 @@ class Engine:
                 handle.respond(value)
             finally:
                 self._leave()
-                self._kick()
-        self._on_loop(loop.create_task, run())
+                self._aio.kick()
+        self._aio.on_loop(loop.create_task, run())
 
     def _run_pooled(self, handle: TargetHandle, impl: Callable[..., Any]) -> None:
         if self._pool is None:
@@ -392,10 +249,8 @@ class Engine:
                 handle.respond(value)
             finally:
                 self._leave()
-                loop = self._loop
-                if loop is not None and not loop.is_closed():
-                    # The loop waits on the fd, not in NA's poll: wake it to flush the answer.
-                    loop.call_soon_threadsafe(self._kick)
+                # An attached loop waits on the fd, not in NA's poll: wake it to flush.
+                self._aio.kick_threadsafe()
         self._pool.submit(run)
 
     # -- serving and shutting down ----------------------------------------------------------------
@@ -410,19 +265,7 @@ class Engine:
             if any(rpc.id in self._async_ids for rpc in self.hg.rpcs.values()):
                 asyncio.run(self.serve_async())
             else:
-                with self._progress_lock:
-                    self._progress_owner = threading.get_ident()
-                    try:
-                        ctx = self.context
-                        while not self._stop.is_set():
-                            ctx.progress(0.1)
-                            ctx.trigger()
-                            if self._waiters:
-                                with self._cond:
-                                    self._cond.notify_all()
-                        ctx.progress(0)  # send the answers of the last pass (shutdown's own)
-                    finally:
-                        self._progress_owner = None
+                self._driver.serve(self._stop)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -430,6 +273,7 @@ class Engine:
     def shutdown(self) -> None:
         """Make ``serve()`` return (thread-safe; also the remote shutdown RPC's handler)."""
         self._stop.set()
+        self._aio.stop()
 
     def close(self, timeout: float = 5.0) -> None:
         """Wait up to ``timeout`` s for handlers still running, then release everything."""
@@ -438,7 +282,8 @@ class Engine:
         self._stop.set()
         deadline = time.monotonic() + timeout
         while self._inflight and time.monotonic() < deadline:
-            if self._loop is not None and self._loop.is_running():
+            loop = self._aio.loop
+            if loop is not None and loop.is_running():
                 break  # the loop's own tasks finish with it
             self.context.progress(0.01)
             self.context.trigger()
@@ -447,14 +292,7 @@ class Engine:
         self._closed = True
         self.context.closing = True  # requests still queued are dropped, not run
         try:
-            if self._loop_timer is not None:
-                self._loop_timer.cancel()
-                self._loop_timer = None
-            if self._loop is not None and not self._loop.is_closed():
-                try:
-                    self._loop.remove_reader(self.na.poll_fd())
-                except (ValueError, RuntimeError):
-                    pass
+            self._aio.close()
             self.na.close()
             self.na.trigger()
         finally:
@@ -464,11 +302,6 @@ class Engine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _settle(future: asyncio.Future[Any], handle: Handle) -> None:

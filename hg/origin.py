@@ -146,16 +146,12 @@ class Handle:
         """Drive progress until the call finishes; return its value or raise its error."""
         ctx = self.context
         if self.state == _FORWARDED:
-            deadline = None if timeout is None else ctx.clock() + timeout
-            while self.state == _FORWARDED:
-                now = ctx.clock()
-                if self.deadline and now >= self.deadline:
-                    self.expire()  # the call's own timeout, for calls forwarded unarmed
-                    break
-                if deadline is not None and now >= deadline:
-                    raise TimeoutError(f"result: {self!r} still pending after {timeout} s")
-                ctx.progress(0.1)
-                ctx.trigger()
+            limit = float("inf") if timeout is None else ctx.clock() + timeout
+            own = self.deadline or float("inf")  # the call's own timeout, if forwarded unarmed
+            finished = ctx.driver.wait_until(lambda: self.state != _FORWARDED, min(limit, own),
+                                            self.expire if own <= limit else None)
+            if not finished and self.state == _FORWARDED:
+                raise TimeoutError(f"result: {self!r} still pending after {timeout} s")
         if self.error is not None:
             raise self.error
         return self.value
