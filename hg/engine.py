@@ -225,11 +225,7 @@ class Engine:
 
         async def run() -> None:
             try:
-                value = await impl(*handle.args)
-            except Exception as exc:
-                handle.fail(exc)
-            else:
-                handle.respond(value)
+                _answer(handle, await _outcome(impl(*handle.args)))
             finally:
                 self._leave()
                 self._aio.kick()
@@ -242,11 +238,7 @@ class Engine:
 
         def run() -> None:
             try:
-                value = impl(*handle.args)
-            except Exception as exc:
-                handle.fail(exc)
-            else:
-                handle.respond(value)
+                _answer(handle, _call(impl, handle.args))
             finally:
                 self._leave()
                 # An attached loop waits on the fd, not in NA's poll: wake it to flush.
@@ -302,6 +294,29 @@ class Engine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
+
+
+def _call(impl: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    """(True, value) or (False, the exception): a handler's outcome, to answer with."""
+    try:
+        return True, impl(*args)
+    except Exception as exc:
+        return False, exc
+
+
+async def _outcome(pending: Any) -> tuple[bool, Any]:
+    try:
+        return True, await pending
+    except Exception as exc:
+        return False, exc
+
+
+def _answer(handle: TargetHandle, outcome: tuple[bool, Any]) -> None:
+    ok, value = outcome
+    if ok:
+        handle.respond(value)
+    else:
+        handle.fail(value)
 
 
 def _settle(future: asyncio.Future[Any], handle: Handle) -> None:

@@ -15,7 +15,7 @@ import select
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import framing as fr
 from .errors import ProtocolError
@@ -30,6 +30,15 @@ _IOV_MAX = 512
 _FLUSH_AT = int(os.environ.get("PETASUS_FLUSH_AT", "64"))
 
 Route = Callable[["Conn", int, "memoryview | None"], None]
+
+
+class Routing(NamedTuple):
+    """What a connection hands its frames to, built once by the plugin for all of them: the
+    table of frame kinds, the handshake, and where direct payloads land."""
+
+    table: dict[int, Route]
+    hello: Callable[[Conn, int, bytes], None]
+    landing: Callable[[Conn, int, int, int], memoryview | None]
 
 
 class Conn:
@@ -55,25 +64,17 @@ class Conn:
         "writing",
     )
 
-    def __init__(self, sock: socket.socket, name: str, connecting: bool,
-                 routes: dict[int, Route], hello: Callable[[Conn, int, bytes], None],
-                 landing: Callable[[Conn, int, int, int], memoryview | None],
+    def __init__(self, sock: socket.socket, name: str, connecting: bool, routing: Routing,
                  max_msg: int, max_direct: int) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.addr: Addr | None = None
         self.name = name
-        self.routes = routes
-        self.hello = hello
-        self.landing = landing
+        self.routes, self.hello, self.landing = routing
         self.reader = fr.FrameReader(self, max_msg, max_direct, name)
         self.sendq: deque[list[Any]] = deque()
-        self.head_partial = False
-        self.connecting = connecting
-        self.writing = connecting
-        self.paused = False
-        self.dirty = False
-        self.closed = False
+        self.connecting = self.writing = connecting  # EPOLLOUT says when the connect is done
+        self.head_partial = self.paused = self.dirty = self.closed = False
         # RMA chunks in flight from here: operation id -> (op, where a get's data lands).
         self.rma: dict[int, tuple[Op, memoryview | None]] = {}
         # The put request whose data is next on the stream: (id, destination, refusal).

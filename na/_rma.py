@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import framing as fr
@@ -24,18 +26,18 @@ _HDR = fr.HEADER
 _MAGIC = fr.MAGIC
 
 
+@dataclass(eq=False)
 class EmulatedRma:
-    """Both ends of emulated put/get over a connection's stream."""
+    """Both ends of emulated put/get over a connection's stream: the completion queue and
+    registrations it serves from, the outbox it sends on, chunks of at most ``chunk`` bytes."""
 
-    def __init__(self, cq: CompletionQueue, regs: Registrations, outbox: Outbox,
-                 stats: dict[str, int], log: logging.Logger, chunk: int) -> None:
-        self.cq = cq
-        self.regs = regs
-        self.outbox = outbox
-        self.stats = stats
-        self.log = log
-        self.chunk = chunk
-        self._ids = itertools.count(1)
+    cq: CompletionQueue
+    regs: Registrations
+    outbox: Outbox
+    stats: dict[str, int]
+    log: logging.Logger
+    chunk: int
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def routes(self) -> dict[int, Any]:
         """The frame kinds this object serves, for the connection's routing table."""

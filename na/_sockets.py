@@ -16,7 +16,7 @@ import time
 from typing import Any, Protocol
 
 from . import framing as fr
-from ._conn import EPOLLIN, EPOLLOUT, EPOLLRD, Conn, Outbox
+from ._conn import EPOLLIN, EPOLLOUT, EPOLLRD, Conn, Outbox, Routing
 from ._loop import EventLoop
 from ._rma import EmulatedRma
 from .core import (
@@ -94,8 +94,9 @@ class SocketPlugin(PluginCore):
         self._loop = EventLoop(self._cq, self._outbox, self._lock, max(spin_us, 0) / 1e6)
         self._rma = EmulatedRma(self._cq, self._regs, self._outbox, self.stats, self.log,
                                 rma_chunk)
-        self._routes = {fr.UNEXPECTED: self._on_unexpected, fr.EXPECTED: self._on_expected,
-                        **self._rma.routes()}
+        self._routing = Routing({fr.UNEXPECTED: self._on_unexpected,
+                                 fr.EXPECTED: self._on_expected, **self._rma.routes()},
+                                self._on_hello, self._rma.landing)
         self._accept_resume = 0.0  # when accepting resumes after running out of descriptors
         self._paused: set[Conn] = set()
         self._conns: set[Conn] = set()
@@ -298,8 +299,7 @@ class SocketPlugin(PluginCore):
     # -- connections ----------------------------------------------------------------------------
     def _new_conn(self, sock: socket.socket, name: str, connecting: bool) -> Conn:
         self.transport.tune(sock)
-        conn = Conn(sock, name, connecting, self._routes, self._on_hello, self._rma.landing,
-                    self._max_msg, self._rma_chunk)
+        conn = Conn(sock, name, connecting, self._routing, self._max_msg, self._rma_chunk)
         self.stats["connections"] += 1
         self._conns.add(conn)
         self._loop.add(conn.fd, conn.mask(), lambda ev: self._on_event(conn, ev))

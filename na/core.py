@@ -402,16 +402,17 @@ class PluginCore:
 
     def msg_send_unexpected(self, addr: Addr, buf: Any, tag: int,
                             callback: Callback | None = None) -> Op:
-        view = message_view(OpKind.SEND_UNEXPECTED, buf, tag, self._max_msg)
-        op = Op(OpKind.SEND_UNEXPECTED, callback, view, addr, tag)
-        self._send(op, view, False)
-        return op
+        return self._send_message(OpKind.SEND_UNEXPECTED, addr, buf, tag, callback)
 
     def msg_send_expected(self, addr: Addr, buf: Any, tag: int,
                           callback: Callback | None = None) -> Op:
-        view = message_view(OpKind.SEND_EXPECTED, buf, tag, self._max_msg)
-        op = Op(OpKind.SEND_EXPECTED, callback, view, addr, tag)
-        self._send(op, view, True)
+        return self._send_message(OpKind.SEND_EXPECTED, addr, buf, tag, callback)
+
+    def _send_message(self, kind: OpKind, addr: Addr, buf: Any, tag: int,
+                      callback: Callback | None) -> Op:
+        view = message_view(kind, buf, tag, self._max_msg)
+        op = Op(kind, callback, view, addr, tag)
+        self._send(op, view, kind == OpKind.SEND_EXPECTED)
         return op
 
     def msg_recv_unexpected(self, buf: Any, callback: Callback | None = None) -> Op:

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import struct
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,24 +47,27 @@ _BASE = struct.Struct("<Q")  # a handle's tail: the registration's base address 
 _DEFAULT_HOST = {"tcp": "127.0.0.1", "sockets": "127.0.0.1"}
 
 
+@dataclass(eq=False, slots=True)
 class _Req:
     """One posted libfabric operation and what must stay alive until it completes."""
 
-    __slots__ = ("addr", "args", "ctx", "fn", "keep", "kind", "op", "owner", "rma_id", "slot")
+    kind: int
+    op: Op | None
+    addr: Addr | None
+    fn: Any
+    args: tuple[Any, ...]
+    keep: Any = None
+    slot: int = -1
+    rma_id: int = 0
+    owner: Op | None = None  # the NA op a failure of this request fails (default: ``op``)
+    ctx: Any = None
 
-    def __init__(self, kind: int, op: Op | None, addr: Addr | None, fn: Any, args: tuple[Any, ...],
-                 keep: Any = None, slot: int = -1) -> None:
-        self.kind = kind
-        self.op = op
-        self.addr = addr
-        self.fn = fn
-        self.args = args
-        self.keep = keep
-        self.slot = slot
-        self.rma_id = 0
-        self.owner = op  # the NA op a failure of this request fails
+    def __post_init__(self) -> None:
+        if self.owner is None:
+            self.owner = self.op
         # fi_tinject takes no context (and writes no completion).
-        self.ctx = ffi.new("struct fi_context2 *") if fn is not lib.fi_tinject else None
+        if self.fn is not lib.fi_tinject:
+            self.ctx = ffi.new("struct fi_context2 *")
 
 
 class _Reg:
