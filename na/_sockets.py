@@ -13,57 +13,32 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from . import framing as fr
 from ._conn import EPOLLIN, EPOLLOUT, EPOLLRD, Conn, Outbox, Routing
 from ._loop import EventLoop
 from ._rma import EmulatedRma
+from ._transport import Transport
 from .core import (
     MAX_MSG_SIZE,
     MAX_QUEUED,
     SPIN_US,
     CompletionQueue,
     Matcher,
-    PluginCore,
     Registrations,
     pack_handle,
     register_view,
     unpack_handle,
 )
 from .errors import Canceled, PeerError, ProtocolError
+from .generic import PluginCore
 from .types import Access, Addr, MemHandle, Op, OpKind, OpState
 
 _HDR = fr.HEADER
 _MAGIC = fr.MAGIC
 _ACCEPT_PAUSE = 0.1
 RMA_CHUNK = 8 * 1024 * 1024  # per-frame data; keeps a stream fair between messages and bulk
-
-
-class Transport(Protocol):
-    """What differs between tcp and Unix sockets: naming, listening, connecting."""
-
-    scheme: str
-
-    def open(self, listen: bool) -> tuple[str, socket.socket | None]:
-        """This instance's URI, and when listening its bound (not yet listening) socket."""
-        ...
-
-    def canonical(self, uri: str) -> str:
-        """A peer URI's canonical spelling; ValueError if malformed."""
-        ...
-
-    def connect(self, uri: str) -> tuple[socket.socket, bool]:
-        """A non-blocking socket to ``uri`` and whether it is still connecting."""
-        ...
-
-    def tune(self, sock: socket.socket) -> None:
-        """Per-socket options (TCP_NODELAY and the like)."""
-        ...
-
-    def owns_anonymous(self, sock: socket.socket, uri: str) -> bool:
-        """Whether the peer on ``sock`` may be known by the non-listening ``uri``."""
-        ...
 
 
 class SocketPlugin(PluginCore):

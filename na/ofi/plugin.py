@@ -89,6 +89,7 @@ from typing import Any
 
 from .. import core
 from ..errors import Canceled
+from ..generic import PluginCore
 from ..types import Addr, MemHandle
 from ._addressing import Addressing
 from ._common import (
@@ -120,7 +121,7 @@ from .errors import FabricError, check_rc, error_for
 os.environ.setdefault("FI_SHM_RX_SIZE", str(SHM_RX_SIZE))
 
 
-class OfiPlugin(Addressing, Messages, Rma, Progress, core.PluginCore):
+class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
     """One endpoint, its CQ and AV, a posted receive pool, and Python-side matching."""
 
     def __init__(self, uri: str, listen: bool = False, *, max_msg_size: int = core.MAX_MSG_SIZE,
