@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from petasus import na
 from petasus.bulk import READ_ONLY, WRITE_ONLY, Bulk, RemoteBulk, Transfer
@@ -19,12 +19,10 @@ from . import header as hd
 from . import overflow as ov
 from . import state as st
 from .errors import Canceled, EncodeError, NoSuchRPC, PeerError, RemoteError, RPCError, RPCTimeout
-from .overflow import ACK_BIT, TAG_MASK, segments
+from .overflow import ACK_BIT, TAG_MASK, Landing, segments
 from .procs import proc_for
 from .registry import RPC
-
-if TYPE_CHECKING:
-    from .context import Context
+from .target import Target
 
 log = logging.getLogger("petasus.hg.rpc")
 
@@ -32,6 +30,26 @@ _REQ, _RESP = hd.REQUEST, hd.RESPONSE
 _ID, _PROTO = hd.IDENTIFIER, hd.PROTOCOL
 _FORWARDED = st.FORWARDED
 _STR = proc_for(str)
+
+
+class Context(Protocol):
+    """What a call needs from its context (a ``context.Context``): the plugin, the clock and
+    timers, the driver it waits through, the overflow budget, and the target that sends
+    acknowledgements."""
+
+    na: na.Plugin
+    stats: dict[str, int]
+    clock: Callable[[], float]
+    landing: Landing
+    max_unexpected: int
+    driver: na.BlockingDriver
+    target: Target
+    _tags: Iterator[int]
+    _bufs: list[memoryview]
+
+    def _take_buffer(self) -> memoryview: ...
+
+    def _arm(self, entry: Any, deadline: float) -> None: ...
 
 
 class Handle:

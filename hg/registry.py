@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from petasus import na
 
 from . import header as hd
 from .procs import Proc
 
-if TYPE_CHECKING:
-    from .target import TargetHandle
+
+class Call(Protocol):
+    """What a low-level handler receives (a ``target.TargetHandle``): the call's input and
+    how to answer it, once."""
+
+    @property
+    def input(self) -> tuple[Any, ...]: ...
+
+    def respond(self, value: Any = None) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
 
 _REQ, _RESP = hd.REQUEST, hd.RESPONSE
 
@@ -28,7 +37,7 @@ class RPC:
                  "req_fused", "resp_fused")
 
     def __init__(self, name: str, in_proc: Proc, out_proc: Proc, *, one_way: bool = False,
-                 provider_id: int = 0, handler: Callable[[TargetHandle], None] | None = None,
+                 provider_id: int = 0, handler: Callable[[Call], None] | None = None,
                  impl: Callable[..., Any] | None = None) -> None:
         self.name = name
         self.provider_id = provider_id

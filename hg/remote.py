@@ -3,21 +3,40 @@ blocking, as a handle to wait on later, or awaited."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from petasus import na
 
+from .context import Context
 from .declarations import _SHUTDOWN, Declaration
 from .origin import Handle
+from .registry import RPC
 
-if TYPE_CHECKING:
-    from .engine import Engine
+
+class Caller(Protocol):
+    """What a ``Remote`` calls through (an ``engine.Engine``)."""
+
+    context: Context
+    timeout: float
+    _declared: dict[str, Declaration]
+
+    def _rpc_for(self, decl: Declaration, provider_id: int) -> RPC: ...
+
+    def wait(self, handle: Handle) -> Any: ...
+
+    def acall(self, addr: na.Addr, rpc: RPC, args: tuple[Any, ...],
+              timeout: float | None = None) -> Coroutine[Any, Any, Any]: ...
+
+    def declare(self, *items: Any) -> None: ...
+
+    rpc: Callable[..., Any]
 
 
 class Remote:
     """A peer (address and provider id) whose declared RPCs are attributes."""
 
-    def __init__(self, engine: Engine, addr: na.Addr, provider_id: int = 0) -> None:
+    def __init__(self, engine: Caller, addr: na.Addr, provider_id: int = 0) -> None:
         self.engine = engine
         self.addr = addr
         self.provider_id = provider_id

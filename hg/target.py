@@ -9,7 +9,8 @@ posted before it sent. Inputs and outputs too large for a message travel through
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from petasus import na
 from petasus.bulk import READ_ONLY, WRITE_ONLY, Bulk, RemoteBulk, Transfer
@@ -18,13 +19,10 @@ from . import header as hd
 from . import overflow as ov
 from . import state as st
 from .errors import EncodeError
-from .overflow import ACK_BIT, segments
+from .overflow import ACK_BIT, Landing, segments
 from .procs import proc_for
-from .registry import RPC
-from .timers import Deadline
-
-if TYPE_CHECKING:
-    from .context import Context
+from .registry import RPC, Class
+from .timers import Deadline, Timers
 
 log = logging.getLogger("petasus.hg.rpc")
 
@@ -32,6 +30,20 @@ _REQ, _RESP = hd.REQUEST, hd.RESPONSE
 _ID, _PROTO = hd.IDENTIFIER, hd.PROTOCOL
 _STR = proc_for(str)
 _ACK = hd.RESPONSE.pack(hd.IDENTIFIER, hd.PROTOCOL, hd.SUCCESS, 0, 0)
+
+
+class Context(Protocol):
+    """What the target side needs from its context (a ``context.Context``)."""
+
+    na: na.Plugin
+    hg: Class
+    stats: dict[str, int]
+    landing: Landing
+    clock: Callable[[], float]
+    timers: Timers
+    overflow_timeout: float
+    max_expected: int
+    closing: bool
 
 
 class Target:
@@ -111,7 +123,7 @@ class Target:
                 self.reply_error(source, tag, hd.NO_SUCH_RPC, "NoSuchRPC",
                                   f"{rpc.name} is declared here but has no handler")
             return
-        handle = TargetHandle(self.ctx, source, tag, rpc, args, bool(one_way))
+        handle = TargetHandle(self, source, tag, rpc, args, bool(one_way))
         try:
             rpc.handler(handle)
         except Exception as exc:
@@ -260,11 +272,11 @@ def _short(value: Any) -> str:
 class TargetHandle:
     """The target's side of one call, for handlers that respond later (async, thread pool)."""
 
-    __slots__ = ("args", "context", "one_way", "rpc", "source", "state", "tag")
+    __slots__ = ("args", "one_way", "rpc", "source", "state", "tag", "target")
 
-    def __init__(self, context: Context, source: na.Addr, tag: int, rpc: RPC,
+    def __init__(self, target: Target, source: na.Addr, tag: int, rpc: RPC,
                  args: tuple[Any, ...], one_way: bool) -> None:
-        self.context = context
+        self.target = target
         self.source = source
         self.tag = tag
         self.rpc = rpc
@@ -283,9 +295,9 @@ class TargetHandle:
         self.state = st.next_state(st.TARGET, "target", self.state, "respond")  # type: ignore[assignment]
         if self.one_way:
             return
-        self.context.target.respond(self.rpc, self.source, self.tag, value)
+        self.target.respond(self.rpc, self.source, self.tag, value)
 
     def fail(self, exc: BaseException) -> None:
         """Answer with the exception (its type and message reach the caller as RemoteError)."""
         self.state = st.next_state(st.TARGET, "target", self.state, "respond")  # type: ignore[assignment]
-        self.context.target.handler_failed(self.rpc, self.source, self.tag, int(self.one_way), exc)
+        self.target.handler_failed(self.rpc, self.source, self.tag, int(self.one_way), exc)
