@@ -255,23 +255,23 @@ class SmPlugin(SocketPlugin):
             raise ValueError(f"mem_register: all {self._slots} sm registration slots are in use "
                              "(raise table_slots)")
         base = _pvm.buffer_address(handle.view)  # type: ignore[arg-type]
-        handle.extra = SmRegion(self._pid, self._inst, slot, base)
+        handle.record = SmRegion(self._pid, self._inst, slot, base)
         off = _TABLE_HEAD + slot * _SLOT.size
         # Key last: a reader that sees the key sees the rest of the entry.
         _SLOT.pack_into(self._table, off, 0, base, handle.length, int(handle.access))
         struct.pack_into("<Q", self._table, off, handle.key)
 
     def _withdraw(self, handle: MemHandle) -> None:
-        slot = handle.extra.slot
+        slot = handle.record.slot
         _SLOT.pack_into(self._table, _TABLE_HEAD + slot * _SLOT.size, 0, 0, 0, 0)
         self._free_slots.append(slot)
-        handle.extra = None
+        handle.record = None
 
     def _handle_tail(self, handle: MemHandle) -> bytes:
         # A remote handle is forwarded to a third process as it came.
-        if handle.extra is None:
+        if handle.record is None:
             raise ValueError(f"mem_handle_serialize: {handle!r} is deregistered")
-        return _EXTRA.pack(*handle.extra)
+        return _EXTRA.pack(*handle.record)
 
     def _parse_handle_tail(self, tail: bytes) -> SmRegion:
         return SmRegion(*_EXTRA.unpack(tail))
@@ -316,7 +316,7 @@ class SmPlugin(SocketPlugin):
         name = "put" if op.kind == OpKind.PUT else "get"
         remote = op.remote
         try:
-            pid, inst, slot, base = remote.extra
+            pid, inst, slot, base = remote.record
             remote_addr = self._checked_address(name, addr, pid, inst, slot, base, remote.key,
                                                 op.remote_off, op.length, op.kind)
             local = op.buffer[op.local_off: op.local_off + op.length]

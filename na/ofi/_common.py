@@ -8,7 +8,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from ..types import Addr, Op
@@ -81,6 +81,12 @@ class _Reg:
         self.holder = holder  # what keeps cbuf's memory alive when cbuf is a bare char *
         self.base = base
         self.desc = desc
+
+
+class _Remote(NamedTuple):
+    """The ofi record of a peer's registration: its base address (native RMA needs it)."""
+
+    base: int
 
 
 def _pin(view: memoryview) -> tuple[Any, Any]:

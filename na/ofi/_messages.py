@@ -36,7 +36,7 @@ class Messages:
         data = self._hdr + view  # one staging copy: sender name + payload in one send
         with self._lock:
             self._check_open(op.kind.name.lower())
-            if addr.dead or addr.extra is None:
+            if addr.dead or addr.fabric_addr is None:
                 self._cq.fail(op, PeerError(op.kind.name.lower(), addr.uri,
                                             addr.dead or "the peer's address is unusable"))
                 return
@@ -53,7 +53,7 @@ class Messages:
             tag &= _KIND_MASK | MAX_TAG
         if len(data) <= self._inject and kind != _PROBE_REQ:
             # Probes need their completion: its error is how a dead peer shows.
-            req = _Req(kind, op, addr, lib.fi_tinject, (self._ep, data, len(data), addr.extra,
+            req = _Req(kind, op, addr, lib.fi_tinject, (self._ep, data, len(data), addr.fabric_addr,
                                                         tag))
             if owner is not None:
                 req.owner = owner
@@ -65,7 +65,7 @@ class Messages:
             reg = self._mr_reg(cbuf, len(data), lib.FI_SEND)
             desc, keep = reg.desc, (data, cbuf, reg)
         req = _Req(kind, op, addr, lib.fi_tsend,
-                   (self._ep, cbuf, len(data), desc, addr.extra, tag), keep)
+                   (self._ep, cbuf, len(data), desc, addr.fabric_addr, tag), keep)
         if owner is not None:
             req.owner = owner
         return req

@@ -254,7 +254,7 @@ class Progress:
                 cause = _tcp_refused(addr.uri)
                 if cause:
                     self._peer_failed(addr, cause)
-            elif addr not in self._probing and addr.extra is not None:
+            elif addr not in self._probing and addr.fabric_addr is not None:
                 self._probing.add(addr)
                 self.stats["probes"] += 1
                 self._start(self._send_req(_PROBE_REQ, None, addr, self._hdr, _PROBE))

@@ -34,6 +34,7 @@ from ._common import (
     _fid,
     _pin,
     _Reg,
+    _Remote,
     _Req,
     _rma_salt,
     log,
@@ -96,20 +97,20 @@ class Rma:
             del self._regs[id(handle)]
             if self._rma_mode != "native":
                 self._keys.remove(handle)
-            check_rc(lib.fi_close(_fid(handle.extra.mr)), "fi_close", op="mem_deregister")
+            check_rc(lib.fi_close(_fid(handle.record.mr)), "fi_close", op="mem_deregister")
             handle.registered = False
             handle.view = None
 
     def mem_handle_serialize(self, handle: MemHandle) -> bytes:
         if not handle.local:
-            base = handle.extra  # a deserialized handle keeps the remote base as is
+            base = handle.record.base  # a deserialized handle keeps the remote base as is
         else:
-            base = handle.extra.base if self._mr_mode & lib.FI_MR_VIRT_ADDR else 0
+            base = handle.record.base if self._mr_mode & lib.FI_MR_VIRT_ADDR else 0
         return pack_handle(handle, _BASE.pack(base))
 
     def mem_handle_deserialize(self, data: bytes) -> MemHandle:
         access, key, length, tail = unpack_handle(data, self.scheme, _BASE.size)
-        return MemHandle(None, length, access, key, False, _BASE.unpack(tail)[0])
+        return MemHandle(None, length, access, key, False, _Remote(*_BASE.unpack(tail)))
 
     # -- RMA ------------------------------------------------------------------------------------
     def _start_op(self, op: Op) -> Op:
@@ -118,7 +119,7 @@ class Rma:
             self._check_open(name)
             self.stats["rma_ops"] += 1
             self.stats["rma_bytes"] += length
-            if addr.dead or addr.extra is None:
+            if addr.dead or addr.fabric_addr is None:
                 self._cq.fail(op, PeerError(name, addr.uri, addr.dead or "unusable address"))
                 return op
             if length == 0:
@@ -134,12 +135,12 @@ class Rma:
     def _start_native(self, op: Op, off: int, n: int) -> None:
         """One fi_read/fi_write. The target's provider is trusted with key, bounds and rights,
         which shm and tcp;ofi_rxm (libfabric 1.17) do not enforce cleanly: opt-in only."""
-        reg, remote = op.local.extra, op.remote
-        base = remote.extra if not remote.local else (
+        reg, remote = op.local.record, op.remote
+        base = remote.record.base if not remote.local else (
             reg.base if self._mr_mode & lib.FI_MR_VIRT_ADDR else 0)
         fn = lib.fi_read if op.kind == OpKind.GET else lib.fi_write
         self._start(_Req(_RMA, op, op.addr, fn,
-                         (self._ep, reg.cbuf + op.local_off + off, n, reg.desc, op.addr.extra,
+                         (self._ep, reg.cbuf + op.local_off + off, n, reg.desc, op.addr.fabric_addr,
                           base + op.remote_off + off, remote.key), keep=reg))
 
     def _start_checked(self, op: Op, off: int, n: int) -> None:
@@ -151,7 +152,7 @@ class Rma:
         put: ask and send the data at once; the target receives it into its memory once the
         request passes (until then the provider holds it as unexpected) and acknowledges.
         """
-        reg, addr = op.local.extra, op.addr
+        reg, addr = op.local.record, op.addr
         rma_id = self._salt | (next(self._rma_ids) & MAX_TAG)
         desc = _RMA_DESC.pack(op.remote.key, op.remote_off + off, n)
         local = reg.cbuf + op.local_off + off
@@ -172,7 +173,7 @@ class Rma:
             self._start(self._send_req(_SEND, None, addr, self._hdr + desc, _PUT_REQ | rma_id,
                                        owner=op))
             data = _Req(_SEND, None, addr, lib.fi_tsend,
-                        (self._ep, local, n, reg.desc, addr.extra, _PUT_DATA | rma_id),
+                        (self._ep, local, n, reg.desc, addr.fabric_addr, _PUT_DATA | rma_id),
                         keep=reg)
             data.owner = op
             self._start(data)
@@ -190,10 +191,10 @@ class Rma:
             self._rma_refuse(addr, rma_id, nak, kind, n)
             return
         self.stats["rma_served"] += 1
-        reg = handle.extra  # type: ignore[union-attr]
+        reg = handle.record  # type: ignore[union-attr]
         if kind == _GET_REQ:
             self._start(_Req(_SERVE, None, addr, lib.fi_tsend,
-                             (self._ep, reg.cbuf + off, n, reg.desc, addr.extra,
+                             (self._ep, reg.cbuf + off, n, reg.desc, addr.fabric_addr,
                               _GET_DATA | rma_id), keep=handle))
         else:
             sink = _Req(_PUT_SINK, None, addr, lib.fi_trecv,

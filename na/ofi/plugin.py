@@ -272,7 +272,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
         self._self_addr = Addr(self._uri_of(self._name), listen)
         self._peers[self._self_addr.uri] = self._self_addr
         self._by_name[self._name] = self._self_addr
-        self._self_addr.extra = self._insert(self._name, self._self_addr.uri)
+        self._self_addr.fabric_addr = self._insert(self._name, self._self_addr.uri)
         if rx_buffers is None:
             # shm: half its receive-request pool; the other half is for the tagged receives of
             # RMA data (posting all rx_attr.size entries makes the next fi_trecv FI_ENOMEM).
@@ -351,7 +351,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
     def _release(self) -> None:
         """Close what was opened, newest first; safe on a half-opened instance."""
         for handle in list(self._regs.values()):
-            lib.fi_close(_fid(handle.extra.mr))
+            lib.fi_close(_fid(handle.record.mr))
         self._regs.clear()
         rx_reg = getattr(self, "_rx_reg", None)
         if rx_reg is not None:
