@@ -28,11 +28,11 @@ import enum
 import threading
 from typing import Any
 
+from .scalars import LARGE
 from .state import StateError
 
 ACK_BIT = 0x80000000
 TAG_MASK = 0x7FFFFFFF  # call tags: the acknowledgement bit is never set
-OWN_SEGMENT = 64 << 10  # parts from this size on are exposed as segments of their own
 LANDING_MAX = 64 << 20  # the largest landing buffer kept for the next overflow
 
 
@@ -44,7 +44,7 @@ def segments(parts: list[Any]) -> list[Any]:
     out: list[Any] = []
     small: list[Any] = []
     for part in parts:
-        if len(part) >= OWN_SEGMENT:
+        if len(part) >= LARGE:
             if small:
                 out.append(b"".join(small))
                 small = []

@@ -28,7 +28,10 @@ Encode = Callable[[Any], bytes]
 Decode = Callable[[Any, int], tuple[Any, int]]
 
 _U32 = struct.Struct("!I")
-_VIEW_MIN = 64 << 10  # values from this size on are encoded as views of themselves (parts)
+# Values from this size on are encoded as views of themselves (``Proc.parts``), and an
+# overflowing call exposes them as bulk segments of their own (``overflow.segments``): below
+# it, joining small pieces into one buffer costs less than registering each.
+LARGE = 64 << 10
 
 
 def _no_free(value: Any) -> None:
@@ -162,7 +165,7 @@ def _var_bytes(name: str, to_bytes: Callable[[Any], bytes], build: Callable[[Any
                 view = memoryview(value)
             except TypeError:
                 view = None
-            if view is not None and view.nbytes >= _VIEW_MIN and view.c_contiguous:
+            if view is not None and view.nbytes >= LARGE and view.c_contiguous:
                 if view.format != "B" or view.ndim != 1:
                     view = view.cast("B")
                 if view.nbytes > 0xFFFFFFFF:

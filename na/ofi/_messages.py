@@ -70,7 +70,7 @@ class Messages:
             req.owner = owner
         return req
 
-    def _post_slot(self, i: int) -> None:
+    def _submit_slot(self, i: int) -> None:
         # One request per slot, reused: a slot is reposted only after its completion was read,
         # so its fi_context2 is free again (and a message costs no allocation here).
         req = self._slot_reqs[i]
@@ -89,7 +89,7 @@ class Messages:
         if length < 1 + n or n == 0:
             self.stats["protocol_errors"] += 1
             log.warning("%s: dropped a %d B message without a sender header", self.scheme, length)
-            self._post_slot(req.slot)
+            self._submit_slot(req.slot)
             return
         name = bytes(rx[off + 1: off + 1 + n])
         addr = self._by_name.get(name)
@@ -117,10 +117,10 @@ class Messages:
             self.stats["protocol_errors"] += 1
             log.warning("%s: dropped a message of unknown kind %#x from %s", self.scheme,
                         kind >> 32, addr.uri)
-        self._post_slot(req.slot)
+        self._submit_slot(req.slot)
 
     def _repost_held(self) -> None:
         """The matcher's queue drained: take messages from the provider again."""
         held, self._held_slots = self._held_slots, []
         for slot in held:
-            self._post_slot(slot)
+            self._submit_slot(slot)

@@ -49,14 +49,14 @@ class Progress:
         if req.addr in self._blocked:
             self._queue(req)
             return
-        rc = self._post_req(req)
+        rc = self._submit_req(req)
         if rc == -lib.FI_EAGAIN:
             self.stats["eagain"] += 1
             self._queue(req)
         elif rc:
             self._req_failed(req, rc, "")
 
-    def _post_req(self, req: _Req) -> int:
+    def _submit_req(self, req: _Req) -> int:
         if req.fn is lib.fi_tinject:
             rc = int(lib.fi_tinject(*req.args))  # no context: no completion will come
             if rc == 0:
@@ -105,7 +105,7 @@ class Progress:
             if req.addr in refused:
                 self._queue(req)
                 continue
-            rc = self._post_req(req)
+            rc = self._submit_req(req)
             if rc == -lib.FI_EAGAIN:
                 refused.add(req.addr)
                 self._queue(req)
@@ -125,7 +125,7 @@ class Progress:
                 log.warning("%s: receive slot failed: %s", self.scheme,
                             error_for(code, "fi_trecv", detail=detail))
                 if not self._closed:
-                    self._post_slot(req.slot)
+                    self._submit_slot(req.slot)
             return
         if kind == _PUT_SINK:
             if req.rma_id != -1 and req.addr is not None and not self._closed:

@@ -346,7 +346,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
             self._rx_desc = self._rx_reg.desc
         self._slot_reqs: list[_Req | None] = [None] * n
         for i in range(n):
-            self._post_slot(i)
+            self._submit_slot(i)
 
     def _release(self) -> None:
         """Close what was opened, newest first; safe on a half-opened instance."""
