@@ -80,24 +80,29 @@ def _raises(kind: type[BaseException], what: str, call: Callable[[], object]) ->
 def check_messages(open_plugin: Opener) -> None:
     """Unexpected and expected messages arrive whole, with their source, tag and size."""
     with pair(open_plugin) as (server, client):
-        addr = client.addr_lookup(server.addr_self().uri)
-        inbox = bytearray(server.msg_get_max_unexpected_size())
-        recv = server.msg_recv_unexpected(inbox)
-        send = client.msg_send_unexpected(addr, b"hello", 7)
-        drive((server, client), lambda: recv.done and send.done, what="an unexpected message")
-        recv.result()
-        send.result()
-        _expect((bytes(inbox[:recv.size]), recv.tag) == (b"hello", 7),
-                f"unexpected message arrived as {bytes(inbox[:recv.size])!r}, tag {recv.tag}")
-        back = bytearray(64)
-        reply_recv = client.msg_recv_expected(addr, back, 7)
-        source = recv.source
-        _expect(source is not None, "a received message has no source address")
-        reply = server.msg_send_expected(source, b"world", 7)  # type: ignore[arg-type]
-        drive((server, client), lambda: reply_recv.done and reply.done,
-              what="an expected message")
-        reply_recv.result()
-        _expect(bytes(back[:reply_recv.size]) == b"world", "the expected reply differs")
+        round_trip(server, client)
+
+
+def round_trip(server: Plugin, client: Plugin) -> None:
+    """One unexpected message to ``server`` and its expected reply, checked byte for byte."""
+    addr = client.addr_lookup(server.addr_self().uri)
+    inbox = bytearray(server.msg_get_max_unexpected_size())
+    recv = server.msg_recv_unexpected(inbox)
+    send = client.msg_send_unexpected(addr, b"hello", 7)
+    drive((server, client), lambda: recv.done and send.done, what="an unexpected message")
+    recv.result()
+    send.result()
+    _expect((bytes(inbox[:recv.size]), recv.tag) == (b"hello", 7),
+            f"unexpected message arrived as {bytes(inbox[:recv.size])!r}, tag {recv.tag}")
+    back = bytearray(64)
+    reply_recv = client.msg_recv_expected(addr, back, 7)
+    source = recv.source
+    _expect(source is not None, "a received message has no source address")
+    reply = server.msg_send_expected(source, b"world", 7)  # type: ignore[arg-type]
+    drive((server, client), lambda: reply_recv.done and reply.done,
+          what="an expected message")
+    reply_recv.result()
+    _expect(bytes(back[:reply_recv.size]) == b"world", "the expected reply differs")
 
 
 def check_tags_outside_u32_are_refused(open_plugin: Opener) -> None:
@@ -236,6 +241,22 @@ def check_rma_is_checked_by_the_target(open_plugin: Opener) -> None:
         server.mem_deregister(exposed)
 
 
+def check_hostile_handles_are_refused(open_plugin: Opener) -> None:
+    """Every truncation of a serialized handle, and handles of a wrong version or rights, are
+    ValueError (never another exception, never a handle); the plugin serves on."""
+    with pair(open_plugin) as (server, client):
+        exposed = server.mem_register(bytearray(64), Access.READ_ONLY)
+        wire = server.mem_handle_serialize(exposed)
+        bad = [wire[:cut] for cut in range(len(wire))]
+        bad += [bytes([wire[0] ^ 0xFF]) + wire[1:], wire[:1] + b"\x00" + wire[2:],
+                wire[:1] + b"\x07" + wire[2:], wire + b"\x00"]
+        for data in bad:
+            _raises(ValueError, f"mem_handle_deserialize of a hostile {len(data)} B handle",
+                    lambda data=data: client.mem_handle_deserialize(data))
+        server.mem_deregister(exposed)
+        round_trip(server, client)  # and both still talk
+
+
 CHECKS: tuple[Callable[[Opener], None], ...] = (
     check_messages,
     check_tags_outside_u32_are_refused,
@@ -245,6 +266,7 @@ CHECKS: tuple[Callable[[Opener], None], ...] = (
     check_cancel_and_close,
     check_rma,
     check_rma_is_checked_by_the_target,
+    check_hostile_handles_are_refused,
 )
 
 
