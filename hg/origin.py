@@ -55,8 +55,8 @@ class Context(Protocol):
 class Handle:
     """One call from the origin. Forward, then wait (``result()``), or get a callback."""
 
-    __slots__ = ("_flow", "_overflow", "_pull", "_recv", "addr", "callback", "context", "deadline",
-                 "error", "rpc", "state", "tag", "timeout", "value")
+    __slots__ = ("_exposure", "_flow", "_overflow", "_pull", "_recv", "addr", "callback",
+                 "context", "deadline", "error", "rpc", "state", "tag", "timeout", "value")
 
     def __init__(self, context: Context, addr: na.Addr, rpc: RPC) -> None:
         self.context = context
@@ -71,6 +71,7 @@ class Handle:
         self.timeout = 0.0
         self._recv: na.Op | None = None
         self._overflow: Bulk | None = None  # our input, exposed while the target pulls it
+        self._exposure: ov.Overflow | None = None  # its state: the answer is its ack
         self._pull: Transfer | None = None  # the target's output, being pulled
         self._flow: ov.Overflow | None = None  # that pull's state
 
@@ -144,6 +145,7 @@ class Handle:
             raise ValueError(f"{self.rpc.name}: even the overflow request ({len(request)} B) "
                              f"exceeds the {ctx.max_unexpected} B message size")
         self._overflow = exposed
+        self._exposure = ov.Overflow(ov.EXPOSER)
         return request
 
     def expire(self) -> None:
@@ -302,7 +304,9 @@ class Handle:
             if self._pull is not None and self._flow is not None and \
                     ov.Action.CANCEL_PULL in self._flow.handle("cancel"):
                 self._pull.cancel()
-        if self._overflow is not None:
+        if self._overflow is not None and self._exposure is not None and \
+                ov.Action.RELEASE in self._exposure.handle("acked"):
+            # The call's answer (or its end) acknowledges the exposed input.
             overflow, self._overflow = self._overflow, None
             overflow.close()
         if error is not None and event not in ("timeout", "cancel"):
