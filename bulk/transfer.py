@@ -6,14 +6,15 @@ to a dead peer ends at once instead of piece by piece. Completion callbacks run 
 
 Waiting goes through a *driver*: the RPC Engine is one (it owns progress, its lock and its
 event loop); ``PluginDriver`` drives a bare NA plugin for programs that use bulk without RPCs.
+Both are built on NA's ``BlockingDriver`` and ``AsyncioDriver`` (``na/driver.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
@@ -34,65 +35,70 @@ class Driver(Protocol):
                          cancel: Callable[[], None]) -> None: ...
 
 
-_READERS: dict[tuple[asyncio.AbstractEventLoop, int], int] = {}  # awaits per (loop, fd)
-
-
 class PluginDriver:
-    """Progress for a bare NA plugin: blocking waits, and asyncio through its ``poll_fd``."""
+    """Progress for a bare NA plugin, through NA's blocking and asyncio drivers.
+
+    It holds its plugin weakly: one driver per plugin is kept for as long as the plugin
+    lives (``driver_for``), so every handle of a plugin awaited from one event loop shares
+    one reader on its poll fd.
+    """
 
     def __init__(self, plugin: na.Plugin, timeout: float = 30.0) -> None:
-        self.na = plugin
+        self._plugin = weakref.ref(plugin)
         self.timeout = timeout
+        source = na.PluginSource(_WeakPlugin(self._plugin))  # type: ignore[arg-type]
+        self._blocking = na.BlockingDriver(source)
+        self._aio = na.AsyncioDriver(source, time.monotonic, 0.0, keep=False)
+
+    @property
+    def na(self) -> na.Plugin:
+        plugin = self._plugin()
+        if plugin is None:
+            raise RuntimeError("the NA plugin of this driver is gone")
+        return plugin
 
     def wait_until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
-        plugin = self.na
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while not done():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            plugin.progress(min(left, 0.1))
-            plugin.trigger()
-        return True
+        limit = self.timeout if timeout is None else timeout
+        return self._blocking.wait_until(done, time.monotonic() + limit)
 
     async def wait_async(self, subscribe: Callable[[Callable[[], None]], None],
                          cancel: Callable[[], None]) -> None:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        await self._aio.wait(subscribe, cancel)
 
-        def finished() -> None:
-            if not future.done():
-                future.set_result(None)
 
-        subscribe(lambda: loop.call_soon_threadsafe(finished))
-        # One reader per (loop, fd) however many transfers, of however many handles, are
-        # awaited at once: a second add_reader on the fd would replace the first.
-        key = (loop, self.na.poll_fd())
-        if not _READERS.get(key):
-            loop.add_reader(key[1], self._pump)
-        _READERS[key] = _READERS.get(key, 0) + 1
-        try:
-            self._pump()
-            await future
-        except asyncio.CancelledError:
-            cancel()
-            raise
-        finally:
-            _READERS[key] -= 1
-            if not _READERS[key]:
-                del _READERS[key]
-                loop.remove_reader(key[1])
+class _WeakPlugin:
+    """The plugin operations a driver calls, through a weak reference."""
 
-    def _pump(self) -> None:
-        self.na.progress(0)
-        self.na.trigger()
+    def __init__(self, ref: weakref.ref[na.Plugin]) -> None:
+        self._ref = ref
+
+    def _get(self) -> na.Plugin:
+        plugin = self._ref()
+        if plugin is None:
+            raise RuntimeError("the NA plugin of this driver is gone")
+        return plugin
+
+    def progress(self, timeout: float) -> bool:
+        return self._get().progress(timeout)
+
+    def trigger(self, max_count: int = 1 << 30) -> int:
+        return self._get().trigger(max_count)
+
+    def poll_fd(self) -> int:
+        return self._get().poll_fd()
+
+
+_DRIVERS: weakref.WeakKeyDictionary[Any, PluginDriver] = weakref.WeakKeyDictionary()
 
 
 def driver_for(owner: Any) -> Driver:
-    """An engine drives its own plugin; a bare NA plugin gets a PluginDriver."""
+    """An engine drives its own plugin; a bare NA plugin gets its one PluginDriver."""
     if hasattr(owner, "wait_until") and hasattr(owner, "na"):
         return owner  # type: ignore[no-any-return]
-    return PluginDriver(owner)
+    driver = _DRIVERS.get(owner)
+    if driver is None:
+        driver = _DRIVERS[owner] = PluginDriver(owner)
+    return driver
 
 
 class Transfer:

@@ -7,17 +7,20 @@ Types for annotations: ``int8`` .. ``uint64``, ``float32``, ``float64``; plain `
 your own.
 """
 
-from .core import RPC, Class, Context, Handle, PeerError, TargetHandle
-from .engine import Declaration, Engine, Remote, RemoteMethod, declare
+from .context import Context
+from .declarations import Declaration, declare
+from .engine import Engine
 from .errors import (
     Canceled,
     DecodeError,
     EncodeError,
     NoSuchRPC,
+    PeerError,
     RemoteError,
     RPCError,
     RPCTimeout,
 )
+from .origin import Handle
 from .procs import (
     Proc,
     float32,
@@ -34,6 +37,9 @@ from .procs import (
     uint32,
     uint64,
 )
+from .registry import RPC, Class
+from .remote import Remote, RemoteMethod
+from .target import TargetHandle
 
 __all__ = [
     "RPC", "Canceled", "Class", "Context", "Declaration", "DecodeError", "EncodeError", "Engine",

@@ -23,11 +23,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import os
 import signal
 import threading
 import time
-import typing
 import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,59 +36,17 @@ from petasus import na
 from petasus.bulk import Bulk
 
 from . import state as st
-from .core import MAX_OVERFLOW, RPC, Class, Context, Handle, TargetHandle
+from .context import MAX_OVERFLOW, Context
+from .declarations import _SHUTDOWN, Declaration
 from .header import rpc_id
-from .procs import Proc, proc_for, record
+from .origin import Handle
+from .registry import RPC, Class
+from .remote import Remote
+from .target import TargetHandle
 
 log = logging.getLogger("petasus.hg.engine")
 _FORWARDED = st.FORWARDED
 _NEVER = float("inf")
-
-
-class Declaration:
-    """An RPC's name and types, declared once and imported by client and server."""
-
-    def __init__(self, func: Callable[..., Any], *, name: str | None = None,
-                 one_way: bool = False) -> None:
-        self.name = name or func.__name__
-        self.one_way = one_way
-        self.func = func
-        sig = inspect.signature(func)
-        hints = typing.get_type_hints(func)
-        self.params = [p.name for p in sig.parameters.values()]
-        self.nparams = len(self.params)
-        for p in sig.parameters.values():
-            if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-                raise TypeError(f"{self.name}: parameter {p.name!r} must be positional "
-                                "(no *args, **kwargs or keyword-only parameters)")
-        self.signature = sig
-        fields = [proc_for(hints.get(p, Any)) for p in self.params]
-        self.in_proc: Proc = record(f"{self.name}.in", fields, tuple, tuple)
-        ret = hints.get("return", None if one_way else Any)
-        if one_way and ret not in (None, type(None)):
-            raise TypeError(f"{self.name}: a one-way RPC returns nothing (annotate -> None)")
-        self.out_proc: Proc = proc_for(ret)
-
-    def __repr__(self) -> str:
-        return f"<Declaration {self.name}({', '.join(self.params)})>"
-
-    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        if not kwargs and len(args) == len(self.params):
-            return args
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{self.name}: {exc}") from None
-        bound.apply_defaults()
-        return tuple(bound.arguments.values())
-
-
-def declare(func: Callable[..., Any] | None = None, *, name: str | None = None,
-            one_way: bool = False) -> Any:
-    """Declare an RPC from a function's signature (its body is not used)."""
-    if func is None:
-        return lambda f: Declaration(f, name=name, one_way=one_way)
-    return Declaration(func, name=name, one_way=one_way)
 
 
 class Engine:
@@ -104,26 +60,21 @@ class Engine:
         self.hg = Class(self.na, listen)
         self.context = Context(self.hg, clock=clock, max_overflow=max_overflow,
                                overflow_timeout=overflow_timeout)
-        self.context.timer_hook = self._timer_armed
+        spin = self.na.statistics().get("spin_us", 200) / 1e6
+        self._aio = na.AsyncioDriver(self.context, clock, spin)
+        self.context.timer_hook = self._aio.deadline_armed
+        # An attached loop also drives progress, without the blocking driver's lock.
+        self._driver = self.context.driver
+        self._driver.shared = lambda: self._aio.loop is not None
         self.timeout = timeout
         self._declared: dict[str, Declaration] = {}
         self._async_ids: set[int] = set()
         self._pool_size = pool_size
         self._pool: ThreadPoolExecutor | None = None
-        self._progress_lock = threading.Lock()
-        self._progress_owner: int | None = None  # thread id holding _progress_lock
-        self._cond = threading.Condition()
-        self._waiters = 0
         self._stop = threading.Event()
         self._closed = False
         self._inflight = 0
         self._inflight_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
-        self._poll_pending: asyncio.Handle | None = None
-        self._loop_timer: asyncio.TimerHandle | None = None
-        self._spin_until = 0.0
-        self._spin = self.na.statistics().get("spin_us", 200) / 1e6
         if listen and allow_remote_shutdown:
             self.register(_SHUTDOWN, self.shutdown)
 
@@ -212,8 +163,8 @@ class Engine:
         """Drive progress (or let the thread that does) until ``handle`` finishes, enforcing
         its deadline here for calls forwarded without a context timer."""
         if handle.state == _FORWARDED:
-            self._block(lambda: handle.state != _FORWARDED, handle.deadline or _NEVER,
-                        handle.expire)
+            self._driver.wait_until(lambda: handle.state != _FORWARDED,
+                                    handle.deadline or _NEVER, handle.expire)
         if handle.error is not None:
             raise handle.error
         return handle.value
@@ -221,76 +172,17 @@ class Engine:
     def wait_until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
         """Drive progress until ``done()`` or ``timeout`` (default: the engine's) has passed;
         return ``done()``. Bulk transfers wait through this."""
-        if not done():
-            limit = self.timeout if timeout is None else timeout
-            self._block(done, _NEVER if limit is None else self.context.clock() + limit, None)
-        return done()
+        if done():
+            return True
+        limit = self.timeout if timeout is None else timeout
+        return self._driver.wait_until(
+            done, _NEVER if limit is None else self.context.clock() + limit)
 
     async def wait_async(self, subscribe: Callable[[Callable[[], None]], None],
                          cancel: Callable[[], None]) -> None:
         """Await a completion that ``subscribe(fn)`` reports by calling ``fn`` (on whatever
         thread drives progress); ``cancel()`` it if the awaiting task is cancelled."""
-        loop = asyncio.get_running_loop()
-        self._attach(loop)
-        future: asyncio.Future[None] = loop.create_future()
-        subscribe(lambda: self._on_loop(_resolve, future))
-        self._kick()
-        try:
-            await future
-        except asyncio.CancelledError:
-            cancel()
-            raise
-
-    def _block(self, done: Callable[[], bool], deadline: float,
-               expire: Callable[[], None] | None) -> None:
-        me = threading.get_ident()
-        clock = self.context.clock
-        while not done():
-            if self._progress_owner == me or self._progress_lock.acquire(blocking=False):
-                # Ours already (a handler calling out from serve()) or free: drive it here.
-                nested = self._progress_owner == me
-                self._progress_owner = me
-                try:
-                    self._drive(done, deadline, expire)
-                finally:
-                    if not nested:
-                        self._progress_owner = None
-                        self._progress_lock.release()
-                if self._waiters:
-                    with self._cond:
-                        self._cond.notify_all()
-                if not done():
-                    return  # the deadline passed
-            else:
-                if deadline <= clock():
-                    if expire is not None:
-                        expire()
-                    return
-                with self._cond:
-                    self._waiters += 1
-                    try:
-                        self._cond.wait(0.01)
-                    finally:
-                        self._waiters -= 1
-
-    def _drive(self, done: Callable[[], bool], deadline: float,
-               expire: Callable[[], None] | None) -> None:
-        ctx = self.context
-        clock = ctx.clock
-        # An attached event loop also drives progress (without this lock) and may run our
-        # completion: then our epoll sleep would not end with it, so sleep in short slices.
-        most = 0.01 if self._loop is not None else 1.0
-        while not done():
-            left = deadline - clock()
-            if left <= 0:
-                if expire is not None:
-                    expire()
-                return
-            ctx.progress(left if left < most else most)
-            ctx.trigger()
-            if self._waiters:
-                with self._cond:
-                    self._cond.notify_all()
+        await self._aio.wait(subscribe, cancel)
 
     def call(self, addr: na.Addr, rpc: RPC, args: tuple[Any, ...],
              timeout: float | None = None) -> Any:
@@ -299,98 +191,21 @@ class Engine:
     async def acall(self, addr: na.Addr, rpc: RPC, args: tuple[Any, ...],
                     timeout: float | None = None) -> Any:
         loop = asyncio.get_running_loop()
-        self._attach(loop)
+        self._aio.attach(loop)
         future = loop.create_future()
         # Its deadline reaches the loop's timer through the context's timer hook.
         handle = self.forward(addr, rpc, args, timeout,
-                              lambda h: self._on_loop(_settle, future, h))
-        self._kick()
+                              lambda h: self._aio.on_loop(_settle, future, h))
+        self._aio.kick()
         try:
             return await future
         except asyncio.CancelledError:
             handle.cancel()  # the task was cancelled: so is the call
             raise
 
-    def _arm_loop_timer(self, deadline: float) -> None:
-        """One loop timer, at the earliest deadline, lets the context expire calls on time."""
-        current = self._loop_timer
-        if current is not None and current.when() <= self._loop.time() + (  # type: ignore[union-attr]
-                deadline - self.context.clock()) and not current.cancelled():
-            return
-        if current is not None:
-            current.cancel()
-        delay = max(0.0, deadline - self.context.clock())
-        self._loop_timer = self._loop.call_later(delay, self._on_loop_timer)  # type: ignore[union-attr]
-
-    def _timer_armed(self, deadline: float) -> None:
-        """The context armed a deadline (an overflow's): an attached loop must wake for it."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed() and not self._closed:
-            self._on_loop(self._arm_loop_timer, deadline)
-
-    def _on_loop_timer(self) -> None:
-        self._loop_timer = None
-        if self._closed:
-            return
-        self._poll()
-        timers = self.context._timers
-        if timers and self._loop is not None:
-            self._arm_loop_timer(timers[0][0])
-
-    # -- asyncio driver ---------------------------------------------------------------------------
-    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._loop is loop:
-            return
-        if self._loop is not None and not self._loop.is_closed():
-            raise RuntimeError(f"{self!r} is already attached to another event loop")
-        self._loop = loop
-        self._loop_thread = threading.get_ident()
-        self._poll_pending = None  # handles of a previous (closed) loop are void
-        self._loop_timer = None
-        loop.add_reader(self.na.poll_fd(), self._poll)
-        if self.context._timers:
-            self._arm_loop_timer(self.context._timers[0][0])
-
-    def _on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn`` on the loop's thread: progress may be driven by another thread (a
-        blocking call from an executor), and asyncio objects are not thread-safe."""
-        if threading.get_ident() == self._loop_thread:
-            fn(*args)
-        else:
-            self._loop.call_soon_threadsafe(fn, *args)  # type: ignore[union-attr]
-
-    def _kick(self) -> None:
-        """Schedule one poll soon, unless one is already pending (never two spin chains)."""
-        if self._poll_pending is None and self._loop is not None:
-            self._poll_pending = self._loop.call_soon(self._scheduled_poll)
-
-    def _scheduled_poll(self) -> None:
-        self._poll_pending = None
-        self._poll()
-
-    def _poll(self) -> None:
-        """Reader callback: progress without blocking, then keep polling for the spin budget
-        (via call_soon, so other tasks still run) before waiting on the fd again."""
-        if self._closed:
-            return
-        ctx = self.context
-        busy = ctx.progress(0)
-        if ctx.trigger() or busy:
-            self._spin_until = time.monotonic() + self._spin
-        elif time.monotonic() < self._spin_until:
-            # Idle spin: let a peer that shares this CPU run, as NA's own spin does.
-            os.sched_yield()
-        if time.monotonic() < self._spin_until:
-            self._kick()
-
     async def serve_async(self) -> None:
         """Serve until ``shutdown()``, as a task of the running loop."""
-        loop = asyncio.get_running_loop()
-        self._attach(loop)
-        self._kick()
-        while not self._stop.is_set():
-            await asyncio.sleep(0.05)
-        self._poll()  # send the answers of the last pass (shutdown's own)
+        await self._aio.serve(self._stop.is_set)
 
     # -- handlers that answer later ---------------------------------------------------------------
     def _enter(self) -> None:
@@ -402,7 +217,7 @@ class Engine:
             self._inflight -= 1
 
     def _run_async(self, handle: TargetHandle, impl: Callable[..., Any]) -> None:
-        loop = self._loop
+        loop = self._aio.loop
         if loop is None:
             raise RuntimeError(f"{handle.rpc.name} is an async handler: serve with "
                                "serve_async() or serve() (which runs an event loop)")
@@ -410,15 +225,11 @@ class Engine:
 
         async def run() -> None:
             try:
-                value = await impl(*handle.args)
-            except Exception as exc:
-                handle.fail(exc)
-            else:
-                handle.respond(value)
+                _answer(handle, await _outcome(impl(*handle.args)))
             finally:
                 self._leave()
-                self._kick()
-        self._on_loop(loop.create_task, run())
+                self._aio.kick()
+        self._aio.on_loop(loop.create_task, run())
 
     def _run_pooled(self, handle: TargetHandle, impl: Callable[..., Any]) -> None:
         if self._pool is None:
@@ -427,17 +238,11 @@ class Engine:
 
         def run() -> None:
             try:
-                value = impl(*handle.args)
-            except Exception as exc:
-                handle.fail(exc)
-            else:
-                handle.respond(value)
+                _answer(handle, _call(impl, handle.args))
             finally:
                 self._leave()
-                loop = self._loop
-                if loop is not None and not loop.is_closed():
-                    # The loop waits on the fd, not in NA's poll: wake it to flush the answer.
-                    loop.call_soon_threadsafe(self._kick)
+                # An attached loop waits on the fd, not in NA's poll: wake it to flush.
+                self._aio.kick_threadsafe()
         self._pool.submit(run)
 
     # -- serving and shutting down ----------------------------------------------------------------
@@ -452,19 +257,7 @@ class Engine:
             if any(rpc.id in self._async_ids for rpc in self.hg.rpcs.values()):
                 asyncio.run(self.serve_async())
             else:
-                with self._progress_lock:
-                    self._progress_owner = threading.get_ident()
-                    try:
-                        ctx = self.context
-                        while not self._stop.is_set():
-                            ctx.progress(0.1)
-                            ctx.trigger()
-                            if self._waiters:
-                                with self._cond:
-                                    self._cond.notify_all()
-                        ctx.progress(0)  # send the answers of the last pass (shutdown's own)
-                    finally:
-                        self._progress_owner = None
+                self._driver.serve(self._stop)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -472,6 +265,7 @@ class Engine:
     def shutdown(self) -> None:
         """Make ``serve()`` return (thread-safe; also the remote shutdown RPC's handler)."""
         self._stop.set()
+        self._aio.stop()
 
     def close(self, timeout: float = 5.0) -> None:
         """Wait up to ``timeout`` s for handlers still running, then release everything."""
@@ -480,7 +274,8 @@ class Engine:
         self._stop.set()
         deadline = time.monotonic() + timeout
         while self._inflight and time.monotonic() < deadline:
-            if self._loop is not None and self._loop.is_running():
+            loop = self._aio.loop
+            if loop is not None and loop.is_running():
                 break  # the loop's own tasks finish with it
             self.context.progress(0.01)
             self.context.trigger()
@@ -489,14 +284,7 @@ class Engine:
         self._closed = True
         self.context.closing = True  # requests still queued are dropped, not run
         try:
-            if self._loop_timer is not None:
-                self._loop_timer.cancel()
-                self._loop_timer = None
-            if self._loop is not None and not self._loop.is_closed():
-                try:
-                    self._loop.remove_reader(self.na.poll_fd())
-                except (ValueError, RuntimeError):
-                    pass
+            self._aio.close()
             self.na.close()
             self.na.trigger()
         finally:
@@ -508,9 +296,27 @@ class Engine:
             raise RuntimeError(f"{self!r} is closed")
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _call(impl: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    """(True, value) or (False, the exception): a handler's outcome, to answer with."""
+    try:
+        return True, impl(*args)
+    except Exception as exc:
+        return False, exc
+
+
+async def _outcome(pending: Any) -> tuple[bool, Any]:
+    try:
+        return True, await pending
+    except Exception as exc:
+        return False, exc
+
+
+def _answer(handle: TargetHandle, outcome: tuple[bool, Any]) -> None:
+    ok, value = outcome
+    if ok:
+        handle.respond(value)
+    else:
+        handle.fail(value)
 
 
 def _settle(future: asyncio.Future[Any], handle: Handle) -> None:
@@ -520,78 +326,3 @@ def _settle(future: asyncio.Future[Any], handle: Handle) -> None:
         future.set_exception(handle.error)
     else:
         future.set_result(handle.value)
-
-
-class Remote:
-    """A peer (address and provider id) whose declared RPCs are attributes."""
-
-    def __init__(self, engine: Engine, addr: na.Addr, provider_id: int = 0) -> None:
-        self.engine = engine
-        self.addr = addr
-        self.provider_id = provider_id
-
-    def __repr__(self) -> str:
-        return f"<Remote {self.addr.uri} provider={self.provider_id}>"
-
-    def __getattr__(self, name: str) -> RemoteMethod:
-        decl = self.engine._declared.get(name)
-        if decl is None:
-            raise AttributeError(f"{name!r} is not a declared RPC; declare it with "
-                                 f"engine.declare(...) or define it with @engine.rpc")
-        method = RemoteMethod(self, decl)
-        self.__dict__[name] = method
-        return method
-
-    def call(self, name: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        return getattr(self, name).call(*args, timeout=timeout, **kwargs)
-
-    def shutdown(self) -> None:
-        """Ask the peer's engine to stop serving (it must allow remote shutdown)."""
-        RemoteMethod(self, _SHUTDOWN)()
-
-
-class RemoteMethod:
-    """``remote.name(...)`` blocks; ``.future(...)`` returns a Handle; ``.async_(...)`` awaits."""
-
-    __slots__ = ("addr", "decl", "engine", "rpc")
-
-    def __init__(self, remote: Remote, decl: Declaration) -> None:
-        self.engine = remote.engine
-        self.addr = remote.addr
-        self.decl = decl
-        self.rpc = remote.engine._rpc_for(decl, remote.provider_id)
-
-    def __repr__(self) -> str:
-        return f"<RemoteMethod {self.decl.name} on {self.addr.uri}>"
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        engine, decl = self.engine, self.decl
-        if kwargs or len(args) != decl.nparams:
-            args = decl.bind(args, kwargs)
-        # The blocking wait enforces the deadline itself: no context timer to arm.
-        return engine.wait(Handle(engine.context, self.addr, self.rpc).forward(
-            args, None, engine.timeout, arm=False))
-
-    def call(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        engine = self.engine
-        return engine.wait(Handle(engine.context, self.addr, self.rpc).forward(
-            self.decl.bind(args, kwargs), None, timeout or engine.timeout, arm=False))
-
-    def future(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Handle:
-        """Send now; ``engine.wait(handle)`` or ``handle.result()`` later (they enforce the
-        timeout, so no context timer is armed)."""
-        engine, decl = self.engine, self.decl
-        if kwargs or len(args) != decl.nparams:
-            args = decl.bind(args, kwargs)
-        return Handle(engine.context, self.addr, self.rpc).forward(
-            args, None, timeout or engine.timeout, arm=False)
-
-    def async_(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        return self.engine.acall(self.addr, self.rpc, self.decl.bind(args, kwargs), timeout)
-
-
-def _shutdown() -> None:
-    """Ask the engine to stop serving."""
-
-
-_SHUTDOWN = Declaration(_shutdown, name="petasus.shutdown")

@@ -41,3 +41,7 @@ class DecodeError(ValueError):
 
 class EncodeError(ValueError):
     """A value that the proc cannot encode (wrong type, out of range)."""
+
+
+class PeerError(RPCError, ConnectionError):
+    """The transport failed the call: the peer is unreachable or went away."""

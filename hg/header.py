@@ -55,10 +55,13 @@ class HeaderError(ValueError):
     """A header that is not ours: too short, wrong identifier or protocol."""
 
 
-def decode_request(buf: bytes | bytearray | memoryview) -> tuple[int, int, int]:
-    """(rpc id, flags, cookie) of a request; raises HeaderError."""
-    if len(buf) < REQUEST.size:
-        raise HeaderError(f"request of {len(buf)} B is shorter than its {REQUEST.size} B header")
+def decode_request(buf: bytes | bytearray | memoryview,
+                   size: int | None = None) -> tuple[int, int, int]:
+    """(rpc id, flags, cookie) of a request of ``size`` bytes (all of ``buf`` by default: a
+    receive buffer is reused, so its length is not the message's); raises HeaderError."""
+    n = len(buf) if size is None else size
+    if n < REQUEST.size:
+        raise HeaderError(f"request of {n} B is shorter than its {REQUEST.size} B header")
     ident, proto, rid, flags, cookie = REQUEST.unpack_from(buf)
     if ident != IDENTIFIER or proto != PROTOCOL:
         raise HeaderError(f"not a petasus request (identifier 0x{ident:02x}, protocol {proto})")

@@ -38,9 +38,11 @@ LATE = frozenset((state, event) for state in FINISHED
 
 
 class StateError(RuntimeError):
-    def __init__(self, role: str, state: int, event: str) -> None:
-        super().__init__(f"{role} handle: event {event!r} is not allowed in state "
-                         f"{NAMES[state]!r}")
+    """An event the table has no transition for: a bug, named by role, state and event."""
+
+    def __init__(self, role: str, state: int | str, event: str) -> None:
+        name = NAMES[state] if isinstance(state, int) else state
+        super().__init__(f"{role} handle: event {event!r} is not allowed in state {name!r}")
 
 
 def next_state(table: dict[tuple[int, str], int], role: str, state: int, event: str) -> int | None:

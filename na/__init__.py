@@ -10,14 +10,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .driver import AsyncioDriver, BlockingDriver, PluginSource, Source
 from .errors import AccessError, Canceled, NAError, PeerError, ProtocolError
 from .interface import Plugin
 from .types import Access, Addr, MemHandle, Op, OpKind
 
 __all__ = [
-    "Access", "AccessError", "Addr", "Canceled", "MemHandle", "NAError", "Op", "OpKind",
-    "PeerError", "Plugin", "ProtocolError", "available_plugins", "initialize", "register_plugin",
-    "wait",
+    "Access", "AccessError", "Addr", "AsyncioDriver", "BlockingDriver", "Canceled",
+    "MemHandle", "NAError", "Op", "OpKind", "PeerError", "Plugin", "PluginSource",
+    "ProtocolError", "Source", "available_plugins", "initialize", "register_plugin", "wait",
 ]
 
 _PLUGINS: dict[str, Callable[..., Plugin]] = {}
@@ -78,12 +79,8 @@ def wait(plugin: Plugin, *ops: Op, timeout: float) -> None:
 
     Errors of the ops are not raised here; call ``op.result()`` for that.
     """
-    deadline = time.monotonic() + timeout
-    while not all(op.done for op in ops):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            pending = [op for op in ops if not op.done]
-            raise TimeoutError(f"wait: {len(pending)} operation(s) still pending after "
-                               f"{timeout} s: {pending[:3]}")
-        plugin.progress(min(remaining, 0.1))
-        plugin.trigger()
+    driver = BlockingDriver(PluginSource(plugin))
+    if not driver.wait_until(lambda: all(op.done for op in ops), time.monotonic() + timeout):
+        pending = [op for op in ops if not op.done]
+        raise TimeoutError(f"wait: {len(pending)} operation(s) still pending after "
+                           f"{timeout} s: {pending[:3]}")

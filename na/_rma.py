@@ -1,146 +1,55 @@
-"""Registrations and emulated RMA of the socket plugins (the generic one-sided path).
+"""Emulated RMA of the socket plugins: one-sided for the user, served by the target's loop.
 
 The initiator splits a transfer into chunks of at most ``rma_chunk`` bytes; each is one request
-frame (a 24-byte descriptor: key, offset, length) that the *target's* progress loop serves from,
-or into, the registered memory in place, after checking the key, the bounds and the rights
-against its own table, never against what the request claims. Plugins with a real one-sided
-path (sm's process_vm) override ``_start_rma`` and fall back to this one.
+frame (a 24-byte descriptor: key, offset, length) that the *target's* progress loop serves
+from, or into, the registered memory in place, after checking key, bounds and rights against
+its own ``Registrations``, never against what the request claims. The connection routes the
+RMA frame kinds to the methods of one ``EmulatedRma``; nothing here knows sockets beyond the
+connection's ``rma`` and ``put_target`` fields and the outbox it queues frames on.
 """
 
 from __future__ import annotations
 
-import secrets
-import struct
-from typing import TYPE_CHECKING, Any
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 from . import framing as fr
-from ._generic import rma_op
-from .errors import Canceled
-from .types import Access, Addr, Callback, MemHandle, Op, OpKind, as_byte_view
-
-if TYPE_CHECKING:
-    from ._sockets import _Conn
+from ._conn import Conn, Outbox
+from .core import NAK_KEY, NAK_PROTOCOL, REFUSALS, CompletionQueue, Registrations, canceled
+from .errors import AccessError, ProtocolError
+from .types import Access, MemHandle, Op, OpKind, OpState
 
 _HDR = fr.HEADER
 _MAGIC = fr.MAGIC
-_HANDLE = struct.Struct("<BBQQ")  # version, access, key, length
-_HANDLE_VERSION = 1
-# Op.state in the plugins: pending, finished (posted), canceling (finishes when acked).
-_PENDING, _FINISHED, _CANCELING = 0, 1, 2
-_NAK_TEXT = {fr.NAK_KEY: "unknown key (forged, or deregistered)", fr.NAK_BOUNDS: "out of bounds",
-             fr.NAK_ACCESS: "not allowed by the registration's access rights",
-             fr.NAK_PROTOCOL: "malformed request"}
 
 
-class RmaMixin:
-    """Memory registration and emulated put/get, mixed into SocketPlugin.
+@dataclass(eq=False)
+class EmulatedRma:
+    """Both ends of emulated put/get over a connection's stream: the completion queue and
+    registrations it serves from, the outbox it sends on, chunks of at most ``chunk`` bytes."""
 
-    It uses the host's ``_lock``, ``_check_open``, ``_post``, ``_conn_for``, ``_enqueue``,
-    ``_ids`` and ``_rma_chunk``; the host's ``_Conn`` routes RMA frames to ``_serve_get``,
-    ``_check_put``, ``_send_nak`` and ``_chunk_done``.
-    """
-
-    _regs: dict[int, MemHandle]
+    cq: CompletionQueue
+    regs: Registrations
+    outbox: Outbox
     stats: dict[str, int]
+    log: logging.Logger
+    chunk: int
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
-    def _handle_extra(self, handle: MemHandle) -> bytes:
-        return b""
+    def routes(self) -> dict[int, Any]:
+        """The frame kinds this object serves, for the connection's routing table."""
+        return {fr.GET_RESP: self.chunk_answered, fr.RMA_ACK: self.chunk_answered,
+                fr.RMA_NAK: self.chunk_refused, fr.GET_REQ: self.serve_get,
+                fr.PUT_REQ: self.check_put, fr.PUT_DATA: self.put_landed}
 
-    def _parse_handle_extra(self, data: bytes) -> Any:
-        if data:
-            raise ValueError(f"mem_handle_deserialize: {len(data)} unexpected trailing bytes")
-        return None
-
-    # -- memory ---------------------------------------------------------------------------------
-    def mem_register(self, buffer: Any, access: Access) -> MemHandle:
-        access = Access(access)
-        view = as_byte_view(buffer, "mem_register")
-        if access & Access.WRITE_ONLY and view.readonly:
-            raise ValueError("mem_register: a read-only buffer cannot be registered for remote "
-                             "writes (use Access.READ_ONLY)")
-        with self._lock:
-            self._check_open("mem_register")
-            key = secrets.randbits(64) | 1
-            while key in self._regs:
-                key = secrets.randbits(64) | 1
-            handle = MemHandle(view, len(view), access, key, True)
-            self._register_extra(handle)
-            self._regs[key] = handle
-        return handle
-
-    def _register_extra(self, handle: MemHandle) -> None:
-        """Plugin hook: publish a registration beyond the key table."""
-
-    def _deregister_extra(self, handle: MemHandle) -> None:
-        """Plugin hook: withdraw what _register_extra published."""
-
-    def mem_deregister(self, handle: MemHandle) -> None:
-        with self._lock:
-            if not handle.local or self._regs.get(handle.key) is not handle:
-                raise ValueError(f"mem_deregister: {handle!r} is not registered here")
-            del self._regs[handle.key]
-            self._deregister_extra(handle)
-            # A put landing in this memory right now must not write into it any more.
-            base = handle.view.obj  # type: ignore[union-attr]
-            for conn in self._conns:
-                landing = conn.reader.landing_in()
-                target = conn.put_target
-                if landing is not None and target is not None and target[1] is landing[1] \
-                        and landing[1].obj is base:
-                    conn.put_target = (target[0], None, fr.NAK_KEY)  # refused, not acked
-                    conn.reader.discard_rest()
-            handle.registered = False
-            handle.view = None
-
-    def mem_handle_serialize(self, handle: MemHandle) -> bytes:
-        return _HANDLE.pack(_HANDLE_VERSION, handle.access, handle.key,
-                            handle.length) + self._handle_extra(handle)
-
-    def mem_handle_deserialize(self, data: bytes) -> MemHandle:
-        data = bytes(data)
-        if len(data) < _HANDLE.size:
-            raise ValueError(f"mem_handle_deserialize: {len(data)} B is shorter than a handle")
-        version, access, key, length = _HANDLE.unpack_from(data)
-        if version != _HANDLE_VERSION or access not in (1, 2, 3):
-            raise ValueError(f"mem_handle_deserialize: bad version {version} or access {access}")
-        extra = self._parse_handle_extra(data[_HANDLE.size:])
-        return MemHandle(None, length, Access(access), key, False, extra)
-
-    # -- RMA ------------------------------------------------------------------------------------
-    def put(self, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
-            length: int, addr: Addr, callback: Callback | None = None) -> Op:
-        return self._rma(OpKind.PUT, local, local_off, remote, remote_off, length, addr, callback)
-
-    def get(self, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
-            length: int, addr: Addr, callback: Callback | None = None) -> Op:
-        return self._rma(OpKind.GET, local, local_off, remote, remote_off, length, addr, callback)
-
-    def _rma(self, kind: OpKind, local: MemHandle, local_off: int, remote: MemHandle,
-             remote_off: int, length: int, addr: Addr, callback: Callback | None) -> Op:
-        name = kind.name.lower()
-        op = rma_op(kind, local, local_off, remote, remote_off, length, addr, callback)
-        with self._lock:
-            self._check_open(name)
-            self.stats["rma_ops"] += 1
-            self.stats["rma_bytes"] += length
-            if length == 0:
-                self._post(op)
-            else:
-                self._start_rma(op)
-        return op
-
-    def _start_rma(self, op: Op) -> None:
-        """Emulated RMA over the peer's stream; plugins with a real one-sided path override."""
-        self._emulate_rma(op)
-
-    def _emulate_rma(self, op: Op) -> None:
-        conn = self._conn_for(op.addr, op)  # type: ignore[arg-type]
-        if conn is None:
-            return
-        chunk, length, view, key = self._rma_chunk, op.length, op.buffer, op.remote.key
+    # -- initiator -------------------------------------------------------------------------------
+    def start(self, op: Op, conn: Conn) -> None:
+        chunk, length, view, key = self.chunk, op.length, op.buffer, op.remote.key
         is_get = op.kind == OpKind.GET
         bufs: list[Any] = []
-        total = 0
         op.remaining = 0
         for off in range(0, length, chunk):
             n = min(chunk, length - off)
@@ -150,60 +59,118 @@ class RmaMixin:
             if is_get:
                 conn.rma[op_id] = (op, local)
                 bufs += (_HDR.pack(_MAGIC, fr.GET_REQ, 0, 24, op_id), desc)
-                total += fr.HEADER_SIZE + 24
             else:
                 conn.rma[op_id] = (op, None)
                 bufs += (_HDR.pack(_MAGIC, fr.PUT_REQ, 0, 24, op_id), desc,
                          _HDR.pack(_MAGIC, fr.PUT_DATA, 0, n, op_id), local)
-                total += 2 * fr.HEADER_SIZE + 24 + n
             op.remaining += 1
-        self._enqueue(conn, bufs, total, None)
+        self.outbox.enqueue(conn, bufs, None)
+
+    def chunk_answered(self, conn: Conn, tag: int, payload: memoryview | None) -> None:
+        entry = conn.rma.pop(tag, None)
+        if entry is not None:
+            self._chunk_done(entry[0], None)
+
+    def chunk_refused(self, conn: Conn, tag: int, payload: memoryview | None) -> None:
+        entry = conn.rma.pop(tag, None)
+        reason = payload[0] if payload else NAK_PROTOCOL
+        if entry is not None:
+            op = entry[0]
+            self._chunk_done(op, AccessError(op.kind.name.lower(), conn.name,
+                                             REFUSALS.get(reason, f"refused ({reason})")))
 
     def _chunk_done(self, op: Op, error: BaseException | None) -> None:
         op.remaining -= 1
-        if op.state == _PENDING:
+        if op.state == OpState.PENDING:
             if error is not None:
                 op.error = error
-                self._finish(op)
+                self.cq.post(op)
             elif op.remaining == 0:
-                self._finish(op)
-        elif op.state == _CANCELING and op.remaining == 0:
-            op.error = Canceled(op.kind.name.lower(), op.addr.uri if op.addr else None, "canceled")
-            self._finish(op)
+                self.cq.post(op)
+        elif op.state == OpState.CANCELING and op.remaining == 0:
+            op.error = canceled(op)
+            self.cq.post(op)
 
-    def _lookup_reg(self, payload: memoryview, need: Access) -> tuple[memoryview | None, int]:
-        if len(payload) != fr.RMA_DESC.size:
-            return None, fr.NAK_PROTOCOL
+    def landing(self, conn: Conn, kind: int, length: int, tag: int) -> memoryview | None:
+        """Where a direct frame's payload lands: a get's reply in the initiator's memory, or
+        a put's data in the target's registration (None: discard it)."""
+        if kind == fr.GET_RESP:
+            entry = conn.rma.get(tag)
+            if entry is None or entry[0].state != OpState.PENDING:
+                return None
+            dest = entry[1]
+            if dest is None:
+                raise ProtocolError("get", conn.name, f"data for operation {tag}, which is a put")
+            if len(dest) != length:
+                raise ProtocolError("get", conn.name, f"reply of {length} B to a {len(dest)} B get")
+            return dest
+        target = conn.put_target
+        if target is None:
+            raise ProtocolError("put", conn.name, "put data without a put request")
+        dest = target[1]
+        if dest is not None and len(dest) != length:
+            raise ProtocolError("put", conn.name, f"{length} B of data for a {len(dest)} B put")
+        return dest
+
+    def stop_landing(self, op: Op, conn: Conn | None) -> None:
+        """A canceled get: a chunk arriving right now must stop landing in the user's memory
+        before the cancel completes (later chunks are discarded by ``landing``)."""
+        landing = conn.reader.landing_in() if conn is not None else None
+        if landing is not None:
+            entry = conn.rma.get(landing[0])  # type: ignore[union-attr]
+            if entry is not None and entry[0] is op:
+                conn.reader.discard_rest()  # type: ignore[union-attr]
+
+    # -- target ----------------------------------------------------------------------------------
+    def _lookup(self, payload: memoryview | None, need: Access) -> tuple[memoryview | None, int]:
+        if payload is None or len(payload) != fr.RMA_DESC.size:
+            return None, NAK_PROTOCOL
         key, off, length = fr.RMA_DESC.unpack(payload)
-        handle = self._regs.get(key)
+        handle, nak = self.regs.check(key, off, length, need)
         if handle is None:
-            return None, fr.NAK_KEY
-        if off + length > handle.length:
-            return None, fr.NAK_BOUNDS
-        if not handle.access & need:
-            return None, fr.NAK_ACCESS
+            return None, nak
         return handle.view[off: off + length], 0  # type: ignore[index]
 
-    def _serve_get(self, conn: _Conn, op_id: int, payload: memoryview) -> None:
-        view, nak = self._lookup_reg(payload, Access.READ_ONLY)
+    def serve_get(self, conn: Conn, op_id: int, payload: memoryview | None) -> None:
+        view, nak = self._lookup(payload, Access.READ_ONLY)
         if view is None:
-            self._send_nak(conn, op_id, nak)
+            self._refuse(conn, op_id, nak)
             return
         self.stats["rma_served"] += 1
-        n = len(view)
-        self._enqueue(conn, [_HDR.pack(_MAGIC, fr.GET_RESP, 0, n, op_id), view],
-                      n + fr.HEADER_SIZE, None)
+        self.outbox.enqueue(conn, [_HDR.pack(_MAGIC, fr.GET_RESP, 0, len(view), op_id), view],
+                            None)
 
-    def _check_put(self, conn: _Conn, op_id: int,
-                   payload: memoryview) -> tuple[int, memoryview | None, int]:
-        view, nak = self._lookup_reg(payload, Access.WRITE_ONLY)
+    def check_put(self, conn: Conn, op_id: int, payload: memoryview | None) -> None:
+        if conn.put_target is not None:
+            raise ProtocolError("put", conn.name, "two put requests without data between")
+        view, nak = self._lookup(payload, Access.WRITE_ONLY)
         if view is not None:
             self.stats["rma_served"] += 1
-        return op_id, view, nak
+        conn.put_target = (op_id, view, nak)
 
-    def _send_nak(self, conn: _Conn, op_id: int, reason: int) -> None:
+    def put_landed(self, conn: Conn, tag: int, payload: memoryview | None) -> None:
+        op_id, _dest, nak = conn.put_target  # type: ignore[misc]
+        conn.put_target = None
+        if nak:
+            self._refuse(conn, op_id, nak)
+        else:
+            self.outbox.enqueue(conn, [_HDR.pack(_MAGIC, fr.RMA_ACK, 0, 0, op_id)], None)
+
+    def _refuse(self, conn: Conn, op_id: int, reason: int) -> None:
         self.stats["rma_refused"] += 1
         self.log.warning("refused an RMA request from %s: %s", conn.name,
-                         _NAK_TEXT.get(reason, reason))
-        self._enqueue(conn, [_HDR.pack(_MAGIC, fr.RMA_NAK, 0, 1, op_id), bytes((reason,))],
-                      fr.HEADER_SIZE + 1, None)
+                         REFUSALS.get(reason, reason))
+        self.outbox.enqueue(conn, [_HDR.pack(_MAGIC, fr.RMA_NAK, 0, 1, op_id), bytes((reason,))],
+                            None)
+
+    def withdraw(self, handle: MemHandle, conns: set[Conn]) -> None:
+        """``handle`` is being deregistered: a put landing in it right now must not write
+        into it any more, and is refused instead of acknowledged."""
+        base = handle.view.obj  # type: ignore[union-attr]
+        for conn in conns:
+            landing = conn.reader.landing_in()
+            target = conn.put_target
+            if landing is not None and target is not None and target[1] is landing[1] \
+                    and landing[1].obj is base:
+                conn.put_target = (target[0], None, NAK_KEY)
+                conn.reader.discard_rest()

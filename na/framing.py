@@ -25,7 +25,6 @@ MAGIC = 0xA7
 HEADER = struct.Struct("<BBHIQ")
 HEADER_SIZE = HEADER.size
 RMA_DESC = struct.Struct("<QQQ")
-RMA_ERR = struct.Struct("<B")
 
 # Frame kinds. Plain ints: they are compared on the per-message path.
 HELLO = 1  # payload: the sender's URI, sent once as the first frame of a connection
@@ -36,16 +35,10 @@ GET_RESP = 5  # payload: the data (direct)
 PUT_REQ = 6  # payload: RMA descriptor; the next frame on the stream is its PUT_DATA
 PUT_DATA = 7  # payload: the data (direct)
 RMA_ACK = 8
-RMA_NAK = 9  # payload: u8 reason + utf-8 text
+RMA_NAK = 9  # payload: u8 reason (na.core.NAK_*)
 
 KINDS = frozenset(range(HELLO, RMA_NAK + 1))
 DIRECT = frozenset((GET_RESP, PUT_DATA))
-
-# RMA_NAK reasons.
-NAK_KEY = 1
-NAK_BOUNDS = 2
-NAK_ACCESS = 3
-NAK_PROTOCOL = 4
 
 # Direct payloads land in 256 KiB slices of a scratch buffer when they are discarded.
 _SCRATCH = 256 * 1024

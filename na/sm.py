@@ -5,7 +5,9 @@ a private runtime directory (``$PETASUS_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/p
 ``/tmp/petasus-<uid>``), are removed on close, and those left by dead processes are reclaimed.
 
 RMA, as Mercury's na+sm does it: the initiator moves the bytes with one ``process_vm_readv`` or
-``process_vm_writev``; the target's CPU is not involved. Unlike na+sm, the target still decides
+``process_vm_writev``; the target's CPU is not involved. ``put``/``get`` queue the copy and
+the next ``progress()`` makes it, so the op completes through the queue like any other (and
+can be canceled until then). Unlike na+sm, the target still decides
 what may be touched: it publishes each registration (key, base, length, rights) in a table file
 that peers map read-only, and the initiator checks the table, not the handle it was given, so a
 forged or stale key, a range past the end or a write into a read-only registration is refused.
@@ -30,11 +32,13 @@ import re
 import socket
 import struct
 import weakref
+from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _pvm
 from ._sockets import SocketPlugin
+from .core import NAK_KEY, REFUSALS, canceled, refusal
 from .errors import AccessError, NAError, PeerError
 from .types import Access, Addr, MemHandle, Op, OpKind
 
@@ -96,9 +100,81 @@ def reclaim_stale(directory: Path) -> int:
     return removed
 
 
-class SmPlugin(SocketPlugin):
+class SmRegion(NamedTuple):
+    """Where an sm registration lives: the owner's process and instance, its slot in the
+    owner's table, and its base address there (what process_vm needs)."""
+
+    pid: int
+    inst: int
+    slot: int
+    base: int
+
+
+class UnixTransport:
+    """Unix-domain stream sockets in the private runtime directory, named by pid/instance."""
+
     scheme = "sm"
+
+    def __init__(self, directory: Path, pid: int, inst: int) -> None:
+        self.dir = directory
+        self.pid = pid
+        self.inst = inst
+        self.sock_path = directory / f"{pid}-{inst}.sock"
+
+    def open(self, listen: bool) -> tuple[str, socket.socket | None]:
+        sock = None
+        if listen:
+            try:
+                self.sock_path.unlink()
+            except FileNotFoundError:
+                pass
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(str(self.sock_path))
+            except OSError:
+                sock.close()
+                raise
+        return f"sm://{self.pid}/{self.inst}", sock
+
+    def canonical(self, uri: str) -> str:
+        if _URI.match(uri) is None:
+            raise ValueError(f"{uri!r} is not an sm address (sm://<pid>/<instance>)")
+        return uri
+
+    def connect(self, uri: str) -> tuple[socket.socket, bool]:
+        pid, inst = _URI.match(uri).groups()  # type: ignore[union-attr]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5.0)
+        try:
+            sock.connect(str(self.dir / f"{pid}-{inst}.sock"))
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.ENOENT:
+                raise OSError(exc.errno, "no such sm listener (the process exited or never "
+                              "listened)") from None
+            raise
+        sock.setblocking(False)
+        return sock, False
+
+    def tune(self, sock: socket.socket) -> None:
+        """Unix sockets need no options."""
+
+    def owns_anonymous(self, sock: socket.socket, uri: str) -> bool:
+        # The kernel says which process is on the other end of the Unix socket: only that
+        # process may be known by an sm URI with its pid.
+        match = _URI.match(uri)
+        if match is None:
+            return False
+        try:
+            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return False
+        return struct.unpack("3i", cred)[0] == int(match.group(1))
+
+
+class SmPlugin(SocketPlugin):
     log = logging.getLogger("petasus.na.sm")
+    _TAIL_SIZE = _EXTRA.size
 
     def __init__(self, uri: str = "sm://", listen: bool = False, *, rma: str | None = None,
                  table_slots: int = 65536, **options: int) -> None:
@@ -111,6 +187,7 @@ class SmPlugin(SocketPlugin):
         self._mode = mode
         self._slots = table_slots
         self._copy_peers: set[Addr] = set()
+        self._copies: deque[Op] = deque()  # process_vm copies waiting for progress
         self._denied = False
         self._tables: dict[tuple[int, int], mmap.mmap] = {}
         self._free_slots: list[int] = []
@@ -119,15 +196,15 @@ class SmPlugin(SocketPlugin):
         reclaim_stale(self._dir)
         self._pid = os.getpid()
         self._inst = next(_instances)
-        stem = self._dir / f"{self._pid}-{self._inst}"
-        self._sock_path = stem.with_suffix(".sock")
-        self._table_path = stem.with_suffix(".reg")
+        transport = UnixTransport(self._dir, self._pid, self._inst)
+        self._sock_path = transport.sock_path
+        self._table_path = self._sock_path.with_suffix(".reg")
         self._table = self._create_table()
         # A process that exits without close() still removes its files; peers reclaim the files
         # of processes that were killed.
         self._cleanup = weakref.finalize(self, _unlink, self._sock_path, self._table_path)
         try:
-            super().__init__(listen, **options)
+            super().__init__(transport, listen, **options)
         except BaseException:
             self._on_close()
             raise
@@ -142,55 +219,6 @@ class SmPlugin(SocketPlugin):
             os.close(fd)
         table[:_TABLE_HEAD] = _TABLE_MAGIC + struct.pack("<II", self._slots, 0)
         return table
-
-    # -- hooks of the socket engine -------------------------------------------------------------
-    def _open(self, listen: bool) -> str:
-        if listen:
-            try:
-                self._sock_path.unlink()
-            except FileNotFoundError:
-                pass
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.bind(str(self._sock_path))
-                self._listen_on(sock)
-            except OSError:
-                sock.close()
-                raise
-        return f"sm://{self._pid}/{self._inst}"
-
-    def _canonical(self, uri: str) -> str:
-        if _URI.match(uri) is None:
-            raise ValueError(f"{uri!r} is not an sm address (sm://<pid>/<instance>)")
-        return uri
-
-    def _connect(self, addr: Addr) -> tuple[socket.socket, bool]:
-        pid, inst = _URI.match(addr.uri).groups()  # type: ignore[union-attr]
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(5.0)
-        try:
-            sock.connect(str(self._dir / f"{pid}-{inst}.sock"))
-        except OSError as exc:
-            sock.close()
-            if exc.errno == errno.ENOENT:
-                raise OSError(exc.errno, "no such sm listener (the process exited or never "
-                              "listened)") from None
-            raise
-        sock.setblocking(False)
-        return sock, False
-
-    def _owns_anonymous(self, conn: Any, uri: str) -> bool:
-        # The kernel says which process is on the other end of the Unix socket: only that
-        # process may be known by an sm URI with its pid.
-        match = _URI.match(uri)
-        if match is None:
-            return False
-        try:
-            cred = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                        struct.calcsize("3i"))
-        except OSError:
-            return False
-        return struct.unpack("3i", cred)[0] == int(match.group(1))
 
     def _on_close(self) -> None:
         for table in self._tables.values():
@@ -217,7 +245,7 @@ class SmPlugin(SocketPlugin):
         return out
 
     # -- registrations: published in the table peers check --------------------------------------
-    def _register_extra(self, handle: MemHandle) -> None:
+    def _publish(self, handle: MemHandle) -> None:
         if self._free_slots:
             slot = self._free_slots.pop()
         elif self._next_slot < self._slots:
@@ -227,43 +255,68 @@ class SmPlugin(SocketPlugin):
             raise ValueError(f"mem_register: all {self._slots} sm registration slots are in use "
                              "(raise table_slots)")
         base = _pvm.buffer_address(handle.view)  # type: ignore[arg-type]
-        handle.extra = (slot, base)
+        handle.record = SmRegion(self._pid, self._inst, slot, base)
         off = _TABLE_HEAD + slot * _SLOT.size
         # Key last: a reader that sees the key sees the rest of the entry.
         _SLOT.pack_into(self._table, off, 0, base, handle.length, int(handle.access))
         struct.pack_into("<Q", self._table, off, handle.key)
 
-    def _deregister_extra(self, handle: MemHandle) -> None:
-        slot = handle.extra[0]
+    def _withdraw(self, handle: MemHandle) -> None:
+        slot = handle.record.slot
         _SLOT.pack_into(self._table, _TABLE_HEAD + slot * _SLOT.size, 0, 0, 0, 0)
         self._free_slots.append(slot)
-        handle.extra = None
+        handle.record = None
 
-    def _handle_extra(self, handle: MemHandle) -> bytes:
-        if not handle.local:
-            return _EXTRA.pack(*handle.extra)  # forwarding a peer's handle to a third process
-        if handle.extra is None:
+    def _handle_tail(self, handle: MemHandle) -> bytes:
+        # A remote handle is forwarded to a third process as it came.
+        if handle.record is None:
             raise ValueError(f"mem_handle_serialize: {handle!r} is deregistered")
-        slot, base = handle.extra
-        return _EXTRA.pack(self._pid, self._inst, slot, base)
+        return _EXTRA.pack(*handle.record)
 
-    def _parse_handle_extra(self, data: bytes) -> Any:
-        if len(data) != _EXTRA.size:
-            raise ValueError(f"mem_handle_deserialize: sm handle tail is {len(data)} B, "
-                             f"expected {_EXTRA.size}")
-        return _EXTRA.unpack(data)
+    def _parse_handle_tail(self, tail: bytes) -> SmRegion:
+        return SmRegion(*_EXTRA.unpack(tail))
 
     # -- one-sided RMA --------------------------------------------------------------------------
     def _start_rma(self, op: Op) -> None:
-        addr = op.addr
-        if self._mode == "copy" or addr in self._copy_peers:
+        """Queue the copy for the next progress pass, as every other op completes: the call
+        never blocks, and a cancel before progress withdraws it. The wake-up eventfd makes
+        ``poll_fd()`` readable so an event loop runs that pass."""
+        if self._mode == "copy" or op.addr in self._copy_peers:
             self._emulate_rma(op)
             return
+        self._copies.append(op)
+        os.eventfd_write(self._cq.wake_fd, 1)
+
+    def progress(self, timeout: float = 0.0) -> bool:
+        if self._copies:
+            self._check_open("progress")
+            with self._lock:
+                copies, self._copies = self._copies, deque()
+                for op in copies:
+                    self._copy(op)
+            return True
+        return super().progress(timeout)
+
+    def _cancel_transfer(self, op: Op) -> bool:
+        if op in self._copies:
+            self._copies.remove(op)
+            return False  # never started: it ends now, canceled
+        return super()._cancel_transfer(op)
+
+    def close(self) -> None:
+        with self._lock:
+            copies, self._copies = self._copies, deque()
+            for op in copies:
+                self._cq.fail(op, canceled(op, "the plugin was closed"))
+        super().close()
+
+    def _copy(self, op: Op) -> None:
+        """One process_vm_readv/writev, checked against the target's table first."""
+        addr = op.addr
         name = "put" if op.kind == OpKind.PUT else "get"
         remote = op.remote
         try:
-            pid, inst, slot, base = remote.extra if remote.local is False else (
-                self._pid, self._inst, remote.extra[0], remote.extra[1])
+            pid, inst, slot, base = remote.record
             remote_addr = self._checked_address(name, addr, pid, inst, slot, base, remote.key,
                                                 op.remote_off, op.length, op.kind)
             local = op.buffer[op.local_off: op.local_off + op.length]
@@ -284,22 +337,21 @@ class SmPlugin(SocketPlugin):
                 op.error = PeerError(name, addr.uri, "the process has exited")  # type: ignore[union-attr]
             else:
                 op.error = AccessError(name, addr.uri, f"process_vm failed: {exc}")  # type: ignore[union-attr]
-        self._post(op)
+        self._cq.post(op)
 
     def _checked_address(self, name: str, addr: Addr | None, pid: int, inst: int, slot: int,
                          base: int, key: int, off: int, length: int, kind: OpKind) -> int:
         peer = addr.uri if addr is not None else f"sm://{pid}/{inst}"
         table = self._peer_table(name, peer, pid, inst)
         if slot >= (len(table) - _TABLE_HEAD) // _SLOT.size:
-            raise AccessError(name, peer, "unknown key (forged, or deregistered)")
+            raise AccessError(name, peer, REFUSALS[NAK_KEY])
         t_key, t_base, t_len, t_access = _SLOT.unpack_from(table, _TABLE_HEAD + slot * _SLOT.size)
         if t_key != key or t_base != base:
-            raise AccessError(name, peer, "unknown key (forged, or deregistered)")
-        if off + length > t_len:
-            raise AccessError(name, peer, "out of bounds")
+            raise AccessError(name, peer, REFUSALS[NAK_KEY])
         need = Access.WRITE_ONLY if kind == OpKind.PUT else Access.READ_ONLY
-        if not t_access & need:
-            raise AccessError(name, peer, "not allowed by the registration's access rights")
+        nak = refusal(t_len, Access(t_access & 3), off, length, need)
+        if nak:
+            raise AccessError(name, peer, REFUSALS[nak])
         return t_base + off
 
     def _peer_table(self, name: str, peer: str, pid: int, inst: int) -> mmap.mmap:

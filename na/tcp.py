@@ -12,11 +12,9 @@ import ipaddress
 import logging
 import secrets
 import socket
-from typing import Any
 from urllib.parse import urlsplit
 
 from ._sockets import SocketPlugin
-from .types import Addr
 
 
 def parse_tcp_uri(uri: str, *, need_port: bool = True) -> tuple[str, int, int]:
@@ -49,36 +47,35 @@ def format_tcp_uri(host: str, port: int) -> str:
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
-class TcpPlugin(SocketPlugin):
+class TcpTransport:
+    """Sockets over IP; a non-listening instance is anonymous (peers answer it over its own
+    connection), so any peer may claim an anonymous URI only of the anonymous kind."""
+
     scheme = "tcp"
-    log = logging.getLogger("petasus.na.tcp")
 
-    def __init__(self, uri: str = "tcp://127.0.0.1:0", listen: bool = False,
-                 **options: int) -> None:
-        self._bind = uri if uri not in ("tcp://", "tcp") else "tcp://127.0.0.1:0"
-        super().__init__(listen, **options)
+    def __init__(self, uri: str) -> None:
+        self.bind = uri if uri not in ("tcp://", "tcp") else "tcp://127.0.0.1:0"
 
-    def _open(self, listen: bool) -> str:
-        host, port, family = parse_tcp_uri(self._bind, need_port=False)
+    def open(self, listen: bool) -> tuple[str, socket.socket | None]:
+        host, port, family = parse_tcp_uri(self.bind, need_port=False)
         if not listen:
-            return f"tcp://anonymous-{secrets.token_hex(8)}"
+            return f"tcp://anonymous-{secrets.token_hex(8)}", None
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
-            self._listen_on(sock)
         except OSError as exc:
             sock.close()
             raise OSError(exc.errno,
-                          f"tcp: cannot listen on {self._bind}: {exc.strerror}") from None
-        return format_tcp_uri(host, sock.getsockname()[1])
+                          f"tcp: cannot listen on {self.bind}: {exc.strerror}") from None
+        return format_tcp_uri(host, sock.getsockname()[1]), sock
 
-    def _canonical(self, uri: str) -> str:
+    def canonical(self, uri: str) -> str:
         host, port, _family = parse_tcp_uri(uri)
         return format_tcp_uri(host, port)
 
-    def _connect(self, addr: Addr) -> tuple[socket.socket, bool]:
-        host, port, family = parse_tcp_uri(addr.uri)
+    def connect(self, uri: str) -> tuple[socket.socket, bool]:
+        host, port, family = parse_tcp_uri(uri)
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         err = sock.connect_ex((host, port))
@@ -87,8 +84,16 @@ class TcpPlugin(SocketPlugin):
             raise OSError(err, errno.errorcode.get(err, str(err)))
         return sock, bool(err)
 
-    def _owns_anonymous(self, conn: Any, uri: str) -> bool:
+    def tune(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def owns_anonymous(self, sock: socket.socket, uri: str) -> bool:
         return uri.startswith("tcp://anonymous-")
 
-    def _tune(self, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+class TcpPlugin(SocketPlugin):
+    log = logging.getLogger("petasus.na.tcp")
+
+    def __init__(self, uri: str = "tcp://127.0.0.1:0", listen: bool = False,
+                 **options: int) -> None:
+        super().__init__(TcpTransport(uri), listen, **options)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+R = TypeVar("R")  # a plugin's record of a registration (sm: SmRegion; ofi: its MR or base)
 
 
 class Access(enum.IntFlag):
@@ -25,6 +27,14 @@ class OpKind(enum.IntEnum):
 
 
 Callback = Callable[["Op"], Any]
+
+
+class OpState(enum.IntEnum):
+    """Where an op is in the plugin: the one set of state names every plugin uses."""
+
+    PENDING = 0  # posted, not finished
+    FINISHED = 1  # its completion is posted (queued for trigger(), or done)
+    CANCELING = 2  # cancel() asked; the transport still holds its buffer, it finishes later
 
 
 class Op:
@@ -67,8 +77,7 @@ class Op:
         self.source: Addr | None = None
         self.error: BaseException | None = None
         self.done = False
-        # Plugin bookkeeping: 0 pending, 1 completing (queued for trigger), 2 canceled.
-        self.state = 0
+        self.state = OpState.PENDING
         self.op_id = 0
         self.remaining = 0
 
@@ -81,7 +90,7 @@ class Op:
         return self
 
     def __repr__(self) -> str:
-        status = "done" if self.done else ("canceling" if self.state == 2 else "pending")
+        status = "done" if self.done else self.state.name.lower()
         if self.error is not None:
             status = f"failed: {self.error}"
         peer = f" peer={self.addr.uri}" if self.addr is not None else ""
@@ -91,14 +100,14 @@ class Op:
 class Addr:
     """A peer address. Each plugin keeps one Addr per peer, so identity is equality."""
 
-    __slots__ = ("__weakref__", "conn", "dead", "extra", "listening", "uri")
+    __slots__ = ("__weakref__", "conn", "dead", "fabric_addr", "listening", "uri")
 
     def __init__(self, uri: str, listening: bool) -> None:
         self.uri = uri
         self.listening = listening
-        self.conn: Any = None
+        self.conn: Any = None  # the socket plugins' live connection to the peer
         self.dead: str | None = None
-        self.extra: Any = None
+        self.fabric_addr: int | None = None  # ofi: the peer's fi_addr_t in the address vector
 
     def __str__(self) -> str:
         return self.uri
@@ -108,19 +117,23 @@ class Addr:
         return f"<Addr {self.uri} {state}>"
 
 
-class MemHandle:
-    """A registration: local handles hold the memory, remote (deserialized) ones describe it."""
+class MemHandle(Generic[R]):
+    """A registration: local handles hold the memory, remote (deserialized) ones describe it.
 
-    __slots__ = ("access", "extra", "key", "length", "local", "registered", "view")
+    ``record`` is the plugin's typed record of it: an ``sm.SmRegion`` (where it lives in the
+    owner's process), ofi's registered MR (local) or remote base address, None on tcp.
+    """
+
+    __slots__ = ("access", "key", "length", "local", "record", "registered", "view")
 
     def __init__(self, view: memoryview | None, length: int, access: Access, key: int,
-                 local: bool, extra: Any = None) -> None:
+                 local: bool, record: R | None = None) -> None:
         self.view = view
         self.length = length
         self.access = Access(access)
         self.key = key
         self.local = local
-        self.extra = extra
+        self.record = record
         self.registered = local
 
     def __repr__(self) -> str:

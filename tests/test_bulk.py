@@ -197,8 +197,6 @@ def test_callbacks_and_asyncio(rpc: RpcPeer) -> None:
 
 
 def test_cancel_before_progress(rpc: RpcPeer, spec: Spec) -> None:
-    if spec.options.get("rma") == "process_vm":
-        pytest.skip("process_vm RMA completes inside the call; there is nothing in flight")
     remote = rpc.remote.expose(8 * MiB, 15, int(RO), 1, False)
     dest = bytearray(8 * MiB)
     with rpc.engine.bulk(dest, WO) as local:
@@ -215,16 +213,13 @@ def test_peer_killed_mid_transfer(fresh_rpc: RpcPeer, spec: Spec) -> None:
     with fresh_rpc.engine.bulk(bytearray(32 * MiB), WO) as local:
         t = local.pull_from(remote)
         fresh_rpc.kill()
-        if spec.options.get("rma") == "process_vm":
-            t.wait()  # the copy finished inside the call, before the kill
-        else:
-            with pytest.raises(na.PeerError, match="pull_from"):
-                t.wait()
+        # sm's process_vm copy waits for progress like every other op: the target is gone
+        # by then, on every plugin.
+        with pytest.raises(na.PeerError, match="pull_from"):
+            t.wait()
 
 
 def test_closing_a_handle_cancels_its_transfers(rpc: RpcPeer, spec: Spec) -> None:
-    if spec.options.get("rma") == "process_vm":
-        pytest.skip("process_vm RMA completes inside the call; there is nothing in flight")
     remote = rpc.remote.expose(4 * MiB, 17, int(RO), 1, False)
     local = rpc.engine.bulk(bytearray(4 * MiB), WO)
     t = local.pull_from(remote)
@@ -603,7 +598,9 @@ def test_overflow_memory_is_budgeted_and_stalled_pulls_time_out(spec: Spec) -> N
 
 @pytest.mark.parametrize("serve", ["sync", "async"])
 def test_an_unacknowledged_result_is_withdrawn(spec: Spec, serve: str) -> None:
-    server = hg.Engine(spec.uri, listen=True, overflow_timeout=0.5, **spec.options)
+    clock = FakeClock()  # the withdrawal comes when the test moves time, never before
+    server = hg.Engine(spec.uri, listen=True, overflow_timeout=60.0, clock=clock,
+                       **spec.options)
     server.register(api.make, lambda size, seed: api.pattern(seed, size))
     if serve == "async":
         server.register(api.async_double, _async_double)  # serve() then runs an event loop
@@ -614,11 +611,23 @@ def test_an_unacknowledged_result_is_withdrawn(spec: Spec, serve: str) -> None:
             request = hd.encode_request(hd.rpc_id("make")) + api.make.in_proc.encode((MiB, 1))
             ret, body = _raw_call(client, server.uri, request, 5)
             assert ret == hd.SUCCESS and bulk.RemoteBulk.from_bytes(body).size == MiB + 4
-            # The client never pulls nor acknowledges: the server withdraws its memory.
+            exposed = server.na.statistics()["registrations"]  # the result's segments
+            assert exposed > 0
+            small = hd.encode_request(hd.rpc_id("make")) + api.make.in_proc.encode((16, 1))
+            # The client never pulls nor acknowledges. Before its deadline the memory stays;
+            # a small call makes the server progress (an event loop sleeps until its timer,
+            # which is set on the real clock).
+            clock.now += 59.0
+            assert _raw_call(client, server.uri, small, 6)[0] == hd.SUCCESS  # type: ignore[index]
+            assert server.na.statistics()["registrations"] == exposed
+            clock.now += 2.0
+            tag = 7
             deadline = time.monotonic() + TIMEOUT
             while server.na.statistics()["registrations"] and time.monotonic() < deadline:
-                client.progress(0.05)
+                assert _raw_call(client, server.uri, small, tag)[0] == hd.SUCCESS  # type: ignore[index]
+                tag += 1
             assert server.na.statistics()["registrations"] == 0
+            assert server.statistics()["overflow_timeouts"] == 1
     finally:
         server.shutdown()
         thread.join(TIMEOUT)

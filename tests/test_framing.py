@@ -148,10 +148,15 @@ def test_handle_round_trip(tcp_plugin: TcpPlugin, access: na.Access, key: int,
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=64))
 def test_handle_garbage_is_a_value_error(tcp_plugin: TcpPlugin, data: bytes) -> None:
-    try:
-        tcp_plugin.mem_handle_deserialize(data)
-    except ValueError:
-        pass
+    # Exactly the 18-byte handles of version 1 with real rights decode; all else is refused.
+    if len(data) == 18 and data[0] == 1 and data[1] in (1, 2, 3):
+        handle = tcp_plugin.mem_handle_deserialize(data)
+        assert (handle.access, handle.key, handle.length, handle.local) == (
+            data[1], int.from_bytes(data[2:10], "little"), int.from_bytes(data[10:], "little"),
+            False)
+    else:
+        with pytest.raises(ValueError, match="mem_handle_deserialize"):
+            tcp_plugin.mem_handle_deserialize(data)
 
 
 def test_handle_truncations_fail(tcp_plugin: TcpPlugin) -> None:

@@ -104,7 +104,7 @@ def test_timer_heap_stays_bounded(pair: tuple[hg.Context, hg.Context, FakeClock]
     for i in range(4200):
         handle = client.create(addr, rpc).forward((i, 1), timeout=3600.0)
         drive(client, server, until=lambda h=handle: h.done)
-    assert len(client._timers) <= 4097
+    assert len(client.timers) <= 4097
 
 
 def test_state_table_rejects_illegal_events() -> None:
@@ -161,15 +161,21 @@ def test_close_waits_for_running_handlers(spec: Spec) -> None:
     with hg.Engine(spec.uri, timeout=TIMEOUT, **spec.options) as client:
         client.declare(decl)
         handle = client.lookup(server.uri).slow.future(7)
-        while server.statistics()["inflight_handlers"] == 0:
-            client.context.progress(0.01)
+        assert client.wait_until(lambda: server.statistics()["inflight_handlers"] == 1,
+                                 TIMEOUT)
         server.shutdown()
         thread.join(TIMEOUT)
-        closer = threading.Thread(target=server.close, kwargs={"timeout": TIMEOUT})
-        closer.start()
-        closer.join(0.3)
-        assert closer.is_alive() and finished == []  # close() waits for the running handler
-        release.set()
-        closer.join(TIMEOUT)
-        assert not closer.is_alive() and finished == [7]
+        assert not thread.is_alive()
+        # The handler is released only once close() is waiting for it (its first progress
+        # pass), so close() returning with the handler finished proves that it waited.
+        waiting = server.context.progress
+
+        def progress(timeout: float = 0.0) -> bool:
+            release.set()
+            return waiting(timeout)
+
+        server.context.progress = progress  # type: ignore[method-assign]
+        assert finished == []
+        server.close(timeout=TIMEOUT)
+        assert finished == [7]
         assert client.wait(handle) == 7  # and its answer still went out

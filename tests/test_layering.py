@@ -52,3 +52,54 @@ def test_the_checker_sees_violations(tmp_path: Path) -> None:
     sample = tmp_path / "na" / "probe.py"
     sample.write_text("from petasus.hg import Engine\nfrom ..bulk import Bulk\nfrom . import tcp\n")
     assert {layer for layer, _ in imported_layers(sample, tmp_path)} == {"hg", "bulk", "na"}
+
+
+def module_imports(path: Path, root: Path = ROOT) -> set[str]:
+    """Every petasus module a file imports, type-only imports included, relative ones
+    resolved (``from . import x`` counts as importing ``x``)."""
+    parts = path.relative_to(root).with_suffix("").parts
+    package = parts[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = ".".join(["petasus", *base, *([node.module] if node.module else [])]) \
+                if node.level else (node.module or "")
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.startswith("petasus.")}
+
+
+def test_no_import_cycles() -> None:
+    # Type-only imports count: a cycle through TYPE_CHECKING is two modules that cannot be
+    # read apart (as na/_sockets.py and na/_rma.py once were).
+    modules = {}
+    for layer in BELOW:
+        for path in (ROOT / layer).rglob("*.py"):
+            if path.name != "__init__.py":
+                rel = path.relative_to(ROOT).with_suffix("").parts
+                modules["petasus." + ".".join(rel)] = path
+    graph = {name: module_imports(path, ROOT) & modules.keys() for name, path in modules.items()}
+    done: set[str] = set()
+
+    def visit(name: str, stack: list[str]) -> None:
+        if name in stack:
+            cycle = [*stack[stack.index(name):], name]
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+        if name in done:
+            return
+        for dep in sorted(graph[name]):
+            visit(dep, [*stack, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def test_the_cycle_check_sees_a_type_only_cycle(tmp_path: Path) -> None:
+    (tmp_path / "na").mkdir()
+    (tmp_path / "na" / "a.py").write_text("from typing import TYPE_CHECKING\n"
+                                          "if TYPE_CHECKING:\n    from .b import B\n")
+    assert "petasus.na.b.B" in module_imports(tmp_path / "na" / "a.py", tmp_path)

@@ -105,8 +105,8 @@ class Addressing:
             addr = self._peers.get(uri)
             if addr is None:
                 addr = self._peers[uri] = Addr(uri, True)
-                addr.extra = self._insert(name, uri)
-                if addr.extra is None:
+                addr.fabric_addr = self._insert(name, uri)
+                if addr.fabric_addr is None:
                     addr.dead = "could not connect: the provider cannot resolve the address"
             self._by_name[name] = addr
         return addr

@@ -7,18 +7,17 @@ import logging
 import os
 import socket
 import struct
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from ..types import Addr, Op, as_byte_view
+from ..types import Addr, Op
 from ._fabric import ffi, lib
 
 log = logging.getLogger("petasus.na.ofi")
 
 PROVIDERS = {"tcp": "tcp;ofi_rxm", "shm": "shm", "sockets": "sockets", "verbs": "verbs;ofi_rxm"}
-MAX_MSG_SIZE = 64 * 1024  # the tcp plugin's eager size, so hg behaves the same on every plugin
 RMA_CHUNK = 64 * 1024 * 1024  # one fi_read/fi_write at most; the provider's limit when lower
-MAX_QUEUED = 64 * 1024 * 1024  # unmatched unexpected bytes held before the pool stops reposting
 # Receive slots always posted. On shm the pool is half the provider's receive-request pool
 # (FI_SHM_RX_SIZE, which plugin.py raises to SHM_RX_SIZE: 4096 slots, in private anonymous
 # memory touched only where messages land). libfabric 1.17's shm silently discards messages
@@ -33,7 +32,6 @@ SHM_RX_SIZE = 8192
 CQ_BATCH = 64
 PROBE_INTERVAL = 0.5  # seconds between liveness checks of a peer with pending operations
 SHM_TICK_US = 1000
-SPIN_US = int(os.environ.get("PETASUS_SPIN_US", "200"))  # DESIGN: spin, then block
 
 # Tag bits 32-35: the kind of a pool message; bit 40/41: RMA data, matched by a receive posted
 # for it (the pool ignores bits 0-35 and so never takes those); bits 44-59: a per-instance salt
@@ -43,38 +41,33 @@ _KIND_MASK = 0xF << 32
 _POOL_IGNORE = (1 << 36) - 1
 _GET_DATA, _PUT_DATA = 1 << 40, 1 << 41
 _RMA_DESC = struct.Struct("<QQQ")  # key, offset, length
-_NAK_KEY, _NAK_BOUNDS, _NAK_ACCESS, _NAK_PROTOCOL = 1, 2, 3, 4
-_NAK_TEXT = {_NAK_KEY: "unknown key (forged, or deregistered)", _NAK_BOUNDS: "out of bounds",
-             _NAK_ACCESS: "not allowed by the registration's access rights",
-             _NAK_PROTOCOL: "malformed request"}
-_MAX_TAG = 0xFFFFFFFF
 _IGNORE_ALL = 0xFFFFFFFFFFFFFFFF
-_PENDING, _FINISHED, _CANCELING = 0, 1, 2
 _RX, _SEND, _RMA, _PROBE_REQ, _SERVE, _PUT_SINK = 0, 1, 2, 3, 4, 5
-_HANDLE = struct.Struct("<BBQQQ")  # version, access, key, length, remote base address
-_HANDLE_VERSION = 1
+_BASE = struct.Struct("<Q")  # a handle's tail: the registration's base address (native mode)
 _DEFAULT_HOST = {"tcp": "127.0.0.1", "sockets": "127.0.0.1"}
 
 
-
+@dataclass(eq=False, slots=True)
 class _Req:
     """One posted libfabric operation and what must stay alive until it completes."""
 
-    __slots__ = ("addr", "args", "ctx", "fn", "keep", "kind", "op", "owner", "rma_id", "slot")
+    kind: int
+    op: Op | None
+    addr: Addr | None
+    fn: Any
+    args: tuple[Any, ...]
+    keep: Any = None
+    slot: int = -1
+    rma_id: int = 0
+    owner: Op | None = None  # the NA op a failure of this request fails (default: ``op``)
+    ctx: Any = None
 
-    def __init__(self, kind: int, op: Op | None, addr: Addr | None, fn: Any, args: tuple[Any, ...],
-                 keep: Any = None, slot: int = -1) -> None:
-        self.kind = kind
-        self.op = op
-        self.addr = addr
-        self.fn = fn
-        self.args = args
-        self.keep = keep
-        self.slot = slot
-        self.rma_id = 0
-        self.owner = op  # the NA op a failure of this request fails
+    def __post_init__(self) -> None:
+        if self.owner is None:
+            self.owner = self.op
         # fi_tinject takes no context (and writes no completion).
-        self.ctx = ffi.new("struct fi_context2 *") if fn is not lib.fi_tinject else None
+        if self.fn is not lib.fi_tinject:
+            self.ctx = ffi.new("struct fi_context2 *")
 
 
 class _Reg:
@@ -88,6 +81,12 @@ class _Reg:
         self.holder = holder  # what keeps cbuf's memory alive when cbuf is a bare char *
         self.base = base
         self.desc = desc
+
+
+class _Remote(NamedTuple):
+    """The ofi record of a peer's registration: its base address (native RMA needs it)."""
+
+    base: int
 
 
 def _pin(view: memoryview) -> tuple[Any, Any]:
@@ -115,14 +114,6 @@ def _pin(view: memoryview) -> tuple[Any, Any]:
     # An exporter that cannot be pinned as bytes: copy-free, but the GC caveat above applies.
     owner = ffi.from_buffer(view)
     return owner, owner
-
-
-def _recv_view(buf: Any, op: str) -> memoryview:
-    view = as_byte_view(buf, op)
-    if view.readonly:
-        raise ValueError(f"{op}: the receive buffer is read-only")
-    return view
-
 
 
 def _rma_salt(rma_id: int) -> bytes:
@@ -175,7 +166,6 @@ def _shm_gone(uri: str) -> str | None:
     except (ValueError, PermissionError):
         return None
     return None
-
 
 
 def _tcp_refused(uri: str) -> str | None:

@@ -8,14 +8,10 @@ import time
 from collections import deque
 from typing import Any
 
-from .._generic import run_completions
+from ..core import NAK_PROTOCOL
 from ..errors import Canceled, PeerError
-from ..types import Addr, Op, OpKind
+from ..types import Addr, Op, OpKind, OpState
 from ._common import (
-    _CANCELING,
-    _FINISHED,
-    _NAK_PROTOCOL,
-    _PENDING,
     _PROBE,
     _PROBE_REQ,
     _PUT_SINK,
@@ -53,19 +49,19 @@ class Progress:
         if req.addr in self._blocked:
             self._queue(req)
             return
-        rc = self._post_req(req)
+        rc = self._submit_req(req)
         if rc == -lib.FI_EAGAIN:
             self.stats["eagain"] += 1
             self._queue(req)
         elif rc:
             self._req_failed(req, rc, "")
 
-    def _post_req(self, req: _Req) -> int:
+    def _submit_req(self, req: _Req) -> int:
         if req.fn is lib.fi_tinject:
             rc = int(lib.fi_tinject(*req.args))  # no context: no completion will come
             if rc == 0:
                 if req.op is not None:
-                    self._complete(req.op)
+                    self._cq.complete(req.op)
                 if self._bell is not None:
                     self._ring(req.addr)  # type: ignore[arg-type]
             return rc
@@ -75,8 +71,8 @@ class Progress:
         if rc:
             del self._reqs[key]
             return rc
-        if self._polling:
-            os.eventfd_write(self._wake_fd, 1)  # the sleeping poller must drive it
+        if self._cq.polling:
+            os.eventfd_write(self._cq.wake_fd, 1)  # the sleeping poller must drive it
         if self._bell is not None and req.kind != _RX and req.fn is lib.fi_tsend:
             self._ring(req.addr)  # type: ignore[arg-type]
         return rc
@@ -102,14 +98,14 @@ class Progress:
         refused: set[Addr | None] = set()
         for req in backlog:
             owner = req.owner
-            if owner is not None and owner.state == _FINISHED:
+            if owner is not None and owner.state == OpState.FINISHED:
                 continue  # failed or canceled while it waited: never posted, nothing to undo
             if owner is None and req.addr is not None and req.addr.dead:
                 continue  # a probe or an answer to a peer known dead
             if req.addr in refused:
                 self._queue(req)
                 continue
-            rc = self._post_req(req)
+            rc = self._submit_req(req)
             if rc == -lib.FI_EAGAIN:
                 refused.add(req.addr)
                 self._queue(req)
@@ -129,11 +125,11 @@ class Progress:
                 log.warning("%s: receive slot failed: %s", self.scheme,
                             error_for(code, "fi_trecv", detail=detail))
                 if not self._closed:
-                    self._post_slot(req.slot)
+                    self._submit_slot(req.slot)
             return
         if kind == _PUT_SINK:
             if req.rma_id != -1 and req.addr is not None and not self._closed:
-                self._send_answer(req.addr, req.rma_id, _RMA_NAK, bytes((_NAK_PROTOCOL,)))
+                self._send_answer(req.addr, req.rma_id, _RMA_NAK, bytes((NAK_PROTOCOL,)))
             return
         addr = req.addr
         op = req.owner
@@ -150,11 +146,11 @@ class Progress:
             log.info("%s: serving an RMA request failed: %s", self.scheme, exc)
             return
         if op is not None:
-            if op.state == _CANCELING:
+            if op.state == OpState.CANCELING:
                 exc = Canceled(name, _uri(addr), "canceled")
-            if op.state != _FINISHED:
+            if op.state != OpState.FINISHED:
                 self._cancel_chunks(op)
-            self._fail(op, exc)
+            self._cq.fail(op, exc)
 
     def _cancel_chunks(self, op: Op) -> int:
         """Withdraw the receives still posted into ``op``'s memory (checked get data); return
@@ -187,14 +183,14 @@ class Progress:
                     self._on_message(req, e.len, e.tag)
                 elif kind == _SEND:
                     if req.op is not None:
-                        self._complete(req.op)
+                        self._cq.complete(req.op)
                 elif kind == _RMA:
                     if req.rma_id:
                         self._rma_wait.pop(req.rma_id, None)
                     op = req.op
                     op.remaining -= 1  # type: ignore[union-attr]
                     if op.remaining == 0:  # type: ignore[union-attr]
-                        self._complete(op)  # type: ignore[arg-type]
+                        self._cq.complete(op)  # type: ignore[arg-type]
                 elif kind == _PUT_SINK:
                     if req.rma_id != -1:
                         self._send_answer(req.addr, req.rma_id, _RMA_ACK, b"")  # type: ignore[arg-type]
@@ -218,28 +214,6 @@ class Progress:
         text = lib.fi_cq_strerror(self._cq_fid, err.prov_errno, err.err_data, buf, 256)
         return ffi.string(text).decode("utf-8", "replace") if text != ffi.NULL else ""
 
-    def _complete(self, op: Op) -> None:
-        if op.state == _CANCELING:
-            op.error = Canceled(op.kind.name.lower(), _uri(op.addr), "canceled")
-            self._post(op)
-        elif op.state == _PENDING:
-            self._post(op)
-
-    def _post(self, op: Op) -> None:
-        op.state = _FINISHED
-        if op.callback is None:
-            op.done = True
-            self._completed += 1
-        else:
-            self._cq.append(op)
-        if self._polling:
-            os.eventfd_write(self._wake_fd, 1)
-
-    def _fail(self, op: Op, error: BaseException) -> None:
-        if op.state != _FINISHED:
-            op.error = error
-            self._post(op)
-
     # -- peer failure ---------------------------------------------------------------------------
     def _peer_failed(self, addr: Addr, cause: str) -> None:
         """Fail every pending operation with ``addr``: none of them will complete normally."""
@@ -248,24 +222,23 @@ class Progress:
         # Later operations fail at once instead of waiting for a provider that may only
         # ever answer FI_EAGAIN (rxm keeps trying to reconnect to a dead peer).
         addr.dead = addr.dead or cause
-        for key in [k for k in self._exp_posted if k[0] is addr]:
-            for op in self._exp_posted.pop(key):
-                self._fail(op, PeerError(op.kind.name.lower(), addr.uri, cause))
+        self._matcher.fail_expected(
+            addr, lambda op: PeerError(op.kind.name.lower(), addr.uri, cause))
         for req in itertools.chain(list(self._reqs.values()), self._backlog,
                                    list(self._rma_wait.values())):
             op = req.owner
-            if req.addr is addr and op is not None and op.state != _FINISHED:
+            if req.addr is addr and op is not None and op.state != OpState.FINISHED:
                 # The provider may still hold the buffer: the request stays in _reqs (its
                 # late completion is ignored) so that the memory stays alive.
                 self._cancel_chunks(op)
-                self._fail(op, PeerError(op.kind.name.lower(), addr.uri, cause))
+                self._cq.fail(op, PeerError(op.kind.name.lower(), addr.uri, cause))
 
     def _check_peers(self) -> None:
         """Probe the peers that pending operations wait for (caller holds the lock)."""
-        busy = {k[0] for k in self._exp_posted}
+        busy = self._matcher.expected_peers()
         busy.update(r.addr for r in itertools.chain(self._reqs.values(), self._rma_wait.values(),
                                                     self._backlog)
-                    if r.owner is not None and r.owner.state != _FINISHED)
+                    if r.owner is not None and r.owner.state != OpState.FINISHED)
         busy.discard(None)  # type: ignore[arg-type]
         for addr in busy:
             if addr.dead or addr is self._self_addr:
@@ -281,7 +254,7 @@ class Progress:
                 cause = _tcp_refused(addr.uri)
                 if cause:
                     self._peer_failed(addr, cause)
-            elif addr not in self._probing and addr.extra is not None:
+            elif addr not in self._probing and addr.fabric_addr is not None:
                 self._probing.add(addr)
                 self.stats["probes"] += 1
                 self._start(self._send_req(_PROBE_REQ, None, addr, self._hdr, _PROBE))
@@ -297,10 +270,11 @@ class Progress:
         blocks on the CQ's wait descriptor (guarded by fi_trywait), or on shm in 1 ms slices.
         """
         self._check_open("progress")
-        cq, lock = self._cq, self._lock
+        cqueue, lock = self._cq, self._lock
+        cq = cqueue.ops
         if cq:
             return True
-        done = self._completed
+        done = cqueue.completed
         now = time.monotonic()
         deadline = now + timeout
         spin_end = now + self._spin
@@ -317,7 +291,7 @@ class Progress:
                 if now >= self._next_probe:
                     self._next_probe = now + self._probe_interval
                     self._check_peers()
-            if cq or self._completed != done:
+            if cq or cqueue.completed != done:
                 return True
             if got:
                 spin_end = now + self._spin
@@ -336,15 +310,15 @@ class Progress:
                     continue  # something is ready to read (or the provider wants progress)
             else:
                 wait = min(wait, SHM_TICK_US / 1e6)
-            self._polling += 1
+            cqueue.polling += 1
             try:
-                if cq or self._completed != done:
+                if cq or cqueue.completed != done:
                     continue
                 events = self._ep_poll.poll(wait)
             finally:
-                self._polling -= 1
+                cqueue.polling -= 1
             for fd, _ev in events:
-                if fd in (self._wake_fd, self._timer_fd):
+                if fd in (cqueue.wake_fd, self._timer_fd):
                     try:
                         os.read(fd, 8)
                     except (BlockingIOError, OSError):
@@ -360,38 +334,18 @@ class Progress:
             except OSError:
                 return
 
-    def trigger(self, max_count: int = 1 << 30) -> int:
-        return run_completions(self._cq, max_count)
-
-    def cancel(self, op: Op) -> None:
-        with self._lock:
-            if op.state != _PENDING:
-                return
-            self.stats["canceled"] += 1
-            error = Canceled(op.kind.name.lower(), _uri(op.addr), "canceled")
-            if op.kind == OpKind.RECV_UNEXPECTED:
-                self._unexp_posted.remove(op)
-            elif op.kind == OpKind.RECV_EXPECTED:
-                key = (op.addr, op.tag)
-                waiting = self._exp_posted[key]  # type: ignore[index]
-                waiting.remove(op)
-                if not waiting:
-                    del self._exp_posted[key]  # type: ignore[arg-type]
-            elif op.kind == OpKind.GET and self._rma_mode == "checked":
-                # The data receives are withdrawn (fi_cancel); each reports FI_ECANCELED, or
-                # completes if its data was already landing, and the op then ends as canceled.
-                op.state = _CANCELING
-                if self._cancel_chunks(op):
-                    return
-                # Nothing of it reached the provider yet (all in the FI_EAGAIN backlog, say
-                # to a peer that does not progress): nothing will report back, so end it now.
-            elif any(r.owner is op for r in itertools.chain(self._reqs.values(),
-                                                             self._rma_wait.values())):
-                # Posted to libfabric, which cannot withdraw sends or RMA: it completes as
-                # canceled once the provider hands the buffer back.
-                op.state = _CANCELING
-                return
-            op.error = error
-            self._post(op)  # still in the backlog (never posted): skipped when retried
-
-
+    def _cancel_transfer(self, op: Op) -> bool:
+        if op.kind == OpKind.GET and self._rma_mode == "checked":
+            # The data receives are withdrawn (fi_cancel); each reports FI_ECANCELED, or
+            # completes if its data was already landing, and the op then ends as canceled.
+            op.state = OpState.CANCELING
+            # Nothing of it reached the provider yet (all in the FI_EAGAIN backlog, say to a
+            # peer that does not progress): nothing will report back, so it ends now.
+            return self._cancel_chunks(op) > 0
+        if any(r.owner is op for r in itertools.chain(self._reqs.values(),
+                                                       self._rma_wait.values())):
+            # Posted to libfabric, which cannot withdraw sends or RMA: it completes as
+            # canceled once the provider hands the buffer back.
+            op.state = OpState.CANCELING
+            return True
+        return False  # still in the backlog (never posted): skipped when retried

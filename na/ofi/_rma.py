@@ -7,22 +7,21 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from .._generic import rma_op
+from ..core import (
+    MAX_TAG,
+    NAK_PROTOCOL,
+    REFUSALS,
+    pack_handle,
+    register_view,
+    unpack_handle,
+)
 from ..errors import AccessError, Canceled, PeerError
-from ..types import Access, Addr, Callback, MemHandle, Op, OpKind, as_byte_view
+from ..types import Access, Addr, MemHandle, Op, OpKind, OpState
 from ._common import (
-    _CANCELING,
+    _BASE,
     _GET_DATA,
     _GET_REQ,
-    _HANDLE,
-    _HANDLE_VERSION,
     _IGNORE_ALL,
-    _MAX_TAG,
-    _NAK_ACCESS,
-    _NAK_BOUNDS,
-    _NAK_KEY,
-    _NAK_PROTOCOL,
-    _NAK_TEXT,
     _PUT_DATA,
     _PUT_REQ,
     _PUT_SINK,
@@ -35,6 +34,7 @@ from ._common import (
     _fid,
     _pin,
     _Reg,
+    _Remote,
     _Req,
     _rma_salt,
     log,
@@ -69,11 +69,7 @@ class Rma:
                     holder)
 
     def mem_register(self, buffer: Any, access: Access) -> MemHandle:
-        access = Access(access)
-        view = as_byte_view(buffer, "mem_register")
-        if access & Access.WRITE_ONLY and view.readonly:
-            raise ValueError("mem_register: a read-only buffer cannot be registered for remote "
-                             "writes (use Access.READ_ONLY)")
+        view, access = register_view(buffer, access)
         # Zero bytes still need an address: register one byte of a private buffer instead.
         holder, cbuf = _pin(view if len(view) else memoryview(bytearray(1)))
         flags = lib.FI_READ | lib.FI_SEND
@@ -86,16 +82,12 @@ class Rma:
         with self._lock:
             self._check_open("mem_register")
             reg = self._mr_reg(cbuf, max(len(view), 1), flags, holder)
-            if self._rma_mode == "native":
-                key = int(lib.fi_mr_key(reg.mr))
-            else:
-                key = secrets.randbits(64) | 1
-                while key in self._keys:
-                    key = secrets.randbits(64) | 1
+            native = self._rma_mode == "native"
+            key = int(lib.fi_mr_key(reg.mr)) if native else self._keys.new_key()
             handle = MemHandle(view, len(view), access, key, True, reg)
             self._regs[id(handle)] = handle
-            if self._rma_mode == "checked":
-                self._keys[key] = handle
+            if not native:
+                self._keys.add(handle)
         return handle
 
     def mem_deregister(self, handle: MemHandle) -> None:
@@ -103,50 +95,35 @@ class Rma:
             if not handle.local or self._regs.get(id(handle)) is not handle:
                 raise ValueError(f"mem_deregister: {handle!r} is not registered here")
             del self._regs[id(handle)]
-            self._keys.pop(handle.key, None)
-            check_rc(lib.fi_close(_fid(handle.extra.mr)), "fi_close", op="mem_deregister")
+            if self._rma_mode != "native":
+                self._keys.remove(handle)
+            check_rc(lib.fi_close(_fid(handle.record.mr)), "fi_close", op="mem_deregister")
             handle.registered = False
             handle.view = None
 
     def mem_handle_serialize(self, handle: MemHandle) -> bytes:
         if not handle.local:
-            base = handle.extra  # a deserialized handle keeps the remote base as is
+            base = handle.record.base  # a deserialized handle keeps the remote base as is
         else:
-            base = handle.extra.base if self._mr_mode & lib.FI_MR_VIRT_ADDR else 0
-        return _HANDLE.pack(_HANDLE_VERSION, handle.access, handle.key, handle.length, base)
+            base = handle.record.base if self._mr_mode & lib.FI_MR_VIRT_ADDR else 0
+        return pack_handle(handle, _BASE.pack(base))
 
     def mem_handle_deserialize(self, data: bytes) -> MemHandle:
-        data = bytes(data)
-        if len(data) != _HANDLE.size:
-            raise ValueError(f"mem_handle_deserialize: {len(data)} B is not a {_HANDLE.size} B "
-                             f"{self.scheme} handle")
-        version, access, key, length, base = _HANDLE.unpack(data)
-        if version != _HANDLE_VERSION or access not in (1, 2, 3):
-            raise ValueError(f"mem_handle_deserialize: bad version {version} or access {access}")
-        return MemHandle(None, length, Access(access), key, False, base)
+        access, key, length, tail = unpack_handle(data, self.scheme, _BASE.size)
+        return MemHandle(None, length, access, key, False, _Remote(*_BASE.unpack(tail)))
 
     # -- RMA ------------------------------------------------------------------------------------
-    def put(self, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
-            length: int, addr: Addr, callback: Callback | None = None) -> Op:
-        return self._rma(OpKind.PUT, local, local_off, remote, remote_off, length, addr, callback)
-
-    def get(self, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
-            length: int, addr: Addr, callback: Callback | None = None) -> Op:
-        return self._rma(OpKind.GET, local, local_off, remote, remote_off, length, addr, callback)
-
-    def _rma(self, kind: OpKind, local: MemHandle, local_off: int, remote: MemHandle,
-             remote_off: int, length: int, addr: Addr, callback: Callback | None) -> Op:
-        name = kind.name.lower()
-        op = rma_op(kind, local, local_off, remote, remote_off, length, addr, callback)
+    def _start_op(self, op: Op) -> Op:
+        name, addr, length = op.kind.name.lower(), op.addr, op.length
         with self._lock:
             self._check_open(name)
             self.stats["rma_ops"] += 1
             self.stats["rma_bytes"] += length
-            if addr.dead or addr.extra is None:
-                self._fail(op, PeerError(name, addr.uri, addr.dead or "unusable address"))
+            if addr.dead or addr.fabric_addr is None:
+                self._cq.fail(op, PeerError(name, addr.uri, addr.dead or "unusable address"))
                 return op
             if length == 0:
-                self._post(op)
+                self._cq.post(op)
                 return op
             chunk = self._rma_chunk
             op.remaining = -(-length // chunk)
@@ -158,12 +135,12 @@ class Rma:
     def _start_native(self, op: Op, off: int, n: int) -> None:
         """One fi_read/fi_write. The target's provider is trusted with key, bounds and rights,
         which shm and tcp;ofi_rxm (libfabric 1.17) do not enforce cleanly: opt-in only."""
-        reg, remote = op.local.extra, op.remote
-        base = remote.extra if not remote.local else (
+        reg, remote = op.local.record, op.remote
+        base = remote.record.base if not remote.local else (
             reg.base if self._mr_mode & lib.FI_MR_VIRT_ADDR else 0)
         fn = lib.fi_read if op.kind == OpKind.GET else lib.fi_write
         self._start(_Req(_RMA, op, op.addr, fn,
-                         (self._ep, reg.cbuf + op.local_off + off, n, reg.desc, op.addr.extra,
+                         (self._ep, reg.cbuf + op.local_off + off, n, reg.desc, op.addr.fabric_addr,
                           base + op.remote_off + off, remote.key), keep=reg))
 
     def _start_checked(self, op: Op, off: int, n: int) -> None:
@@ -175,8 +152,8 @@ class Rma:
         put: ask and send the data at once; the target receives it into its memory once the
         request passes (until then the provider holds it as unexpected) and acknowledges.
         """
-        reg, addr = op.local.extra, op.addr
-        rma_id = self._salt | (next(self._rma_ids) & _MAX_TAG)
+        reg, addr = op.local.record, op.addr
+        rma_id = self._salt | (next(self._rma_ids) & MAX_TAG)
         desc = _RMA_DESC.pack(op.remote.key, op.remote_off + off, n)
         local = reg.cbuf + op.local_off + off
         if op.kind == OpKind.GET:
@@ -196,7 +173,7 @@ class Rma:
             self._start(self._send_req(_SEND, None, addr, self._hdr + desc, _PUT_REQ | rma_id,
                                        owner=op))
             data = _Req(_SEND, None, addr, lib.fi_tsend,
-                        (self._ep, local, n, reg.desc, addr.extra, _PUT_DATA | rma_id),
+                        (self._ep, local, n, reg.desc, addr.fabric_addr, _PUT_DATA | rma_id),
                         keep=reg)
             data.owner = op
             self._start(data)
@@ -205,26 +182,19 @@ class Rma:
         """A peer's get or put request: check it against our own table, never the claim."""
         rma_id = self._rma_id_of(utag, payload)
         if len(payload) != _RMA_DESC.size + 2:
-            self._rma_refuse(addr, rma_id, _NAK_PROTOCOL, kind, 0)
+            self._rma_refuse(addr, rma_id, NAK_PROTOCOL, kind, 0)
             return
         key, off, n = _RMA_DESC.unpack_from(payload, 2)
-        handle = self._keys.get(key)
         need = Access.READ_ONLY if kind == _GET_REQ else Access.WRITE_ONLY
-        nak = 0
+        handle, nak = self._keys.check(key, off, n, need)
         if handle is None:
-            nak = _NAK_KEY
-        elif off + n > handle.length:
-            nak = _NAK_BOUNDS
-        elif not handle.access & need:
-            nak = _NAK_ACCESS
-        if nak:
             self._rma_refuse(addr, rma_id, nak, kind, n)
             return
         self.stats["rma_served"] += 1
-        reg = handle.extra  # type: ignore[union-attr]
+        reg = handle.record  # type: ignore[union-attr]
         if kind == _GET_REQ:
             self._start(_Req(_SERVE, None, addr, lib.fi_tsend,
-                             (self._ep, reg.cbuf + off, n, reg.desc, addr.extra,
+                             (self._ep, reg.cbuf + off, n, reg.desc, addr.fabric_addr,
                               _GET_DATA | rma_id), keep=handle))
         else:
             sink = _Req(_PUT_SINK, None, addr, lib.fi_trecv,
@@ -242,7 +212,7 @@ class Rma:
     def _rma_refuse(self, addr: Addr, rma_id: int, nak: int, kind: int, n: int) -> None:
         self.stats["rma_refused"] += 1
         log.warning("%s: refused an RMA request from %s: %s", self.scheme, addr.uri,
-                    _NAK_TEXT[nak])
+                    REFUSALS[nak])
         if kind == _PUT_REQ:
             # Take the refused data off the provider's unexpected queue into scratch memory of
             # its size (tcp;ofi_rxm stalls the connection on a truncated receive); a claim
@@ -265,18 +235,18 @@ class Rma:
         if kind == _RMA_ACK:
             op.remaining -= 1  # type: ignore[union-attr]
             if op.remaining == 0:  # type: ignore[union-attr]
-                self._complete(op)  # type: ignore[arg-type]
+                self._cq.complete(op)  # type: ignore[arg-type]
             return
-        reason = payload[2] if len(payload) > 2 else _NAK_PROTOCOL
+        reason = payload[2] if len(payload) > 2 else NAK_PROTOCOL
         what = op.kind.name.lower()  # type: ignore[union-attr]
         self._cancel_chunks(op)  # type: ignore[arg-type]
         error: BaseException = AccessError(what, addr.uri,
-                                           _NAK_TEXT.get(reason, f"refused ({reason})"))
-        if op.state == _CANCELING:  # type: ignore[union-attr]
+                                           REFUSALS.get(reason, f"refused ({reason})"))
+        if op.state == OpState.CANCELING:  # type: ignore[union-attr]
             error = Canceled(what, addr.uri, "canceled")
-        self._fail(op, error)  # type: ignore[arg-type]
+        self._cq.fail(op, error)  # type: ignore[arg-type]
 
     def _send_answer(self, addr: Addr, rma_id: int, kind: int, extra: bytes) -> None:
         self._start(self._send_req(_SERVE, None, addr, self._hdr + _rma_salt(rma_id) + extra,
-                                   kind | (rma_id & _MAX_TAG)))
+                                   kind | (rma_id & MAX_TAG)))
 

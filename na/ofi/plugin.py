@@ -87,20 +87,19 @@ import warnings
 from collections import deque
 from typing import Any
 
+from .. import core
 from ..errors import Canceled
-from ..types import Addr, MemHandle, Op
+from ..generic import PluginCore
+from ..types import Addr, MemHandle
 from ._addressing import Addressing
 from ._common import (
     CQ_BATCH,
-    MAX_MSG_SIZE,
-    MAX_QUEUED,
     PROBE_INTERVAL,
     PROVIDERS,
     RMA_CHUNK,
     RX_BUFFERS,
     SHM_RX_SIZE,
     SHM_TICK_US,
-    SPIN_US,
     _doorbell,
     _fid,
     _Req,
@@ -122,12 +121,12 @@ from .errors import FabricError, check_rc, error_for
 os.environ.setdefault("FI_SHM_RX_SIZE", str(SHM_RX_SIZE))
 
 
-class OfiPlugin(Addressing, Messages, Rma, Progress):
+class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
     """One endpoint, its CQ and AV, a posted receive pool, and Python-side matching."""
 
-    def __init__(self, uri: str, listen: bool = False, *, max_msg_size: int = MAX_MSG_SIZE,
-                 spin_us: int = SPIN_US, rma_chunk: int = RMA_CHUNK,
-                 max_queued: int = MAX_QUEUED, rx_buffers: int | None = None,
+    def __init__(self, uri: str, listen: bool = False, *, max_msg_size: int = core.MAX_MSG_SIZE,
+                 spin_us: int = core.SPIN_US, rma_chunk: int = RMA_CHUNK,
+                 max_queued: int = core.MAX_QUEUED, rx_buffers: int | None = None,
                  probe_interval: float = PROBE_INTERVAL, rma: str = "checked") -> None:
         scheme, _, rest = uri.partition("://")
         self.scheme = scheme
@@ -142,7 +141,6 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
         self._rma_mode = rma
         self._max_msg = max_msg_size
         self._spin = max(spin_us, 0) / 1e6
-        self._max_queued = max_queued
         self._probe_interval = probe_interval
         self._lock = threading.Lock()
         self._closed = False
@@ -153,34 +151,27 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
         self._bell: socket.socket | None = None  # shm: see _doorbell
         self._bells: dict[Addr, bytes] = {}
         self._wait_fd = -1
+        self.stats = dict.fromkeys(
+            ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
+             "rma_bytes", "peer_failures", "protocol_errors", "canceled", "expected_dropped",
+             "probes", "eagain", "rma_served", "rma_refused"), 0)
         self._ep_poll = select.epoll()
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._ep_poll.register(self._wake_fd, select.EPOLLIN)
-        self._cq: deque[Op] = deque()
-        self._completed = 0
-        self._polling = 0
-        self._in_pass = 0
+        self._cq = core.CompletionQueue()
+        self._ep_poll.register(self._cq.wake_fd, select.EPOLLIN)
+        self._matcher = core.Matcher(self._cq, self.stats, log, max_queued, self._repost_held)
         self._reqs: dict[int, _Req] = {}
         self._backlog: deque[_Req] = deque()
         self._blocked: dict[Addr | None, int] = {}  # peers with requests in the backlog
-        self._unexp_posted: deque[Op] = deque()
-        self._unexp_queue: deque[tuple[Addr, int, bytes]] = deque()
-        self._exp_posted: dict[tuple[Addr, int], deque[Op]] = {}
-        self._queued = 0
         self._held_slots: list[int] = []
         self._peers: dict[str, Addr] = {}
         self._by_name: dict[bytes, Addr] = {}
         self._probing: set[Addr] = set()
         self._next_probe = 0.0
         self._regs: dict[int, MemHandle] = {}
-        self._keys: dict[int, MemHandle] = {}  # checked mode: our keys, checked per request
+        self._keys = core.Registrations()  # checked mode: our keys, checked per request
         self._rma_wait: dict[int, _Req] = {}  # RMA id -> the request its answer completes
         self._rma_ids = itertools.count(1)
         self._salt = secrets.randbits(16) << 44
-        self.stats = dict.fromkeys(
-            ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
-             "rma_bytes", "peer_failures", "protocol_errors", "canceled", "expected_dropped",
-             "probes", "eagain", "rma_served", "rma_refused"), 0)
         try:
             self._open(rest, listen, rx_buffers, rma_chunk)
         except BaseException:
@@ -281,7 +272,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
         self._self_addr = Addr(self._uri_of(self._name), listen)
         self._peers[self._self_addr.uri] = self._self_addr
         self._by_name[self._name] = self._self_addr
-        self._self_addr.extra = self._insert(self._name, self._self_addr.uri)
+        self._self_addr.fabric_addr = self._insert(self._name, self._self_addr.uri)
         if rx_buffers is None:
             # shm: half its receive-request pool; the other half is for the tagged receives of
             # RMA data (posting all rx_attr.size entries makes the next fi_trecv FI_ENOMEM).
@@ -355,12 +346,12 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
             self._rx_desc = self._rx_reg.desc
         self._slot_reqs: list[_Req | None] = [None] * n
         for i in range(n):
-            self._post_slot(i)
+            self._submit_slot(i)
 
     def _release(self) -> None:
         """Close what was opened, newest first; safe on a half-opened instance."""
         for handle in list(self._regs.values()):
-            lib.fi_close(_fid(handle.extra.mr))
+            lib.fi_close(_fid(handle.record.mr))
         self._regs.clear()
         rx_reg = getattr(self, "_rx_reg", None)
         if rx_reg is not None:
@@ -375,7 +366,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
             lib.fi_freeinfo(self._info)
             self._info = None
         self._ep_poll.close()
-        os.close(self._wake_fd)
+        self._cq.close()
         if self._bell is not None:
             self._bell.close()
         if self._timer_fd >= 0:
@@ -392,16 +383,10 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
                 return
             self._closed = True
             reason = "the plugin was closed"
-            for op in self._unexp_posted:
-                self._fail(op, Canceled(op.kind.name.lower(), None, reason))
-            self._unexp_posted.clear()
-            for ops in self._exp_posted.values():
-                for op in ops:
-                    self._fail(op, Canceled(op.kind.name.lower(), _uri(op.addr), reason))
-            self._exp_posted.clear()
+            self._matcher.close(reason)
             for req in itertools.chain(self._reqs.values(), self._backlog):
                 if req.op is not None:
-                    self._fail(req.op, Canceled(req.op.kind.name.lower(), _uri(req.addr),
+                    self._cq.fail(req.op, Canceled(req.op.kind.name.lower(), _uri(req.addr),
                                                 reason))
             self._release()
 
@@ -425,12 +410,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress):
         out: dict[str, Any] = dict(self.stats)
         out.update(uri=self._self_addr.uri, provider=self.provider,
                    open_connections=len(self._by_name), registrations=len(self._regs),
-                   queued_bytes=self._queued, spin_us=int(self._spin * 1e6),
+                   queued_bytes=self._matcher.queued, spin_us=int(self._spin * 1e6),
                    wait="fd" if self._wait_fd >= 0 else "spin+timer", mr_mode=self._mr_mode,
                    in_flight=len(self._reqs) - len(self._rx) // self._slot)
         return out
-
-    def _check_open(self, op: str) -> None:
-        if self._closed:
-            raise RuntimeError(f"{op}: {self!r} is closed")
-

@@ -1,0 +1,36 @@
+"""The transport interface of the socket plugins: what differs between tcp and Unix sockets.
+
+``na/tcp.py`` (``TcpTransport``) and ``na/sm.py`` (``UnixTransport``) implement it; the
+socket plugin (``na/_sockets.py``) does everything else the same way over either.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Protocol
+
+
+class Transport(Protocol):
+    """What differs between tcp and Unix sockets: naming, listening, connecting."""
+
+    scheme: str
+
+    def open(self, listen: bool) -> tuple[str, socket.socket | None]:
+        """This instance's URI, and when listening its bound (not yet listening) socket."""
+        ...
+
+    def canonical(self, uri: str) -> str:
+        """A peer URI's canonical spelling; ValueError if malformed."""
+        ...
+
+    def connect(self, uri: str) -> tuple[socket.socket, bool]:
+        """A non-blocking socket to ``uri`` and whether it is still connecting."""
+        ...
+
+    def tune(self, sock: socket.socket) -> None:
+        """Per-socket options (TCP_NODELAY and the like)."""
+        ...
+
+    def owns_anonymous(self, sock: socket.socket, uri: str) -> bool:
+        """Whether the peer on ``sock`` may be known by the non-listening ``uri``."""
+        ...

@@ -1,0 +1,365 @@
+"""What every NA plugin shares: argument checks, the completion queue, the matcher and the
+registration table.
+
+A plugin keeps only its transport. Everything here is written once so that the plugins cannot
+disagree: a tag outside 0..2**32-1, a read-only receive buffer or an out-of-range RMA is the
+same ValueError on tcp, sm and ofi, a message is matched and queued by the same code, and a
+peer's RMA request is checked against the same table. Nothing here does I/O except the one
+eventfd write that wakes a thread asleep in the plugin's poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .errors import Canceled, NAError, PeerError
+from .types import Access, Addr, Callback, MemHandle, Op, OpKind, OpState, as_byte_view
+
+MAX_TAG = 0xFFFFFFFF  # NA tags are u32 on every plugin
+# 64 KiB messages: big enough that most RPCs need no overflow, and the same on every plugin
+# so that hg behaves the same whatever carries it.
+MAX_MSG_SIZE = 64 * 1024
+MAX_QUEUED = 64 * 1024 * 1024  # unmatched messages a peer can make us hold before we push back
+SPIN_US = int(os.environ.get("PETASUS_SPIN_US", "200"))  # DESIGN: ~70 us wake-up vs ~6 us poll
+
+# Why a target refused an RMA request; the codes travel in the refusal (one byte).
+NAK_KEY, NAK_BOUNDS, NAK_ACCESS, NAK_PROTOCOL = 1, 2, 3, 4
+REFUSALS = {NAK_KEY: "unknown key (forged, or deregistered)", NAK_BOUNDS: "out of bounds",
+            NAK_ACCESS: "not allowed by the registration's access rights",
+            NAK_PROTOCOL: "malformed request"}
+
+_HANDLE = struct.Struct("<BBQQ")  # version, access, key, length; a plugin's tail follows
+_HANDLE_VERSION = 1
+
+
+# -- argument checks (local misuse: ValueError before anything is posted) ------------------------
+def check_tag(name: str, tag: int) -> None:
+    if not 0 <= tag <= MAX_TAG:
+        raise ValueError(f"{name}: tag {tag} is not a u32")
+
+
+def message_view(kind: OpKind, buf: Any, tag: int, max_size: int) -> memoryview | bytes:
+    """The bytes of a message to send, once its size and tag are checked."""
+    if type(buf) is bytes or (type(buf) is memoryview and buf.format == "B" and buf.ndim == 1):
+        view = buf
+    else:
+        view = as_byte_view(buf, kind.name.lower())
+    n = len(view)
+    if n > max_size:
+        raise ValueError(f"{kind.name.lower()}: message of {n} B exceeds the maximum of "
+                         f"{max_size} B")
+    check_tag(kind.name.lower(), tag)
+    return view
+
+
+def recv_view(buf: Any, name: str) -> memoryview:
+    """A writable flat view of a receive buffer."""
+    if type(buf) is memoryview and buf.format == "B" and buf.ndim == 1 and not buf.readonly:
+        return buf
+    view = as_byte_view(buf, name)
+    if view.readonly:
+        raise ValueError(f"{name}: the receive buffer is read-only")
+    return view
+
+
+def rma_op(kind: OpKind, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
+           length: int, addr: Addr, callback: Callback | None) -> Op:
+    """A checked put/get: both ranges inside their registrations, a live local one, and a
+    destination that can be written."""
+    name = kind.name.lower()
+    view = local.view
+    if not local.local or view is None or not local.registered:
+        raise ValueError(f"{name}: the local handle {local!r} is not a live local registration")
+    if min(local_off, remote_off, length) < 0:
+        raise ValueError(f"{name}: offsets and length must be non-negative")
+    if local_off + length > local.length:
+        raise ValueError(f"{name}: local range {local_off}+{length} exceeds the "
+                         f"{local.length} B registration")
+    if remote_off + length > remote.length:
+        raise ValueError(f"{name}: remote range {remote_off}+{length} exceeds the "
+                         f"{remote.length} B registration")
+    if kind == OpKind.GET and view.readonly:
+        raise ValueError(f"{name}: the local registration is read-only and cannot receive")
+    op = Op(kind, callback, view, addr)
+    op.local, op.local_off, op.remote, op.remote_off, op.length = (
+        local, local_off, remote, remote_off, length)
+    return op
+
+
+def check_open(closed: bool, name: str, owner: object) -> None:
+    """Using a closed plugin is the caller's bug, not a peer's: RuntimeError."""
+    if closed:
+        raise RuntimeError(f"{name}: {owner!r} is closed")
+
+
+def canceled(op: Op, cause: str = "canceled") -> Canceled:
+    return Canceled(op.kind.name.lower(), op.addr.uri if op.addr is not None else None, cause)
+
+
+# -- the completion queue ------------------------------------------------------------------------
+class CompletionQueue:
+    """Finished ops waiting for ``trigger()``, and the wake-up of a thread asleep in poll.
+
+    An op without a callback has nothing to run, so it is marked done as it finishes and only
+    counted (``completed``): progress() returns as soon as that count moves.
+    """
+
+    __slots__ = ("completed", "ops", "polling", "wake_fd")
+
+    def __init__(self) -> None:
+        self.ops: deque[Op] = deque()
+        self.completed = 0
+        self.polling = 0  # threads asleep in the plugin's poll: a completion must wake them
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def post(self, op: Op) -> None:
+        """``op`` has finished (its error, if any, is set)."""
+        op.state = OpState.FINISHED
+        if op.callback is None:
+            op.done = True
+            self.completed += 1
+        else:
+            self.ops.append(op)
+        if self.polling:
+            os.eventfd_write(self.wake_fd, 1)
+
+    def fail(self, op: Op, error: BaseException) -> None:
+        """Finish ``op`` with ``error`` unless it already finished."""
+        if op.state != OpState.FINISHED:
+            op.error = error
+            self.post(op)
+
+    def complete(self, op: Op) -> None:
+        """The transport is done with ``op``: success, or Canceled if a cancel was waiting."""
+        if op.state == OpState.CANCELING:
+            op.error = canceled(op)
+            self.post(op)
+        elif op.state == OpState.PENDING:
+            self.post(op)
+
+    def drain_wake(self) -> None:
+        try:
+            os.eventfd_read(self.wake_fd)
+        except BlockingIOError:
+            pass
+
+    def trigger(self, max_count: int) -> int:
+        """Mark each finished op done and run its callback, oldest first."""
+        ops = self.ops
+        n = 0
+        while n < max_count:
+            try:
+                op = ops.popleft()
+            except IndexError:
+                break
+            op.done = True
+            n += 1
+            if op.callback is not None:
+                op.callback(op)
+        return n
+
+    def close(self) -> None:
+        os.close(self.wake_fd)
+
+
+# -- the matcher ---------------------------------------------------------------------------------
+class Matcher:
+    """Posted receives, queued unexpected messages, delivery, back-pressure and cancel.
+
+    Unexpected messages that find no receive are copied and queued, up to ``max_queued``
+    bytes; past that ``deliver_unexpected`` answers True and the plugin stops taking messages
+    from the transport until ``on_drained`` is called (half the bound). Expected messages must
+    be pre-posted, as in Mercury: one without a receive is a late reply and is dropped.
+    """
+
+    __slots__ = ("cq", "exp_posted", "log", "max_queued", "on_drained", "queued", "stats",
+                 "throttled", "unexp_posted", "unexp_queue")
+
+    def __init__(self, cq: CompletionQueue, stats: dict[str, int], log: logging.Logger,
+                 max_queued: int, on_drained: Callable[[], None]) -> None:
+        self.cq = cq
+        self.stats = stats
+        self.log = log
+        self.max_queued = max_queued
+        self.on_drained = on_drained
+        self.unexp_posted: deque[Op] = deque()
+        self.unexp_queue: deque[tuple[Addr, int, bytes]] = deque()
+        self.exp_posted: dict[tuple[Addr, int], deque[Op]] = {}
+        self.queued = 0
+        self.throttled = False
+
+    def post_unexpected(self, op: Op) -> None:
+        if self.unexp_queue:
+            addr, tag, data = self.unexp_queue.popleft()
+            self._fill(op, addr, tag, data)
+            self.cq.post(op)
+            self.queued -= len(data)
+            if self.throttled and self.queued <= self.max_queued // 2:
+                self.throttled = False
+                self.on_drained()
+        else:
+            self.unexp_posted.append(op)
+
+    def post_expected(self, op: Op) -> None:
+        addr = op.addr
+        if addr.dead:  # type: ignore[union-attr]
+            self.cq.fail(op, PeerError("msg_recv_expected", addr.uri, addr.dead))  # type: ignore[union-attr]
+        else:
+            self.exp_posted.setdefault((addr, op.tag), deque()).append(op)  # type: ignore[arg-type]
+
+    def deliver_unexpected(self, addr: Addr, tag: int, payload: Any) -> bool:
+        """Match or queue a message; True when the plugin should stop taking more."""
+        self.stats["msgs_received"] += 1
+        posted = self.unexp_posted
+        if posted:
+            op = posted.popleft()
+            self._fill(op, addr, tag, payload)
+            self.cq.post(op)
+            return False
+        data = bytes(payload)
+        self.unexp_queue.append((addr, tag, data))
+        self.queued += len(data)
+        if self.queued > self.max_queued:
+            self.throttled = True
+            return True
+        return False
+
+    def deliver_expected(self, addr: Addr, tag: int, payload: Any) -> None:
+        self.stats["msgs_received"] += 1
+        key = (addr, tag)
+        waiting = self.exp_posted.get(key)
+        if waiting:
+            op = waiting.popleft()
+            if not waiting:
+                del self.exp_posted[key]
+            self._fill(op, addr, tag, payload)
+            self.cq.post(op)
+        else:
+            # A late reply to something canceled or timed out; holding it would let such
+            # replies pile up until they stall the connection.
+            self.stats["expected_dropped"] += 1
+            self.log.debug("dropped an expected message from %s, tag %d: no receive posted",
+                           addr.uri, tag)
+
+    def _fill(self, op: Op, addr: Addr, tag: int, data: Any) -> None:
+        n = len(data)
+        op.source = addr
+        op.tag = tag
+        if n > len(op.buffer):
+            op.error = NAError(op.kind.name.lower(), addr.uri,
+                               f"message of {n} B does not fit the {len(op.buffer)} B buffer")
+        else:
+            op.buffer[:n] = data
+            op.size = n
+
+    def cancel(self, op: Op) -> bool:
+        """Withdraw a posted receive; False if ``op`` is not one."""
+        if op.kind == OpKind.RECV_UNEXPECTED:
+            self.unexp_posted.remove(op)
+        elif op.kind == OpKind.RECV_EXPECTED:
+            key = (op.addr, op.tag)
+            waiting = self.exp_posted[key]  # type: ignore[index]
+            waiting.remove(op)
+            if not waiting:
+                del self.exp_posted[key]  # type: ignore[arg-type]
+        else:
+            return False
+        return True
+
+    def expected_peers(self) -> set[Addr]:
+        return {key[0] for key in self.exp_posted}
+
+    def fail_expected(self, addr: Addr, error: Callable[[Op], BaseException]) -> None:
+        """Fail the receives posted for replies from ``addr``: none will come."""
+        for key in [k for k in self.exp_posted if k[0] is addr]:
+            for op in self.exp_posted.pop(key):
+                self.cq.fail(op, error(op))
+
+    def close(self, reason: str) -> None:
+        for op in self.unexp_posted:
+            self.cq.fail(op, Canceled(op.kind.name.lower(), None, reason))
+        self.unexp_posted.clear()
+        for ops in self.exp_posted.values():
+            for op in ops:
+                self.cq.fail(op, canceled(op, reason))
+        self.exp_posted.clear()
+
+
+# -- registrations -------------------------------------------------------------------------------
+def refusal(length: int, access: Access, offset: int, size: int, need: Access) -> int:
+    """Why a request for ``size`` bytes at ``offset`` of a registration is refused (0: it is
+    not). The one bounds-and-rights rule of every plugin, whatever table holds the entry."""
+    if offset < 0 or size < 0 or offset + size > length:
+        return NAK_BOUNDS
+    if not access & need:
+        return NAK_ACCESS
+    return 0
+
+
+class Registrations:
+    """Local registrations by their unguessable key, checked for every peer request."""
+
+    __slots__ = ("by_key",)
+
+    def __init__(self) -> None:
+        self.by_key: dict[int, MemHandle] = {}
+
+    def new_key(self) -> int:
+        key = secrets.randbits(64) | 1
+        while key in self.by_key:
+            key = secrets.randbits(64) | 1
+        return key
+
+    def add(self, handle: MemHandle) -> None:
+        self.by_key[handle.key] = handle
+
+    def remove(self, handle: MemHandle) -> None:
+        """Withdraw ``handle``; ValueError if it is not ours."""
+        if not handle.local or self.by_key.get(handle.key) is not handle:
+            raise ValueError(f"mem_deregister: {handle!r} is not registered here")
+        del self.by_key[handle.key]
+
+    def check(self, key: int, offset: int, length: int,
+              access: Access) -> tuple[MemHandle | None, int]:
+        """(the registration, 0) if a peer may access the range with ``access``, else
+        (None, the refusal code): the table decides, never what the request claims."""
+        handle = self.by_key.get(key)
+        if handle is None:
+            return None, NAK_KEY
+        nak = refusal(handle.length, handle.access, offset, length, access)
+        return (None, nak) if nak else (handle, 0)
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+
+def register_view(buffer: Any, access: Access) -> tuple[memoryview, Access]:
+    """The checked view and rights of a buffer to register."""
+    access = Access(access)
+    view = as_byte_view(buffer, "mem_register")
+    if access & Access.WRITE_ONLY and view.readonly:
+        raise ValueError("mem_register: a read-only buffer cannot be registered for remote "
+                         "writes (use Access.READ_ONLY)")
+    return view, access
+
+
+def pack_handle(handle: MemHandle, tail: bytes) -> bytes:
+    return _HANDLE.pack(_HANDLE_VERSION, handle.access, handle.key, handle.length) + tail
+
+
+def unpack_handle(data: bytes, scheme: str, tail_size: int) -> tuple[Access, int, int, bytes]:
+    """(access, key, length, plugin tail) of a serialized handle; ValueError if malformed."""
+    data = bytes(data)
+    if len(data) != _HANDLE.size + tail_size:
+        raise ValueError(f"mem_handle_deserialize: {len(data)} B is not a "
+                         f"{_HANDLE.size + tail_size} B {scheme} handle")
+    version, access, key, length = _HANDLE.unpack_from(data)
+    if version != _HANDLE_VERSION or access not in (1, 2, 3):
+        raise ValueError(f"mem_handle_deserialize: bad version {version} or access {access}")
+    return Access(access), key, length, data[_HANDLE.size:]

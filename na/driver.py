@@ -1,0 +1,289 @@
+"""Drivers: who runs progress, and how a caller waits. Shared by hg and bulk.
+
+A driver needs two things from what it drives (a ``Source``): the plugin's ``poll_fd()`` and
+the ``next_deadline()`` of its timers (none for a bare plugin). ``BlockingDriver`` drives
+progress on the thread that waits, one thread at a time; the others wait on a condition the
+driving thread signals after every pass. ``AsyncioDriver`` attaches to one event loop: a
+reader on the poll fd, one loop timer at the next deadline, and the spin budget as
+``call_soon`` passes (so other tasks still run). Neither polls on a period of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .interface import Plugin
+
+_NEVER = float("inf")
+
+
+class Source(Protocol):
+    """What a driver drives: progress and trigger, a pollable fd and the timers' deadline."""
+
+    def progress(self, timeout: float) -> bool: ...
+    def trigger(self, max_count: int = ...) -> int: ...
+    def poll_fd(self) -> int: ...
+    def next_deadline(self) -> float | None: ...
+
+
+class PluginSource:
+    """A bare NA plugin as a ``Source``: it has no timers."""
+
+    def __init__(self, plugin: Plugin) -> None:
+        self.plugin = plugin
+        self.progress = plugin.progress
+        self.trigger = plugin.trigger
+        self.poll_fd = plugin.poll_fd
+
+    def next_deadline(self) -> float | None:
+        return None
+
+
+class BlockingDriver:
+    """Blocking waits: the waiting thread drives progress, or waits for the one that does.
+
+    ``shared()`` says whether something else (an attached event loop) may also drive the
+    source without this driver's lock; a completion it runs does not end our sleep in the
+    plugin's poll, so then we sleep in short slices.
+    """
+
+    def __init__(self, source: Source, clock: Callable[[], float] = time.monotonic,
+                 shared: Callable[[], bool] = lambda: False) -> None:
+        self.source = source
+        self.clock = clock
+        self.shared = shared
+        self.lock = threading.Lock()
+        self.owner: int | None = None  # the thread holding ``lock``
+        self._cond = threading.Condition()
+        self._waiters = 0
+
+    def wait_until(self, done: Callable[[], bool], deadline: float = _NEVER,
+                   expire: Callable[[], None] | None = None) -> bool:
+        """Drive progress until ``done()`` or ``deadline`` (on ``clock``); at the deadline
+        call ``expire`` if given. Returns ``done()``."""
+        me = threading.get_ident()
+        while not done():
+            if self.owner == me or self.lock.acquire(blocking=False):
+                # Ours already (a handler calling out from serve()) or free: drive it here.
+                nested = self.owner == me
+                self.owner = me
+                try:
+                    self._drive(done, deadline, expire)
+                finally:
+                    if not nested:
+                        self.owner = None
+                        self.lock.release()
+                self.notify()
+                return done()
+            if deadline <= self.clock():
+                if expire is not None:
+                    expire()
+                return done()
+            with self._cond:
+                self._waiters += 1
+                try:
+                    self._cond.wait(0.01)
+                finally:
+                    self._waiters -= 1
+        return True
+
+    def _drive(self, done: Callable[[], bool], deadline: float,
+               expire: Callable[[], None] | None) -> None:
+        source, clock = self.source, self.clock
+        most = 0.01 if self.shared() else 1.0
+        while not done():
+            left = deadline - clock()
+            if left <= 0:
+                if expire is not None:
+                    expire()
+                return
+            source.progress(left if left < most else most)
+            source.trigger()
+            if self._waiters:
+                self.notify()
+
+    def notify(self) -> None:
+        if self._waiters:
+            with self._cond:
+                self._cond.notify_all()
+
+    def serve(self, stop: threading.Event) -> None:
+        """Drive progress until ``stop`` is set (the serving thread owns progress)."""
+        with self.lock:
+            self.owner = threading.get_ident()
+            try:
+                source = self.source
+                while not stop.is_set():
+                    source.progress(0.1)
+                    source.trigger()
+                    if self._waiters:
+                        self.notify()
+                source.progress(0)  # send the answers of the last pass (shutdown's own)
+            finally:
+                self.owner = None
+
+
+class AsyncioDriver:
+    """Progress from one asyncio event loop, woken by the poll fd and the next deadline.
+
+    ``keep=False`` detaches from the loop as soon as nothing awaits (a bare plugin, which may
+    be closed while the loop lives on); an engine stays attached until it closes.
+    """
+
+    def __init__(self, source: Source, clock: Callable[[], float], spin: float,
+                 keep: bool = True) -> None:
+        self.source = source
+        self.clock = clock
+        self.spin = spin
+        self.keep = keep
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+        self._thread: int | None = None
+        self._pending: asyncio.Handle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._spin_until = 0.0
+        self._awaits = 0
+        self._stop: asyncio.Event | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.loop is loop:
+            return
+        if self.loop is not None and not self.loop.is_closed():
+            raise RuntimeError("this driver is already attached to another event loop")
+        self.loop = loop
+        self._thread = threading.get_ident()
+        self._pending = None  # handles of a previous (closed) loop are void
+        self._timer = None
+        loop.add_reader(self.source.poll_fd(), self.poll)
+        deadline = self.source.next_deadline()
+        if deadline is not None:
+            self._arm(deadline)
+
+    def detach(self) -> None:
+        loop, self.loop = self.loop, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.remove_reader(self.source.poll_fd())
+            except (ValueError, RuntimeError, OSError):
+                pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.detach()
+
+    def on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` on the loop's thread: progress may be driven by another thread (a
+        blocking call from an executor), and asyncio objects are not thread-safe."""
+        if threading.get_ident() == self._thread:
+            fn(*args)
+        elif self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def kick(self) -> None:
+        """Schedule one poll soon, unless one is already pending (never two spin chains)."""
+        if self._pending is None and self.loop is not None:
+            self._pending = self.loop.call_soon(self._scheduled)
+
+    def kick_threadsafe(self) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.kick)
+
+    def _scheduled(self) -> None:
+        self._pending = None
+        self.poll()
+
+    def poll(self) -> None:
+        """Reader callback: progress without blocking, then keep polling for the spin budget
+        (via call_soon, so other tasks still run) before waiting on the fd again."""
+        if self.closed:
+            return
+        source = self.source
+        busy = source.progress(0)
+        if source.trigger() or busy:
+            self._spin_until = time.monotonic() + self.spin
+        elif time.monotonic() < self._spin_until:
+            os.sched_yield()  # idle spin: let a peer that shares this CPU run
+        if time.monotonic() < self._spin_until:
+            self.kick()
+
+    def deadline_armed(self, deadline: float) -> None:
+        """The source armed a deadline: the attached loop must wake up for it."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed() and not self.closed:
+            self.on_loop(self._arm, deadline)
+
+    def _arm(self, deadline: float) -> None:
+        """One loop timer, at the earliest deadline."""
+        loop = self.loop
+        if loop is None:
+            return
+        delay = max(0.0, deadline - self.clock())
+        current = self._timer
+        if current is not None and not current.cancelled() and \
+                current.when() <= loop.time() + delay:
+            return
+        if current is not None:
+            current.cancel()
+        self._timer = loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        self.poll()
+        deadline = self.source.next_deadline()
+        if deadline is not None:
+            self._arm(deadline)
+
+    async def wait(self, subscribe: Callable[[Callable[[], None]], None],
+                   cancel: Callable[[], None]) -> None:
+        """Await a completion that ``subscribe(fn)`` reports by calling ``fn`` (on whatever
+        thread drives progress); ``cancel()`` it if the awaiting task is cancelled."""
+        loop = asyncio.get_running_loop()
+        self.attach(loop)
+        future: asyncio.Future[None] = loop.create_future()
+        subscribe(lambda: self.on_loop(_resolve, future))
+        self._awaits += 1
+        self.kick()
+        try:
+            await future
+        except asyncio.CancelledError:
+            cancel()
+            raise
+        finally:
+            self._awaits -= 1
+            if not self._awaits and not self.keep:
+                self.detach()
+
+    async def serve(self, stopped: Callable[[], bool]) -> None:
+        """Drive progress from the running loop until ``stop()`` is called."""
+        loop = asyncio.get_running_loop()
+        self.attach(loop)
+        self._stop = asyncio.Event()
+        if not stopped():
+            self.kick()
+            await self._stop.wait()
+        self.poll()  # send the answers of the last pass (shutdown's own)
+
+    def stop(self) -> None:
+        """Make ``serve()`` return; thread-safe."""
+        event = self._stop
+        if event is not None:
+            self.on_loop(event.set)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,109 @@
+"""The generic half of every NA plugin: the operations all plugins implement alike, over the
+shared core (``na/core.py``). A plugin adds only its transport (``_send``, ``_start_op``,
+``_cancel_transfer``): Mercury's generic NA functions over ``struct na_class_ops``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .core import (
+    CompletionQueue,
+    Matcher,
+    canceled,
+    check_open,
+    check_tag,
+    message_view,
+    recv_view,
+    rma_op,
+)
+from .types import Addr, Callback, MemHandle, Op, OpKind, OpState
+
+
+class PluginCore:
+    """The generic half of a plugin: messages posted to the matcher, argument checks of put
+    and get, trigger, cancel of receives. A plugin creates ``_lock``, ``_closed``, ``_cq``,
+    ``_matcher``, ``_max_msg`` and ``stats``, and supplies its transport in three methods:
+    ``_send`` (submit a checked message), ``_start_op`` (a checked put or get) and
+    ``_cancel_transfer`` (withdraw a send or RMA)."""
+
+    _lock: Any
+    _closed: bool
+    _cq: CompletionQueue
+    _matcher: Matcher
+    _max_msg: int
+    stats: dict[str, int]
+
+    def _send(self, op: Op, view: memoryview | bytes, expected: bool) -> None:
+        raise NotImplementedError  # each plugin's transport; PluginCore is never used alone
+
+    def _cancel_transfer(self, op: Op) -> bool:
+        """Withdraw a send or RMA (lock held); True if it will finish later, as canceled."""
+        raise NotImplementedError
+
+    def _start_op(self, op: Op) -> Op:
+        """Start a checked put or get (``rma_op``); return it."""
+        raise NotImplementedError
+
+    def _check_open(self, name: str) -> None:
+        check_open(self._closed, name, self)
+
+    def msg_get_max_unexpected_size(self) -> int:
+        return self._max_msg
+
+    def msg_get_max_expected_size(self) -> int:
+        return self._max_msg
+
+    def msg_send_unexpected(self, addr: Addr, buf: Any, tag: int,
+                            callback: Callback | None = None) -> Op:
+        return self._send_message(OpKind.SEND_UNEXPECTED, addr, buf, tag, callback)
+
+    def msg_send_expected(self, addr: Addr, buf: Any, tag: int,
+                          callback: Callback | None = None) -> Op:
+        return self._send_message(OpKind.SEND_EXPECTED, addr, buf, tag, callback)
+
+    def _send_message(self, kind: OpKind, addr: Addr, buf: Any, tag: int,
+                      callback: Callback | None) -> Op:
+        view = message_view(kind, buf, tag, self._max_msg)
+        op = Op(kind, callback, view, addr, tag)
+        self._send(op, view, kind == OpKind.SEND_EXPECTED)
+        return op
+
+    def msg_recv_unexpected(self, buf: Any, callback: Callback | None = None) -> Op:
+        op = Op(OpKind.RECV_UNEXPECTED, callback, recv_view(buf, "msg_recv_unexpected"))
+        with self._lock:
+            self._check_open("msg_recv_unexpected")
+            self._matcher.post_unexpected(op)
+        return op
+
+    def msg_recv_expected(self, addr: Addr, buf: Any, tag: int,
+                          callback: Callback | None = None) -> Op:
+        check_tag("msg_recv_expected", tag)
+        op = Op(OpKind.RECV_EXPECTED, callback, recv_view(buf, "msg_recv_expected"), addr, tag)
+        with self._lock:
+            self._check_open("msg_recv_expected")
+            self._matcher.post_expected(op)
+        return op
+
+    def put(self, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
+            length: int, addr: Addr, callback: Callback | None = None) -> Op:
+        return self._start_op(rma_op(OpKind.PUT, local, local_off, remote, remote_off, length,
+                                     addr, callback))
+
+    def get(self, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
+            length: int, addr: Addr, callback: Callback | None = None) -> Op:
+        return self._start_op(rma_op(OpKind.GET, local, local_off, remote, remote_off, length,
+                                     addr, callback))
+
+    def trigger(self, max_count: int = 1 << 30) -> int:
+        return self._cq.trigger(max_count)
+
+    def cancel(self, op: Op) -> None:
+        """Finish ``op`` as Canceled: at once if nothing holds its buffer, else once the
+        transport gives it back."""
+        with self._lock:
+            if op.state != OpState.PENDING:
+                return
+            self.stats["canceled"] += 1
+            if self._matcher.cancel(op) or not self._cancel_transfer(op):
+                self._cq.fail(op, canceled(op))

@@ -1,0 +1,139 @@
+"""The drivers of na/driver.py against a fake source: no sockets, a fake clock, an eventfd."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+from petasus import na
+
+
+class FakeSource:
+    """Progress that completes ``ready`` work items, a pollable eventfd, timers on a clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.deadline: float | None = None
+        self.progressed = 0
+        self.triggered = 0
+        self.ready = 0
+        self.done = 0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def progress(self, timeout: float) -> bool:
+        self.progressed += 1
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+        if not self.ready:
+            self.slept.append(timeout)
+            self.now += timeout  # sleeping moves the fake clock, as time would
+        return bool(self.ready)
+
+    def trigger(self, max_count: int = 1 << 30) -> int:
+        n, self.ready = self.ready, 0
+        self.done += n
+        self.triggered += 1
+        return n
+
+    def poll_fd(self) -> int:
+        return self.fd
+
+    def next_deadline(self) -> float | None:
+        return self.deadline
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def test_blocking_wait_returns_when_done_and_expires_at_the_deadline() -> None:
+    source = FakeSource()
+    driver = na.BlockingDriver(source, source.clock)
+    source.ready = 1
+    assert driver.wait_until(lambda: source.done == 1, 10.0)
+    expired: list[float] = []
+    assert not driver.wait_until(lambda: False, 5.0, lambda: expired.append(source.now))
+    assert expired == [5.0]  # expired once, at its deadline on the source's clock
+    assert max(source.slept) <= 1.0  # bounded slices, each ending at an event or the deadline
+    source.close()
+
+
+def test_a_second_thread_waits_for_the_driving_one() -> None:
+    source = FakeSource()
+    driver = na.BlockingDriver(source, source.clock)
+    gate = threading.Event()
+    results: list[bool] = []
+    with driver.lock:  # another thread is driving
+        driver.owner = -1
+        waiter = threading.Thread(target=lambda: results.append(
+            driver.wait_until(gate.is_set, float("inf"))))
+        waiter.start()
+        gate.set()
+        driver.notify()
+        waiter.join(10.0)
+    driver.owner = None
+    assert results == [True] and source.progressed == 0  # it never drove progress itself
+    source.close()
+
+
+def test_the_asyncio_driver_wakes_on_the_fd_and_at_the_next_deadline() -> None:
+    source = FakeSource()
+    driver = na.AsyncioDriver(source, source.clock, spin=0.0, keep=False)
+
+    async def main() -> None:
+        finished = asyncio.Event()
+
+        def subscribe(fn: object) -> None:
+            source.ready = 1
+            os.eventfd_write(source.fd, 1)  # the fd becomes readable: the loop polls
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.01, fn)  # type: ignore[arg-type]
+            finished.set()
+
+        await asyncio.wait_for(driver.wait(subscribe, lambda: None), 10.0)
+        assert finished.is_set() and source.done == 1
+        assert driver.loop is None  # keep=False: detached once nothing awaits
+        # A deadline armed while attached wakes the loop at that time, with no fd event.
+        driver.attach(asyncio.get_running_loop())
+        polls = source.progressed
+        source.now = 100.0
+        source.deadline = 100.02
+        driver.deadline_armed(100.02)
+        await asyncio.sleep(0.2)
+        assert source.progressed > polls
+        driver.detach()
+        # And the poll fd alone wakes it: no timer, no kick.
+        source.deadline = None
+        driver.attach(asyncio.get_running_loop())
+        await asyncio.sleep(0.05)
+        polls = source.progressed
+        os.eventfd_write(source.fd, 1)
+        await asyncio.sleep(0.05)
+        assert source.progressed == polls + 1  # one reader callback, which drained the fd
+        driver.detach()
+
+    asyncio.run(main())
+    source.close()
+
+
+def test_asyncio_serve_returns_on_stop_from_another_thread() -> None:
+    source = FakeSource()
+    driver = na.AsyncioDriver(source, source.clock, spin=0.0)
+    stopped = threading.Event()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, lambda: threading.Thread(
+            target=lambda: (stopped.set(), driver.stop())).start())
+        await asyncio.wait_for(driver.serve(stopped.is_set), 10.0)
+
+    asyncio.run(main())
+    assert stopped.is_set()
+    driver.close()
+    source.close()
