@@ -339,7 +339,9 @@ class MasterState:
                 elif c.node.node_id in self.nodes:
                     c.node.pages.free(c.alloc)
             self.held = keep
-        self.watermarks(now)
+        # Eviction is driven by puts (put_start when pages run out, put_end past the high
+        # watermark), as in the embedded scheme: a timer-driven cycle would race a reader
+        # right after its put and drop what it just wrote under offload="off".
 
     def watermarks(self, now: float, spare: set[str] | frozenset[str] = frozenset()) -> None:
         high, low = self.config.high_watermark, self.config.low_watermark
