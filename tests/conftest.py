@@ -78,6 +78,9 @@ def _verbs_spec_missing() -> str | None:
 
 
 _VERBS_URI = f"verbs://{os.environ.get('PETASUS_VERBS_DEVICE') or 'none'}/127.0.0.1:0"
+# RoCE needs the GID of the right RoCE version and address (``show_gids`` lists them).
+_VERBS_GID = ({"gid_index": int(os.environ["PETASUS_VERBS_GID_INDEX"])}
+              if os.environ.get("PETASUS_VERBS_GID_INDEX") else {})
 _VERBS_SKIP = pytest.mark.skipif(bool(_verbs_spec_missing()), reason=str(_verbs_spec_missing()))
 
 SPECS = [
@@ -93,9 +96,9 @@ SPECS = [
                                           reason=str(_verbs_missing()))),
     # The native verbs plugin: RMA up to 32 KiB two-sided (checked by the target's table),
     # and "verbs-rdma" with every transfer one-sided (checked by the NIC).
-    pytest.param(Spec("verbs", _VERBS_URI), id="verbs", marks=_VERBS_SKIP),
-    pytest.param(Spec("verbs-rdma", _VERBS_URI, {"two_sided_max": 0}), id="verbs-rdma",
-                 marks=_VERBS_SKIP),
+    pytest.param(Spec("verbs", _VERBS_URI, _VERBS_GID), id="verbs", marks=_VERBS_SKIP),
+    pytest.param(Spec("verbs-rdma", _VERBS_URI, {"two_sided_max": 0, **_VERBS_GID}),
+                 id="verbs-rdma", marks=_VERBS_SKIP),
 ]
 
 

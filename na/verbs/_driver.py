@@ -7,8 +7,11 @@ Never run in this project's CI: the hosts have no RDMA device (see plugin.py for
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +32,7 @@ from . import _protocol as p
 from ._wire import Hello, gid_from_bytes, gid_to_bytes
 
 _ffi = cffi.FFI()
+log = logging.getLogger("petasus.na.verbs")
 
 RECV_BIT = 1 << 63  # wr_id of a receive slot: RECV_BIT | slot
 MIN_RNR_TIMER = 12  # 0.64 ms: the smallest wait that is not a busy loop on the wire
@@ -39,6 +43,25 @@ RETRY_CNT = 7
 # credit bug into a silent stall instead of an error.
 RNR_RETRY = 6
 ROUTING_GID_ZERO = bytes(16)
+
+
+class VerbsError(NAError):
+    """A verbs call failed: ``call`` names it, ``errno`` is rdma-core's error number (0 when
+    pyverbs gave none). The one translation of pyverbs' exceptions (STYLE 8)."""
+
+    def __init__(self, call: str, exc: BaseException) -> None:
+        self.call = call
+        self.errno = int(getattr(exc, "error_code", 0) or 0)
+        name = os.strerror(self.errno) if self.errno > 0 else ""
+        super().__init__(call, None, f"{exc}" + (f" ({name})" if name else ""))
+
+
+@contextmanager
+def translated(call: str) -> Iterator[None]:
+    try:
+        yield
+    except PyverbsError as exc:
+        raise VerbsError(call, exc) from exc
 
 
 def _check_abi() -> None:
@@ -116,10 +139,12 @@ class Device:
         self._objs: list[Any] = []
         self.port = port
         self.gid_index = gid_index
-        self.ctx = Context(name=name)
+        with translated("ibv_open_device"):
+            self.ctx = Context(name=name)
         self._objs.append(self.ctx)
         try:
-            self._open(port, gid_index, srq_size)
+            with translated("initialize"):
+                self._open(port, gid_index, srq_size)
         except BaseException:
             self.close()
             raise
@@ -135,12 +160,16 @@ class Device:
         self.lid = int(attr.lid)
         self.mtu = int(attr.active_mtu)
         self.gid = gid_to_bytes(str(self.ctx.query_gid(port, gid_index).gid))
+        self.sq_depth = min(p.SQ_DEPTH, self.limits.max_qp_wr)
         self.pd = PD(self.ctx)
         self._objs.append(self.pd)
         self.channel, self.fd = _comp_channel(self.ctx)
         self._objs.append(self.channel)
         self.srq_size = min(srq_size, self.limits.max_srq_wr)
-        cqe = min(self.limits.max_cqe, self.srq_size + 64 * p.SQ_DEPTH)
+        # Room for every completion that can be outstanding: each receive slot, and the send
+        # queue of as many connections as the SRQ has slots for (CQ overrun is fatal).
+        most = self.srq_size // (p.DATA_CREDITS + p.CTRL_CREDITS) + 1
+        cqe = min(self.limits.max_cqe, self.srq_size + most * self.sq_depth)
         self.cq = CQ(self.ctx, cqe, None, self.channel, 0)
         self._objs.append(self.cq)
         self.srq = SRQ(self.pd, SrqInitAttr(SrqAttr(max_wr=self.srq_size, max_sge=1)))
@@ -149,25 +178,27 @@ class Device:
 
     # -- memory ---------------------------------------------------------------------------------
     def register(self, addr: int, length: int, flags: int) -> MR:
-        return MR(self.pd, length, flags, address=addr)
+        with translated("ibv_reg_mr"):
+            return MR(self.pd, length, flags, address=addr)
 
     # -- queue pairs ----------------------------------------------------------------------------
     def new_qp(self) -> tuple[QP, int]:
         """An RC QP on the shared CQ and SRQ, in INIT, and the PSN it will start from."""
-        cap = QPCap(max_send_wr=min(p.SQ_DEPTH, self.limits.max_qp_wr), max_recv_wr=0,
-                    max_send_sge=1, max_recv_sge=1)
+        cap = QPCap(max_send_wr=self.sq_depth, max_recv_wr=0, max_send_sge=1, max_recv_sge=1)
         init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq, srq=self.srq,
                           cap=cap, sq_sig_all=1)
         attr = QPAttr(port_num=self.port)
         # The QP allows both; each MR's own flags then decide (the NIC checks both).
         attr.qp_access_flags = (e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_READ
                                 | e.IBV_ACCESS_REMOTE_WRITE)
-        return QP(self.pd, init, attr), random.getrandbits(24)
+        with translated("ibv_create_qp"):
+            return QP(self.pd, init, attr), random.getrandbits(24)
 
     def connect(self, qp: QP, psn: int, peer: Hello) -> None:
         """INIT -> RTR -> RTS towards the peer's QP."""
-        qp.to_rts(rts_attr(self.port, self.gid_index, self.mtu, self.limits.max_rd_atom, psn,
-                           peer))
+        with translated("ibv_modify_qp(RTS)"):
+            qp.to_rts(rts_attr(self.port, self.gid_index, self.mtu, self.limits.max_rd_atom,
+                               psn, peer))
 
     def fail_qp(self, qp: QP) -> None:
         """Move ``qp`` to ERR so that its posted work flushes (then it can be destroyed)."""
@@ -178,30 +209,53 @@ class Device:
             pass  # already in error, or gone with the device: nothing left to flush
 
     # -- posting --------------------------------------------------------------------------------
+    # (try/except rather than ``translated``: these run once per message)
     def post_recv(self, slot: int, addr: int, length: int, lkey: int) -> None:
-        self.srq.post_recv(recv_wr(RECV_BIT | slot, addr, length, lkey))
+        try:
+            self.srq.post_recv(recv_wr(RECV_BIT | slot, addr, length, lkey))
+        except PyverbsError as exc:
+            raise VerbsError("ibv_post_srq_recv", exc) from exc
 
     def post_send(self, qp: QP, wr_id: int, addr: int, length: int, lkey: int) -> None:
-        qp.post_send(send_wr(wr_id, e.IBV_WR_SEND, addr, length, lkey))
+        try:
+            qp.post_send(send_wr(wr_id, e.IBV_WR_SEND, addr, length, lkey))
+        except PyverbsError as exc:
+            raise VerbsError("ibv_post_send", exc) from exc
 
     def post_rdma(self, qp: QP, wr_id: int, read: bool, addr: int, length: int, lkey: int,
                   remote: int, rkey: int) -> None:
         opcode = e.IBV_WR_RDMA_READ if read else e.IBV_WR_RDMA_WRITE
-        qp.post_send(send_wr(wr_id, opcode, addr, length, lkey, remote, rkey))
+        try:
+            qp.post_send(send_wr(wr_id, opcode, addr, length, lkey, remote, rkey))
+        except PyverbsError as exc:
+            raise VerbsError("ibv_post_send", exc) from exc
 
     # -- completions ----------------------------------------------------------------------------
     def poll(self, n: int) -> list[Any]:
-        npolled, wcs = self.cq.poll(n)
+        try:
+            npolled, wcs = self.cq.poll(n)
+        except PyverbsError as exc:
+            raise VerbsError("ibv_poll_cq", exc) from exc
         return list(wcs[:npolled]) if npolled > 0 else []
 
     def arm(self) -> None:
         """Ask for an event on the channel at the next completion."""
-        self.cq.req_notify()
+        try:
+            self.cq.req_notify()
+        except PyverbsError as exc:
+            raise VerbsError("ibv_req_notify_cq", exc) from exc
 
     def take_event(self) -> None:
         """Consume the channel's pending event (its fd polled readable) and acknowledge it."""
-        self.channel.get_cq_event(self.cq)
-        self.cq.ack_events(1)
+        with translated("ibv_get_cq_event"):
+            self.channel.get_cq_event(self.cq)
+            self.cq.ack_events(1)
+
+    def close_qp(self, qp: QP) -> None:
+        try:
+            qp.close()
+        except PyverbsError as exc:
+            log.warning("ibv_destroy_qp failed: %s", exc)
 
     def close(self) -> None:
         while self._objs:

@@ -112,6 +112,7 @@ class Links:
             self._grow_recv()
         conn.qp, conn.psn = self._dev.new_qp()
         conn.qpn = int(conn.qp.qp_num)
+        conn.sq.depth = self._dev.sq_depth
         self._by_qpn[conn.qpn] = conn
 
     def _on_socket(self, conn: Conn, events: int) -> None:
@@ -203,6 +204,7 @@ class Links:
 
     def _up(self, conn: Conn, hello: w.Hello) -> None:
         conn.credits.limit = (hello.credits, hello.ctrl)
+        conn.credits.withheld = self._matcher.throttled
         conn.state = UP
         self.stats["connections"] += 1
 
@@ -266,6 +268,7 @@ class Links:
                 conn.sock.setblocking(False)
             except OSError:
                 pass
+            conn.out = b""
         addr = conn.addr
         if addr is not None and addr.conn is conn:
             addr.conn = None
@@ -284,10 +287,10 @@ class Links:
         self._close_socket(conn)
         if conn.qp is not None:
             self._by_qpn.pop(conn.qpn, None)
-            conn.qp.close()
+            self._dev.close_qp(conn.qp)
             conn.qp = None
-            self._budget.release(conn.reserved)
-            conn.reserved = 0
+        self._budget.release(conn.reserved)
+        conn.reserved = 0
         if conn in self._conns:
             self._conns.remove(conn)
 
@@ -344,7 +347,12 @@ class Links:
             return True
         if self._send_pool.total >= self._max_send_slots:
             return False
-        self._grow_send()
+        try:
+            self._grow_send()
+        except NAError as exc:  # out of registrable memory: frames wait for a free slot
+            log.warning("%s: cannot add send slots: %s", self._self_addr.uri, exc)
+            self._max_send_slots = self._send_pool.total
+            return bool(self._send_pool.free)
         return True
 
     def _flush(self, conn: Conn) -> None:
@@ -357,7 +365,8 @@ class Links:
             if out is None:
                 break
             self._post(conn, out)
-        if conn.credits.credit_due() and sq.inflight < sq.depth and self._have_slot():
+        if (conn.state == UP and conn.credits.credit_due() and sq.inflight < sq.depth
+                and self._have_slot()):
             sq.inflight += 1
             self._post(conn, p.Out(w.CREDIT, None))
 
@@ -378,10 +387,11 @@ class Links:
                 op: Op = out.op
                 off, size = out.piece
                 reg, remote = op.local.record, op.remote
+                base = remote.record.addr if remote.local else remote.record
                 self._dev.post_rdma(conn.qp, wr_id, op.kind == OpKind.GET,
                                     reg.addr + op.local_off + off, size, reg.mr.lkey,
-                                    remote.record + op.remote_off + off, remote.key)
-        except Exception as exc:  # the QP cannot take it (error state): flush it ourselves
+                                    base + op.remote_off + off, remote.key)
+        except NAError as exc:  # the QP cannot take it (error state): flush it ourselves
             log.info("%s: posting to %r failed: %s", self._self_addr.uri, conn, exc)
             self._work.pop(wr_id, None)
             conn.sq.done()

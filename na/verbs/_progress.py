@@ -80,12 +80,14 @@ class Progress:
             elif op is not None and out.kind == 0:
                 op.remaining -= 1
                 if op.remaining == 0:
-                    self._cq.complete(op)
+                    self._cq.complete(op)  # Canceled if a cancel waited for the NIC
         elif status == p.WC_FLUSH:
-            if conn.state == DEAD or op is None or op.state != OpState.CANCELING:
-                self._requeue(conn, out)
+            if op is not None and op.state == OpState.CANCELING and out.kind == 0:
+                op.remaining -= 1  # canceled while posted: flushed pieces need no retry
+                if op.remaining == 0:
+                    self._cq.complete(op)
             else:
-                self._cq.complete(op)  # canceled while posted: it ends here
+                self._requeue(conn, out)
         else:
             peer = conn.addr.uri if conn.addr is not None else None
             error = p.wc_error(status, op.kind.name.lower() if op else "send", peer)

@@ -122,6 +122,7 @@ class VerbsPlugin(Progress, Links, PluginCore):
         self._send_pool = p.SlotPool(self._slot, SEND_CHUNK)
         self._max_send_slots = MAX_SEND_SLOTS
         self._dev: Device | None = None
+        self._cache: p.RegCache[Region] = p.RegCache(self._dereg_region)
         self._listener = socket.socket(socket.AF_INET6 if ":" in parts.host else socket.AF_INET,
                                        socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
@@ -138,7 +139,6 @@ class VerbsPlugin(Progress, Links, PluginCore):
             self._dev = Device(parts.device, parts.port, gid_index, srq_size)
             self._budget = p.ReceiveBudget(self._dev.srq_size)
             self._rma_chunk = min(rma_chunk, self._dev.limits.port_max_msg)
-            self._cache: p.RegCache[Region] = p.RegCache(self._dereg_region)
             for fd in (self._cq.wake_fd, self._dev.fd, self._listener.fileno()):
                 self._ep.register(fd, select.EPOLLIN)
         except BaseException:
@@ -181,8 +181,8 @@ class VerbsPlugin(Progress, Links, PluginCore):
         """Close what was opened, newest first; safe on a half-opened instance."""
         for conn in list(self._conns):
             self._close_socket(conn)
-            if conn.qp is not None:
-                conn.qp.close()
+            if conn.qp is not None and self._dev is not None:
+                self._dev.close_qp(conn.qp)
                 conn.qp = None
         self._conns.clear()
         self._by_qpn.clear()
@@ -368,18 +368,22 @@ class VerbsPlugin(Progress, Links, PluginCore):
         return op
 
     def _cancel_transfer(self, op: Op) -> bool:
+        """Withdraw what is queued of ``op``; True if the NIC still holds its memory.
+
+        Frames were copied into send slots when posted, so a message or two-sided RMA is
+        canceled at once (a reply that comes later finds no id and is dropped). RDMA pieces
+        read or write the user's memory: posted ones cannot be withdrawn, and the op ends as
+        Canceled when the last of them completes or flushes.
+        """
         for rma_id, (waiting, _addr) in list(self._rma_wait.items()):
             if waiting is op:
-                # Its reply is ignored when it comes (the id is gone); if the request is
-                # still queued it is dropped from the queue below.
                 del self._rma_wait[rma_id]
         for conn in self._conns:
-            queued = [out for out in conn.sq.queue if out.op is op]
-            for out in queued:
+            for out in [out for out in conn.sq.queue if out.op is op]:
                 conn.sq.queue.remove(out)
-        if any(out.op is op for _c, out, _s in self._work.values()):
-            # Posted to the NIC, which cannot withdraw it: it ends as canceled when the
-            # completion comes (the memory is the NIC's until then).
+        posted = sum(1 for _c, out, _s in self._work.values() if out.op is op and out.kind == 0)
+        if posted:
             op.state = OpState.CANCELING
+            op.remaining = posted  # the queued pieces just withdrawn will not report
             return True
         return False
