@@ -131,6 +131,7 @@ def test_rts_attributes_follow_the_peers_hello() -> None:
     assert (attr.path_mtu, attr.dest_qp_num, attr.rq_psn, attr.sq_psn) == (3, 0x1234, 777, 42)
     assert (attr.max_rd_atomic, attr.max_dest_rd_atomic, attr.rnr_retry) == (16, 16, d.RNR_RETRY)
     assert attr.ah_attr.is_global == 1 and attr.ah_attr.sgid_index == 3
+    assert attr.qp_access_flags == d.QP_ACCESS
     assert str(attr.ah_attr.dgid) == w.gid_from_bytes(bytes(range(16)))
     ib = w.Hello(w.ACCEPT, 4, 17, 0x99, 1, 1, bytes(16), 32, 2, 65536, "verbs://mlx5_0:1/h:1")
     local = d.rts_attr(port=1, gid_index=0, mtu=5, max_rd_atom=4, psn=1, peer=ib)

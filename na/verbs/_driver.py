@@ -43,6 +43,9 @@ RETRY_CNT = 7
 # credit bug into a silent stall instead of an error.
 RNR_RETRY = 6
 ROUTING_GID_ZERO = bytes(16)
+# The QP allows remote reads and writes; each memory region's own flags then decide (the NIC
+# checks both, so a region registered READ_ONLY refuses writes whatever the QP allows).
+QP_ACCESS = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_READ | e.IBV_ACCESS_REMOTE_WRITE
 
 
 class VerbsError(NAError):
@@ -119,7 +122,12 @@ def _comp_channel(ctx: Context) -> tuple[CompChannel, int]:
         channel.close()
         raise NAError("initialize", None, f"cannot tell the completion channel's descriptor "
                       f"(new event files: {sorted(new)})")
-    return channel, new.pop()
+    fd = new.pop()
+    # Non-blocking, as rdma-core's man page suggests for polled channels: a reader that finds
+    # the event taken already (another thread saw the descriptor readable too) gets EAGAIN
+    # instead of sleeping in ibv_get_cq_event with the plugin's lock held.
+    os.set_blocking(fd, False)
+    return channel, fd
 
 
 @dataclass
@@ -188,9 +196,7 @@ class Device:
         init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq, srq=self.srq,
                           cap=cap, sq_sig_all=1)
         attr = QPAttr(port_num=self.port)
-        # The QP allows both; each MR's own flags then decide (the NIC checks both).
-        attr.qp_access_flags = (e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_READ
-                                | e.IBV_ACCESS_REMOTE_WRITE)
+        attr.qp_access_flags = QP_ACCESS
         with translated("ibv_create_qp"):
             return QP(self.pd, init, attr), random.getrandbits(24)
 
@@ -246,10 +252,12 @@ class Device:
             raise VerbsError("ibv_req_notify_cq", exc) from exc
 
     def take_event(self) -> None:
-        """Consume the channel's pending event (its fd polled readable) and acknowledge it."""
-        with translated("ibv_get_cq_event"):
+        """Consume the channel's pending event, if it is still there, and acknowledge it."""
+        try:
             self.channel.get_cq_event(self.cq)
-            self.cq.ack_events(1)
+        except PyverbsError:
+            return  # EAGAIN: taken already
+        self.cq.ack_events(1)
 
     def close_qp(self, qp: QP) -> None:
         try:
@@ -287,6 +295,7 @@ def rts_attr(port: int, gid_index: int, mtu: int, max_rd_atom: int, psn: int,
     path MTU the smaller of both, the peer's PSN as ours to expect, a GRH whenever the peer has
     a GID (RoCE always; InfiniBand across subnets))."""
     attr = QPAttr(port_num=port)
+    attr.qp_access_flags = QP_ACCESS  # in case pyverbs passes through INIT again
     attr.path_mtu = min(mtu, peer.mtu)
     attr.dest_qp_num = peer.qpn
     attr.rq_psn = peer.psn

@@ -108,8 +108,13 @@ class Links:
         grant = p.DATA_CREDITS + p.CTRL_CREDITS
         more = self._budget.reserve(grant)
         conn.reserved = grant
-        for _ in range(more // self._recv_pool.per_chunk):
-            self._grow_recv()
+        try:
+            while more > 0:
+                self._grow_recv()
+                more -= self._recv_pool.per_chunk
+        except NAError:
+            self._budget.posted -= more  # never posted: a later connection posts them
+            raise
         conn.qp, conn.psn = self._dev.new_qp()
         conn.qpn = int(conn.qp.qp_num)
         conn.sq.depth = self._dev.sq_depth
@@ -179,7 +184,7 @@ class Links:
             self._dev.connect(conn.qp, conn.psn, hello)
         except (ValueError, NAError, OSError) as exc:
             log.warning("%s: refused a connection from %s: %s", self._self_addr.uri, uri, exc)
-            self._write(conn, self._my_hello(conn, w.REFUSE, f"refused: {exc}"))
+            self._write(conn, self._my_hello(conn, w.REFUSE, f"refused: {exc}"[:w.MAX_URI]))
             self._retire(conn, str(exc), tell=False)
             return
         self._write(conn, self._my_hello(conn))
