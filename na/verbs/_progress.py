@@ -19,7 +19,7 @@ from ..types import Access, Addr, Op, OpState
 from . import _protocol as p
 from . import _wire as w
 from ._driver import RECV_BIT
-from ._links import DEAD, RETIRED, Conn, log
+from ._links import DEAD, RETIRED, UP, Conn, log
 
 CQ_BATCH = 64
 
@@ -50,7 +50,9 @@ class Progress:
         if self._closed:
             return
         conn = self._by_qpn.get(wc.qp_num)
-        if wc.status == p.WC_SUCCESS and conn is not None and conn.state not in (RETIRED, DEAD):
+        # A retired connection's frames still count: they arrived before its QP failed, and
+        # their senders' NICs consider them delivered. A dead peer's are dropped.
+        if wc.status == p.WC_SUCCESS and conn is not None and conn.state != DEAD:
             chunk, off = self._recv_pool.where(slot)
             view = self._recv_views[chunk][off:off + wc.byte_len]
             try:
@@ -227,7 +229,10 @@ class Progress:
             else:
                 view[:] = data
         kind = w.GET_REP if need == Access.READ_ONLY else w.PUT_REP
-        conn.sq.push(p.Out(kind, None, reply, extra=(frame.rma_id, nak)))
+        target = conn if conn.state == UP else self._conn_for(conn.addr)  # type: ignore[arg-type]
+        target.sq.push(p.Out(kind, None, reply, extra=(frame.rma_id, nak)))
+        if target is not conn:
+            self._flush(target)
 
     def _answered(self, addr: Addr, frame: w.Frame, payload: memoryview) -> None:
         entry = self._rma_wait.get(frame.rma_id)

@@ -127,12 +127,9 @@ class VerbsPlugin(Progress, Links, PluginCore):
                                        socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
             self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                self._listener.bind((parts.host, parts.tcp_port))
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot listen at {uri}: {exc.strerror}") from None
+            host = self._bind(parts, uri, listen)
             self._listener.listen(128)
-            bound = str(w.VerbsUri(parts.device, parts.port, parts.host,
+            bound = str(w.VerbsUri(parts.device, parts.port, host,
                                    self._listener.getsockname()[1]))
             self._self_addr = Addr(bound, listen)
             self._peers[bound] = self._self_addr
@@ -144,6 +141,27 @@ class VerbsPlugin(Progress, Links, PluginCore):
         except BaseException:
             self._release()
             raise
+
+    def _bind(self, parts: w.VerbsUri, uri: str, listen: bool) -> str:
+        """Bind the out-of-band listener; the host peers reach it at.
+
+        A listener takes the URI's address. Every other instance listens too (a peer dials
+        back to reconnect after an error), but at a port of its own: a client may be opened
+        with its peer's URI, as on the other plugins, whose host may not even be local, in
+        which case it listens on every interface and names the host's address.
+        """
+        if listen:
+            try:
+                self._listener.bind((parts.host, parts.tcp_port))
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen at {uri}: {exc.strerror}") from None
+            return parts.host
+        try:
+            self._listener.bind((parts.host, 0))
+            return parts.host
+        except OSError:
+            self._listener.bind(("", 0))
+            return socket.gethostbyname(socket.gethostname())
 
     # -- resources --------------------------------------------------------------------------
     def _grow_recv(self) -> None:
