@@ -180,6 +180,7 @@ class Links:
             return
         addr = conn.addr = self._lookup(uri)
         try:
+            self._check_compatible(hello)
             self._new_qp(conn)
             self._dev.connect(conn.qp, conn.psn, hello)
         except (ValueError, NAError, OSError) as exc:
@@ -200,12 +201,20 @@ class Links:
             self._peer_failed(addr, f"the peer refused the connection: {hello.uri}")
             return
         try:
+            self._check_compatible(hello)
             self._dev.connect(conn.qp, conn.psn, hello)
-        except (NAError, OSError) as exc:
+        except (ValueError, NAError, OSError) as exc:
             self._peer_failed(addr, f"could not connect the queue pairs: {exc}")
             return
         self._up(conn, hello)
         self._flush(conn)
+
+    def _check_compatible(self, hello: w.Hello) -> None:
+        """Both ends' receive slots hold max_msg_size bytes of payload: a frame sized for a
+        larger slot would fail the peer's receive (IBV_WC_LOC_LEN_ERR) and kill the QP."""
+        if hello.max_msg != self._max_msg:
+            raise ValueError(f"the peer's max_msg_size is {hello.max_msg} B, ours "
+                             f"{self._max_msg} B: both ends must use the same")
 
     def _up(self, conn: Conn, hello: w.Hello) -> None:
         conn.credits.limit = (hello.credits, hello.ctrl)
