@@ -31,7 +31,7 @@ setup(
     version="0.1.0",
     description="Mercury-style RPC and bulk transfers for Python",
     python_requires=">=3.10",
-    packages=[*(f"petasus.{layer}" for layer in LAYERS), "petasus.na.ofi"],
+    packages=[*(f"petasus.{layer}" for layer in LAYERS), "petasus.na.ofi", "petasus.na.verbs"],
     package_dir={f"petasus.{layer}": layer for layer in LAYERS},
     package_data={"petasus.na.ofi": ["_cdefs.h", "_glue.c"]},
     setup_requires=["cffi>=1.15"],

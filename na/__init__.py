@@ -48,10 +48,18 @@ def _ofi(uri: str, listen: bool = False, **options: Any) -> Plugin:
     return open_plugin(uri, listen, **options)  # type: ignore[no-any-return]
 
 
+def _verbs(uri: str, listen: bool = False, **options: Any) -> Plugin:
+    # Imports pyverbs only now, so that ``import petasus.na`` never needs it.
+    from .verbs import open_plugin
+
+    return open_plugin(uri, listen, **options)  # type: ignore[no-any-return]
+
+
 register_plugin("tcp", _tcp)
 register_plugin("sm", _sm)
 for _scheme in ("ofi+tcp", "ofi+shm", "ofi+sockets", "ofi+verbs"):
     register_plugin(_scheme, _ofi)
+register_plugin("verbs", _verbs)
 
 
 def available_plugins() -> list[str]:
@@ -64,7 +72,8 @@ def initialize(uri: str, listen: bool = False, **options: Any) -> Plugin:
     ``listen=True`` accepts connections; the address to give peers is ``addr_self()``.
     Options: ``max_msg_size``, ``spin_us`` (0 = always block), ``rma_chunk``, ``max_queued``,
     and plugin-specific ones (sm: ``rma="auto"|"process_vm"|"copy"``; ofi:
-    ``rma="checked"|"native"``, ``rx_buffers``, ``probe_interval``).
+    ``rma="checked"|"native"``, ``rx_buffers``, ``probe_interval``; verbs: ``two_sided_max``,
+    ``gid_index``, ``srq_size``).
     """
     scheme = uri.split("://", 1)[0] if "://" in uri else uri
     factory = _PLUGINS.get(scheme)

@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # libfabric-dev: headers and library of the ofi plugin (setup.py compiles it when present).
-debs=(libfabric-dev)
+# python3-pyverbs: rdma-core's Python binding (44 on Debian 12), for the verbs plugin.
+debs=(libfabric-dev python3-pyverbs)
 # redis-server: the peer bench/store.py measures the store against (bench extras only).
-[[ "${EXTRAS:-test}" == *bench* ]] && debs+=(redis-server)
+if [[ "${EXTRAS:-test}" == *bench* ]]; then debs+=(redis-server); fi
 # python3-venv only matters when the interpreter lacks venv (Debian's own python3 does).
 python3 -c "import venv, ensurepip" 2>/dev/null || debs+=(python3-venv)
 missing=()
@@ -34,4 +35,20 @@ if [ ! -e "$stamp" ] || ! built; then
     fi
     rm -f "$log" .venv/.petasus-*
     touch "$stamp"
+fi
+
+# Debian's pyverbs is built for Debian's python3.11 and installed in its dist-packages; PyPI's
+# pyverbs needs Cython < 3.1 to build and rdma-core >= 59 to load, so it is no option here. The
+# venv gets pyverbs and nothing else from there: a .pth file puts on its path a directory that
+# holds one symlink, to the pyverbs package. Only where the extension ABI matches the venv's
+# interpreter; elsewhere the verbs plugin says pyverbs is missing.
+purelib=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+abi=$(.venv/bin/python -c 'import sys; print("cpython-%d%d" % sys.version_info[:2])')
+debian_pyverbs=/usr/lib/python3/dist-packages/pyverbs
+if compgen -G "$debian_pyverbs/base.$abi-*.so" >/dev/null; then
+    mkdir -p .venv/pyverbs-only
+    ln -sfn "$debian_pyverbs" .venv/pyverbs-only/pyverbs
+    echo "$PWD/.venv/pyverbs-only" >"$purelib/petasus-pyverbs.pth"
+else
+    rm -rf .venv/pyverbs-only "$purelib/petasus-pyverbs.pth"
 fi

@@ -65,6 +65,24 @@ def _verbs_missing() -> str | None:
     return None
 
 
+def _verbs_spec_missing() -> str | None:
+    """Why the verbs plugin's specs do not run here, or None."""
+    from petasus.na.verbs import why_unavailable
+
+    device = os.environ.get("PETASUS_VERBS_DEVICE")
+    if not device:
+        here = why_unavailable()
+        return ("PETASUS_VERBS_DEVICE is not set (it names the RDMA device and port to test "
+                "on, e.g. mlx5_0:1 or rxe0)" + (f"; and on this host: {here}" if here else ""))
+    return why_unavailable(device.partition(":")[0])
+
+
+_VERBS_URI = f"verbs://{os.environ.get('PETASUS_VERBS_DEVICE') or 'none'}/127.0.0.1:0"
+# RoCE needs the GID of the right RoCE version and address (``show_gids`` lists them).
+_VERBS_GID = ({"gid_index": int(os.environ["PETASUS_VERBS_GID_INDEX"])}
+              if os.environ.get("PETASUS_VERBS_GID_INDEX") else {})
+_VERBS_SKIP = pytest.mark.skipif(bool(_verbs_spec_missing()), reason=str(_verbs_spec_missing()))
+
 SPECS = [
     Spec("tcp", "tcp://127.0.0.1:0"),
     pytest.param(Spec("tcp6", "tcp://[::1]:0"), id="tcp6",
@@ -76,6 +94,11 @@ SPECS = [
     pytest.param(Spec("ofi-verbs", "ofi+verbs://"), id="ofi-verbs",
                  marks=pytest.mark.skipif(bool(_verbs_missing()),
                                           reason=str(_verbs_missing()))),
+    # The native verbs plugin: RMA up to 32 KiB two-sided (checked by the target's table),
+    # and "verbs-rdma" with every transfer one-sided (checked by the NIC).
+    pytest.param(Spec("verbs", _VERBS_URI, _VERBS_GID), id="verbs", marks=_VERBS_SKIP),
+    pytest.param(Spec("verbs-rdma", _VERBS_URI, {"two_sided_max": 0, **_VERBS_GID}),
+                 id="verbs-rdma", marks=_VERBS_SKIP),
 ]
 
 

@@ -409,7 +409,7 @@ def test_every_tagged_call_refuses_a_tag_outside_u32(spec: Spec, tag: int) -> No
 
 
 def test_unknown_scheme() -> None:
-    with pytest.raises(ValueError, match=r"available schemes: ofi\+shm, .*, sm, tcp$"):
+    with pytest.raises(ValueError, match=r"available schemes: ofi\+shm, .*, sm, tcp, verbs$"):
         na.initialize("carrier-pigeon://coop")
 
 
