@@ -142,6 +142,8 @@ class Target:
         try:
             remote.resolve(self.na, "pull the input", source)
             refused = None
+            if not remote.access & na.Access.READ_ONLY:
+                refused = f"comes with a {remote.access.name} handle, which cannot be pulled"
         except ValueError as exc:
             refused = str(exc)
         flow = ov.Overflow(ov.TARGET_ONE_WAY if one_way else ov.TARGET, self.landing)
@@ -182,7 +184,16 @@ class Target:
                         self.landing.give(buf)  # the transfer is over: nothing writes into it
                     self._dispatch(rpc, source, tag, int(one_way), args)
 
-        transfer = local.pull_from(remote, addr=source, callback=pulled)
+        try:
+            transfer = local.pull_from(remote, addr=source, callback=pulled)
+        except (ValueError, na.NAError) as exc:  # refused before a byte moved
+            local.close()
+            self.landing.give(buf)
+            log.warning("%s: the input from %s cannot be pulled: %s", rpc.name, source.uri, exc)
+            if ov.Action.REPLY_ERROR in flow.handle("failed"):  # the budget goes back, too
+                self.reply_error(source, tag, hd.OVERFLOW, type(exc).__name__,
+                                 f"{rpc.name}: the input cannot be pulled: {exc}")
+            return
         if not transfer.done:
             def give_up() -> None:
                 self.stats["overflow_timeouts"] += 1

@@ -23,6 +23,7 @@ from ._transport import Transport
 from .core import (
     MAX_MSG_SIZE,
     MAX_QUEUED,
+    MAX_TAG,
     SPIN_US,
     CompletionQueue,
     Matcher,
@@ -109,7 +110,8 @@ class SocketPlugin(PluginCore):
         out: dict[str, Any] = dict(self.stats)
         out.update(uri=self._self_addr.uri, open_connections=len(self._conns),
                    registrations=len(self._regs), queued_bytes=self._matcher.queued,
-                   spin_us=int(self._loop.spin * 1e6))
+                   spin_us=int(self._loop.spin * 1e6),
+                   callback_errors=self._cq.callback_errors)
         return out
 
     # -- addresses ------------------------------------------------------------------------------
@@ -158,6 +160,7 @@ class SocketPlugin(PluginCore):
                 self._outbox.enqueue(conn, [_HDR.pack(_MAGIC, kind, 0, n, op.tag), view], op)
 
     def _on_unexpected(self, conn: Conn, tag: int, payload: memoryview | None) -> None:
+        _check_peer_tag(conn, tag)
         if self._matcher.deliver_unexpected(conn.addr, tag, payload) and not conn.paused:  # type: ignore[arg-type]
             # Back-pressure instead of unbounded memory: stop reading this peer until drained.
             conn.paused = True
@@ -165,6 +168,7 @@ class SocketPlugin(PluginCore):
             self._rearm(conn)
 
     def _on_expected(self, conn: Conn, tag: int, payload: memoryview | None) -> None:
+        _check_peer_tag(conn, tag)
         self._matcher.deliver_expected(conn.addr, tag, payload)  # type: ignore[arg-type]
 
     def _resume(self) -> None:
@@ -444,3 +448,11 @@ class SocketPlugin(PluginCore):
     def _on_close(self) -> None:
         """Release plugin-specific resources."""
 
+
+
+def _check_peer_tag(conn: Conn, tag: int) -> None:
+    """Message tags are u32 on every plugin, while the frame header carries 64 bits (RMA frames
+    put operation ids there): a wider tag is a malformed message, refused where it enters,
+    before any reply is addressed to it."""
+    if tag > MAX_TAG:
+        raise ProtocolError("read frame", conn.name, f"message tag {tag:#x} is wider than u32")

@@ -21,6 +21,8 @@ from typing import Any
 from .errors import Canceled, NAError, PeerError
 from .types import Access, Addr, Callback, MemHandle, Op, OpKind, OpState, as_byte_view
 
+_log = logging.getLogger("petasus.na")
+
 MAX_TAG = 0xFFFFFFFF  # NA tags are u32 on every plugin
 # 64 KiB messages: big enough that most RPCs need no overflow, and the same on every plugin
 # so that hg behaves the same whatever carries it.
@@ -110,11 +112,13 @@ class CompletionQueue:
     counted (``completed``): progress() returns as soon as that count moves.
     """
 
-    __slots__ = ("completed", "ops", "polling", "wake_fd")
+    __slots__ = ("callback_errors", "completed", "ops", "polling", "reported", "wake_fd")
 
     def __init__(self) -> None:
         self.ops: deque[Op] = deque()
         self.completed = 0
+        self.callback_errors = 0  # callbacks that raised (trigger carried on)
+        self.reported: set[str] = set()  # peers whose callback failure was logged already
         self.polling = 0  # threads asleep in the plugin's poll: a completion must wake them
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
@@ -161,8 +165,23 @@ class CompletionQueue:
             op.done = True
             n += 1
             if op.callback is not None:
-                op.callback(op)
+                try:
+                    op.callback(op)
+                except Exception:
+                    # One failing callback (most often one that a peer's message drove into
+                    # an error) must not take the ops behind it, or the serving loop, down.
+                    self._callback_failed(op)
         return n
+
+    def _callback_failed(self, op: Op) -> None:
+        self.callback_errors += 1
+        peer = op.addr.uri if op.addr is not None else "(no peer)"
+        if peer in self.reported or len(self.reported) > 4096:
+            return
+        self.reported.add(peer)
+        _log.exception("the callback of a %s op with %s raised; trigger carried on (logged "
+                       "once per peer, counted in statistics()['callback_errors'])",
+                       op.kind.name.lower(), peer)
 
     def close(self) -> None:
         os.close(self.wake_fd)

@@ -412,5 +412,6 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
                    open_connections=len(self._by_name), registrations=len(self._regs),
                    queued_bytes=self._matcher.queued, spin_us=int(self._spin * 1e6),
                    wait="fd" if self._wait_fd >= 0 else "spin+timer", mr_mode=self._mr_mode,
-                   in_flight=len(self._reqs) - len(self._rx) // self._slot)
+                   in_flight=len(self._reqs) - len(self._rx) // self._slot,
+                   callback_errors=self._cq.callback_errors)
         return out

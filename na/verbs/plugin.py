@@ -264,7 +264,8 @@ class VerbsPlugin(Progress, Links, PluginCore):
                    queued_bytes=self._matcher.queued, spin_us=int(self._spin * 1e6),
                    two_sided_max=self._two_sided, rma_chunk=self._rma_chunk,
                    in_flight=len(self._work), send_slots=self._send_pool.total,
-                   receive_slots=self._recv_pool.total)
+                   receive_slots=self._recv_pool.total,
+                   callback_errors=self._cq.callback_errors)
         return out
 
     # -- addresses ------------------------------------------------------------------------------
