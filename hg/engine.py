@@ -99,7 +99,7 @@ class Engine:
 
     def statistics(self) -> dict[str, Any]:
         return {**self.context.stats, "inflight_handlers": self._inflight,
-                "na": self.na.statistics()}
+                "overflow_held": self.context.landing.held, "na": self.na.statistics()}
 
     def bulk(self, buffers: Any, access: na.Access, *, eager: bool | None = None) -> Bulk:
         """Expose ``buffers`` (one buffer or a list) for transfers driven by this engine."""

@@ -245,6 +245,8 @@ class Handle:
         try:
             remote.resolve(ctx.na, "pull the result", self.addr)
             refused = None
+            if not remote.access & na.Access.READ_ONLY:
+                refused = f"comes with a {remote.access.name} handle, which cannot be pulled"
         except ValueError as exc:
             refused = str(exc)
         flow = self._flow = ov.Overflow(ov.ORIGIN, ctx.landing)
@@ -260,25 +262,35 @@ class Handle:
         def pulled(transfer: Transfer) -> None:
             local.close()
             self._pull = None
-            for action in flow.handle("failed" if transfer.error is not None else "pulled"):
-                if action is ov.Action.ACK:
-                    ctx.target.send_ack(self.addr, tag | ACK_BIT)  # the target may let go now
-                elif self.state != _FORWARDED:
-                    return  # timed out or canceled meanwhile
-                elif action is ov.Action.FAIL:
-                    self._finish("error", None, self._transport_error(transfer.error))  # type: ignore[arg-type]
-                elif action is ov.Action.DELIVER:
-                    try:
-                        value = rpc.out_proc.loads(dest)
-                    except Exception as exc:
-                        self._finish("error", None, RPCError(rpc.name, self.addr.uri,
-                                                             f"malformed response: {exc}"))
-                        return
-                    finally:
-                        ctx.landing.give(buf)
-                    self._finish("response", value, None)
+            try:
+                for action in flow.handle("failed" if transfer.error is not None else "pulled"):
+                    if action is ov.Action.ACK:
+                        ctx.target.send_ack(self.addr, tag | ACK_BIT)  # the target may let go
+                    elif self.state != _FORWARDED:
+                        return  # timed out or canceled meanwhile
+                    elif action is ov.Action.FAIL:
+                        self._finish("error", None, self._transport_error(transfer.error))  # type: ignore[arg-type]
+                    elif action is ov.Action.DELIVER:
+                        try:
+                            value = rpc.out_proc.loads(dest)
+                        except Exception as exc:
+                            self._finish("error", None, RPCError(rpc.name, self.addr.uri,
+                                                                 f"malformed response: {exc}"))
+                            return
+                        self._finish("response", value, None)
+            finally:
+                ctx.landing.give(buf)  # the transfer is over, whatever its outcome
 
-        transfer = local.pull_from(remote, addr=self.addr, callback=pulled)
+        try:
+            transfer = local.pull_from(remote, addr=self.addr, callback=pulled)
+        except (ValueError, na.NAError) as exc:  # refused before a byte moved
+            local.close()
+            ctx.landing.give(buf)
+            flow.handle("failed")  # gives the budget back
+            ctx.target.send_ack(self.addr, tag | ACK_BIT)
+            self._finish("error", None, RPCError(rpc.name, self.addr.uri,
+                                                 f"the result cannot be pulled: {exc}"))
+            return
         if not transfer.done:
             self._pull = transfer
 

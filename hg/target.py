@@ -158,6 +158,12 @@ class Target:
 
         def pulled(transfer: Transfer) -> None:
             local.close()
+            try:
+                settle(transfer)
+            finally:
+                self.landing.give(buf)  # the transfer is over: nothing writes into it now
+
+        def settle(transfer: Transfer) -> None:
             timed_out = not timer.disarm()
             error = transfer.error
             event = "closed" if self.ctx.closing else ("failed" if error is not None
@@ -180,8 +186,6 @@ class Target:
                             self.reply_error(source, tag, hd.DECODE_ERROR, type(exc).__name__,
                                              str(exc))
                         return
-                    finally:
-                        self.landing.give(buf)  # the transfer is over: nothing writes into it
                     self._dispatch(rpc, source, tag, int(one_way), args)
 
         try:

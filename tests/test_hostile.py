@@ -3,6 +3,7 @@ where they apply. Each test attacks, then shows that a good client is still serv
 
 from __future__ import annotations
 
+import mmap
 import socket
 import struct
 import threading
@@ -142,3 +143,55 @@ def _recv(sock: socket.socket) -> bytes:
         return b""
 
 
+
+
+@hg.declare
+def fetch() -> bytes: ...
+
+
+@pytest.mark.parametrize("spec", SPECS[:4], ids=lambda s: s.id if isinstance(s, Spec) else None)
+def test_a_hostile_write_only_result_handle_leaves_nothing_held(spec: Spec) -> None:
+    """A server answers "the result continues in this handle" with a WRITE_ONLY handle: the
+    call fails at once, and the client gives back the overflow budget and the landing
+    buffer, so later large results (here from the same peer) still fit in the budget."""
+    size = 24 << 20
+    hostile = na.initialize(spec.uri, listen=True, **spec.options)
+    exposed = mmap.mmap(-1, size)  # never touched: no memory is spent on it
+    try:
+        handle = hostile.mem_register(exposed, na.Access.WRITE_ONLY)
+        with hg.Engine(spec.uri, max_overflow=size + (size // 2), **spec.options) as client:
+            client.declare(fetch)
+            remote = client.lookup(hostile.addr_self().uri)
+            wire = bulk_wire(hostile, handle, size)
+            for _ in range(4):  # four times the budget, if anything stayed held
+                inbox = bytearray(hostile.msg_get_max_unexpected_size())
+                recv = hostile.msg_recv_unexpected(inbox)
+                call = remote.fetch.future(timeout=TIMEOUT)
+                while not recv.done:
+                    client.context.progress(0.001)
+                    hostile.progress(0.001)
+                    hostile.trigger()
+                reply = hd.RESPONSE.pack(hd.IDENTIFIER, hd.PROTOCOL, hd.SUCCESS, hd.MORE_DATA,
+                                         0) + wire
+                hostile.msg_send_expected(recv.source, reply, recv.tag)
+                while not call.done:
+                    hostile.progress(0.001)
+                    hostile.trigger()
+                    client.context.progress(0.001)
+                    client.context.trigger()
+                with pytest.raises(hg.RPCError, match="WRITE_ONLY"):
+                    client.wait(call)
+            assert client.statistics()["overflow_held"] == 0
+        hostile.mem_deregister(handle)
+    finally:
+        hostile.close()
+        exposed.close()
+
+
+def bulk_wire(plugin: na.Plugin, handle: na.MemHandle, size: int) -> bytes:
+    """The serialized bulk handle a peer would send for one registered segment."""
+    from petasus.bulk import layout
+
+    owner = plugin.addr_serialize(plugin.addr_self())
+    return layout.encode(layout.Wire(int(na.Access.WRITE_ONLY), owner, (size,), (
+        plugin.mem_handle_serialize(handle),)))
