@@ -8,6 +8,7 @@ import hashlib
 import json
 import sys
 import threading
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -103,20 +104,36 @@ def _fail(kind: str, message: str) -> None:
 class Gate:
     """A slow handler that the test controls: each hold() answers when it takes one of the
     tokens that release() hands out, in whatever order the two arrive, so tests wait on a
-    condition rather than on a clock. ``seconds`` only bounds a hold nobody releases."""
+    condition rather than on a clock. ``seconds`` only bounds a hold nobody releases.
+
+    Tokens go to the holds already waiting, oldest first, as release() runs: a hold that
+    arrives later cannot take the token of one that was woken but has not run yet. (A test
+    whose call timed out leaves its hold waiting; the next test's release(2) is meant for it
+    and that test's own hold. Taken by whichever thread got the lock first, a busy host let
+    the next test's hold take it and answer at once.)"""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._tokens = 0
+        self._tokens = 0  # released while no hold waited
+        self._waiting: deque[list[bool]] = deque()  # one [granted] per waiting hold
 
     def hold(self, seconds: float) -> float:
         with self._cond:
-            if self._cond.wait_for(lambda: self._tokens > 0, timeout=seconds):
+            if self._tokens:
                 self._tokens -= 1
+                return seconds
+            slot = [False]
+            self._waiting.append(slot)
+            if not self._cond.wait_for(lambda: slot[0], timeout=seconds):
+                self._waiting.remove(slot)  # nobody released it: it gives up its place
         return seconds
 
     def release(self, count: int) -> None:
         with self._cond:
+            waiting = self._waiting
+            while count and waiting:
+                waiting.popleft()[0] = True
+                count -= 1
             self._tokens += count
             self._cond.notify_all()
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import rpc_api as api
 from conftest import TIMEOUT, RpcPeer, Spec
+from rpc_peer import Gate
 
 from petasus import hg, na
 
@@ -183,6 +185,29 @@ def test_future_timeouts_are_enforced_by_wait_and_result(rpc: RpcPeer) -> None:
             finish(handle)
     rpc.remote.release(2)
     assert rpc.remote.sum(1, 2) == 3
+
+
+def test_the_gate_gives_a_release_to_the_holds_already_waiting() -> None:
+    """The peers' hold/release Gate: a token released while a hold waits is that hold's,
+    even if a later hold gets the lock before the woken one runs (as on a busy host). Else the
+    hold of a call that timed out (test_timeout_and_late_response_dropped) lost the token
+    meant for it to the next test's hold, which answered at once: "DID NOT RAISE RPCTimeout"
+    in test_future_timeouts_are_enforced_by_wait_and_result."""
+    gate = Gate()
+    first = threading.Thread(target=gate.hold, args=(TIMEOUT,), daemon=True)
+    first.start()
+    while not gate._cond._waiters:  # type: ignore[attr-defined]  # until the hold waits
+        time.sleep(0.001)
+    try:
+        with gate._cond:  # the woken hold cannot run before we let go of the lock
+            gate.release(1)
+            started = time.monotonic()
+            gate.hold(0.05)  # a later hold, first to the lock: there is no token for it
+            assert time.monotonic() - started >= 0.04
+        first.join(TIMEOUT)
+        assert not first.is_alive()
+    finally:
+        gate.release(1)  # whatever happened, no hold is left waiting
 
 
 def test_cancel(rpc: RpcPeer) -> None:
