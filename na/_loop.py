@@ -29,7 +29,14 @@ class EventLoop:
         self.spin = spin
         self.ep = select.epoll()
         self.handlers: dict[int, Callable[[int], None]] = {}
-        self.add(cq.wake_fd, EPOLLIN, lambda _ev: cq.drain_wake())
+        # A wake-up means work the plugin keeps outside the fds (sm's queued copies, a
+        # completion posted by another thread): progress returns so its caller sees it.
+        self.woken = False
+        self.add(cq.wake_fd, EPOLLIN, self._on_wake)
+
+    def _on_wake(self, _ev: int) -> None:
+        self.cq.drain_wake()
+        self.woken = True
 
     def fileno(self) -> int:
         return self.ep.fileno()
@@ -78,7 +85,8 @@ class EventLoop:
             events = poll(0)
             if events:
                 dispatch(events)
-                if ops or cq.completed != done:
+                if ops or cq.completed != done or self.woken:
+                    self.woken = False
                     return True
                 now = time.monotonic()
                 if now >= deadline:
@@ -100,7 +108,8 @@ class EventLoop:
                 cq.polling -= 1
             if events:
                 dispatch(events)
-                if ops or cq.completed != done:
+                if ops or cq.completed != done or self.woken:
+                    self.woken = False
                     return True
                 spin_end = time.monotonic() + spin
 
