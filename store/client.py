@@ -74,6 +74,18 @@ class DistributedStore(Store):
             self._check_open()  # closed meanwhile, from another thread
             raise StoreError(f"store master {self.uri}: {exc}") from exc
 
+    def _checked(self, keys: Sequence[str]) -> tuple[list[Any], list[int]]:
+        """Per-key results pre-filled with each invalid key's error, and the valid indexes."""
+        results: list[Any] = [None] * len(keys)
+        valid = []
+        for i, key in enumerate(keys):
+            try:
+                validate_key(key, self.max_key_bytes)
+                valid.append(i)
+            except StoreError as exc:
+                results[i] = exc
+        return results, valid
+
     def _node(self, uri: str) -> hg.Remote:
         remote = self._nodes.get(uri)
         if remote is None:
@@ -253,14 +265,7 @@ class DistributedStore(Store):
     def _read_many(self, keys: Sequence[str],
                    dsts: list[memoryview] | None) -> list[Any]:
         self._check_open()
-        results: list[Any] = [None] * len(keys)
-        valid = []
-        for i, key in enumerate(keys):
-            try:
-                validate_key(key, self.max_key_bytes)
-                valid.append(i)
-            except StoreError as exc:
-                results[i] = exc
+        results, valid = self._checked(keys)
         for _attempt in range(3):
             if not valid:
                 break
@@ -394,14 +399,7 @@ class DistributedStore(Store):
 
     def remove_many(self, keys: Sequence[str]) -> list[StoreError | None]:
         self._check_open()
-        results: list[StoreError | None] = [None] * len(keys)
-        valid = []
-        for i, key in enumerate(keys):
-            try:
-                validate_key(key, self.max_key_bytes)
-                valid.append(i)
-            except StoreError as exc:
-                results[i] = exc
+        results, valid = self._checked(keys)
         statuses = self._call(self.master.remove, [keys[i] for i in valid])
         for i, st in zip(valid, statuses):
             if st.code != p.OK:

@@ -91,12 +91,15 @@ def _flags(options: dict[str, Any]) -> list[str]:
 
 
 def wait_for(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
-    """Wait for ``condition`` (polled, yielding the CPU) or fail naming it."""
+    """Wait for ``condition`` or fail naming it. The conditions are other processes' state
+    (the master's node list, a reclaimed page count), so this polls; the short sleep between
+    polls gives the CPU to those processes on this 2-core machine, where a busy poll would
+    starve them. Nothing is assumed to have happened after any amount of time."""
     end = time.monotonic() + deadline
     while not condition():
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {deadline} s waiting for {what}")
-        time.sleep(0.005)
+        time.sleep(0.001)
 
 
 class Proc:

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import itertools
 import os
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ MiB = 1 << 20
 # on a loaded 2-core machine finds the room eviction makes for it.
 PUT_TIMEOUT = 2.0
 # Deadline of every wait on a condition (a thread to finish, a flush): never a sleep.
-DEADLINE = 60.0
+DEADLINE = store_cluster.DEADLINE
 
 
 @dataclass(frozen=True)
@@ -154,10 +153,5 @@ def check_error(exc: StoreError, key: str) -> None:
     assert exc.tier is None or isinstance(exc.tier, str)
 
 
-def wait_until(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
-    """Wait for ``condition`` (checked in a loop that yields the CPU) or fail naming it."""
-    end = time.monotonic() + deadline
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {deadline} s waiting for {what}")
-        time.sleep(0.001)
+# One condition wait for the whole store suite (store_cluster's, which this module imports).
+wait_until = store_cluster.wait_for
