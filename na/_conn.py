@@ -105,17 +105,19 @@ class Outbox:
     """The send queues: whole frames in, ``sendmsg`` scatter-gather out, coalesced per pass.
 
     ``sent(op)`` runs when the last byte of an op's frames has left; ``failed(conn, cause)``
-    when the socket refuses; ``rearm(conn)`` when EPOLLOUT must be armed or disarmed.
+    when the socket refuses; ``rearm(conn)`` when EPOLLOUT must be armed or disarmed;
+    ``waking.polling`` counts the threads asleep in the plugin's poll (the completion queue's
+    count, read as an attribute: it is checked on every send).
     """
 
-    __slots__ = ("dirty", "failed", "in_pass", "polling", "rearm", "sent")
+    __slots__ = ("dirty", "failed", "in_pass", "rearm", "sent", "waking")
 
     def __init__(self, sent: Callable[[Op], None], failed: Callable[[Conn, str], None],
-                 rearm: Callable[[Conn], None], polling: Callable[[], int]) -> None:
+                 rearm: Callable[[Conn], None], waking: Any) -> None:
         self.sent = sent
         self.failed = failed
         self.rearm = rearm
-        self.polling = polling
+        self.waking = waking
         self.dirty: list[Conn] = []
         self.in_pass = 0  # >0 while progress dispatches or trigger runs callbacks (nesting)
 
@@ -126,6 +128,26 @@ class Outbox:
         while another thread sleeps in epoll (nobody would flush soon), they leave at once.
         """
         q = conn.sendq
+        if not q and not self.dirty and not conn.writing and not conn.connecting and \
+                (not self.in_pass or self.waking.polling):
+            # Nothing ahead of these frames and nothing to coalesce them with: one sendmsg,
+            # no queue entries (the per-message path of a blocking call).
+            try:
+                n = conn.sock.sendmsg(bufs)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                for buf in bufs:
+                    q.append([buf, None])
+                q[-1][1] = op
+                self.failed(conn, f"send failed: {exc}")
+                return
+            if n == sum(map(len, bufs)):
+                if op is not None:
+                    self.sent(op)
+                return
+            self._queue_rest(conn, bufs, n, op)
+            return
         for buf in bufs:
             q.append([buf, None])
         q[-1][1] = op
@@ -134,8 +156,26 @@ class Outbox:
         if not conn.dirty:
             conn.dirty = True
             self.dirty.append(conn)
-        if not self.in_pass or self.polling() or len(q) >= _FLUSH_AT:
+        if not self.in_pass or self.waking.polling or len(q) >= _FLUSH_AT:
             self.flush_dirty()
+
+    def _queue_rest(self, conn: Conn, bufs: list[Any], n: int, op: Op | None) -> None:
+        """Queue what the kernel did not take of a direct send, and wait for EPOLLOUT."""
+        q = conn.sendq
+        for buf in bufs:
+            ln = len(buf)
+            if not q and n >= ln:
+                n -= ln  # sent whole
+                continue
+            if n:
+                q.append([memoryview(buf)[n:], None])
+                conn.head_partial = True
+                n = 0
+            else:
+                q.append([buf, None])
+        q[-1][1] = op
+        conn.writing = True
+        self.rearm(conn)
 
     def flush_dirty(self) -> None:
         dirty = self.dirty

@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 import time
+from functools import partial
 from typing import Any
 
 from . import framing as fr
@@ -65,8 +66,7 @@ class SocketPlugin(PluginCore):
         self._cq = CompletionQueue()
         self._matcher = Matcher(self._cq, self.stats, self.log, max_queued, self._resume)
         self._regs = Registrations()
-        self._outbox = Outbox(self._cq.complete, self._conn_failed, self._rearm,
-                              lambda: self._cq.polling)
+        self._outbox = Outbox(self._cq.complete, self._conn_failed, self._rearm, self._cq)
         self._loop = EventLoop(self._cq, self._outbox, self._lock, max(spin_us, 0) / 1e6)
         self._rma = EmulatedRma(self._cq, self._regs, self._outbox, self.stats, self.log,
                                 rma_chunk)
@@ -160,7 +160,8 @@ class SocketPlugin(PluginCore):
                 self._outbox.enqueue(conn, [_HDR.pack(_MAGIC, kind, 0, n, op.tag), view], op)
 
     def _on_unexpected(self, conn: Conn, tag: int, payload: memoryview | None) -> None:
-        _check_peer_tag(conn, tag)
+        if tag > MAX_TAG:
+            _refuse_peer_tag(conn, tag)
         if self._matcher.deliver_unexpected(conn.addr, tag, payload) and not conn.paused:  # type: ignore[arg-type]
             # Back-pressure instead of unbounded memory: stop reading this peer until drained.
             conn.paused = True
@@ -168,7 +169,8 @@ class SocketPlugin(PluginCore):
             self._rearm(conn)
 
     def _on_expected(self, conn: Conn, tag: int, payload: memoryview | None) -> None:
-        _check_peer_tag(conn, tag)
+        if tag > MAX_TAG:
+            _refuse_peer_tag(conn, tag)
         self._matcher.deliver_expected(conn.addr, tag, payload)  # type: ignore[arg-type]
 
     def _resume(self) -> None:
@@ -267,7 +269,8 @@ class SocketPlugin(PluginCore):
 
     def progress(self, timeout: float = 0.0) -> bool:
         """Move bytes for up to ``timeout`` seconds (see ``EventLoop.progress``)."""
-        self._check_open("progress")
+        if self._closed:
+            self._check_open("progress")
         if self._accept_resume and time.monotonic() >= self._accept_resume:
             self._accept_resume = 0.0
             with self._lock:
@@ -281,7 +284,7 @@ class SocketPlugin(PluginCore):
         conn = Conn(sock, name, connecting, self._routing, self._max_msg, self._rma_chunk)
         self.stats["connections"] += 1
         self._conns.add(conn)
-        self._loop.add(conn.fd, conn.mask(), lambda ev: self._on_event(conn, ev))
+        self._loop.add(conn.fd, conn.mask(), partial(self._on_event, conn))
         return conn
 
     def _conn_for(self, addr: Addr, op: Op) -> Conn | None:
@@ -450,9 +453,8 @@ class SocketPlugin(PluginCore):
 
 
 
-def _check_peer_tag(conn: Conn, tag: int) -> None:
+def _refuse_peer_tag(conn: Conn, tag: int) -> None:
     """Message tags are u32 on every plugin, while the frame header carries 64 bits (RMA frames
     put operation ids there): a wider tag is a malformed message, refused where it enters,
     before any reply is addressed to it."""
-    if tag > MAX_TAG:
-        raise ProtocolError("read frame", conn.name, f"message tag {tag:#x} is wider than u32")
+    raise ProtocolError("read frame", conn.name, f"message tag {tag:#x} is wider than u32")
