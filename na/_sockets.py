@@ -276,7 +276,14 @@ class SocketPlugin(PluginCore):
             with self._lock:
                 if self._listener is not None and not self._closed:
                     self._loop.modify(self._listener.fileno(), EPOLLIN)
-        return self._loop.progress(timeout)
+        try:
+            return self._loop.progress(timeout)
+        except (OSError, ValueError):
+            # Closed by another thread under our poll: the caller's error is "closed", not
+            # the dead descriptor it met.
+            if self._closed:
+                self._check_open("progress")
+            raise
 
     # -- connections ----------------------------------------------------------------------------
     def _new_conn(self, sock: socket.socket, name: str, connecting: bool) -> Conn:
