@@ -8,11 +8,14 @@ Every peer is driven the fastest way its documentation allows a normal call to b
 each pattern (a baseline that flatters us would be a defect):
 
 - pyzmq: one DEALER socket against a ROUTER, msgpack payloads; the window keeps N requests
-  queued on the socket and sends one as each reply is read (replies come back in order);
+  queued on the socket and sends one as each reply is read (replies come back in order). One
+  frame per message (the REQ-style empty delimiter frame halved its rate at 16 in flight),
+  copying receives on the server (zero-copy frames pay off above ~10 KB only);
 - grpcio blocking: one channel, a generic bytes method (no protobuf codegen), ``stub(...)`` at
   one in flight and ``stub.future(...)`` beyond, waited on oldest first; grpc.aio: N tasks
-  awaiting calls on one channel (window) or N calls gathered (burst). Both run in every plan;
-  the summary takes the faster;
+  awaiting calls on one channel (window) or N calls gathered (burst). Both clients run against
+  the thread-pool server and the grpc.aio server (records say which: ``server``); the summary
+  takes the fastest pair;
 - Pyro5: marshal serializer and TCP_NODELAY (its fast settings); a proxy serves one thread, so
   N calls in flight are N threads with a proxy each (window) or a pool of N such threads
   (burst). Batch proxies and one-way calls are left out: they are not a normal call (a batch
@@ -27,6 +30,7 @@ words), ``pattern``, ``placement`` and the CPU microseconds per call of each sid
 from __future__ import annotations
 
 import asyncio
+import functools
 import struct
 import threading
 from collections.abc import Callable
@@ -55,6 +59,7 @@ from _drive import (
 REQ = struct.Struct("!ii")
 RES = struct.Struct("!i")
 PATH = "/bench.Sum/Sum"
+GRPC_SERVERS = {"grpc-sync": "grpc.server (thread pool)", "grpc-aio": "grpc.aio.server"}
 WARMUP = 0.05  # seconds of calls before each client's first measurement
 TIMEOUT = 5.0  # seconds any single wait may take before the run fails
 Point = tuple[str, int]  # (pattern, calls in flight)
@@ -101,8 +106,8 @@ def unpack_result(data: bytes) -> int:
 
 # -- gRPC -------------------------------------------------------------------------------------
 def bench_grpc_sync(points: list[Point], seconds: float, placement: str,
-                    cpu: int | None) -> None:
-    with child("_rpc_peer_baselines.py", "grpc-sync", cpu=cpu) as (proc, addr), \
+                    cpu: int | None, server: str = "grpc-sync") -> None:
+    with child("_rpc_peer_baselines.py", server, cpu=cpu) as (proc, addr), \
             grpc.insecure_channel(addr) as channel:
         grpc.channel_ready_future(channel).result(timeout=TIMEOUT)
         # Requests go out as ready-made bytes (no request serializer).
@@ -120,13 +125,14 @@ def bench_grpc_sync(points: list[Point], seconds: float, placement: str,
 
         def emit_point(pattern: str, conc: int, sample: Sample) -> None:
             client = "stub()" if conc == 1 else "stub.future(), oldest first"
-            report("grpcio", "blocking", client, pattern, conc, placement, sample)
+            report("grpcio", "blocking", client, pattern, conc, placement, sample,
+                   server=GRPC_SERVERS[server])
 
         run_blocking(proc.pid, points, seconds, one, send, wait, emit_point)
 
 
 def bench_grpc_aio(points: list[Point], seconds: float, placement: str,
-                   cpu: int | None) -> None:
+                   cpu: int | None, server: str = "grpc-aio") -> None:
     async def run(pid: int, addr: str) -> None:
         async with grpc.aio.insecure_channel(addr) as channel:
             await asyncio.wait_for(channel.channel_ready(), TIMEOUT)
@@ -138,11 +144,12 @@ def bench_grpc_aio(points: list[Point], seconds: float, placement: str,
 
             def emit_point(pattern: str, conc: int, sample: Sample) -> None:
                 client = "N tasks awaiting stub()" if pattern == "window" else "gather(N stub())"
-                report("grpcio", "asyncio", client, pattern, conc, placement, sample)
+                report("grpcio", "asyncio", client, pattern, conc, placement, sample,
+                       server=GRPC_SERVERS[server])
 
             await run_async(pid, points, seconds, call, emit_point)
 
-    with child("_rpc_peer_baselines.py", "grpc-aio", cpu=cpu) as (proc, addr):
+    with child("_rpc_peer_baselines.py", server, cpu=cpu) as (proc, addr):
         asyncio.run(run(proc.pid, addr))
 
 
@@ -157,13 +164,14 @@ def bench_zmq(points: list[Point], seconds: float, placement: str, cpu: int | No
         sock.connect(f"tcp://{addr}")
         pack, unpack = msgpack.packb, msgpack.unpackb
         try:
+            # One frame per message, no REQ-style empty delimiter: a DEALER needs none, and
+            # the two-frame form measured at half the rate at 16 in flight on this VM.
             def send(i: int) -> None:
-                # Empty delimiter first, as REQ would: the ROUTER sees [identity, b"", payload].
-                sock.send_multipart([b"", pack(args(i))])
+                sock.send(pack(args(i)))
 
             def wait(_token: None, i: int) -> None:
                 # One connection to a single-threaded server: replies come back in order.
-                check(unpack(sock.recv_multipart()[-1]), i)
+                check(unpack(sock.recv()), i)
 
             def one(i: int) -> None:
                 send(i)
@@ -257,10 +265,21 @@ def bench_aio_msgpack_rpc(points: list[Point], seconds: float, placement: str,
         asyncio.run(run(proc.pid, addr))
 
 
-BASELINES = {"pyzmq": bench_zmq, "grpcio-blocking": bench_grpc_sync,
-             "grpcio-asyncio": bench_grpc_aio, "Pyro5": bench_pyro5,
-             "aio-msgpack-rpc": bench_aio_msgpack_rpc}
+def baselines(every_server: bool) -> dict[str, Callable[..., None]]:
+    """Each peer's runner; grpcio's two clients against its own kind of server, and with
+    ``every_server`` against the other kind too (which pair is faster varies on this VM)."""
+    out: dict[str, Callable[..., None]] = {
+        "pyzmq": bench_zmq, "grpcio-blocking": bench_grpc_sync,
+        "grpcio-asyncio": bench_grpc_aio, "Pyro5": bench_pyro5,
+        "aio-msgpack-rpc": bench_aio_msgpack_rpc}
+    if every_server:
+        out["grpcio-blocking/aio-server"] = functools.partial(bench_grpc_sync,
+                                                              server="grpc-aio")
+        out["grpcio-asyncio/sync-server"] = functools.partial(bench_grpc_aio,
+                                                              server="grpc-sync")
+    return out
+
 
 if __name__ == "__main__":
-    for bench in BASELINES.values():
+    for bench in baselines(True).values():
         bench([("window", 1), ("window", 16), ("burst", 16)], 0.3, "default", None)

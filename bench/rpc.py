@@ -48,7 +48,7 @@ from _drive import (
     serial,
     window,
 )
-from _rpc_baselines import BASELINES, TIMEOUT, WARMUP, Point, report
+from _rpc_baselines import TIMEOUT, WARMUP, Point, baselines, report
 from _rpc_peer import sum as sum_rpc
 
 from petasus import hg
@@ -60,7 +60,7 @@ PEERS = ("pyzmq", "grpcio", "Pyro5", "aio-msgpack-rpc")
 PLACEMENTS: dict[str, tuple[set[int] | None, int | None]] = {
     "default": (None, None), "same": ({0}, 0), "split": ({0}, 1)}
 KEYS = ("plugin", "op", "size", "concurrency", "api", "client", "pattern", "placement",
-        "spin_us")
+        "spin_us", "server")
 
 
 def points(concs: tuple[int, ...]) -> list[Point]:
@@ -233,7 +233,7 @@ def configs(quick: bool, pin: str | None) -> list[tuple[str, Callable[[float], N
         for name, uri in (("ofi-tcp", "ofi+tcp://127.0.0.1:0"), ("ofi-shm", "ofi+shm://")):
             petasus(name, uri, 200, api, [("window", 1), ("window", 16)] if quick else
                     points(short), main)
-    for peer, bench in BASELINES.items():
+    for peer, bench in baselines(every_server=not quick).items():
         out.append((f"{peer} {main}", placed(
             main, lambda s, p, c, b=bench: b(points(sweep), s, p, c))))
     if pin is None:
@@ -241,7 +241,7 @@ def configs(quick: bool, pin: str | None) -> list[tuple[str, Callable[[float], N
         for api in ("blocking", "asyncio"):
             petasus("tcp", "tcp://127.0.0.1:0", 200, api, [("window", 1)], "same")
         out.append(("pyzmq same", placed(
-            "same", lambda s, p, c: BASELINES["pyzmq"]([("window", 1)], s, p, c))))
+            "same", lambda s, p, c: baselines(False)["pyzmq"]([("window", 1)], s, p, c))))
     return out
 
 
