@@ -44,12 +44,12 @@ from _drive import (
     burst,
     check,
     measure,
-    now_ns,
     serial,
     window,
 )
-from _rpc_baselines import TIMEOUT, WARMUP, Point, baselines, report
+from _rpc_baselines import WARMUP, Point, baselines, report
 from _rpc_peer import sum as sum_rpc
+from _rpc_petasus import callback_burst, callback_window
 
 from petasus import hg
 
@@ -68,84 +68,7 @@ def points(concs: tuple[int, ...]) -> list[Point]:
     return [("window", c) for c in concs] + [("burst", c) for c in concs if c > 1]
 
 
-# -- petasus's clients ------------------------------------------------------------------------
-def callback_window(engine: hg.Engine, method: hg.RemoteMethod, conc: int,
-                    seconds: float) -> list[int]:
-    """The low-level window: ``conc`` handles, each forwarded again from its own completion
-    callback (which runs from trigger(), on the thread that drives progress), while this
-    thread waits until the last one is done."""
-    ctx, addr, rpc, timeout = engine.context, method.addr, method.rpc, engine.timeout
-    latencies: list[int] = []
-    errors: list[BaseException] = []
-    end = now_ns() + int(seconds * 1e9)
-    state = [conc, conc]  # the next call's number, the handles still running
-
-    def start(k: int) -> None:
-        sent = [k, now_ns()]  # this handle's call number and send time
-
-        def done(handle: hg.Handle) -> None:
-            t = now_ns()
-            try:
-                if handle.error is not None:
-                    raise handle.error
-                check(handle.value, sent[0])
-            except BaseException as exc:  # reported by the waiting thread
-                errors.append(exc)
-                state[1] -= 1
-                return
-            latencies.append(t - sent[1])
-            if t < end:
-                i = sent[0] = state[0]
-                state[0] = i + 1
-                sent[1] = t
-                handle.forward(args(i), done, timeout)
-            else:
-                state[1] -= 1
-
-        ctx.create(addr, rpc).forward(args(k), done, timeout)
-
-    for k in range(conc):
-        start(k)
-    if not engine.wait_until(lambda: state[1] == 0, seconds + TIMEOUT):
-        raise RuntimeError("callback window: calls still running after the deadline")
-    if errors:
-        raise errors[0]
-    return latencies
-
-
-def callback_burst(engine: hg.Engine, method: hg.RemoteMethod, conc: int,
-                   seconds: float) -> list[int]:
-    """``conc`` calls forwarded with a completion callback, waited for together."""
-    ctx, addr, rpc, timeout = engine.context, method.addr, method.rpc, engine.timeout
-    latencies: list[int] = []
-    errors: list[BaseException] = []
-    end = now_ns() + int(seconds * 1e9)
-    left = [0]
-    t0 = [0]
-    handles = [ctx.create(addr, rpc) for _ in range(conc)]
-
-    def done(handle: hg.Handle) -> None:
-        latencies.append(now_ns() - t0[0])
-        left[0] -= 1
-        if handle.error is not None:
-            errors.append(handle.error)
-
-    n = 0
-    while now_ns() < end:
-        t0[0] = now_ns()
-        left[0] = conc
-        for k, handle in enumerate(handles):
-            handle.forward(args(n + k), done, timeout)
-        if not engine.wait_until(lambda: left[0] == 0, TIMEOUT):
-            raise RuntimeError("callback burst: calls still running after the deadline")
-        if errors:
-            raise errors[0]
-        for k, handle in enumerate(handles):
-            check(handle.value, n + k)
-        n += conc
-    return latencies
-
-
+# -- petasus ---------------------------------------------------------------------------------
 def bench_petasus(name: str, uri: str, spin_us: int, api: str, plan: list[Point],
                   seconds: float, placement: str, cpu: int | None) -> None:
     extra = {"spin_us": spin_us}
