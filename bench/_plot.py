@@ -47,9 +47,10 @@ def _finish(fig: Any, axes: Any, note: str) -> None:
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             labels.setdefault(label, handle)
-    fig.legend(list(labels.values()), list(labels), loc="center right", fontsize=8)
     _footer(fig, note)
-    fig.tight_layout(rect=(0, 0.03, 0.83, 1))
+    fig.tight_layout(rect=(0, 0.03, 0.84, 1))
+    fig.legend(list(labels.values()), list(labels), loc="center left",
+               bbox_to_anchor=(0.845, 0.5), fontsize=8)
 
 
 def _best(rows: list[Row], **match: Any) -> Row | None:
@@ -165,10 +166,10 @@ def bulk(results: list[Row], out: Path, note: str) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
     for ax, op in zip(axes, ("pull", "push")):
         for plugin, color in zip(plugins, colors):
-            for conc, style in ((1, "-o"), (16, "-^")):
+            for conc, style in ((1, ":o"), (16, "-^")):
                 xs, ys = series(plugin, op, conc)
                 if xs:
-                    ax.plot(xs, ys, style, color=color, linewidth=2 if conc == 16 else 1.2,
+                    ax.plot(xs, ys, style, color=color, linewidth=2.2 if conc == 16 else 1.6,
                             markersize=4, label=f"petasus {plugin} x{conc}")
         for (label, plugin, raw_op), color in zip(limits, colors[len(plugins):]):
             xs, ys = series(plugin, raw_op, None)
@@ -176,12 +177,13 @@ def bulk(results: list[Row], out: Path, note: str) -> list[Path]:
                 ax.plot(xs, ys, "--s" if len(xs) > 1 else "s", color=color, linewidth=1.2,
                         markersize=6, label=label)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")  # 4 KiB and 64 MiB differ by orders of magnitude
         sizes = sorted({r["size"] for r in rows if r["op"] in ("pull", "push")})
         ax.set_xticks(sizes)
         ax.set_xticklabels([_size(s) for s in sizes])
         ax.set_xlabel("transfer size")
         ax.set_title(f"{op} (x1, x16: transfers in flight)")
-        ax.grid(True, alpha=0.3)
+        ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("GB/s")
     fig.suptitle("Bulk bandwidth: petasus beside the raw limits, same run, same machine")
     _finish(fig, axes, note)
