@@ -210,10 +210,12 @@ def verdict(placements: list[str]) -> None:
                   mine=describe(aio) if aio else None, peer=describe(blk) if blk else None)
     for conc in (1, 16):
         # Issue 5: small-RPC rate over ofi+tcp at least the tcp plugin's.
-        ratio(B, "ofi-tcp-vs-tcp", best(rows, plugin="ofi-tcp", api="blocking",
-                                        concurrency=conc, placement="default"),
-              best(rows, plugin="tcp", api="blocking", concurrency=conc, spin_us=200,
-                   placement="default"), 1.0)
+        ofi = best(rows, plugin="ofi-tcp", api="blocking", concurrency=conc,
+                   placement="default")
+        tcp = best(rows, plugin="tcp", api="blocking", concurrency=conc, spin_us=200,
+                   placement="default")
+        if ofi is not None and tcp is not None:
+            ratio(B, "ofi-tcp-vs-tcp", ofi, tcp, 1.0, mine=describe(ofi), peer=describe(tcp))
 
 
 def main() -> None:
@@ -225,7 +227,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG plots there")
     opts = parser.parse_args()
     _common.JSON = opts.json
-    rounds, seconds = (1, 0.15) if opts.quick else (3, 0.4)
+    rounds, seconds = (1, 0.15) if opts.quick else (3, 0.3)
     plan = configs(opts.quick, opts.pin)
     _common.QUIET = True
     for _round in range(rounds):
