@@ -41,14 +41,20 @@ def _footer(fig: Any, note: str) -> None:
              color="0.4", ha="left", va="bottom")
 
 
+QUICK = "quick run: one short round, noisy; it shows the layout, not the figures"
+
+
 def _finish(fig: Any, axes: Any, note: str) -> None:
-    """One legend for both panels, right of them (it would hide lines inside), and the footer."""
+    """One legend for both panels, right of them (it would hide lines inside), the footer,
+    and a warning on the picture itself when it comes from a --quick run."""
     labels: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             labels.setdefault(label, handle)
     _footer(fig, note)
-    fig.tight_layout(rect=(0, 0.03, 0.84, 1))
+    if "--quick" in sys.argv:
+        fig.text(0.5, 0.905, QUICK, color="firebrick", ha="center", fontsize=9)
+    fig.tight_layout(rect=(0, 0.03, 0.84, 0.95))
     fig.legend(list(labels.values()), list(labels), loc="center left",
                bbox_to_anchor=(0.845, 0.5), fontsize=8)
 
