@@ -31,7 +31,7 @@ def emit(bench: str, plugin: str, op: str, size: int, concurrency: int, value: f
         print(json.dumps(row), flush=True)
     else:
         tail = " ".join(f"{k}={v}" for k, v in extra.items())
-        print(f"{bench:5} {plugin:14} {op:22} {size:>9} x{concurrency:<3} "
+        print(f"{bench:5} {plugin:15} {op:38} {size:>9} x{concurrency:<3} "
               f"{value:>12.3f} {unit:8} {tail}", flush=True)
     return row
 
