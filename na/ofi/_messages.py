@@ -10,6 +10,7 @@ from ..types import Addr, Op
 from ._common import (
     _EXP,
     _GET_REQ,
+    _HELLO,
     _IGNORE_ALL,
     _KIND_MASK,
     _POOL_IGNORE,
@@ -33,7 +34,6 @@ class Messages:
 
     def _send(self, op: Op, view: memoryview | bytes, expected: bool) -> None:
         addr = op.addr
-        data = self._hdr + view  # one staging copy: sender name + payload in one send
         with self._lock:
             self._check_open(op.kind.name.lower())
             if addr.dead or addr.fabric_addr is None:
@@ -42,15 +42,18 @@ class Messages:
                 return
             self.stats["msgs_sent"] += 1
             self.stats["bytes_sent"] += len(view)
-            self._start(self._send_req(_SEND, op, addr, data, (_EXP if expected else _UNEXP)
+            self._start(self._send_req(_SEND, op, addr, view, (_EXP if expected else _UNEXP)
                                        | op.tag))
 
-    def _send_req(self, kind: int, op: Op | None, addr: Addr, data: bytes, tag: int,
-                  owner: Op | None = None) -> _Req:
+    def _send_req(self, kind: int, op: Op | None, addr: Addr, body: memoryview | bytes,
+                  tag: int, owner: Op | None = None) -> _Req:
+        hdr = self._hdr  # one staging copy: sender header + payload in one send
         if tag & _KIND_MASK in (_GET_REQ, _PUT_REQ):
             # Requests carry their id's salt right after the sender header.
-            data = data[: len(self._hdr)] + _rma_salt(tag) + data[len(self._hdr):]
+            data = hdr + _rma_salt(tag) + body
             tag &= _KIND_MASK | MAX_TAG
+        else:
+            data = hdr + body
         if len(data) <= self._inject and kind != _PROBE_REQ:
             # Probes need their completion: its error is how a dead peer shows.
             req = _Req(kind, op, addr, lib.fi_tinject, (self._ep, data, len(data), addr.fabric_addr,
@@ -82,7 +85,7 @@ class Messages:
                  _POOL_IGNORE), slot=i)
         self._start(req)
 
-    def _on_message(self, req: _Req, length: int, tag: int) -> None:
+    def _on_message(self, req: _Req, length: int, tag: int, src: int) -> None:
         off = req.slot * self._slot
         rx = self._rx_view
         n = rx[off] if length else 0
@@ -91,10 +94,18 @@ class Messages:
             log.warning("%s: dropped a %d B message without a sender header", self.scheme, length)
             self._submit_slot(req.slot)
             return
-        name = bytes(rx[off + 1: off + 1 + n])
-        addr = self._by_name.get(name)
-        if addr is None:
-            addr = self._addr_for(name)
+        # Who sent it: the provider's word (FI_SOURCE) on rxm; on shm, whose attribution is not
+        # reliable, the header's name if it is an established peer's (see _handshake).
+        if self._by_src:
+            addr = self._by_fi.get(src)
+        else:
+            addr = self._ready_names.get(bytes(rx[off + 1: off + 1 + n]))
+        if addr is None or tag & _KIND_MASK >= _HELLO:
+            addr = self._vet(src, addr, tag & _KIND_MASK, rx[off: off + 1 + n],
+                             rx[off + 1 + n: off + length])
+            if addr is None:
+                self._submit_slot(req.slot)
+                return
         kind = tag & _KIND_MASK
         utag = tag & MAX_TAG
         payload = rx[off + 1 + n: off + length]

@@ -21,6 +21,7 @@ from ._common import (
     _RX,
     _SEND,
     _SERVE,
+    _SHAKE,
     CQ_BATCH,
     SHM_TICK_US,
     _bell_address,
@@ -46,7 +47,11 @@ class Progress:
         out), not across peers: a peer whose connection cannot take more (rxm answers FI_EAGAIN
         forever to a dead one) must not hold back the others.
         """
-        if req.addr in self._blocked:
+        addr = req.addr
+        if addr is not None and addr not in self._ready and req.kind != _SHAKE:
+            self._hold(req)  # until the peer is established (see _handshake)
+            return
+        if addr in self._blocked:
             self._queue(req)
             return
         rc = self._submit_req(req)
@@ -135,7 +140,8 @@ class Progress:
         op = req.owner
         if kind == _RMA:
             self._rma_wait.pop(req.rma_id, None)
-        name = op.kind.name.lower() if op is not None else "probe"
+        name = op.kind.name.lower() if op is not None else (
+            "handshake" if kind == _SHAKE else "probe")
         exc: BaseException = error_for(code, self._call_name(req), op=name, peer=_uri(addr),
                                        detail=detail)
         if kind == _PROBE_REQ:
@@ -170,7 +176,8 @@ class Progress:
     def _read_cq(self) -> int:
         """One batch of completions (caller holds the lock); returns how many were read."""
         entries = self._cq_entries
-        n = lib.fi_cq_read(self._cq_fid, entries, CQ_BATCH)
+        srcs = self._cq_srcs
+        n = lib.fi_cq_readfrom(self._cq_fid, entries, CQ_BATCH, srcs)
         if n > 0:
             reqs = self._reqs
             for i in range(n):
@@ -180,7 +187,7 @@ class Progress:
                     continue
                 kind = req.kind
                 if kind == _RX:
-                    self._on_message(req, e.len, e.tag)
+                    self._on_message(req, e.len, e.tag, srcs[i])
                 elif kind == _SEND:
                     if req.op is not None:
                         self._cq.complete(req.op)
@@ -196,6 +203,9 @@ class Progress:
                         self._send_answer(req.addr, req.rma_id, _RMA_ACK, b"")  # type: ignore[arg-type]
                 elif kind == _PROBE_REQ:
                     self._probing.discard(req.addr)  # type: ignore[arg-type]
+            # shm leaves the source of a sender it has no fi_addr for unwritten: what stayed in
+            # the array would name the previous sender.
+            ffi.memmove(srcs, self._cq_unknown, n * 8)
             return n
         if n == -lib.FI_EAVAIL:
             err = ffi.new("struct fi_cq_err_entry *")
@@ -222,6 +232,10 @@ class Progress:
         # Later operations fail at once instead of waiting for a provider that may only
         # ever answer FI_EAGAIN (rxm keeps trying to reconnect to a dead peer).
         addr.dead = addr.dead or cause
+        if self._shake.busy(addr):
+            self._shake.forget(addr)
+            self.stats["handshake_failures"] += 1
+        self._fail_held(addr, cause)
         self._matcher.fail_expected(
             addr, lambda op: PeerError(op.kind.name.lower(), addr.uri, cause))
         for req in itertools.chain(list(self._reqs.values()), self._backlog,
@@ -240,9 +254,10 @@ class Progress:
                                                     self._backlog)
                     if r.owner is not None and r.owner.state != OpState.FINISHED)
         busy.discard(None)  # type: ignore[arg-type]
+        self._expire_shakes()
         for addr in busy:
-            if addr.dead or addr is self._self_addr:
-                continue
+            if addr.dead or addr is self._self_addr or addr not in self._ready:
+                continue  # a peer in its handshake has the handshake's deadline
             if self.transport == "shm":
                 cause = _shm_gone(addr.uri)
                 if cause:
@@ -257,7 +272,7 @@ class Progress:
             elif addr not in self._probing and addr.fabric_addr is not None:
                 self._probing.add(addr)
                 self.stats["probes"] += 1
-                self._start(self._send_req(_PROBE_REQ, None, addr, self._hdr, _PROBE))
+                self._start(self._send_req(_PROBE_REQ, None, addr, b"", _PROBE))
 
     # -- progress -------------------------------------------------------------------------------
     def poll_fd(self) -> int:

@@ -87,7 +87,7 @@ import warnings
 from collections import deque
 from typing import Any
 
-from .. import core
+from .. import auth, core
 from ..errors import Canceled
 from ..generic import PluginCore
 from ..types import Addr, MemHandle
@@ -98,6 +98,7 @@ from ._common import (
     PROVIDERS,
     RMA_CHUNK,
     RX_BUFFERS,
+    SHAKE_KINDS,
     SHM_RX_SIZE,
     SHM_TICK_US,
     _doorbell,
@@ -110,7 +111,10 @@ from ._common import (
     log,
 )
 from ._fabric import ffi, lib
+from ._handshake import TIMEOUT as HANDSHAKE_TIMEOUT
+from ._handshake import Handshake
 from ._messages import Messages
+from ._peers import Peers
 from ._progress import Progress
 from ._rma import Rma
 from .errors import FabricError, check_rc, error_for
@@ -121,13 +125,15 @@ from .errors import FabricError, check_rc, error_for
 os.environ.setdefault("FI_SHM_RX_SIZE", str(SHM_RX_SIZE))
 
 
-class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
+class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
     """One endpoint, its CQ and AV, a posted receive pool, and Python-side matching."""
 
     def __init__(self, uri: str, listen: bool = False, *, max_msg_size: int = core.MAX_MSG_SIZE,
                  spin_us: int = core.SPIN_US, rma_chunk: int = RMA_CHUNK,
                  max_queued: int = core.MAX_QUEUED, rx_buffers: int | None = None,
-                 probe_interval: float = PROBE_INTERVAL, rma: str = "checked") -> None:
+                 probe_interval: float = PROBE_INTERVAL, rma: str = "checked",
+                 auth_key: bytes | str | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         scheme, _, rest = uri.partition("://")
         self.scheme = scheme
         self.transport = scheme.partition("+")[2]
@@ -139,6 +145,9 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
         if rma not in ("checked", "native"):
             raise ValueError(f"rma={rma!r}: expected 'checked' or 'native'")
         self._rma_mode = rma
+        self._auth_key = auth.check_key(auth_key)
+        if handshake_timeout <= 0:
+            raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout}")
         self._max_msg = max_msg_size
         self._spin = max(spin_us, 0) / 1e6
         self._probe_interval = probe_interval
@@ -154,7 +163,8 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
         self.stats = dict.fromkeys(
             ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
              "rma_bytes", "peer_failures", "protocol_errors", "canceled", "expected_dropped",
-             "probes", "eagain", "rma_served", "rma_refused"), 0)
+             "probes", "eagain", "rma_served", "rma_refused", "unverified_dropped",
+             "refused_names", "handshake_failures", "auth_failures"), 0)
         self._ep_poll = select.epoll()
         self._cq = core.CompletionQueue()
         self._ep_poll.register(self._cq.wake_fd, select.EPOLLIN)
@@ -165,6 +175,18 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
         self._held_slots: list[int] = []
         self._peers: dict[str, Addr] = {}
         self._by_name: dict[bytes, Addr] = {}
+        self._names: dict[Addr, bytes] = {}
+        self._inserted: dict[int, Addr] = {}  # fi_addr -> peer, for every inserted name
+        self._by_fi: dict[int, Addr] = {}  # fi_addr -> peer, established peers only
+        self._ready: set[Addr] = set()  # peers established both ways (see _handshake)
+        self._held: dict[Addr, list[_Req]] = {}  # our requests to a peer in its handshake
+        self._logged: set[object] = set()
+        self._claimed = 0
+        # Who sent a message: the provider's word (FI_SOURCE) where it can be trusted, or on
+        # shm the header's name among the established peers (see _handshake for why).
+        self._by_src = self.transport != "shm"
+        self._ready_names: dict[bytes, Addr] = {}
+        self._handshake_timeout = handshake_timeout
         self._probing: set[Addr] = set()
         self._next_probe = 0.0
         self._regs: dict[int, MemHandle] = {}
@@ -187,7 +209,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
             raise MemoryError("fi_allocinfo failed")
         try:
             hints.ep_attr.type = lib.FI_EP_RDM
-            hints.caps = lib.FI_MSG | lib.FI_TAGGED | lib.FI_RMA
+            hints.caps = lib.FI_MSG | lib.FI_TAGGED | lib.FI_RMA | lib.FI_SOURCE
             hints.mode = lib.FI_CONTEXT | lib.FI_CONTEXT2
             hints.domain_attr.mr_mode = (lib.FI_MR_LOCAL | lib.FI_MR_VIRT_ADDR
                                          | lib.FI_MR_ALLOCATED | lib.FI_MR_PROV_KEY
@@ -266,13 +288,22 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
         if len(self._name) > 255:
             raise FabricError("initialize", None, f"address of {len(self._name)} B is too long")
         self._hdr = bytes((len(self._name),)) + self._name
+        self._shake = Handshake(self._auth_key, self._name, SHAKE_KINDS, self._shake_send,
+                                self._established, self._shake_failed, self._auth_failed,
+                                timeout=self._handshake_timeout)
         if self._timer_fd >= 0 and self.transport == "shm":
             self._bell = _doorbell(self._name)
             self._ep_poll.register(self._bell.fileno(), select.EPOLLIN)
         self._self_addr = Addr(self._uri_of(self._name), listen)
         self._peers[self._self_addr.uri] = self._self_addr
         self._by_name[self._name] = self._self_addr
+        self._names[self._self_addr] = self._name
         self._self_addr.fabric_addr = self._insert(self._name, self._self_addr.uri)
+        self._ready.add(self._self_addr)
+        self._ready_names[self._name] = self._self_addr
+        if self._self_addr.fabric_addr is not None:
+            self._inserted[self._self_addr.fabric_addr] = self._self_addr
+            self._by_fi[self._self_addr.fabric_addr] = self._self_addr
         if rx_buffers is None:
             # shm: half its receive-request pool; the other half is for the tagged receives of
             # RMA data (posting all rx_attr.size entries makes the next fi_trecv FI_ENOMEM).
@@ -320,6 +351,8 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
         self._cq_fid = cq[0]
         self._fids.append(self._cq_fid)
         self._cq_entries = ffi.new("struct fi_cq_tagged_entry[]", CQ_BATCH)
+        self._cq_unknown = ffi.new("fi_addr_t[]", [lib.FI_ADDR_NOTAVAIL] * CQ_BATCH)
+        self._cq_srcs = ffi.new("fi_addr_t[]", [lib.FI_ADDR_NOTAVAIL] * CQ_BATCH)
         self._cq_fids = ffi.new("struct fid *[1]", [_fid(self._cq_fid)])
         if cq_attr.wait_obj == lib.FI_WAIT_FD:
             fd = ffi.new("int *", -1)
@@ -375,6 +408,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
         self._reqs.clear()
         self._backlog.clear()
         self._blocked.clear()
+        self._held.clear()
 
     def close(self) -> None:
         """Close the endpoint; pending operations complete as canceled (run trigger())."""
@@ -384,7 +418,8 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
             self._closed = True
             reason = "the plugin was closed"
             self._matcher.close(reason)
-            for req in itertools.chain(self._reqs.values(), self._backlog):
+            for req in itertools.chain(self._reqs.values(), self._backlog,
+                                       *self._held.values()):
                 if req.op is not None:
                     self._cq.fail(req.op, Canceled(req.op.kind.name.lower(), _uri(req.addr),
                                                 reason))
