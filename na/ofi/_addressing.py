@@ -108,8 +108,6 @@ class Addressing:
                 addr.fabric_addr = self._insert(name, uri)
                 if addr.fabric_addr is None:
                     addr.dead = "could not connect: the provider cannot resolve the address"
-                else:
-                    self._inserted[addr.fabric_addr] = addr
                 self._names[addr] = name
             self._by_name[name] = addr
         return addr

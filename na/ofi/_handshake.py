@@ -1,27 +1,32 @@
 """Who sent a message, and, with an ``auth_key``, proof: the ofi plugin's peer handshake.
 
-Every message starts with the sender's name, but a peer can write any name there, and
-libfabric 1.17's tcp;ofi_rxm and shm cannot report the source of a message from an address the
-receiver has not inserted (FI_SOURCE_ERR is refused by both: fi_getinfo, FI_ENODATA). They do
-report it, with FI_SOURCE, for an address that is in the address vector: fi_cq_readfrom gives
-the fi_addr of the peer the message came from (rxm: the connection's; shm: the sending region's),
-whatever the header says. So a message is attributed by the provider, never by its header, and
-an unknown sender is verified by a challenge sent to the address it claims::
+A message used to start with its sender's name, which the receiver inserted into its address
+vector and believed: any peer could make a server insert and dial an address it named, and
+pass for another peer. The provider cannot say who sent a message either, as measured with
+libfabric 1.17: FI_SOURCE_ERR (the source of an unknown sender) is refused by tcp;ofi_rxm and
+shm (fi_getinfo: FI_ENODATA); FI_SOURCE reports the fi_addr of an inserted sender, but on rxm
+from a port the connecting peer claims itself (rxm's connection request), and shm, when several
+processes connect at once, reported a new sender's messages under another peer's fi_addr. So
+the plugin verifies the claim itself, the same way on every provider::
 
-    initiator -> HELLO(flags, client_nonce)
-    responder    checks the claimed name's form, that no known peer owns it, inserts it
-    responder -> CHALLENGE(flags, client_nonce, server_nonce[, server_proof])   to that name
-    initiator -> RESPONSE(server_nonce[, client_proof])   attributed to the claimed name by the
-                                                          provider, since the name is inserted
-    responder -> WELCOME(client_nonce)                    both ends deliver each other's messages
-    either    -> REFUSE(nonce, reason)                    authentication failed
+    initiator -> HELLO(flags, client_nonce)              header: the initiator's name
+    responder    checks the claimed name's length and form, inserts it (only now), and:
+    responder -> CHALLENGE(flags, client_nonce, server_nonce[, server_proof])    to that name
+    initiator -> RESPONSE(server_nonce, token_i[, client_proof])
+    responder -> WELCOME(client_nonce, token_r)
+    either    -> REFUSE(nonce, reason)                   authentication failed, or no hello
 
-The CHALLENGE is the only message ever sent to an address a peer claimed before that address
-answered from itself, and at most one is outstanding per name. Until a peer is established its
-messages (other than these) are dropped and counted, and ours to it are held. With a key, the
-proofs are ``na/auth.py``'s: mutual, over both nonces and the names both sides claimed.
+Only the owner of the claimed name receives the CHALLENGE, so only it can answer with the
+server nonce; the CHALLENGE is the only message sent to a claimed address before that proof,
+at most one is outstanding per name and ``MAX_PENDING`` in all. Each side then gives the other
+a random session token, sent only to the verified address: every later message is headed by
+the token its receiver gave, which is how the receiver knows whose it is (a dict lookup, as
+the name lookup was) and where its replies go. A peer that is not established has its
+messages dropped and counted; ours to it wait until it is. With a key, the proofs are
+``na/auth.py``'s: mutual, over both nonces and the names both sides claimed, checked before
+any token is given.
 
-This module decides; the plugin (``_messages.Messages``) does the I/O through the callables.
+This module decides; the plugin (``_peers.Peers``) does the I/O through the callables.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from ..types import Addr
 AUTH = 1  # HELLO/CHALLENGE flag: the sender holds an auth_key
 MAX_PENDING = 64  # responder handshakes at once: bounds the verification dials unknown peers cause
 TIMEOUT = 10.0  # seconds a peer has to complete the handshake
+TOKEN_SIZE = 16  # a session token: unguessable, as a nonce
+REFUSED_AUTH, NO_HELLO = 1, 2  # REFUSE reasons
 N = auth.NONCE_SIZE
 
 INITIATOR, RESPONDER = "initiator", "responder"
@@ -46,7 +53,8 @@ AWAIT_CHALLENGE, AWAIT_WELCOME, AWAIT_RESPONSE = (
 class Shake:
     """One handshake in progress, in one role."""
 
-    __slots__ = ("client_nonce", "deadline", "refusal", "server_nonce", "state", "transcript")
+    __slots__ = ("client_nonce", "deadline", "refusal", "server_nonce", "state", "token",
+                 "transcript")
 
     def __init__(self, state: str, deadline: float, client_nonce: bytes, transcript: bytes) -> None:
         self.state = state
@@ -55,6 +63,7 @@ class Shake:
         self.server_nonce = b""
         self.transcript = transcript
         self.refusal = ""  # responder: why it will refuse whatever the initiator answers
+        self.token = b""  # initiator: the token it gave the responder
 
 
 def transcript(client_name: bytes, server_name: bytes) -> bytes:
@@ -64,11 +73,13 @@ def transcript(client_name: bytes, server_name: bytes) -> bytes:
 
 class Handshake:
     """Both roles for one endpoint. ``send(addr, kind, body)`` posts a handshake message,
-    ``established(addr)`` opens the peer both ways, ``failed(addr, cause, role)`` ends it."""
+    ``established(addr, ours, theirs)`` opens the peer both ways (``ours``: the token its
+    messages to us carry; ``theirs``: the one ours to it carry), ``failed(addr, cause, role)``
+    ends the handshake and ``auth_failed(addr, cause)`` counts a failed proof."""
 
     def __init__(self, key: bytes | None, self_name: bytes, kinds: dict[str, int],
                  send: Callable[[Addr, int, bytes], None],
-                 established: Callable[[Addr], None],
+                 established: Callable[[Addr, bytes, bytes], None],
                  failed: Callable[[Addr, str, str], None],
                  auth_failed: Callable[[Addr, str], None], *, timeout: float = TIMEOUT,
                  clock: Callable[[], float] = time.monotonic,
@@ -150,45 +161,49 @@ class Handshake:
             cause = "the peer could not prove it holds the auth_key"
         if cause:
             del self.initiating[addr]
-            self.send(addr, self.k["REFUSE"], server_nonce + b"\1")
+            self.send(addr, self.k["REFUSE"], server_nonce + bytes((REFUSED_AUTH,)))
             self.auth_failed(addr, cause)
             self.failed(addr, f"authentication failed: {cause}", INITIATOR)
             return True
         shake.state = AWAIT_WELCOME
         shake.server_nonce = server_nonce
+        shake.token = self.random(TOKEN_SIZE)
+        body = server_nonce + shake.token
         if self.key is not None:
-            server_nonce += auth.proof(self.key, auth.CLIENT, shake.client_nonce, server_nonce,
-                                       shake.transcript)
-        self.send(addr, self.k["RESPONSE"], server_nonce)
+            body += auth.proof(self.key, auth.CLIENT, shake.client_nonce, server_nonce,
+                               shake.transcript)
+        self.send(addr, self.k["RESPONSE"], body)
         return True
 
     def _on_welcome(self, addr: Addr, body: bytes) -> bool:
         shake = self.initiating.get(addr)
-        if shake is None or shake.state != AWAIT_WELCOME or body != shake.client_nonce:
+        if shake is None or shake.state != AWAIT_WELCOME or len(body) != N + TOKEN_SIZE or \
+                body[:N] != shake.client_nonce:
             return False
         del self.initiating[addr]
-        self.established(addr)
+        self.established(addr, shake.token, body[N:])
         return True
 
     # -- the responder --------------------------------------------------------------------------
     def _on_response(self, addr: Addr, body: bytes) -> bool:
         shake = self.responding.get(addr)
-        size = N + (auth.MAC_SIZE if self.key is not None else 0)
+        size = N + TOKEN_SIZE + (auth.MAC_SIZE if self.key is not None else 0)
         if shake is None or len(body) != size or body[:N] != shake.server_nonce:
             return False
         del self.responding[addr]
         cause = shake.refusal
         if not cause and self.key is not None and not auth.verify(
                 self.key, auth.CLIENT, shake.client_nonce, shake.server_nonce, shake.transcript,
-                body[N:]):
+                body[N + TOKEN_SIZE:]):
             cause = "the peer could not prove it holds the auth_key"
             self.auth_failed(addr, cause)
         if cause:
-            self.send(addr, self.k["REFUSE"], shake.client_nonce + b"\1")
+            self.send(addr, self.k["REFUSE"], shake.client_nonce + bytes((REFUSED_AUTH,)))
             self.failed(addr, f"authentication failed: {cause}", RESPONDER)
             return True
-        self.send(addr, self.k["WELCOME"], shake.client_nonce)
-        self.established(addr)
+        token = self.random(TOKEN_SIZE)
+        self.send(addr, self.k["WELCOME"], shake.client_nonce + token)
+        self.established(addr, token, body[N:N + TOKEN_SIZE])
         return True
 
     def _on_refuse(self, addr: Addr, body: bytes) -> bool:
@@ -197,6 +212,9 @@ class Handshake:
         shake = self.responding.get(addr)
         if shake is not None and body[:N] == shake.server_nonce:
             del self.responding[addr]
+            if body[N] == NO_HELLO:
+                self.failed(addr, "the address claimed did not say hello", RESPONDER)
+                return True
             if not shake.refusal:
                 self.auth_failed(addr, "the peer refused our proof of the auth_key")
             self.failed(addr, "authentication failed: the peer refused our proof", RESPONDER)
@@ -220,6 +238,11 @@ class Handshake:
                 del table[addr]
                 out.append((addr, role))
         return out
+
+    def unsolicited(self, addr: Addr, body: bytes) -> None:
+        """A CHALLENGE from a peer we said no hello to: someone claimed our name there."""
+        if len(body) >= 1 + 2 * N and addr not in self.initiating:
+            self.send(addr, self.k["REFUSE"], body[1 + N:1 + 2 * N] + bytes((NO_HELLO,)))
 
     def forget(self, addr: Addr) -> None:
         self.initiating.pop(addr, None)

@@ -21,6 +21,7 @@ from ._common import (
     _RMA_NAK,
     _RX,
     _SEND,
+    _SHAKE,
     _UNEXP,
     _Req,
     _rma_salt,
@@ -42,12 +43,17 @@ class Messages:
                 return
             self.stats["msgs_sent"] += 1
             self.stats["bytes_sent"] += len(view)
-            self._start(self._send_req(_SEND, op, addr, view, (_EXP if expected else _UNEXP)
-                                       | op.tag))
+            tag = (_EXP if expected else _UNEXP) | op.tag
+            if addr not in self._ready:
+                self._hold(op, lambda: self._start(self._send_req(_SEND, op, addr, view, tag)))
+                return
+            self._start(self._send_req(_SEND, op, addr, view, tag))
 
     def _send_req(self, kind: int, op: Op | None, addr: Addr, body: memoryview | bytes,
                   tag: int, owner: Op | None = None) -> _Req:
-        hdr = self._hdr  # one staging copy: sender header + payload in one send
+        # One staging copy: header + payload in one send. The header is the session token the
+        # peer gave us (a handshake's is our name: the claim it verifies).
+        hdr = self._out.get(addr, self._hdr) if kind != _SHAKE else self._hdr
         if tag & _KIND_MASK in (_GET_REQ, _PUT_REQ):
             # Requests carry their id's salt right after the sender header.
             data = hdr + _rma_salt(tag) + body
@@ -85,7 +91,7 @@ class Messages:
                  _POOL_IGNORE), slot=i)
         self._start(req)
 
-    def _on_message(self, req: _Req, length: int, tag: int, src: int) -> None:
+    def _on_message(self, req: _Req, length: int, tag: int) -> None:
         off = req.slot * self._slot
         rx = self._rx_view
         n = rx[off] if length else 0
@@ -94,18 +100,13 @@ class Messages:
             log.warning("%s: dropped a %d B message without a sender header", self.scheme, length)
             self._submit_slot(req.slot)
             return
-        # Who sent it: the provider's word (FI_SOURCE) on rxm; on shm, whose attribution is not
-        # reliable, the header's name if it is an established peer's (see _handshake).
-        if self._by_src:
-            addr = self._by_fi.get(src)
-        else:
-            addr = self._ready_names.get(bytes(rx[off + 1: off + 1 + n]))
+        # Who sent it: the established peer whose session token heads it (see _handshake).
+        addr = self._by_token.get(bytes(rx[off + 1: off + 1 + n]))
         if addr is None or tag & _KIND_MASK >= _HELLO:
-            addr = self._vet(src, addr, tag & _KIND_MASK, rx[off: off + 1 + n],
-                             rx[off + 1 + n: off + length])
-            if addr is None:
-                self._submit_slot(req.slot)
-                return
+            self._vet(tag & _KIND_MASK, bytes(rx[off + 1: off + 1 + n]),
+                      bytes(rx[off + 1 + n: off + length]))
+            self._submit_slot(req.slot)
+            return
         kind = tag & _KIND_MASK
         utag = tag & MAX_TAG
         payload = rx[off + 1 + n: off + length]

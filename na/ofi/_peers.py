@@ -6,24 +6,24 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Callable
 
 from ..errors import PeerError
-from ..types import Addr, OpState
+from ..types import Addr, Op, OpState
 from ._common import (
+    _CHALLENGE,
     _HELLO,
     _REFUSE,
     _SHAKE,
-    _Req,
     log,
 )
 from ._fabric import lib
 from ._handshake import INITIATOR, MAX_PENDING
 
-# Names inserted for peers that claimed them and have not been verified yet, over the life of
-# the endpoint. libfabric 1.17 cannot forget an address safely (after fi_av_remove, rxm still
-# reports the removed peer's messages under its old fi_addr, and shm reports a re-inserted
-# one as fi_addr 0), so the address vector only grows; this bounds what unknown peers make it
-# hold (each entry is a few hundred bytes in libfabric).
+# Names inserted because a peer claimed them, over the life of the endpoint. The address vector
+# only grows (libfabric 1.17 does not forget an address cleanly: after fi_av_remove, rxm still
+# reports the removed peer's messages under the old fi_addr, and shm no longer reports a
+# re-inserted one), so this bounds what unknown peers can make it hold.
 MAX_CLAIMED = 65536
 # An ofi+shm name: fi_shm://PID_NAME:0:N (shm appends the endpoint count; see _shm_name).
 _SHM_NAME = re.compile(rb"fi_shm://[0-9]{1,10}_[A-Za-z0-9._-]{1,64}(:[0-9]{1,5}:[0-9]{1,5})?")
@@ -34,61 +34,52 @@ class Peers:
     """Mixin of ``OfiPlugin`` (state is created in ``OfiPlugin.__init__``)."""
 
     # -- what arrives from outside the established peers ----------------------------------------
-    def _vet(self, src: int, addr: Addr | None, kind: int, hdr: memoryview,
-             body: memoryview) -> Addr | None:
-        """A message off the per-message path: from a sender that is not an established peer,
-        or one of the handshake's. Returns None: it is consumed or dropped here."""
-        claimed = bytes(hdr[1:])
-        if addr is None:
-            # A sender we inserted but have not established: by the provider's word, or on
-            # shm by the name it claims.
-            addr = self._inserted.get(src) if self._by_src else self._by_name.get(claimed)
+    def _vet(self, kind: int, claimed: bytes, body: bytes) -> None:
+        """A message without an established peer's token, or one of the handshake's: its
+        header is a claimed name, and nothing of it reaches the matcher."""
         if kind == _HELLO:
-            self._on_hello(addr, claimed, bytes(body))
-        elif kind > _REFUSE:
+            self._on_hello(claimed, body)
+            return
+        if kind > _REFUSE:
             self.stats["protocol_errors"] += 1
-            self._log_once(addr or claimed, f"dropped a message of unknown kind {kind >> 32:#x}")
-        elif addr is None or kind < _HELLO or not self._shake.message(addr, kind, bytes(body)):
-            self.stats["unverified_dropped"] += 1
-            self._log_once(addr or claimed, "dropped a message from a sender that is not an "
-                           "established peer")
-        return None
+            self._log_once(claimed, f"dropped a message of unknown kind {kind >> 32:#x}")
+            return
+        # A handshake message claims a name we know; its nonce shows whether it is that
+        # peer's answer to us (only the owner of the name received what it echoes).
+        addr = self._by_name.get(claimed) if kind > _HELLO else None
+        if addr is not None and self._shake.message(addr, kind, body):
+            return
+        if addr is not None and kind == _CHALLENGE and addr in self._ready:
+            self._shake.unsolicited(addr, body)  # someone said hello in our name
+        self.stats["unverified_dropped"] += 1
+        self._log_once(claimed, "dropped a message from a sender that is not an established "
+                       "peer")
 
-    def _on_hello(self, addr: Addr | None, claimed: bytes, body: bytes) -> None:
-        if addr is not None and self._by_src:
-            # The provider attributes it: the claim must be the sender's own name.
-            if self._names.get(addr) != claimed:
-                self._refuse_name(claimed, f"it came from {addr.uri}")
-                return
-            # A restarted peer at the same address, or a second hello: prove it again.
-            self._unready(addr)
-        elif addr is not None:
-            # shm: a known name. Its owner may say hello while we say hello to it; but an
-            # established peer's name never returns (a name holds its pid and a random part).
-            if addr in self._ready or addr in self._shake.responding:
-                self._refuse_name(claimed, "it names an established peer, or one in its "
-                                  "handshake")
-                return
-        else:
+    def _on_hello(self, claimed: bytes, body: bytes) -> None:
+        addr = self._by_name.get(claimed)
+        why = None
+        if addr is None:
             why = self._check_name(claimed)
-            if why is None and claimed in self._by_name:
-                # Once a name is inserted the provider attributes its owner's messages to it:
-                # an unattributed claim of it comes from someone else.
-                why = "it names a known peer, and the message did not come from that peer"
             if why is None and (self._claimed >= MAX_CLAIMED
                                 or len(self._shake.responding) >= MAX_PENDING):
                 why = "too many unverified peers"
-            if why is not None:
-                self._refuse_name(claimed, why)
-                return
+        elif addr is self._self_addr:
+            why = "it is our own name"
+        elif addr in self._shake.responding:
+            why = "that name's verification is already under way"
+        if why is not None:
+            self._refuse_name(claimed, why)
+            return
+        if addr is None:
             self._claimed += 1
-            addr = self._addr_for(claimed)  # fi_av_insert, only now
+            addr = self._addr_for(claimed)  # fi_av_insert: only a checked name, only now
             if addr.fabric_addr is None:
                 self._refuse_name(claimed, "the provider cannot resolve it")
                 return
+        # An established peer stays established (its token) unless this one proves the name.
         if not self._shake.hello(addr, claimed, body):
             self.stats["unverified_dropped"] += 1
-            self._log_once(addr, "dropped a malformed or untimely handshake")
+            self._log_once(claimed, "dropped a malformed handshake, or one too many at once")
 
     def _check_name(self, name: bytes) -> str | None:
         """Why a claimed name is refused before it is inserted, or None: its length and form."""
@@ -140,20 +131,19 @@ class Peers:
     def _shake_send(self, addr: Addr, kind: int, body: bytes) -> None:
         self._start(self._send_req(_SHAKE, None, addr, body, kind))
 
-    def _established(self, addr: Addr) -> None:
-        addr.dead = None  # it answered from its address (a restarted peer comes back)
+    def _established(self, addr: Addr, ours: bytes, theirs: bytes) -> None:
+        addr.dead = None  # it answered at its address (a restarted peer comes back)
+        # Both handshakes of a simultaneous hello establish: the last two tokens stay valid.
+        tokens = self._tokens.setdefault(addr, [])
+        tokens.append(ours)
+        if len(tokens) > 2:
+            self._by_token.pop(tokens.pop(0), None)
+        self._by_token[ours] = addr
+        self._out[addr] = bytes((len(theirs),)) + theirs
         self._ready.add(addr)
-        self._by_fi[addr.fabric_addr] = addr  # type: ignore[index]
-        self._ready_names[self._names[addr]] = addr
-        held = self._held.pop(addr, ())
-        for req in held:
-            if req.owner is None or req.owner.state != OpState.FINISHED:
-                self._start(req)
-
-    def _unready(self, addr: Addr) -> None:
-        self._ready.discard(addr)
-        self._by_fi.pop(addr.fabric_addr, None)  # type: ignore[arg-type]
-        self._ready_names.pop(self._names.get(addr, b""), None)
+        for op, start in self._held.pop(addr, ()):
+            if op.state != OpState.FINISHED:
+                start()
 
     def _shake_failed(self, addr: Addr, cause: str, role: str) -> None:
         self.stats["handshake_failures"] += 1
@@ -173,19 +163,14 @@ class Peers:
                                    f"{self._shake.timeout} s", role)
 
     # -- holding our operations until the peer is established ----------------------------------
-    def _hold(self, req: _Req) -> None:
-        addr: Addr = req.addr  # type: ignore[assignment]
-        if addr.dead:
-            if req.owner is not None and req.owner.state != OpState.FINISHED:
-                self._cq.fail(req.owner, PeerError(req.owner.kind.name.lower(), addr.uri,
-                                                   addr.dead))
-            return
-        self._held.setdefault(addr, []).append(req)
+    def _hold(self, op: Op, start: Callable[[], None]) -> None:
+        """Run ``start`` once ``op``'s peer is established; say hello if nobody has."""
+        addr: Addr = op.addr  # type: ignore[assignment]
+        self._held.setdefault(addr, []).append((op, start))
         if addr not in self._shake.initiating:
             self._shake.start(addr, self._names[addr])
 
     def _fail_held(self, addr: Addr, cause: str) -> None:
-        for req in self._held.pop(addr, ()):
-            op = req.owner
-            if op is not None and op.state != OpState.FINISHED:
+        for op, _start in self._held.pop(addr, ()):
+            if op.state != OpState.FINISHED:
                 self._cq.fail(op, PeerError(op.kind.name.lower(), addr.uri, cause))

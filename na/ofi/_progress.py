@@ -47,11 +47,7 @@ class Progress:
         out), not across peers: a peer whose connection cannot take more (rxm answers FI_EAGAIN
         forever to a dead one) must not hold back the others.
         """
-        addr = req.addr
-        if addr is not None and addr not in self._ready and req.kind != _SHAKE:
-            self._hold(req)  # until the peer is established (see _handshake)
-            return
-        if addr in self._blocked:
+        if req.addr in self._blocked:
             self._queue(req)
             return
         rc = self._submit_req(req)
@@ -176,8 +172,7 @@ class Progress:
     def _read_cq(self) -> int:
         """One batch of completions (caller holds the lock); returns how many were read."""
         entries = self._cq_entries
-        srcs = self._cq_srcs
-        n = lib.fi_cq_readfrom(self._cq_fid, entries, CQ_BATCH, srcs)
+        n = lib.fi_cq_read(self._cq_fid, entries, CQ_BATCH)
         if n > 0:
             reqs = self._reqs
             for i in range(n):
@@ -187,7 +182,7 @@ class Progress:
                     continue
                 kind = req.kind
                 if kind == _RX:
-                    self._on_message(req, e.len, e.tag, srcs[i])
+                    self._on_message(req, e.len, e.tag)
                 elif kind == _SEND:
                     if req.op is not None:
                         self._cq.complete(req.op)
@@ -203,9 +198,6 @@ class Progress:
                         self._send_answer(req.addr, req.rma_id, _RMA_ACK, b"")  # type: ignore[arg-type]
                 elif kind == _PROBE_REQ:
                     self._probing.discard(req.addr)  # type: ignore[arg-type]
-            # shm leaves the source of a sender it has no fi_addr for unwritten: what stayed in
-            # the array would name the previous sender.
-            ffi.memmove(srcs, self._cq_unknown, n * 8)
             return n
         if n == -lib.FI_EAVAIL:
             err = ffi.new("struct fi_cq_err_entry *")

@@ -125,12 +125,18 @@ class Rma:
             if length == 0:
                 self._cq.post(op)
                 return op
-            chunk = self._rma_chunk
-            op.remaining = -(-length // chunk)
-            start = self._start_native if self._rma_mode == "native" else self._start_checked
-            for off in range(0, length, chunk):
-                start(op, off, min(chunk, length - off))
+            if addr not in self._ready:
+                self._hold(op, lambda: self._start_pieces(op))
+                return op
+            self._start_pieces(op)
         return op
+
+    def _start_pieces(self, op: Op) -> None:
+        chunk, length = self._rma_chunk, op.length
+        op.remaining = -(-length // chunk)
+        start = self._start_native if self._rma_mode == "native" else self._start_checked
+        for off in range(0, length, chunk):
+            start(op, off, min(chunk, length - off))
 
     def _start_native(self, op: Op, off: int, n: int) -> None:
         """One fi_read/fi_write. The target's provider is trusted with key, bounds and rights,

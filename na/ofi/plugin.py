@@ -85,12 +85,13 @@ import socket
 import threading
 import warnings
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from .. import auth, core
 from ..errors import Canceled
 from ..generic import PluginCore
-from ..types import Addr, MemHandle
+from ..types import Addr, MemHandle, Op, OpState
 from ._addressing import Addressing
 from ._common import (
     CQ_BATCH,
@@ -112,7 +113,7 @@ from ._common import (
 )
 from ._fabric import ffi, lib
 from ._handshake import TIMEOUT as HANDSHAKE_TIMEOUT
-from ._handshake import Handshake
+from ._handshake import TOKEN_SIZE, Handshake
 from ._messages import Messages
 from ._peers import Peers
 from ._progress import Progress
@@ -176,16 +177,15 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
         self._peers: dict[str, Addr] = {}
         self._by_name: dict[bytes, Addr] = {}
         self._names: dict[Addr, bytes] = {}
-        self._inserted: dict[int, Addr] = {}  # fi_addr -> peer, for every inserted name
-        self._by_fi: dict[int, Addr] = {}  # fi_addr -> peer, established peers only
-        self._ready: set[Addr] = set()  # peers established both ways (see _handshake)
-        self._held: dict[Addr, list[_Req]] = {}  # our requests to a peer in its handshake
+        # Established peers (see _handshake): who a message is from is the session token in
+        # its header, and our messages to a peer carry the one it gave us.
+        self._by_token: dict[bytes, Addr] = {}
+        self._tokens: dict[Addr, list[bytes]] = {}
+        self._out: dict[Addr, bytes] = {}
+        self._ready: set[Addr] = set()
+        self._held: dict[Addr, list[tuple[Op, Callable[[], None]]]] = {}  # until established
         self._logged: set[object] = set()
         self._claimed = 0
-        # Who sent a message: the provider's word (FI_SOURCE) where it can be trusted, or on
-        # shm the header's name among the established peers (see _handshake for why).
-        self._by_src = self.transport != "shm"
-        self._ready_names: dict[bytes, Addr] = {}
         self._handshake_timeout = handshake_timeout
         self._probing: set[Addr] = set()
         self._next_probe = 0.0
@@ -209,7 +209,7 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
             raise MemoryError("fi_allocinfo failed")
         try:
             hints.ep_attr.type = lib.FI_EP_RDM
-            hints.caps = lib.FI_MSG | lib.FI_TAGGED | lib.FI_RMA | lib.FI_SOURCE
+            hints.caps = lib.FI_MSG | lib.FI_TAGGED | lib.FI_RMA
             hints.mode = lib.FI_CONTEXT | lib.FI_CONTEXT2
             hints.domain_attr.mr_mode = (lib.FI_MR_LOCAL | lib.FI_MR_VIRT_ADDR
                                          | lib.FI_MR_ALLOCATED | lib.FI_MR_PROV_KEY
@@ -299,11 +299,8 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
         self._by_name[self._name] = self._self_addr
         self._names[self._self_addr] = self._name
         self._self_addr.fabric_addr = self._insert(self._name, self._self_addr.uri)
-        self._ready.add(self._self_addr)
-        self._ready_names[self._name] = self._self_addr
-        if self._self_addr.fabric_addr is not None:
-            self._inserted[self._self_addr.fabric_addr] = self._self_addr
-            self._by_fi[self._self_addr.fabric_addr] = self._self_addr
+        token = secrets.token_bytes(TOKEN_SIZE)
+        self._established(self._self_addr, token, token)
         if rx_buffers is None:
             # shm: half its receive-request pool; the other half is for the tagged receives of
             # RMA data (posting all rx_attr.size entries makes the next fi_trecv FI_ENOMEM).
@@ -351,8 +348,6 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
         self._cq_fid = cq[0]
         self._fids.append(self._cq_fid)
         self._cq_entries = ffi.new("struct fi_cq_tagged_entry[]", CQ_BATCH)
-        self._cq_unknown = ffi.new("fi_addr_t[]", [lib.FI_ADDR_NOTAVAIL] * CQ_BATCH)
-        self._cq_srcs = ffi.new("fi_addr_t[]", [lib.FI_ADDR_NOTAVAIL] * CQ_BATCH)
         self._cq_fids = ffi.new("struct fid *[1]", [_fid(self._cq_fid)])
         if cq_attr.wait_obj == lib.FI_WAIT_FD:
             fd = ffi.new("int *", -1)
@@ -418,11 +413,13 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
             self._closed = True
             reason = "the plugin was closed"
             self._matcher.close(reason)
-            for req in itertools.chain(self._reqs.values(), self._backlog,
-                                       *self._held.values()):
+            for req in itertools.chain(self._reqs.values(), self._backlog):
                 if req.op is not None:
                     self._cq.fail(req.op, Canceled(req.op.kind.name.lower(), _uri(req.addr),
                                                 reason))
+            for op, _start in itertools.chain(*self._held.values()):
+                if op.state != OpState.FINISHED:
+                    self._cq.fail(op, Canceled(op.kind.name.lower(), _uri(op.addr), reason))
             self._release()
 
     def __enter__(self) -> OfiPlugin:
