@@ -15,10 +15,11 @@ from ._common import (
     _HELLO,
     _REFUSE,
     _SHAKE,
+    _tcp_refused,
     log,
 )
 from ._fabric import lib
-from ._handshake import INITIATOR, MAX_PENDING
+from ._handshake import INITIATOR, MAX_PENDING, RESPONDER
 
 # Names inserted because a peer claimed them, over the life of the endpoint. The address vector
 # only grows (libfabric 1.17 does not forget an address cleanly: after fi_av_remove, rxm still
@@ -161,6 +162,15 @@ class Peers:
             if addr not in self._ready:
                 self._shake_failed(addr, f"could not connect: no handshake within "
                                    f"{self._shake.timeout} s", role)
+        if self.transport != "tcp":
+            return
+        for addr in [a for a in self._shake.responding if a in self._blocked]:
+            # rxm answers FI_EAGAIN for as long as the kernel refuses its connection to the
+            # claimed address; a refused connect there is the same answer, sooner.
+            cause = _tcp_refused(addr.uri)
+            if cause:
+                self._shake.forget(addr)
+                self._shake_failed(addr, cause, RESPONDER)
 
     # -- holding our operations until the peer is established ----------------------------------
     def _hold(self, op: Op, start: Callable[[], None]) -> None:
