@@ -13,8 +13,10 @@ from ..types import Addr, Op, OpState
 from ._common import (
     _CHALLENGE,
     _HELLO,
+    _KIND_MASK,
     _REFUSE,
     _SHAKE,
+    _Req,
     _tcp_refused,
     log,
 )
@@ -148,9 +150,10 @@ class Peers:
 
     def _shake_failed(self, addr: Addr, cause: str, role: str) -> None:
         self.stats["handshake_failures"] += 1
-        if role == INITIATOR or addr not in self._ready:
-            # Held operations fail; a challenge still queued for it is dropped (backlog).
-            self._peer_failed(addr, cause)
+        if role == INITIATOR:
+            self._peer_failed(addr, cause)  # what we held for it fails with the cause
+        # A failed verification leaves the name usable: a claim by someone else must not
+        # make the real owner's own hello fail (its queued challenge is dropped: backlog).
         self._log_once(addr, f"handshake as {role} failed: {cause}")
 
     def _auth_failed(self, addr: Addr, cause: str) -> None:
@@ -164,13 +167,20 @@ class Peers:
                                    f"{self._shake.timeout} s", role)
         if self.transport != "tcp":
             return
-        for addr in [a for a in self._shake.responding if a in self._blocked]:
-            # rxm answers FI_EAGAIN for as long as the kernel refuses its connection to the
-            # claimed address; a refused connect there is the same answer, sooner.
-            cause = _tcp_refused(addr.uri)
-            if cause:
-                self._shake.forget(addr)
-                self._shake_failed(addr, cause, RESPONDER)
+        for role, table in ((INITIATOR, self._shake.initiating),
+                            (RESPONDER, self._shake.responding)):
+            for addr in [a for a in table if a in self._blocked]:
+                # rxm answers FI_EAGAIN for as long as the kernel refuses its connection to
+                # the address; a refused connect there is the same answer, sooner.
+                cause = _tcp_refused(addr.uri)
+                if cause:
+                    table.pop(addr, None)
+                    self._shake_failed(addr, cause, role)
+
+    def _stale_shake(self, req: _Req) -> bool:
+        """Whether ``req`` is a hello or challenge (still queued) of a handshake given up."""
+        return req.kind == _SHAKE and req.args[-1] & _KIND_MASK in (_HELLO, _CHALLENGE) and \
+            not self._shake.busy(req.addr)  # type: ignore[arg-type]
 
     # -- holding our operations until the peer is established ----------------------------------
     def _hold(self, op: Op, start: Callable[[], None]) -> None:

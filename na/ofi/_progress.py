@@ -101,8 +101,9 @@ class Progress:
             owner = req.owner
             if owner is not None and owner.state == OpState.FINISHED:
                 continue  # failed or canceled while it waited: never posted, nothing to undo
-            if owner is None and req.addr is not None and req.addr.dead:
-                continue  # a probe or an answer to a peer known dead
+            if owner is None and req.addr is not None and (req.addr.dead
+                                                           or self._stale_shake(req)):
+                continue  # a probe or an answer to a peer known dead, a handshake given up
             if req.addr in refused:
                 self._queue(req)
                 continue
