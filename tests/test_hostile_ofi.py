@@ -406,3 +406,114 @@ def test_unauthenticated_raw_messages_are_dropped_before_the_matcher(keyed: Serv
         assert _call(keyed.engine.uri, KEY) == 42
     finally:
         raw.close()
+
+
+# -- the handshake's decisions, without a network -----------------------------------------------
+class Ends:
+    """Two handshake ends wired by lists: what each sends is delivered by hand, so a test can
+    reorder, drop, replay or forge any message. The clock is injected."""
+
+    def __init__(self, key_i: bytes | None, key_r: bytes | None) -> None:
+        from petasus.na.ofi._common import SHAKE_KINDS
+        from petasus.na.ofi._handshake import Handshake
+
+        self.now = 0.0
+        self.k = SHAKE_KINDS
+        self.wire: dict[str, list[tuple[int, bytes]]] = {"i": [], "r": []}
+        self.done: dict[str, tuple[bytes, bytes]] = {}
+        self.failed: dict[str, str] = {}
+        self.auth: list[str] = []
+        self.a_i, self.a_r = na.Addr("ofi+x://r", True), na.Addr("ofi+x://i", False)
+
+        def end(me: str, key: bytes | None, name: bytes) -> Handshake:
+            return Handshake(
+                key, name, SHAKE_KINDS, lambda a, kind, body: self.wire[me].append((kind, body)),
+                lambda a, ours, theirs: self.done.__setitem__(me, (ours, theirs)),
+                lambda a, cause, role: self.failed.__setitem__(me, cause),
+                lambda a, cause: self.auth.append(cause), timeout=5.0,
+                clock=lambda: self.now)
+
+        self.i, self.r = end("i", key_i, b"name-i"), end("r", key_r, b"name-r")
+
+    def run(self) -> None:
+        """Deliver everything, in order, until both ends are quiet."""
+        while self.wire["i"] or self.wire["r"]:
+            for me, peer, addr in (("i", self.r, self.a_r), ("r", self.i, self.a_i)):
+                while self.wire[me]:
+                    kind, body = self.wire[me].pop(0)
+                    if kind == self.k["HELLO"]:
+                        assert peer.hello(addr, b"name-" + me.encode(), body)
+                    else:
+                        peer.message(addr, kind, body)
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["no key", "key"])
+def test_a_handshake_establishes_both_ends_with_crossed_tokens(key: bytes | None) -> None:
+    ends = Ends(key, key)
+    ends.i.start(ends.a_i, b"name-r")
+    ends.run()
+    assert not ends.failed and not ends.auth
+    (i_ours, i_theirs), (r_ours, r_theirs) = ends.done["i"], ends.done["r"]
+    assert i_ours == r_theirs and r_ours == i_theirs and i_ours != r_ours
+    assert not ends.i.busy(ends.a_i) and not ends.r.busy(ends.a_r)
+
+
+@pytest.mark.parametrize(("key_i", "key_r", "who"), [
+    (KEY, OTHER_KEY, "could not prove"), (None, KEY, "requires an auth_key"),
+    (KEY, None, "has no auth_key")], ids=["wrong key", "initiator unkeyed", "responder unkeyed"])
+def test_a_handshake_without_the_same_key_establishes_neither_end(key_i: bytes | None,
+                                                                  key_r: bytes | None,
+                                                                  who: str) -> None:
+    ends = Ends(key_i, key_r)
+    ends.i.start(ends.a_i, b"name-r")
+    ends.run()
+    assert ends.done == {}
+    assert ends.failed["i"].startswith("authentication failed") and who in ends.failed["i"]
+    assert "r" in ends.failed and ends.auth  # the responder counts it too
+
+
+def test_forged_replayed_or_stale_handshake_messages_are_not_taken() -> None:
+    ends = Ends(KEY, KEY)
+    ends.i.start(ends.a_i, b"name-r")
+    hello = ends.wire["i"].pop()
+    assert ends.r.hello(ends.a_r, b"name-i", hello[1])
+    kind, challenge = ends.wire["r"].pop()
+    forged = bytearray(challenge)
+    forged[1] ^= 1  # not the nonce the initiator sent
+    assert not ends.i.message(ends.a_i, kind, bytes(forged))
+    assert not ends.i.message(ends.a_i, ends.k["WELCOME"], bytes(32))  # before its time
+    assert ends.i.message(ends.a_i, kind, challenge)
+    assert not ends.i.message(ends.a_i, kind, challenge)  # a replay
+    kind, response = ends.wire["i"].pop()
+    assert not ends.r.message(ends.a_r, kind, response[:-1])  # truncated
+    assert ends.r.message(ends.a_r, kind, response)
+    assert not ends.r.message(ends.a_r, kind, response)
+    assert ends.done.keys() == {"r"}
+
+
+def test_a_handshake_that_does_not_complete_expires_on_the_injected_clock() -> None:
+    ends = Ends(None, None)
+    ends.i.start(ends.a_i, b"name-r")
+    ends.now = 4.9
+    assert ends.i.expire() == []
+    ends.now = 5.0
+    assert ends.i.expire() == [(ends.a_i, "initiator")]
+    assert not ends.i.busy(ends.a_i)
+
+
+def test_claimed_names_are_checked_for_length_and_form_before_insertion(
+        transport: str) -> None:
+    with na.initialize(URIS[transport], listen=True) as plugin:
+        own = plugin._name  # type: ignore[attr-defined]
+        check = plugin._check_name  # type: ignore[attr-defined]
+        names = forged_names(transport, own)
+        assert check(names["too long"]) is not None
+        assert check(names["malformed"]) is not None
+        assert check(own) is None
+        if transport == "tcp":
+            assert check(own[:2] + b"\0\0" + own[4:]) is not None  # port 0
+            assert check(own[:4] + bytes((224, 0, 0, 1)) + own[8:]) is not None  # multicast
+            assert check(own[:15]) is not None
+        else:
+            assert check(b"fi_shm://1_nosuchregion:0:0") is not None
+            assert check(own + b"/x") is not None
