@@ -34,7 +34,20 @@ _LOGGED_MAX = 1024  # distinct peers whose first refusal is logged: no log flood
 
 
 class Peers:
-    """Mixin of ``OfiPlugin`` (state is created in ``OfiPlugin.__init__``)."""
+    """Mixin of ``OfiPlugin``; ``_init_peers`` creates its state."""
+
+    def _init_peers(self, timeout: float) -> None:
+        self._names: dict[Addr, bytes] = {}
+        # Established peers: who a message is from is the session token in its header, and
+        # our messages to a peer carry the one it gave us.
+        self._by_token: dict[bytes, Addr] = {}
+        self._tokens: dict[Addr, list[bytes]] = {}
+        self._out: dict[Addr, bytes] = {}
+        self._ready: set[Addr] = set()
+        self._held: dict[Addr, list[tuple[Op, Callable[[], None]]]] = {}  # until established
+        self._logged: set[object] = set()
+        self._claimed = 0
+        self._shake_timeout = timeout
 
     # -- what arrives from outside the established peers ----------------------------------------
     def _vet(self, kind: int, claimed: bytes, body: bytes) -> None:

@@ -6,10 +6,14 @@ matching), ``_rma`` (registrations, put/get), ``_progress`` (posting with the FI
 backlog, completions, peer failure, progress, cancel), ``_common`` (constants, records).
 
 Messages. Every message is a tagged send whose 64-bit tag carries the kind (unexpected,
-expected, liveness probe) above the user's 32-bit tag, and whose payload starts with the
-sender's fi_getname() bytes (one length byte, then the name), as Mercury does for providers
-without FI_SOURCE: the receiver learns who wrote without relying on FI_SOURCE support, and
-inserts unknown senders into its address vector. A pool of internal receive buffers is always
+expected, liveness probe, handshake) above the user's 32-bit tag, and whose payload starts with
+a length byte and the session token its receiver gave us: the receiver knows who wrote by that
+token, never by a name the sender claims. A peer's token comes from ``_handshake``: a sender
+we do not know claims its name in a HELLO, we check the name's length and form, insert it and
+send a challenge to it, and only the owner of that address can answer (libfabric 1.17 cannot
+say who sent a message: see there). Our messages to a peer wait until it is established; its
+messages until then are dropped and counted. With ``auth_key`` the handshake is mutual
+shared-secret proof. A pool of internal receive buffers is always
 posted for any source and any tag; Python matches what lands there against the posted NA
 receives and copies the payload (at most ``max_msg_size``) into the user's buffer. That gives
 exactly the NA semantics on every provider: unexpected messages queue (bounded: past
@@ -85,13 +89,12 @@ import socket
 import threading
 import warnings
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from .. import auth, core
 from ..errors import Canceled
 from ..generic import PluginCore
-from ..types import Addr, MemHandle, Op, OpState
+from ..types import Addr, MemHandle, OpState
 from ._addressing import Addressing
 from ._common import (
     CQ_BATCH,
@@ -176,17 +179,7 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
         self._held_slots: list[int] = []
         self._peers: dict[str, Addr] = {}
         self._by_name: dict[bytes, Addr] = {}
-        self._names: dict[Addr, bytes] = {}
-        # Established peers (see _handshake): who a message is from is the session token in
-        # its header, and our messages to a peer carry the one it gave us.
-        self._by_token: dict[bytes, Addr] = {}
-        self._tokens: dict[Addr, list[bytes]] = {}
-        self._out: dict[Addr, bytes] = {}
-        self._ready: set[Addr] = set()
-        self._held: dict[Addr, list[tuple[Op, Callable[[], None]]]] = {}  # until established
-        self._logged: set[object] = set()
-        self._claimed = 0
-        self._handshake_timeout = handshake_timeout
+        self._init_peers(handshake_timeout)
         self._probing: set[Addr] = set()
         self._next_probe = 0.0
         self._regs: dict[int, MemHandle] = {}
@@ -290,7 +283,7 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
         self._hdr = bytes((len(self._name),)) + self._name
         self._shake = Handshake(self._auth_key, self._name, SHAKE_KINDS, self._shake_send,
                                 self._established, self._shake_failed, self._auth_failed,
-                                timeout=self._handshake_timeout)
+                                timeout=self._shake_timeout)
         if self._timer_fd >= 0 and self.transport == "shm":
             self._bell = _doorbell(self._name)
             self._ep_poll.register(self._bell.fileno(), select.EPOLLIN)
