@@ -4,10 +4,11 @@ A message used to start with its sender's name, which the receiver inserted into
 vector and believed: any peer could make a server insert and dial an address it named, and
 pass for another peer. The provider cannot say who sent a message either, as measured with
 libfabric 1.17: FI_SOURCE_ERR (the source of an unknown sender) is refused by tcp;ofi_rxm and
-shm (fi_getinfo: FI_ENODATA); FI_SOURCE reports the fi_addr of an inserted sender, but on rxm
-from a port the connecting peer claims itself (rxm's connection request), and shm, when several
-processes connect at once, reported a new sender's messages under another peer's fi_addr. So
-the plugin verifies the claim itself, the same way on every provider::
+shm (fi_getinfo: FI_ENODATA). FI_SOURCE is granted and fi_cq_readfrom reports an inserted
+sender's fi_addr, but shm, when four processes connected at once, reported new senders'
+messages under another peer's fi_addr, and rxm's source is the connection's IP address with
+the port the connecting peer's own connection request states (read in rxm's source). So the
+plugin verifies the claim itself, the same way on every provider::
 
     initiator -> HELLO(flags, client_nonce)              header: the initiator's name
     responder    checks the claimed name's length and form, inserts it (only now), and:
