@@ -8,6 +8,7 @@ trip ~6 us (DESIGN.md, Performance approach).
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import threading
@@ -32,6 +33,12 @@ class EventLoop:
         # A wake-up means work the plugin keeps outside the fds (sm's queued copies, a
         # completion posted by another thread): progress returns so its caller sees it.
         self.woken = False
+        # The plugin's timer (connection deadlines): progress runs ``on_timer(now)`` once
+        # ``now`` passes ``timer_at`` and stores the next due time it returns. One comparison
+        # where progress reads the clock anyway: no clock call of its own, and a sleep in
+        # epoll ends in time for it.
+        self.timer_at = math.inf
+        self.on_timer: Callable[[float], float] | None = None
         self.add(cq.wake_fd, EPOLLIN, self._on_wake)
 
     def _on_wake(self, _ev: int) -> None:
@@ -74,6 +81,8 @@ class EventLoop:
         done = cq.completed
         poll, dispatch, spin = self.ep.poll, self._dispatch, self.spin
         now = time.monotonic()
+        if now >= self.timer_at:
+            self._fire(now)
         deadline = now + timeout
         spin_end = now + spin
         while True:
@@ -89,11 +98,17 @@ class EventLoop:
                     self.woken = False
                     return True
                 now = time.monotonic()
+                if now >= self.timer_at:
+                    self._fire(now)
+                    continue
                 if now >= deadline:
                     return False  # busy with work that completes nothing here: still bounded
                 spin_end = now + spin
                 continue
             now = time.monotonic()
+            if now >= self.timer_at:
+                self._fire(now)
+                continue
             if now >= deadline:
                 return False
             if now < spin_end:
@@ -103,7 +118,7 @@ class EventLoop:
             try:
                 if ops or dirty or cq.completed != done:
                     continue
-                events = poll(deadline - now)
+                events = poll(min(deadline, self.timer_at) - now)
             finally:
                 cq.polling -= 1
             if events:
@@ -112,6 +127,11 @@ class EventLoop:
                     self.woken = False
                     return True
                 spin_end = time.monotonic() + spin
+
+    def _fire(self, now: float) -> None:
+        with self.lock:
+            if self.on_timer is not None and now >= self.timer_at:
+                self.timer_at = self.on_timer(now)
 
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
         handlers, outbox = self.handlers, self.outbox
