@@ -106,6 +106,8 @@ class ConnPolicy:
     def opened(self, conn: Tracked, now: float, *, handshaking: bool) -> None:
         conn.active = False
         conn.last = now
+        if not self._conns:
+            self._next_sweep = now + self._sweep  # nothing was due while there was none
         self._conns[conn] = None
         if handshaking and self._hs:
             self._handshaking[conn] = now + self._hs
@@ -121,7 +123,10 @@ class ConnPolicy:
         self._handshaking.pop(conn, None)
 
     def due(self) -> float:
-        """When ``expire`` next has something to do."""
+        """When ``expire`` next has something to do (never, without connections: a plugin
+        with none does not wake up for it)."""
+        if not self._conns:
+            return math.inf
         first = next(iter(self._handshaking.values()), math.inf)
         return min(first, self._next_sweep)
 

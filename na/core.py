@@ -28,6 +28,10 @@ MAX_TAG = 0xFFFFFFFF  # NA tags are u32 on every plugin
 # so that hg behaves the same whatever carries it.
 MAX_MSG_SIZE = 64 * 1024
 MAX_QUEUED = 64 * 1024 * 1024  # unmatched messages a peer can make us hold before we push back
+# What a queued unmatched message is counted for beyond its bytes: its entry (a tuple, the
+# tag, the bytes object) costs memory too; counted at its bytes alone, 64 MiB of 20-byte
+# requests would have been 3 million entries.
+_QUEUED_COST = 160
 SPIN_US = int(os.environ.get("PETASUS_SPIN_US", "200"))  # DESIGN: ~70 us wake-up vs ~6 us poll
 
 # Why a target refused an RMA request; the codes travel in the refusal (one byte).
@@ -197,7 +201,7 @@ class Matcher:
     be pre-posted, as in Mercury: one without a receive is a late reply and is dropped.
     """
 
-    __slots__ = ("cq", "exp_posted", "log", "max_queued", "on_drained", "queued", "stats",
+    __slots__ = ("cq", "exp_posted", "held", "log", "max_queued", "on_drained", "queued", "stats",
                  "throttled", "unexp_posted", "unexp_queue")
 
     def __init__(self, cq: CompletionQueue, stats: dict[str, int], log: logging.Logger,
@@ -210,7 +214,8 @@ class Matcher:
         self.unexp_posted: deque[Op] = deque()
         self.unexp_queue: deque[tuple[Addr, int, bytes]] = deque()
         self.exp_posted: dict[tuple[Addr, int], deque[Op]] = {}
-        self.queued = 0
+        self.queued = 0  # their bytes (statistics()["queued_bytes"])
+        self.held = 0  # what they cost, bounded by max_queued
         self.throttled = False
 
     def post_unexpected(self, op: Op) -> None:
@@ -219,7 +224,8 @@ class Matcher:
             self._fill(op, addr, tag, data)
             self.cq.post(op)
             self.queued -= len(data)
-            if self.throttled and self.queued <= self.max_queued // 2:
+            self.held -= len(data) + _QUEUED_COST
+            if self.throttled and self.held <= self.max_queued // 2:
                 self.throttled = False
                 self.on_drained()
         else:
@@ -244,7 +250,8 @@ class Matcher:
         data = bytes(payload)
         self.unexp_queue.append((addr, tag, data))
         self.queued += len(data)
-        if self.queued > self.max_queued:
+        self.held += len(data) + _QUEUED_COST
+        if self.held > self.max_queued:
             self.throttled = True
             return True
         return False

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from limits_peer import add, na_stats
+from limits_peer import add, blob, na_stats
 
 from petasus import hg
 from petasus.hg import header as hd
@@ -119,10 +119,11 @@ def hello(sock: socket.socket, scheme: str) -> None:
 HALF_HEADER = fr.encode_header(fr.HELLO, 40)[: fr.HEADER_SIZE // 2]
 
 
-def request(tag: int) -> bytes:
-    """One add(1, 2) request frame, answered on ``tag``."""
-    body = hd.REQUEST.pack(hd.IDENTIFIER, hd.PROTOCOL, hd.rpc_id(add.name), 0, 0) + \
-        struct.pack("!ii", 1, 2)
+def request(tag: int, size: int = 1024) -> bytes:
+    """One blob(size) request frame (36 B asking for a ``size`` B reply), answered on
+    ``tag``."""
+    body = hd.REQUEST.pack(hd.IDENTIFIER, hd.PROTOCOL, hd.rpc_id(blob.name), 0, 0) + \
+        struct.pack("!I", size)
     return fr.encode_header(fr.UNEXPECTED, len(body), tag=tag) + body
 
 
@@ -143,6 +144,25 @@ def wait_closed(sock: socket.socket, timeout: float = TIMEOUT) -> float:
             return time.monotonic() - start
         except TimeoutError:
             continue
+
+
+def serve_until_closed(good: GoodClient, sock: socket.socket,
+                       timeout: float = TIMEOUT) -> float:
+    """Call the server with ``good`` until it closes ``sock``; the worst call's latency.
+    A good client that keeps calling is never the one closed as idle."""
+    deadline = time.monotonic() + timeout
+    worst = 0.0
+    sock.setblocking(False)
+    while time.monotonic() < deadline:
+        worst = max(worst, good.call())
+        try:
+            if not sock.recv(65536):
+                return worst
+        except BlockingIOError:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return worst
+    raise TimeoutError(f"the server kept the connection open for {timeout} s")
 
 
 def open_many(uri: str, count: int, first: bytes = HALF_HEADER) -> list[socket.socket]:

@@ -17,6 +17,10 @@ def add(x: hg.int32, y: hg.int32) -> hg.int32: ...
 
 
 @hg.declare
+def blob(size: hg.uint32) -> bytes: ...
+
+
+@hg.declare
 def na_stats() -> str: ...
 
 
@@ -28,6 +32,7 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
     engine = hg.Engine(sys.argv[1], listen=True, allow_remote_shutdown=True, **options)
     engine.register(add, lambda x, y: x + y)
+    engine.register(blob, lambda size: bytes(min(size, 4096)))  # the replies a flood asks for
     engine.register(na_stats, lambda: json.dumps(engine.na.statistics()))
     print(f"listening on {engine.uri}", flush=True)
     engine.serve()
