@@ -207,7 +207,9 @@ class Outbox:
                 self.failed(conn, f"send failed: {exc}")
                 return
             conn.active = True
-            sent, before = n, len(q)
+            if conn.writing:
+                conn.queued -= n
+                before = len(q)
             # Consume what was sent; zero-length items (an empty payload) go with it.
             while q and (n or not len(q[0][0])):
                 item = q[0]
@@ -224,7 +226,7 @@ class Outbox:
                     conn.head_partial = True
                     n = 0
             if conn.writing:
-                conn.queued -= sent + FRAME_COST * (before - len(q))
+                conn.queued -= FRAME_COST * (before - len(q))
         if conn.writing:
             conn.writing = False
             conn.queued = 0

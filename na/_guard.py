@@ -8,16 +8,21 @@ one line, not 1,000), and pauses and resumes the reads of a peer whose replies p
 
 from __future__ import annotations
 
+import errno
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._conn import PAUSE_BACKLOG, Conn
-from ._limits import CAP, HANDSHAKE, ConnPolicy, Limits
+from ._conn import EPOLLIN, PAUSE_BACKLOG, Conn
+from ._limits import CAP, EMFILE, HANDSHAKE, ConnPolicy, Limits
 
 if TYPE_CHECKING:
     from ._sockets import SocketPlugin
 
+# Out of descriptors with none to give back (or out of memory): accepts stop this long
+# instead of spinning on a listener that stays readable.
+ACCEPT_PAUSE = 0.1
 STATS = ("closed_handshake_timeout", "closed_idle", "closed_cap", "closed_emfile",
          "refused_cap", "reads_paused")
 
@@ -34,6 +39,7 @@ class ConnGuard:
         self.stats = plugin.stats
         self.stats.update(dict.fromkeys(STATS, 0))
         self._logged: set[str] = set()
+        self._accept_resume = math.inf
         plugin._loop.on_timer = self.on_timer
         plugin._outbox.backlog = self.backlog
 
@@ -53,6 +59,31 @@ class ConnGuard:
 
     def closed(self, conn: Conn) -> None:
         self.policy.closed(conn)
+
+    def accept(self, _ev: int) -> None:
+        """The listener's handler: accept every pending peer that there is room for."""
+        plugin = self.plugin
+        listener = plugin._listener
+        while listener is not None:
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self.make_room(EMFILE):
+                    continue  # a descriptor is free again: the pending peer takes it
+                self._log("accept_paused", "%s: accept failed (%s); pausing accepts for "
+                          "%.1f s", plugin.addr_self().uri, exc, ACCEPT_PAUSE)
+                plugin._loop.modify(listener.fileno(), 0)
+                self._accept_resume = self.clock() + ACCEPT_PAUSE
+                plugin._loop.timer_at = min(plugin._loop.timer_at, self._accept_resume)
+                return
+            if not self.admit():
+                sock.close()
+                continue
+            sock.setblocking(False)
+            plugin._new_conn(sock, f"{plugin.scheme} peer {peer or 'local'}", False,
+                             accepted=True)
 
     def admit(self) -> bool:
         """Room for a connection just accepted: at ``max_connections``, close a victim to
@@ -78,6 +109,11 @@ class ConnGuard:
 
     def on_timer(self, now: float) -> float:
         """Deadlines due at ``now``; returns when the next one is."""
+        listener = self.plugin._listener
+        if now >= self._accept_resume:
+            self._accept_resume = math.inf
+            if listener is not None and not self.plugin._closed:
+                self.plugin._loop.modify(listener.fileno(), EPOLLIN)
         close, quiet = self.policy.expire(now)
         for conn, cause in close:
             if cause == HANDSHAKE:
@@ -88,7 +124,7 @@ class ConnGuard:
         for conn in quiet:
             if not conn.closed:
                 conn.reader.shrink()
-        return self.policy.due()
+        return min(self.policy.due(), self._accept_resume)
 
     def backlog(self, conn: Conn) -> None:
         """Stop reading an accepted peer's requests while more than ``max_queued_bytes`` are

@@ -9,17 +9,15 @@ registrations are the shared NA core (``na.core``), as on every plugin.
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import threading
-import time
 from typing import Any
 
 from . import framing as fr
 from ._conn import EPOLLIN, EPOLLOUT, EPOLLRD, PAUSE_MATCHER, Conn, Outbox, Routing
 from ._guard import ConnGuard
-from ._limits import EMFILE, Limits
+from ._limits import Limits
 from ._loop import EventLoop
 from ._rma import EmulatedRma
 from ._transport import Transport
@@ -41,7 +39,6 @@ from .types import Access, Addr, MemHandle, Op, OpKind, OpState
 
 _HDR = fr.HEADER
 _MAGIC = fr.MAGIC
-_ACCEPT_PAUSE = 0.1
 RMA_CHUNK = 8 * 1024 * 1024  # per-frame data; keeps a stream fair between messages and bulk
 
 
@@ -87,7 +84,6 @@ class SocketPlugin(PluginCore):
         self._routing = Routing({fr.UNEXPECTED: self._on_unexpected,
                                  fr.EXPECTED: self._on_expected, **self._rma.routes()},
                                 self._on_hello, self._rma.landing)
-        self._accept_resume = 0.0  # when accepting resumes after running out of descriptors
         self._paused: set[Conn] = set()
         self._peers: dict[str, Addr] = {}
         # Peers that do not listen, by the URI their HELLO gave: a lookup of that URI (say, the
@@ -100,7 +96,7 @@ class SocketPlugin(PluginCore):
                 listener.setblocking(False)
                 listener.listen(socket.SOMAXCONN)
                 self._listener = listener
-                self._loop.add(listener.fileno(), EPOLLIN, self._accept)
+                self._loop.add(listener.fileno(), EPOLLIN, self._guard.accept)
         except BaseException:
             self._loop.close()
             self._cq.close()
@@ -284,11 +280,6 @@ class SocketPlugin(PluginCore):
     def progress(self, timeout: float = 0.0) -> bool:
         """Move bytes for up to ``timeout`` seconds (see ``EventLoop.progress``)."""
         self._check_open("progress")
-        if self._accept_resume and time.monotonic() >= self._accept_resume:
-            self._accept_resume = 0.0
-            with self._lock:
-                if self._listener is not None and not self._closed:
-                    self._loop.modify(self._listener.fileno(), EPOLLIN)
         return self._loop.progress(timeout)
 
     # -- connections ----------------------------------------------------------------------------
@@ -329,28 +320,6 @@ class SocketPlugin(PluginCore):
         self._outbox.enqueue(conn, [_HDR.pack(_MAGIC, fr.HELLO, int(self._listening),
                                               len(hello), 0), hello], None)
         return conn
-
-    def _accept(self, ev: int) -> None:
-        while True:
-            try:
-                sock, peer = self._listener.accept()  # type: ignore[union-attr]
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._guard.make_room(EMFILE):
-                    continue  # a descriptor is free again: the pending peer takes it
-                # Out of descriptors (nothing to close) or memory: stop listening for a
-                # moment instead of spinning on a listener that stays readable.
-                self._guard._log("accept_paused", "%s: accept failed (%s); pausing accepts "
-                                 "for %.1f s", self._self_addr.uri, exc, _ACCEPT_PAUSE)
-                self._loop.modify(self._listener.fileno(), 0)  # type: ignore[union-attr]
-                self._accept_resume = time.monotonic() + _ACCEPT_PAUSE
-                return
-            if not self._guard.admit():
-                sock.close()
-                continue
-            sock.setblocking(False)
-            self._new_conn(sock, f"{self.scheme} peer {peer or 'local'}", False, accepted=True)
 
     def _handshake_done(self, conn: Conn) -> None:
         """The peer on ``conn`` is who it says (its HELLO, and its auth where required):

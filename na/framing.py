@@ -81,6 +81,7 @@ class FrameReader:
         "_max_msg",
         "_pending",
         "_scratch",
+        "_size",
         "_start",
         "_view",
         "peer",
@@ -94,7 +95,8 @@ class FrameReader:
         # The working size: two largest frames, so that a partial one moves to the front at
         # most once per frame.
         self._cap = max(bufsize, 2 * (HEADER_SIZE + max_msg))
-        self._buf = bytearray(min(SMALL, self._cap))
+        self._size = min(SMALL, self._cap)
+        self._buf = bytearray(self._size)
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
@@ -133,7 +135,7 @@ class FrameReader:
                 self._scratch = memoryview(bytearray(_SCRATCH))
             return self._scratch[: min(self._discard, _SCRATCH)]
         start, end = self._start, self._end
-        size = len(self._buf)
+        size = self._size
         if end == size and size < self._cap:
             # The last read filled the buffer: more is waiting, or the frame is larger.
             self._resize(min(2 * size, self._cap))
@@ -148,7 +150,7 @@ class FrameReader:
     @property
     def buffer_size(self) -> int:
         """Bytes this reader holds for the peer (its buffer and discard scratch)."""
-        return len(self._buf) + (len(self._scratch) if self._scratch is not None else 0)
+        return self._size + (len(self._scratch) if self._scratch is not None else 0)
 
     def shrink(self) -> None:
         """Give back what a burst grew: keep the partial frame, if any, in the smallest buffer
@@ -160,14 +162,14 @@ class FrameReader:
         size = SMALL
         while size < held:
             size *= 2
-        if size < len(self._buf):
+        if size < self._size:
             self._resize(size)
 
     def _resize(self, size: int) -> None:
         start, end = self._start, self._end
         buf = bytearray(size)
         buf[: end - start] = self._view[start:end]
-        self._buf, self._view = buf, memoryview(buf)
+        self._buf, self._view, self._size = buf, memoryview(buf), size
         self._start, self._end = 0, end - start
 
     def buffer_updated(self, nbytes: int) -> None:
