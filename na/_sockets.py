@@ -24,6 +24,7 @@ from ._transport import Transport
 from .core import (
     MAX_MSG_SIZE,
     MAX_QUEUED,
+    MAX_QUEUED_PEER,
     MAX_TAG,
     SPIN_US,
     CompletionQueue,
@@ -54,7 +55,8 @@ class SocketPlugin(PluginCore):
 
     def __init__(self, transport: Transport, listen: bool, *, max_msg_size: int = MAX_MSG_SIZE,
                  spin_us: int = SPIN_US, rma_chunk: int = RMA_CHUNK,
-                 max_queued: int = MAX_QUEUED, **limits: Any) -> None:
+                 max_queued: int = MAX_QUEUED, max_queued_peer: int = MAX_QUEUED_PEER,
+                 **limits: Any) -> None:
         if max_msg_size < 1 or rma_chunk < 1:
             raise ValueError("max_msg_size and rma_chunk must be positive")
         try:
@@ -72,7 +74,8 @@ class SocketPlugin(PluginCore):
              "rma_bytes", "rma_served", "rma_refused", "connections", "peer_failures",
              "protocol_errors", "canceled", "expected_dropped"), 0)
         self._cq = CompletionQueue()
-        self._matcher = Matcher(self._cq, self.stats, self.log, max_queued, self._resume)
+        self._matcher = Matcher(self._cq, self.stats, self.log, max_queued, self._resume,
+                                min(max_queued_peer, max_queued))
         self._regs = Registrations()
         self._outbox = Outbox(self._cq.complete, self._conn_failed, self._rearm,
                               lambda: self._cq.polling, high=self._limits.max_queued_bytes)

@@ -9,6 +9,7 @@ figures (memory per connection, time to close, the good client's worst latency).
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import socket
@@ -129,6 +130,29 @@ def test_limits_are_checked_and_the_cap_comes_from_the_descriptor_limit() -> Non
     assert 0 < lim.Limits().max_connections <= soft - 32
     with pytest.raises(TypeError, match="max_conections"):
         na.initialize("tcp://127.0.0.1:0", max_conections=5)
+
+
+def test_one_peer_cannot_take_the_whole_unexpected_queue() -> None:
+    """A peer past its share of the matcher's queue is pushed back; another peer is not, and
+    the first is let in again once its share has drained to half."""
+    from petasus.na.core import CompletionQueue, Matcher
+
+    cq = CompletionQueue()
+    drained: list[bool] = []
+    try:
+        matcher = Matcher(cq, {"msgs_received": 0}, logging.getLogger("test"), 1 << 20,
+                          lambda: drained.append(True), max_peer=10_000)
+        flood, good = na.Addr("tcp://flood:1", True), na.Addr("tcp://good:1", True)
+        pushed = [matcher.deliver_unexpected(flood, tag, bytes(100)) for tag in range(100)]
+        first = pushed.index(True)  # ~10,000 B of 260 B entries
+        assert 30 <= first <= 40 and all(pushed[first:])
+        assert matcher.deliver_unexpected(good, 0, bytes(100)) is False
+        while not drained:
+            matcher.post_unexpected(na.Op(na.OpKind.RECV_UNEXPECTED, None, bytearray(128),
+                                          None))
+        assert matcher.by_peer[flood] <= 5_000
+    finally:
+        cq.close()
 
 
 # -- the lazy read buffer ------------------------------------------------------------------------
