@@ -54,8 +54,7 @@ class ConnGuard:
     def opened(self, conn: Conn, accepted: bool, handshaking: bool) -> None:
         conn.accepted = accepted
         self.policy.opened(conn, self.clock(), handshaking=handshaking)
-        loop = self.plugin._loop
-        loop.timer_at = min(loop.timer_at, self.policy.due())
+        self.plugin._loop.arm(self.policy.due())
 
     def closed(self, conn: Conn) -> None:
         self.policy.closed(conn)
@@ -76,7 +75,7 @@ class ConnGuard:
                           "%.1f s", plugin.addr_self().uri, exc, ACCEPT_PAUSE)
                 plugin._loop.modify(listener.fileno(), 0)
                 self._accept_resume = self.clock() + ACCEPT_PAUSE
-                plugin._loop.timer_at = min(plugin._loop.timer_at, self._accept_resume)
+                plugin._loop.arm(self._accept_resume)
                 return
             if not self.admit():
                 sock.close()

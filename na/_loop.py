@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from ._conn import EPOLLIN, Outbox
+from ._timerfd import TimerFd
 from .core import CompletionQueue
 
 
@@ -33,13 +34,13 @@ class EventLoop:
         # A wake-up means work the plugin keeps outside the fds (sm's queued copies, a
         # completion posted by another thread): progress returns so its caller sees it.
         self.woken = False
-        # The plugin's timer (connection deadlines): progress runs ``on_timer(now)`` once
-        # ``now`` passes ``timer_at`` and stores the next due time it returns. One comparison
-        # where progress reads the clock anyway: no clock call of its own, and a sleep in
-        # epoll ends in time for it.
-        self.timer_at = math.inf
+        # The plugin's timer (connection deadlines): a timerfd in the epoll set, so that
+        # whatever waits on poll_fd() wakes for it and progress pays nothing per pass.
+        # ``on_timer(now)`` runs when it fires and returns when it is next due.
         self.on_timer: Callable[[float], float] | None = None
+        self.timer = TimerFd()
         self.add(cq.wake_fd, EPOLLIN, self._on_wake)
+        self.add(self.timer.fd, EPOLLIN, self._on_timer)
 
     def _on_wake(self, _ev: int) -> None:
         self.cq.drain_wake()
@@ -64,6 +65,7 @@ class EventLoop:
 
     def close(self) -> None:
         self.ep.close()
+        self.timer.close()
 
     def progress(self, timeout: float) -> bool:
         """Move bytes for up to ``timeout`` seconds; True once it sent what was queued or
@@ -81,8 +83,6 @@ class EventLoop:
         done = cq.completed
         poll, dispatch, spin = self.ep.poll, self._dispatch, self.spin
         now = time.monotonic()
-        if now >= self.timer_at:
-            self._fire(now)
         deadline = now + timeout
         spin_end = now + spin
         while True:
@@ -98,17 +98,11 @@ class EventLoop:
                     self.woken = False
                     return True
                 now = time.monotonic()
-                if now >= self.timer_at:
-                    self._fire(now)
-                    continue
                 if now >= deadline:
                     return False  # busy with work that completes nothing here: still bounded
                 spin_end = now + spin
                 continue
             now = time.monotonic()
-            if now >= self.timer_at:
-                self._fire(now)
-                continue
             if now >= deadline:
                 return False
             if now < spin_end:
@@ -118,7 +112,7 @@ class EventLoop:
             try:
                 if ops or dirty or cq.completed != done:
                     continue
-                events = poll(min(deadline, self.timer_at) - now)
+                events = poll(deadline - now)
             finally:
                 cq.polling -= 1
             if events:
@@ -128,10 +122,18 @@ class EventLoop:
                     return True
                 spin_end = time.monotonic() + spin
 
-    def _fire(self, now: float) -> None:
-        with self.lock:
-            if self.on_timer is not None and now >= self.timer_at:
-                self.timer_at = self.on_timer(now)
+    def arm(self, at: float) -> None:
+        """Run the plugin's timer at ``at`` if that is sooner than it is armed for."""
+        if at < self.timer.at:
+            self.timer.arm(at)
+
+    def _on_timer(self, _ev: int) -> None:
+        # Runs in _dispatch, under the plugin's lock.
+        self.timer.clear()
+        self.timer.at = math.inf
+        now = time.monotonic()
+        if self.on_timer is not None:
+            self.arm(self.on_timer(now))
 
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
         handlers, outbox = self.handlers, self.outbox

@@ -397,3 +397,32 @@ def test_serving_gets_to_a_peer_that_never_reads_counts_toward_its_queue(uri: st
         finally:
             ca.close_all([hostile, other])
             server.mem_deregister(handle)
+
+
+@pytest.mark.parametrize("uri", SCHEMES)
+def test_the_deadline_wakes_whatever_waits_on_poll_fd(uri: str) -> None:
+    """An event loop that waits on poll_fd() and runs progress(0) only when it is readable
+    (asyncio's add_reader, a selector) still closes a stalled handshake: the deadline is a
+    timerfd in the plugin's epoll set, not a check made by a progress call that never comes."""
+    import select
+
+    with na.initialize(uri, listen=True, handshake_timeout=0.2) as server:
+        stalled = ca.raw_connect(server.addr_self().uri)
+        stalled.setblocking(False)
+        try:
+            for _wakeup in range(100):
+                readable, _, _ = select.select([server.poll_fd()], [], [], ca.TIMEOUT)
+                assert readable, f"poll_fd() stayed quiet for {ca.TIMEOUT} s"
+                server.progress(0)
+                try:
+                    if stalled.recv(1) == b"":
+                        break
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    break
+            else:
+                raise AssertionError("still open after 100 wake-ups")
+            assert server.statistics()["closed_handshake_timeout"] == 1
+        finally:
+            stalled.close()
