@@ -49,6 +49,7 @@ class SocketPlugin(PluginCore):
     Connection limits (``na._limits``): ``handshake_timeout`` (s), ``idle_timeout`` (s, accepted
     connections), ``max_connections`` (0: from RLIMIT_NOFILE) and ``max_queued_bytes`` (per
     accepted peer, before its requests stop being read); None disables a timeout.
+    ``max_queued_peer`` is one peer's share of the ``max_queued`` unmatched messages.
     """
 
     log = logging.getLogger("petasus.na")
