@@ -29,6 +29,7 @@ log = logging.getLogger("petasus.hg.rpc")
 _REQ, _RESP = hd.REQUEST, hd.RESPONSE
 _ID, _PROTO = hd.IDENTIFIER, hd.PROTOCOL
 _FORWARDED = st.FORWARDED
+_ORIGIN = st.ORIGIN
 _STR = proc_for(str)
 
 
@@ -94,7 +95,9 @@ class Handle:
         ``timeout`` is enforced by the context's timers; a caller that waits in a loop of its
         own may pass ``arm=False`` and call ``expire()`` at the deadline instead.
         """
-        new = st.next_state(st.ORIGIN, "origin", self.state, "forward")
+        new = _ORIGIN.get((self.state, "forward"))
+        if new is None:
+            new = st.next_state(_ORIGIN, "origin", self.state, "forward")
         ctx, rpc = self.context, self.rpc
         flags = hd.NO_RESPONSE if rpc.one_way else 0
         try:
@@ -302,9 +305,11 @@ class Handle:
         return error
 
     def _finish(self, event: str, value: Any, error: BaseException | None) -> None:
-        new = st.next_state(st.ORIGIN, "origin", self.state, event)
+        new = _ORIGIN.get((self.state, event))  # the table's common case, looked up inline
         if new is None:
-            return
+            new = st.next_state(_ORIGIN, "origin", self.state, event)
+            if new is None:
+                return
         self.state = new
         self.value = value
         self.error = error

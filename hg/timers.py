@@ -45,8 +45,8 @@ class Deadline:
 
 
 class Timers:
-    """A heap of (deadline, entry); ``hook(deadline)`` is told of each armed deadline so that
-    an event loop driving progress can wake up for it."""
+    """A heap of (deadline, entry); ``hook(deadline)`` is told of each deadline that becomes
+    the earliest, so that an event loop driving progress can wake up for it."""
 
     def __init__(self) -> None:
         self.hook: Callable[[float], Any] | None = None
@@ -71,8 +71,11 @@ class Timers:
                 heap[:] = [t for t in heap if t[2].live and t[2].deadline == t[0]]
                 heapq.heapify(heap)
             heapq.heappush(heap, (deadline, next(self._seq), entry))
+            earliest = heap[0][2] is entry
         hook = self.hook
-        if hook is not None:
+        if hook is not None and earliest:
+            # Only a new earliest deadline moves the wake-up: the loop's timer fires for the
+            # heap's top and re-arms for the next one then.
             hook(deadline)
 
     def expire(self, now: float) -> None:

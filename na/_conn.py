@@ -124,24 +124,26 @@ class Outbox:
 
     ``sent(op)`` runs when the last byte of an op's frames has left; ``failed(conn, cause)``
     when the socket refuses; ``rearm(conn)`` when EPOLLOUT must be armed or disarmed;
-    ``backlog(conn)`` when an accepted connection's queue crosses ``high`` bytes or, paused,
-    drains below ``low`` (``na._limits.Backlog``).
+    ``waking.polling`` counts the threads asleep in the plugin's poll (the completion queue's
+    count, read as an attribute: it is checked on every send); ``backlog(conn)`` runs when an
+    accepted connection's queue crosses ``high`` bytes or, paused, drains below ``low``
+    (``na._guard.ConnGuard.backlog``).
 
     Queued bytes are counted only while EPOLLOUT is armed (``conn.writing``): a connection
     that keeps up flushes every pass, so its count is never needed and the fast path pays
     nothing for it; the count starts from the queue itself when a send first falls short.
     """
 
-    __slots__ = ("backlog", "dirty", "failed", "high", "in_pass", "low", "polling", "rearm",
-                 "sent")
+    __slots__ = ("backlog", "dirty", "failed", "high", "in_pass", "low", "rearm", "sent",
+                 "waking")
 
     def __init__(self, sent: Callable[[Op], None], failed: Callable[[Conn, str], None],
-                 rearm: Callable[[Conn], None], polling: Callable[[], int],
+                 rearm: Callable[[Conn], None], waking: Any,
                  backlog: Callable[[Conn], None] | None = None, high: int = 1 << 62) -> None:
         self.sent = sent
         self.failed = failed
         self.rearm = rearm
-        self.polling = polling
+        self.waking = waking
         self.backlog = backlog
         self.high = high
         self.low = high // 2
@@ -155,6 +157,27 @@ class Outbox:
         while another thread sleeps in epoll (nobody would flush soon), they leave at once.
         """
         q = conn.sendq
+        if not q and not self.dirty and not conn.writing and not conn.connecting and \
+                (not self.in_pass or self.waking.polling):
+            # Nothing ahead of these frames and nothing to coalesce them with: one sendmsg,
+            # no queue entries (the per-message path of a blocking call).
+            try:
+                n = conn.sock.sendmsg(bufs)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                for buf in bufs:
+                    q.append([buf, None])
+                q[-1][1] = op
+                self.failed(conn, f"send failed: {exc}")
+                return
+            conn.active = True
+            if n == sum(map(len, bufs)):
+                if op is not None:
+                    self.sent(op)
+                return
+            self._queue_rest(conn, bufs, n, op)
+            return
         for buf in bufs:
             q.append([buf, None])
         q[-1][1] = op
@@ -167,8 +190,29 @@ class Outbox:
         if not conn.dirty:
             conn.dirty = True
             self.dirty.append(conn)
-        if not self.in_pass or self.polling() or len(q) >= _FLUSH_AT:
+        if not self.in_pass or self.waking.polling or len(q) >= _FLUSH_AT:
             self.flush_dirty()
+
+    def _queue_rest(self, conn: Conn, bufs: list[Any], n: int, op: Op | None) -> None:
+        """Queue what the kernel did not take of a direct send, and wait for EPOLLOUT."""
+        q = conn.sendq
+        for buf in bufs:
+            ln = len(buf)
+            if not q and n >= ln:
+                n -= ln  # sent whole
+                continue
+            if n:
+                q.append([memoryview(buf)[n:], None])
+                conn.head_partial = True
+                n = 0
+            else:
+                q.append([buf, None])
+        q[-1][1] = op
+        conn.writing = True
+        conn.queued = sum(len(item[0]) for item in q) + FRAME_COST * len(q)
+        self.rearm(conn)
+        if conn.queued > self.high and conn.accepted:
+            self.backlog(conn)  # type: ignore[misc]
 
     def flush_dirty(self) -> None:
         dirty = self.dirty

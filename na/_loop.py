@@ -99,7 +99,13 @@ class EventLoop:
                     return True
                 now = time.monotonic()
                 if now >= deadline:
-                    return False  # busy with work that completes nothing here: still bounded
+                    # Busy with work that completes nothing here: still bounded. What the
+                    # dispatch queued (an RMA refusal, a chunk served) leaves before we return.
+                    if dirty:
+                        with lock:
+                            outbox.flush_dirty()
+                        return True
+                    return False
                 spin_end = now + spin
                 continue
             now = time.monotonic()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from functools import partial
 from typing import Any
 
 from . import framing as fr
@@ -78,8 +79,8 @@ class SocketPlugin(PluginCore):
         self._matcher = Matcher(self._cq, self.stats, self.log, max_queued, self._resume,
                                 min(max_queued_peer, max_queued))
         self._regs = Registrations()
-        self._outbox = Outbox(self._cq.complete, self._conn_failed, self._rearm,
-                              lambda: self._cq.polling, high=self._limits.max_queued_bytes)
+        self._outbox = Outbox(self._cq.complete, self._conn_failed, self._rearm, self._cq,
+                              high=self._limits.max_queued_bytes)
         self._loop = EventLoop(self._cq, self._outbox, self._lock, max(spin_us, 0) / 1e6)
         self._conns: set[Conn] = set()
         self._guard = ConnGuard(self, self._limits)
@@ -175,7 +176,8 @@ class SocketPlugin(PluginCore):
                 self._outbox.enqueue(conn, [_HDR.pack(_MAGIC, kind, 0, n, op.tag), view], op)
 
     def _on_unexpected(self, conn: Conn, tag: int, payload: memoryview | None) -> None:
-        _check_peer_tag(conn, tag)
+        if tag > MAX_TAG:
+            _refuse_peer_tag(conn, tag)
         if self._matcher.deliver_unexpected(conn.addr, tag, payload) and \
                 not conn.paused & PAUSE_MATCHER:  # type: ignore[arg-type]
             # Back-pressure instead of unbounded memory: stop reading this peer until drained.
@@ -184,7 +186,8 @@ class SocketPlugin(PluginCore):
             self._rearm(conn)
 
     def _on_expected(self, conn: Conn, tag: int, payload: memoryview | None) -> None:
-        _check_peer_tag(conn, tag)
+        if tag > MAX_TAG:
+            _refuse_peer_tag(conn, tag)
         self._matcher.deliver_expected(conn.addr, tag, payload)  # type: ignore[arg-type]
 
     def _resume(self) -> None:
@@ -283,7 +286,8 @@ class SocketPlugin(PluginCore):
 
     def progress(self, timeout: float = 0.0) -> bool:
         """Move bytes for up to ``timeout`` seconds (see ``EventLoop.progress``)."""
-        self._check_open("progress")
+        if self._closed:
+            self._check_open("progress")
         return self._loop.progress(timeout)
 
     # -- connections ----------------------------------------------------------------------------
@@ -296,7 +300,7 @@ class SocketPlugin(PluginCore):
         self.stats["connections"] += 1
         self._conns.add(conn)
         self._guard.opened(conn, accepted, accepted if handshaking is None else handshaking)
-        self._loop.add(conn.fd, conn.mask(), lambda ev: self._on_event(conn, ev))
+        self._loop.add(conn.fd, conn.mask(), partial(self._on_event, conn))
         return conn
 
     def _conn_for(self, addr: Addr, op: Op) -> Conn | None:
@@ -456,9 +460,8 @@ class SocketPlugin(PluginCore):
 
 
 
-def _check_peer_tag(conn: Conn, tag: int) -> None:
+def _refuse_peer_tag(conn: Conn, tag: int) -> None:
     """Message tags are u32 on every plugin, while the frame header carries 64 bits (RMA frames
     put operation ids there): a wider tag is a malformed message, refused where it enters,
     before any reply is addressed to it."""
-    if tag > MAX_TAG:
-        raise ProtocolError("read frame", conn.name, f"message tag {tag:#x} is wider than u32")
+    raise ProtocolError("read frame", conn.name, f"message tag {tag:#x} is wider than u32")

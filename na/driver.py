@@ -213,10 +213,25 @@ class AsyncioDriver:
         busy = source.progress(0)
         if source.trigger() or busy:
             self._spin_until = time.monotonic() + self.spin
-        elif time.monotonic() < self._spin_until:
-            os.sched_yield()  # idle spin: let a peer that shares this CPU run
+        else:
+            left = self._spin_until - time.monotonic()
+            if left > 0 and self._loop_idle():
+                # Nothing else is ready to run: spin inside the source's own progress (its
+                # spin yields the CPU between polls) rather than one loop iteration, with its
+                # epoll_wait, per turn. Other fds and timers wait at most the spin budget.
+                busy = source.progress(left)
+                if source.trigger() or busy:
+                    self._spin_until = time.monotonic() + self.spin
+            elif left > 0:
+                os.sched_yield()  # idle spin: let a peer that shares this CPU run
         if time.monotonic() < self._spin_until:
             self.kick()
+
+    def _loop_idle(self) -> bool:
+        """Whether the loop has no callback ready to run (the base event loop's ready queue;
+        a loop without one, such as uvloop, is never taken for idle)."""
+        ready = getattr(self.loop, "_ready", None)
+        return ready is not None and not ready
 
     def deadline_armed(self, deadline: float) -> None:
         """The source armed a deadline: the attached loop must wake up for it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from .core import (
+    MAX_TAG,
     CompletionQueue,
     Matcher,
     canceled,
@@ -54,34 +55,44 @@ class PluginCore:
     def msg_get_max_expected_size(self) -> int:
         return self._max_msg
 
+    # The message calls are the per-message hot path: the common case (a flat byte buffer, a
+    # u32 tag, an open plugin) is checked inline, the rest in the shared helpers.
     def msg_send_unexpected(self, addr: Addr, buf: Any, tag: int,
                             callback: Callback | None = None) -> Op:
-        return self._send_message(OpKind.SEND_UNEXPECTED, addr, buf, tag, callback)
+        view = buf if type(buf) is bytes and len(buf) <= self._max_msg and \
+            0 <= tag <= MAX_TAG else message_view(OpKind.SEND_UNEXPECTED, buf, tag, self._max_msg)
+        op = Op(OpKind.SEND_UNEXPECTED, callback, view, addr, tag)
+        self._send(op, view, False)
+        return op
 
     def msg_send_expected(self, addr: Addr, buf: Any, tag: int,
                           callback: Callback | None = None) -> Op:
-        return self._send_message(OpKind.SEND_EXPECTED, addr, buf, tag, callback)
-
-    def _send_message(self, kind: OpKind, addr: Addr, buf: Any, tag: int,
-                      callback: Callback | None) -> Op:
-        view = message_view(kind, buf, tag, self._max_msg)
-        op = Op(kind, callback, view, addr, tag)
-        self._send(op, view, kind == OpKind.SEND_EXPECTED)
+        view = buf if type(buf) is bytes and len(buf) <= self._max_msg and \
+            0 <= tag <= MAX_TAG else message_view(OpKind.SEND_EXPECTED, buf, tag, self._max_msg)
+        op = Op(OpKind.SEND_EXPECTED, callback, view, addr, tag)
+        self._send(op, view, True)
         return op
 
     def msg_recv_unexpected(self, buf: Any, callback: Callback | None = None) -> Op:
-        op = Op(OpKind.RECV_UNEXPECTED, callback, recv_view(buf, "msg_recv_unexpected"))
+        view = buf if type(buf) is memoryview and buf.format == "B" and buf.ndim == 1 and \
+            not buf.readonly else recv_view(buf, "msg_recv_unexpected")
+        op = Op(OpKind.RECV_UNEXPECTED, callback, view)
         with self._lock:
-            self._check_open("msg_recv_unexpected")
+            if self._closed:
+                check_open(True, "msg_recv_unexpected", self)
             self._matcher.post_unexpected(op)
         return op
 
     def msg_recv_expected(self, addr: Addr, buf: Any, tag: int,
                           callback: Callback | None = None) -> Op:
-        check_tag("msg_recv_expected", tag)
-        op = Op(OpKind.RECV_EXPECTED, callback, recv_view(buf, "msg_recv_expected"), addr, tag)
+        if not 0 <= tag <= MAX_TAG:
+            check_tag("msg_recv_expected", tag)
+        view = buf if type(buf) is memoryview and buf.format == "B" and buf.ndim == 1 and \
+            not buf.readonly else recv_view(buf, "msg_recv_expected")
+        op = Op(OpKind.RECV_EXPECTED, callback, view, addr, tag)
         with self._lock:
-            self._check_open("msg_recv_expected")
+            if self._closed:
+                check_open(True, "msg_recv_expected", self)
             self._matcher.post_expected(op)
         return op
 
