@@ -9,16 +9,18 @@ one line, not 1,000), and pauses and resumes the reads of a peer whose replies p
 from __future__ import annotations
 
 import errno
+import logging
 import math
+import socket
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ._conn import EPOLLIN, PAUSE_BACKLOG, Conn
+from ._conn import EPOLLIN, PAUSE_BACKLOG, Conn, Outbox
 from ._limits import CAP, EMFILE, HANDSHAKE, ConnPolicy, Limits
-
-if TYPE_CHECKING:
-    from ._sockets import SocketPlugin
+from ._loop import EventLoop
+from .core import Matcher
+from .types import Addr
 
 # Out of descriptors with none to give back (or out of memory): accepts stop this long
 # instead of spinning on a listener that stays readable.
@@ -27,10 +29,30 @@ STATS = ("closed_handshake_timeout", "closed_idle", "closed_cap", "closed_emfile
          "refused_cap", "reads_paused")
 
 
+class Guarded(Protocol):
+    """What the guard uses of its plugin (``na._sockets.SocketPlugin``)."""
+
+    stats: dict[str, int]
+    log: logging.Logger
+    scheme: str
+    _closed: bool
+    _conns: set[Conn]
+    _listener: socket.socket | None
+    _loop: EventLoop
+    _matcher: Matcher
+    _outbox: Outbox
+
+    def addr_self(self) -> Addr: ...
+    def _new_conn(self, sock: socket.socket, name: str, connecting: bool, *,
+                  accepted: bool = ..., handshaking: bool | None = ...) -> Conn: ...
+    def _conn_failed(self, conn: Conn, cause: str, closing: bool = ...) -> None: ...
+    def _rearm(self, conn: Conn) -> None: ...
+
+
 class ConnGuard:
     """The limits of one plugin's connections; all calls run under the plugin's lock."""
 
-    def __init__(self, plugin: SocketPlugin, limits: Limits,
+    def __init__(self, plugin: Guarded, limits: Limits,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.plugin = plugin
         self.limits = limits
