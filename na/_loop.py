@@ -39,6 +39,7 @@ class EventLoop:
         # ``on_timer(now)`` runs when it fires and returns when it is next due.
         self.on_timer: Callable[[float], float] | None = None
         self.timer = TimerFd()
+        self.closed = False
         self.add(cq.wake_fd, EPOLLIN, self._on_wake)
         self.add(self.timer.fd, EPOLLIN, self._on_timer)
 
@@ -64,6 +65,7 @@ class EventLoop:
             pass
 
     def close(self) -> None:
+        self.closed = True
         self.ep.close()
         self.timer.close()
 
@@ -85,52 +87,60 @@ class EventLoop:
         now = time.monotonic()
         deadline = now + timeout
         spin_end = now + spin
-        while True:
-            if dirty:
-                with lock:
-                    outbox.flush_dirty()
-            if ops or cq.completed != done:
-                return True
-            events = poll(0)
-            if events:
-                dispatch(events)
-                if ops or cq.completed != done or self.woken:
-                    self.woken = False
+        try:
+            while True:
+                if dirty:
+                    with lock:
+                        outbox.flush_dirty()
+                if ops or cq.completed != done:
                     return True
+                events = poll(0)
+                if events:
+                    dispatch(events)
+                    if ops or cq.completed != done or self.woken:
+                        self.woken = False
+                        return True
+                    now = time.monotonic()
+                    if now >= deadline:
+                        # Busy with work that completes nothing here: still bounded. What the
+                        # dispatch queued (an RMA refusal, a chunk served) leaves before we return.
+                        if dirty:
+                            with lock:
+                                outbox.flush_dirty()
+                            return True
+                        return False
+                    spin_end = now + spin
+                    continue
                 now = time.monotonic()
                 if now >= deadline:
-                    # Busy with work that completes nothing here: still bounded. What the
-                    # dispatch queued (an RMA refusal, a chunk served) leaves before we return.
-                    if dirty:
-                        with lock:
-                            outbox.flush_dirty()
-                        return True
                     return False
-                spin_end = now + spin
-                continue
-            now = time.monotonic()
-            if now >= deadline:
-                return False
-            if now < spin_end:
-                os.sched_yield()
-                continue
-            cq.polling += 1  # a count: several threads may sleep here at once
-            try:
-                if ops or dirty or cq.completed != done:
+                if now < spin_end:
+                    os.sched_yield()
                     continue
-                events = poll(deadline - now)
-            finally:
-                cq.polling -= 1
-            if events:
-                dispatch(events)
-                if ops or cq.completed != done or self.woken:
-                    self.woken = False
-                    return True
-                spin_end = time.monotonic() + spin
+                cq.polling += 1  # a count: several threads may sleep here at once
+                try:
+                    if ops or dirty or cq.completed != done:
+                        continue
+                    events = poll(deadline - now)
+                finally:
+                    cq.polling -= 1
+                if events:
+                    dispatch(events)
+                    if ops or cq.completed != done or self.woken:
+                        self.woken = False
+                        return True
+                    spin_end = time.monotonic() + spin
+        except (OSError, ValueError):
+            # Another thread closed the plugin while this one was polling its epoll set
+            # (the periodic timer makes that window more likely): report progress, and the
+            # caller's next call says the plugin is closed.
+            if self.closed:
+                return True
+            raise
 
     def arm(self, at: float) -> None:
         """Run the plugin's timer at ``at`` if that is sooner than it is armed for."""
-        if at < self.timer.at:
+        if at < self.timer.at and not self.closed:
             self.timer.arm(at)
 
     def _on_timer(self, _ev: int) -> None:
@@ -144,6 +154,10 @@ class EventLoop:
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
         handlers, outbox = self.handlers, self.outbox
         with self.lock:
+            if self.closed:
+                # Closed by another thread while this one slept in poll: the events name
+                # descriptors that are closed now (or already reused).
+                return
             outbox.in_pass += 1
             try:
                 for fd, ev in events:

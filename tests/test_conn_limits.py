@@ -234,6 +234,8 @@ def test_a_thousand_half_headers_cost_a_few_kib_each_and_a_good_client_is_served
 @pytest.mark.parametrize("uri", SCHEMES)
 def test_a_stalled_handshake_is_closed_by_the_deadline(uri: str) -> None:
     with ca.Server(uri, handshake_timeout=0.5) as server, ca.GoodClient(server.uri) as good:
+        good.call()
+        before = server.rss_kib()
         greeted = ca.raw_connect(server.uri)
         ca.hello(greeted, uri[:uri.index(":")])
         stalled = ca.open_many(server.uri, 50, first=b"") + ca.open_many(server.uri, 50)
@@ -247,6 +249,7 @@ def test_a_stalled_handshake_is_closed_by_the_deadline(uri: str) -> None:
             with pytest.raises(BlockingIOError):
                 greeted.recv(1)
             good.call()
+            assert _grew(server, before) < 16 * 1024
         finally:
             ca.close_all([*stalled, greeted])
 
@@ -254,6 +257,8 @@ def test_a_stalled_handshake_is_closed_by_the_deadline(uri: str) -> None:
 @pytest.mark.parametrize("uri", SCHEMES)
 def test_an_idle_accepted_connection_is_closed(uri: str) -> None:
     with ca.Server(uri, idle_timeout=1.0) as server, ca.GoodClient(server.uri) as good:
+        good.call()
+        before = server.rss_kib()
         idle = ca.raw_connect(server.uri)
         ca.hello(idle, uri[:uri.index(":")])
         try:
@@ -261,6 +266,7 @@ def test_an_idle_accepted_connection_is_closed(uri: str) -> None:
             stats = good.stats()
             assert stats["closed_idle"] >= 1 and stats["closed_handshake_timeout"] == 0
             good.call()
+            assert _grew(server, before) < 16 * 1024
         finally:
             idle.close()
 
