@@ -42,6 +42,7 @@ setup(
     cffi_modules=["na/ofi/_build.py:ffibuilder"] if _have_libfabric() else [],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "ruff", "numpy"],
-        "bench": ["grpcio", "pyzmq", "msgpack", "Pyro5", "redis", "hiredis"],
+        "bench": ["grpcio", "pyzmq", "msgpack", "Pyro5", "redis", "hiredis", "aio-msgpack-rpc",
+                  "matplotlib"],
     },
 )

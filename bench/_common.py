@@ -31,15 +31,17 @@ def emit(bench: str, plugin: str, op: str, size: int, concurrency: int, value: f
         print(json.dumps(row), flush=True)
     else:
         tail = " ".join(f"{k}={v}" for k, v in extra.items())
-        print(f"{bench:5} {plugin:14} {op:22} {size:>9} x{concurrency:<3} "
+        print(f"{bench:5} {plugin:15} {op:38} {size:>9} x{concurrency:<3} "
               f"{value:>12.3f} {unit:8} {tail}", flush=True)
     return row
 
 
-def summarize(bench: str, keys: tuple[str, ...]) -> None:
+def summarize(bench: str, keys: tuple[str, ...], medians: tuple[str, ...] = ()) -> None:
     """Replace the collected rows by one median row per configuration (``keys`` say which
     fields make a configuration) and print those: rounds interleaved in time, so a burst of
-    noise on a shared machine moves one sample of each, not a whole result."""
+    noise on a shared machine moves one sample of each, not a whole result. The fields named
+    in ``medians`` (CPU per call) take their own median; the others come from the row of
+    median value."""
     global QUIET
     rows, RESULTS[:] = list(RESULTS), []
     QUIET = False
@@ -50,6 +52,9 @@ def summarize(bench: str, keys: tuple[str, ...]) -> None:
         middle = sorted(group, key=lambda r: r["value"])[len(group) // 2]
         extra = {k: middle[k] for k in middle if k not in
                  ("bench", "plugin", "op", "size", "concurrency", "value", "unit")}
+        for k in medians:
+            if k in extra:
+                extra[k] = round(statistics.median(r[k] for r in group), 2)
         emit(bench, middle["plugin"], middle["op"], middle["size"], middle["concurrency"],
              statistics.median(r["value"] for r in group), middle["unit"], rounds=len(group),
              **extra)
@@ -63,14 +68,16 @@ def find(**match: Any) -> dict[str, Any] | None:
 
 
 def ratio(bench: str, name: str, num: dict[str, Any] | None, den: dict[str, Any] | None,
-          target: float, higher_is_better: bool = True, plugin: str | None = None) -> None:
-    """Emit num/den against a target; ``plugin`` names the row (default: num's plugin)."""
+          target: float, higher_is_better: bool = True, plugin: str | None = None,
+          **extra: Any) -> None:
+    """Emit num/den against a target; ``plugin`` names the row (default: num's plugin);
+    ``extra`` fields (which rows were set against each other) are added to it."""
     if num is None or den is None or not den["value"]:
         return
     value = num["value"] / den["value"]
     ok = value >= target if higher_is_better else value <= target
     emit(bench, plugin or num["plugin"], f"ratio:{name}", num["size"], num["concurrency"],
-         value, "x", target=(">=" if higher_is_better else "<=") + str(target), ok=ok)
+         value, "x", target=(">=" if higher_is_better else "<=") + str(target), ok=ok, **extra)
 
 
 def percentiles(samples_ns: list[int]) -> tuple[float, float, float]:
@@ -120,7 +127,19 @@ def child(*args: str, cpu: int | None = None) -> Iterator[tuple[subprocess.Popen
 def pin_from_env() -> None:
     cpu = os.environ.get("BENCH_CPU")
     if cpu is not None:
-        os.sched_setaffinity(0, {int(cpu)})
+        pin_process({int(cpu)})
+
+
+def pin_process(cpus: set[int] | None) -> None:
+    """Pin every thread of this process to ``cpus`` (None: all of them). Every thread, not
+    only the caller: a library's threads started in an earlier measurement (grpcio's) keep
+    the affinity they were born with."""
+    target = cpus if cpus is not None else set(range(os.cpu_count() or 1))
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), target)
+        except (ProcessLookupError, PermissionError):
+            pass  # a thread that exited meanwhile
 
 
 def touched(size: int) -> bytearray:

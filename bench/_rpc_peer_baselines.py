@@ -1,8 +1,10 @@
-"""Far end of the RPC baselines: ``sum(x, y) -> x + y`` served by plain gRPC (sync or asyncio)
-or by a ZeroMQ ROUTER, with no protobuf and no framework of ours in the way, so petasus's RPC
-numbers can be set against what the common off-the-shelf stacks reach on the same machine.
+"""Far end of the RPC baselines: ``sum(x, y) -> x + y`` served by plain gRPC (sync or asyncio),
+a ZeroMQ ROUTER, Pyro5 or aio-msgpack-rpc, with no protobuf and no framework of ours in the
+way, so petasus's RPC numbers can be set against what the common off-the-shelf stacks reach on
+the same machine. Each server runs in the configuration its documentation offers as the fast
+one (see each function).
 
-    python _rpc_peer_baselines.py grpc-sync|grpc-aio|grpc-bytes|zmq
+    python _rpc_peer_baselines.py grpc-sync|grpc-aio|grpc-bytes|zmq|pyro5|aio-msgpack-rpc
 
 First stdout line: ``127.0.0.1:PORT``. Serves until stdin reaches EOF, then exits.
 """
@@ -76,8 +78,8 @@ def grpc_sync() -> None:
     def add(request: tuple[int, int], _context: Any) -> int:
         return request[0] + request[1]
 
-    # More workers than the 16 calls the client keeps in flight, so none of them queues.
-    server = grpc.server(ThreadPoolExecutor(max_workers=32))
+    # More workers than the 32 calls the client keeps in flight at most, so none of them queues.
+    server = grpc.server(ThreadPoolExecutor(max_workers=64))
     server.add_generic_rpc_handlers((sum_handler(add),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -112,16 +114,75 @@ def zmq_router() -> None:
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     print(f"127.0.0.1:{port}", flush=True)
     stop = stdin_closed()
+    pack, unpack = msgpack.packb, msgpack.unpackb
     while not stop.is_set():
         try:
-            frames = sock.recv_multipart(copy=False)
+            # Copying receives: pyzmq's zero-copy frames only pay off above ~10 KB.
+            frames = sock.recv_multipart()
         except zmq.Again:
             continue
-        # frames: [identity, b"", payload]; reply on the same envelope.
-        x, y = msgpack.unpackb(frames[-1].bytes)
-        sock.send_multipart([*frames[:-1], msgpack.packb(x + y)], copy=False)
+        # frames: [identity, payload] (or [identity, b"", payload] from a REQ): the reply
+        # goes back on the same envelope.
+        x, y = unpack(frames[-1])
+        frames[-1] = pack(x + y)
+        sock.send_multipart(frames)
     sock.close()
     ctx.term()
+
+
+PYRO_OBJECT = "bench.sum"
+
+
+def pyro_configure() -> None:
+    """Pyro5's fast settings, for both ends: marshal (its fastest serializer, and enough for
+    two ints) and TCP_NODELAY (off by default: Nagle would hold every small reply back)."""
+    import Pyro5.api
+
+    Pyro5.api.config.SERIALIZER = "marshal"
+    Pyro5.api.config.SOCK_NODELAY = True
+
+
+def pyro5() -> None:
+    """A thread-pool daemon (Pyro5's default server type: one thread per connection, which
+    the client's 1 to 32 proxies need to be served side by side). The "multiplex" type (one
+    thread, select) measured the same within noise on this VM: the client's threads are what
+    limits Pyro5 here."""
+    import Pyro5.api
+
+    pyro_configure()
+
+    @Pyro5.api.expose
+    class Sum:
+        def sum(self, x: int, y: int) -> int:
+            return x + y
+
+    daemon = Pyro5.api.Daemon(host="127.0.0.1", port=0)
+    daemon.register(Sum(), PYRO_OBJECT)
+    host, port = daemon.locationStr.rsplit(":", 1)
+    print(f"{host}:{port}", flush=True)
+    stop = stdin_closed()
+    threading.Thread(target=lambda: (stop.wait(), daemon.shutdown()), daemon=True).start()
+    daemon.requestLoop()
+    daemon.close()
+
+
+async def aio_msgpack_rpc() -> None:
+    """The package's documented server: asyncio.start_server over its Server; a plain
+    (not async) handler, which it calls without awaiting anything."""
+    import aio_msgpack_rpc as amr
+
+    class Sum:
+        def sum(self, x: int, y: int) -> int:
+            return x + y
+
+    server = await asyncio.start_server(amr.Server(Sum()), host="127.0.0.1", port=0)
+    port = server.sockets[0].getsockname()[1]
+    print(f"127.0.0.1:{port}", flush=True)
+    reader = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    await reader.read()  # until EOF
+    server.close()
 
 
 if __name__ == "__main__":
@@ -135,5 +196,10 @@ if __name__ == "__main__":
         zmq_router()
     elif kind == "grpc-bytes":
         grpc_bytes()
+    elif kind == "pyro5":
+        pyro5()
+    elif kind == "aio-msgpack-rpc":
+        asyncio.run(aio_msgpack_rpc())
     else:
-        raise SystemExit(f"unknown kind {kind!r}: grpc-sync, grpc-aio, grpc-bytes or zmq")
+        raise SystemExit(f"unknown kind {kind!r}: grpc-sync, grpc-aio, grpc-bytes, zmq, "
+                         "pyro5 or aio-msgpack-rpc")

@@ -1,7 +1,7 @@
 """Bulk benchmark: pull and push bandwidth per plugin beside the raw limits and grpcio, the
 eager/RMA crossover, and an RPC whose argument overflows into bulk.
 
-    python bench/bulk.py [--json] [--quick]
+    python bench/bulk.py [--json] [--quick] [--plot DIR]
 
 "pull" copies from the peer's registered region into ours, "push" the other way; 1 and 16
 transfers in flight. The raw limits (busy-polled socket stream, process_vm_readv, memcpy) and
@@ -9,15 +9,18 @@ grpcio moving the same bytes as one unary response are measured in the same run.
 time one RPC that carries a handle to S bytes, which the server pulls into memory it already
 owns: "eager" carries the bytes inside the handle, "rma" sends the keys and the server pulls.
 Every figure is the median of ROUNDS interleaved rounds; the ratios against the targets and the
-crossover come last.
+crossover come last. ``--plot DIR`` draws bandwidth against size (``bulk-bandwidth.png``, petasus
+beside the raw limits and grpcio) and keeps the rows it was drawn from (``bulk.jsonl``).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import struct
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import _common
@@ -29,8 +32,6 @@ from _rpc_peer_baselines import GRPC_LARGE
 
 from petasus import bulk, hg
 
-QUICK = "--quick" in sys.argv
-ROUNDS = 1 if QUICK else 3
 SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
 EAGER_SIZES = [1 << 10, 2 << 10, 4 << 10, 8 << 10, 16 << 10, 32 << 10, 48 << 10, 60 << 10,
                128 << 10, 256 << 10, 1 << 20]
@@ -128,12 +129,21 @@ KEYS = ("plugin", "op", "size", "concurrency")
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="one JSON record per line")
+    parser.add_argument("--quick", action="store_true", help="one round instead of three")
+    parser.add_argument("--plot", type=Path, metavar="DIR", help="write a PNG plot there")
+    opts = parser.parse_args()
+    _common.JSON = opts.json
+    rounds = 1 if opts.quick else 3
     _common.QUIET = True
     unpinned()
-    for _round in range(ROUNDS):
+    for _round in range(rounds):
         raw_memcpy(B)
-        raw_pvm(B, SIZES[2:4])
-        raw_stream(B, SIZES[2:4])
+        # From 64 KiB up, so that the picture has a limit beside each of petasus's points
+        # but the smallest (the ratios use 1 and 16 MiB).
+        raw_pvm(B, SIZES[1:4])
+        raw_stream(B, SIZES[1:])
         bench_grpc()
         for name, uri in PLUGINS.items():
             bench_transfers(name, uri)
@@ -165,6 +175,11 @@ def main() -> None:
             limit = bulk.eager_limit(engine.na)
         emit(B, n, "eager-crossover", max(below, default=0), 1, max(below, default=0), "bytes",
              default_limit=limit)
+    if opts.plot:
+        import _plot
+
+        for path in _plot.bulk(_common.RESULTS, opts.plot, f"{rounds} round(s), median"):
+            print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

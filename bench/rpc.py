@@ -1,120 +1,250 @@
-"""RPC benchmark: petasus sum(x, y) beside grpcio and pyzmq, in one run.
+"""RPC benchmark: petasus sum(x, y) beside pyzmq, grpcio, Pyro5 and aio-msgpack-rpc, in one run.
 
-    python bench/rpc.py [--json] [--quick]
+    python bench/rpc.py [--json] [--quick] [--pin same|split] [--plot DIR]
 
-petasus runs over tcp and sm, 1 and 16 calls in flight, with the blocking and the asyncio API,
-progress spin on (200 us) and off (0: always block). The peers: grpcio sync and asyncio
-(generic bytes handler, no codegen) and pyzmq (DEALER/ROUTER with msgpack). Every configuration
-is measured in each of ROUNDS interleaved rounds and reported as its median, so a burst of
-noise on this shared 2-core VM cannot decide a ratio. The ratios against the targets come last.
+Every system is measured with the same drivers (``_drive``) at 1 to 32 calls in flight, both
+as a sliding window (a new call sent as each returns) and as bursts (N sent, N awaited), each
+driven the fastest way its API offers (``_rpc_baselines`` says how for the peers). petasus runs
+over tcp and sm with the blocking API (``remote.sum()`` at one in flight; beyond that both
+``forward`` with a completion callback that sends the next call, and handles from
+``remote.sum.future()`` waited on oldest first) and with the asyncio API (N tasks awaiting
+``remote.sum.async_()``, or N of them gathered); spin 200 us, and spin 0 (always block) at 1
+and 16 in flight; ofi+tcp and ofi+shm at 1 and 16. Records carry ``api``, ``client``,
+``pattern``, ``placement`` and the CPU microseconds per call of the client and of the server
+process (all threads).
+
+Placement: by default every configuration runs unpinned, and petasus tcp and pyzmq at one in
+flight run again with both ends pinned to one CPU (``placement="same"``); ``--pin same`` (or
+``split``: client on CPU 0, server on CPU 1) runs every configuration that way instead.
+
+Each configuration is measured in each of ROUNDS interleaved rounds and reported as its
+median, so a burst of noise on this shared 2-core VM cannot decide a ratio. The ratios come
+last: per in-flight count, petasus tcp's best row against the best row of the best peer.
+``--plot DIR`` writes the rate and CPU pictures (``rpc-rate.png``, ``rpc-cpu.png``) and the
+rows they were drawn from (``rpc.jsonl``).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import _common
-import _rpc_baselines as peers
-from _common import child, find, ratio, summarize
+from _common import child, pin_process, ratio, summarize
+from _drive import (
+    Sample,
+    aburst,
+    ameasure,
+    args,
+    awindow,
+    burst,
+    check,
+    measure,
+    serial,
+    window,
+)
+from _rpc_baselines import WARMUP, Point, baselines, report
 from _rpc_peer import sum as sum_rpc
+from _rpc_petasus import callback_burst, callback_window
 
 from petasus import hg
 
-QUICK = "--quick" in sys.argv
-ROUNDS = 1 if QUICK else 5
-CALLS = 2000 if QUICK else 6000
 B = "rpc"
+SWEEP = (1, 2, 4, 8, 16, 32)
+PEERS = ("pyzmq", "grpcio", "Pyro5", "aio-msgpack-rpc")
+# Where each end runs: (client CPUs, server CPU); None is wherever the kernel puts it.
+PLACEMENTS: dict[str, tuple[set[int] | None, int | None]] = {
+    "default": (None, None), "same": ({0}, 0), "split": ({0}, 1)}
+KEYS = ("plugin", "op", "size", "concurrency", "api", "client", "pattern", "placement",
+        "spin_us", "server")
 
 
-def pin(placement: str) -> int | None:
-    if placement == "pinned":
-        os.sched_setaffinity(0, {0})
-        return 0
-    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-    return None
+def points(concs: tuple[int, ...]) -> list[Point]:
+    """Window at every count, burst above one (at one in flight they are the same loop)."""
+    return [("window", c) for c in concs] + [("burst", c) for c in concs if c > 1]
 
 
-def bench_petasus(name: str, uri: str, spin_us: int, api: str, placement: str) -> None:
-    cpu = pin(placement)
-    with child("_rpc_peer.py", uri, str(spin_us), cpu=cpu) as (_proc, address), \
+# -- petasus ---------------------------------------------------------------------------------
+def bench_petasus(name: str, uri: str, spin_us: int, api: str, plan: list[Point],
+                  seconds: float, placement: str, cpu: int | None) -> None:
+    extra = {"spin_us": spin_us}
+    with child("_rpc_peer.py", uri, str(spin_us), cpu=cpu) as (proc, address), \
             hg.Engine(uri, spin_us=spin_us) as engine:
         engine.declare(sum_rpc)
-        remote = engine.lookup(address)
-        for conc in (1, 16):
-            if api == "sync":
-                if conc == 1:
-                    def step(i: int) -> None:
-                        peers.check(remote.sum(i % 1_000_000, 1), i % 1_000_000, 1)
-                else:
-                    def step(i: int) -> None:
-                        handles = [remote.sum.future(i % 1_000_000, k) for k in range(16)]
-                        for k, handle in enumerate(handles):
-                            peers.check(engine.wait(handle), i % 1_000_000, k)
-                samples, elapsed = peers.drive(step, conc, CALLS)
-            else:
-                samples, elapsed = asyncio.run(async_drive(remote, conc))
-            peers.report(name, api, placement, conc, samples, elapsed)
-            _common.RESULTS[-1]["spin_us"] = spin_us
+        method = engine.lookup(address).sum
+        pid = proc.pid
+        if api == "asyncio":
+            asyncio.run(petasus_async(name, method, plan, seconds, placement, pid, extra))
+            return
+
+        def one(i: int) -> None:
+            check(method(*args(i)), i)
+
+        def wait(handle: hg.Handle, i: int) -> None:
+            check(engine.wait(handle), i)
+
+        def send(i: int) -> hg.Handle:
+            return method.future(*args(i))
+
+        serial(one, WARMUP)
+        for pattern, conc in plan:
+            if conc == 1:
+                sample = measure(pid, lambda: serial(one, seconds))
+                report(name, "blocking", "remote.sum()", pattern, 1, placement, sample, **extra)
+                continue
+            drive: Callable[..., list[int]] = callback_window if pattern == "window" else \
+                callback_burst
+            sample = measure(pid, lambda d=drive, c=conc: d(engine, method, c, seconds))
+            report(name, "blocking", "forward + callback", pattern, conc, placement, sample,
+                   **extra)
+            ordered = window if pattern == "window" else burst
+            sample = measure(pid, lambda d=ordered, c=conc: d(send, wait, c, seconds))
+            report(name, "blocking", "future(), oldest first", pattern, conc, placement,
+                   sample, **extra)
 
 
-async def async_drive(remote: Any, conc: int) -> tuple[list[int], float]:
-    async def step(i: int) -> None:
-        calls = [remote.sum.async_(i % 1_000_000, k) for k in range(conc)]
-        for k, got in enumerate(await asyncio.gather(*calls)):
-            peers.check(got, i % 1_000_000, k)
-    return await peers.adrive(step, conc, CALLS)
+async def petasus_async(name: str, method: hg.RemoteMethod, plan: list[Point], seconds: float,
+                        placement: str, pid: int, extra: dict[str, Any]) -> None:
+    async def call(i: int) -> None:
+        check(await method.async_(*args(i)), i)
+
+    await awindow(call, 1, WARMUP)
+    for pattern, conc in plan:
+        if pattern == "window" or conc == 1:
+            sample: Sample = await ameasure(pid, lambda c=conc: awindow(call, c, seconds))
+            client = "await async_()" if conc == 1 else "N tasks awaiting async_()"
+        else:
+            sample = await ameasure(pid, lambda c=conc: aburst(call, c, seconds))
+            client = "gather(N async_())"
+        report(name, "asyncio", client, pattern, conc, placement, sample, **extra)
 
 
-CONFIGS: list[tuple[str, Any]] = []
-for _placement in ("default", "pinned"):
-    for _name, _uri in (("tcp", "tcp://127.0.0.1:0"), ("sm", "sm://")):
-        for _spin in (200, 0):
-            for _api in ("sync", "asyncio"):
-                if _placement == "pinned" and (_api == "asyncio" or _name == "sm"):
-                    continue
-                CONFIGS.append((f"petasus {_name} {_api} spin={_spin} {_placement}",
-                                lambda n=_name, u=_uri, s=_spin, a=_api, p=_placement:
-                                bench_petasus(n, u, s, a, p)))
-    CONFIGS.append((f"grpcio sync {_placement}",
-                    lambda p=_placement: peers.bench_grpc_sync(CALLS // 4, p, pin(p))))
-    CONFIGS.append((f"pyzmq {_placement}",
-                    lambda p=_placement: peers.bench_zmq(CALLS, p, pin(p))))
-for _name, _uri in (("ofi-tcp", "ofi+tcp://127.0.0.1:0"), ("ofi-shm", "ofi+shm://")):
-    for _api in ("sync", "asyncio"):
-        CONFIGS.append((f"petasus {_name} {_api} spin=200 default",
-                        lambda n=_name, u=_uri, a=_api: bench_petasus(n, u, 200, a, "default")))
-CONFIGS.append(("grpcio asyncio default",
-                lambda: peers.bench_grpc_aio(CALLS // 4, "default", pin("default"))))
+# -- the plan ---------------------------------------------------------------------------------
+def configs(quick: bool, pin: str | None) -> list[tuple[str, Callable[[float], None]]]:
+    """(label, run(seconds)) for one round, placements applied by ``run`` itself."""
+    sweep = SWEEP
+    short = (1, 16)
+    out: list[tuple[str, Callable[[float], None]]] = []
 
-KEYS = ("plugin", "op", "size", "concurrency", "api", "placement", "spin_us")
+    def placed(placement: str, fn: Callable[[float, str, int | None], None]
+               ) -> Callable[[float], None]:
+        client_cpus, server_cpu = PLACEMENTS[placement]
+
+        def run(seconds: float) -> None:
+            pin_process(client_cpus)
+            try:
+                fn(seconds, placement, server_cpu)
+            finally:
+                pin_process(None)
+        return run
+
+    def petasus(name: str, uri: str, spin: int, api: str, plan: list[Point],
+                placement: str) -> None:
+        out.append((f"petasus {name} {api} spin={spin} {placement}", placed(
+            placement, lambda s, p, c: bench_petasus(name, uri, spin, api, plan, s, p, c))))
+
+    main = pin or "default"
+    for api in ("blocking", "asyncio"):
+        petasus("tcp", "tcp://127.0.0.1:0", 200, api, points(sweep), main)
+        petasus("sm", "sm://", 200, api, points(short if quick else sweep), main)
+        if not quick:
+            petasus("tcp", "tcp://127.0.0.1:0", 0, api, points(short), main)
+        for name, uri in (("ofi-tcp", "ofi+tcp://127.0.0.1:0"), ("ofi-shm", "ofi+shm://")):
+            petasus(name, uri, 200, api, [("window", 1), ("window", 16)] if quick else
+                    points(short), main)
+    theirs = [(f"{peer} {main}", placed(main, lambda s, p, c, b=bench: b(points(sweep), s, p, c)))
+              for peer, bench in baselines(every_server=not quick).items()]
+    if pin is None:
+        # Both ends on one CPU: a spinning client must not starve its co-located server.
+        for api in ("blocking", "asyncio"):
+            petasus("tcp", "tcp://127.0.0.1:0", 200, api, [("window", 1)], "same")
+        theirs.append(("pyzmq same", placed(
+            "same", lambda s, p, c: baselines(False)["pyzmq"]([("window", 1)], s, p, c))))
+    # Ours and theirs alternate, so that a slow stretch of the shared machine falls on both.
+    mixed = []
+    for k in range(max(len(out), len(theirs))):
+        mixed.extend(out[k:k + 1] + theirs[k:k + 1])
+    return mixed
+
+
+# -- the verdict ------------------------------------------------------------------------------
+def best(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    """The fastest row that matches (any api, client and pattern unless ``match`` says)."""
+    hits = [r for r in rows if not r["op"].startswith("ratio") and
+            all(r.get(k) == v for k, v in match.items())]
+    return max(hits, key=lambda r: r["value"]) if hits else None
+
+
+def describe(row: dict[str, Any]) -> str:
+    return f"{row['plugin']} {row['api']} {row['pattern']} ({row['client']})"
+
+
+def verdict(placements: list[str]) -> None:
+    rows = list(_common.RESULTS)
+    for placement in placements:
+        for conc in SWEEP:
+            mine = best(rows, plugin="tcp", concurrency=conc, placement=placement)
+            if mine is None:
+                continue
+            peers = [p for p in (best(rows, plugin=name, concurrency=conc, placement=placement)
+                                 for name in PEERS) if p is not None]
+            top = max(peers, key=lambda r: r["value"]) if peers else None
+            if top is not None:
+                ratio(B, f"tcp-best-vs-best-peer[{placement}]", mine, top, 1.0,
+                      mine=describe(mine), peer=describe(top))
+            # The targets of the issues: 10x grpcio, 4x pyzmq at one call in flight, 1.5x at 16.
+            grpc_best = best(rows, plugin="grpcio", concurrency=conc, placement=placement)
+            zmq_best = best(rows, plugin="pyzmq", concurrency=conc, placement=placement)
+            if conc in (1, 16):
+                ratio(B, f"tcp-vs-best-grpcio[{placement}]", mine, grpc_best, 10.0,
+                      mine=describe(mine), peer=describe(grpc_best) if grpc_best else None)
+                ratio(B, f"tcp-vs-pyzmq[{placement}]", mine, zmq_best, 4.0 if conc == 1 else 1.5,
+                      mine=describe(mine), peer=describe(zmq_best) if zmq_best else None)
+            # Issue 13: the asyncio API at the blocking API's speed.
+            aio = best(rows, plugin="tcp", api="asyncio", concurrency=conc, placement=placement,
+                       spin_us=200)
+            blk = best(rows, plugin="tcp", api="blocking", concurrency=conc,
+                       placement=placement, spin_us=200)
+            ratio(B, f"tcp-asyncio-vs-blocking[{placement}]", aio, blk, 1.0,
+                  mine=describe(aio) if aio else None, peer=describe(blk) if blk else None)
+    for conc in (1, 16):
+        # Issue 5: small-RPC rate over ofi+tcp at least the tcp plugin's.
+        ofi = best(rows, plugin="ofi-tcp", api="blocking", concurrency=conc,
+                   placement="default")
+        tcp = best(rows, plugin="tcp", api="blocking", concurrency=conc, spin_us=200,
+                   placement="default")
+        if ofi is not None and tcp is not None:
+            ratio(B, "ofi-tcp-vs-tcp", ofi, tcp, 1.0, mine=describe(ofi), peer=describe(tcp))
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="one JSON record per line")
+    parser.add_argument("--quick", action="store_true", help="one short round (~40 s)")
+    parser.add_argument("--pin", choices=("same", "split"),
+                        help="run every configuration with this placement")
+    parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG plots there")
+    opts = parser.parse_args()
+    _common.JSON = opts.json
+    rounds, seconds = (1, 0.15) if opts.quick else (3, 0.3)
+    plan = configs(opts.quick, opts.pin)
     _common.QUIET = True
-    for _round in range(ROUNDS):
-        for _label, run in CONFIGS:
-            run()
-    pin("default")
-    summarize(B, KEYS)
-    for placement in ("default", "pinned"):
-        for conc, vs_grpc, vs_zmq in ((1, 10.0, 4.0), (16, 10.0, 1.5)):
-            mine = find(bench=B, plugin="tcp", api="sync", concurrency=conc, spin_us=200,
-                        placement=placement)
-            grpcs = [r for r in _common.RESULTS if r["plugin"] == "grpcio" and
-                     r["concurrency"] == conc and r["placement"] == placement]
-            best_grpc = max(grpcs, key=lambda r: r["value"]) if grpcs else None
-            ratio(B, f"tcp-vs-best-grpcio[{placement}]", mine, best_grpc, vs_grpc)
-            ratio(B, f"tcp-vs-pyzmq[{placement}]", mine,
-                  find(bench=B, plugin="pyzmq", concurrency=conc, placement=placement), vs_zmq)
-    for conc in (1, 16):
-        # Issue 5: small-RPC rate over ofi+tcp at least the tcp plugin's.
-        ratio(B, "ofi-tcp-vs-tcp", find(bench=B, plugin="ofi-tcp", api="sync", concurrency=conc,
-                                       spin_us=200, placement="default"),
-              find(bench=B, plugin="tcp", api="sync", concurrency=conc, spin_us=200,
-                   placement="default"), 1.0)
+    for n in range(rounds):
+        # Every other round backwards: what drifts over a round does not favour one end of it.
+        for _label, run in plan if n % 2 == 0 else reversed(plan):
+            run(seconds)
+    summarize(B, KEYS, medians=("cpu_us_client", "cpu_us_server", "p50_us", "p99_us"))
+    verdict([opts.pin] if opts.pin else ["default", "same"])
+    if opts.plot:
+        import _plot
+
+        note = f"{rounds} round(s), {seconds:g} s per point, median"
+        for path in _plot.rpc(_common.RESULTS, opts.plot, note):
+            print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -98,4 +98,7 @@ class RemoteMethod:
             args, None, timeout or engine.timeout, arm=False)
 
     def async_(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        return self.engine.acall(self.addr, self.rpc, self.decl.bind(args, kwargs), timeout)
+        decl = self.decl
+        if kwargs or len(args) != decl.nparams:
+            args = decl.bind(args, kwargs)
+        return self.engine.acall(self.addr, self.rpc, args, timeout)

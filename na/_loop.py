@@ -87,56 +87,48 @@ class EventLoop:
         now = time.monotonic()
         deadline = now + timeout
         spin_end = now + spin
-        try:
-            while True:
-                if dirty:
-                    with lock:
-                        outbox.flush_dirty()
-                if ops or cq.completed != done:
+        while True:
+            if dirty:
+                with lock:
+                    outbox.flush_dirty()
+            if ops or cq.completed != done:
+                return True
+            events = poll(0)
+            if events:
+                dispatch(events)
+                if ops or cq.completed != done or self.woken:
+                    self.woken = False
                     return True
-                events = poll(0)
-                if events:
-                    dispatch(events)
-                    if ops or cq.completed != done or self.woken:
-                        self.woken = False
-                        return True
-                    now = time.monotonic()
-                    if now >= deadline:
-                        # Busy with work that completes nothing here: still bounded. What the
-                        # dispatch queued (an RMA refusal, a chunk served) leaves before we return.
-                        if dirty:
-                            with lock:
-                                outbox.flush_dirty()
-                            return True
-                        return False
-                    spin_end = now + spin
-                    continue
                 now = time.monotonic()
                 if now >= deadline:
-                    return False
-                if now < spin_end:
-                    os.sched_yield()
-                    continue
-                cq.polling += 1  # a count: several threads may sleep here at once
-                try:
-                    if ops or dirty or cq.completed != done:
-                        continue
-                    events = poll(deadline - now)
-                finally:
-                    cq.polling -= 1
-                if events:
-                    dispatch(events)
-                    if ops or cq.completed != done or self.woken:
-                        self.woken = False
+                    # Busy with work that completes nothing here: still bounded. What the
+                    # dispatch queued (an RMA refusal, a chunk served) leaves before we return.
+                    if dirty:
+                        with lock:
+                            outbox.flush_dirty()
                         return True
-                    spin_end = time.monotonic() + spin
-        except (OSError, ValueError):
-            # Another thread closed the plugin while this one was polling its epoll set
-            # (the periodic timer makes that window more likely): report progress, and the
-            # caller's next call says the plugin is closed.
-            if self.closed:
-                return True
-            raise
+                    return False
+                spin_end = now + spin
+                continue
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if now < spin_end:
+                os.sched_yield()
+                continue
+            cq.polling += 1  # a count: several threads may sleep here at once
+            try:
+                if ops or dirty or cq.completed != done:
+                    continue
+                events = poll(deadline - now)
+            finally:
+                cq.polling -= 1
+            if events:
+                dispatch(events)
+                if ops or cq.completed != done or self.woken:
+                    self.woken = False
+                    return True
+                spin_end = time.monotonic() + spin
 
     def arm(self, at: float) -> None:
         """Run the plugin's timer at ``at`` if that is sooner than it is armed for."""

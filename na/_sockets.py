@@ -45,13 +45,9 @@ RMA_CHUNK = 8 * 1024 * 1024  # per-frame data; keeps a stream fair between messa
 
 
 class SocketPlugin(PluginCore):
-    """The NA plugin over a stream ``Transport``.
-
-    Connection limits (``na._limits``): ``handshake_timeout`` (s), ``idle_timeout`` (s, accepted
-    connections), ``max_connections`` (0: from RLIMIT_NOFILE) and ``max_queued_bytes`` (per
-    accepted peer, before its requests stop being read); None disables a timeout.
-    ``max_queued_peer`` is one peer's share of the ``max_queued`` unmatched messages.
-    """
+    """The NA plugin over a stream ``Transport``. Its connection limits (``handshake_timeout``,
+    ``idle_timeout``, ``max_connections``, ``max_queued_bytes``, ``max_queued_peer``) are
+    ``na._limits``'s, tabled in docs/architecture.md."""
 
     log = logging.getLogger("petasus.na")
 
@@ -288,7 +284,14 @@ class SocketPlugin(PluginCore):
         """Move bytes for up to ``timeout`` seconds (see ``EventLoop.progress``)."""
         if self._closed:
             self._check_open("progress")
-        return self._loop.progress(timeout)
+        try:
+            return self._loop.progress(timeout)
+        except (OSError, ValueError):
+            # Closed by another thread under our poll: the caller's error is "closed", not
+            # the dead descriptor it met.
+            if self._closed:
+                self._check_open("progress")
+            raise
 
     # -- connections ----------------------------------------------------------------------------
     def _new_conn(self, sock: socket.socket, name: str, connecting: bool, *,

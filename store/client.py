@@ -270,7 +270,8 @@ class DistributedStore(Store):
             if not valid:
                 break
             started = time.monotonic()
-            locs = self._call(self.master.locate, [keys[i] for i in valid], self.preferred)
+            locs = p.unpack_locations(self._call(self.master.locate, [keys[i] for i in valid],
+                                                 self.preferred), len(valid))
             again = []
             pending: list[tuple[int, p.Location, memoryview, Any]] = []
             for i, loc in zip(valid, locs):
@@ -307,6 +308,7 @@ class DistributedStore(Store):
         transfers: list[tuple[int, bulk.Transfer]] = []
         handles: list[bulk.Bulk] = []
         disk: list[tuple[int, p.Location, memoryview]] = []
+        dsts = {i: dst for i, _, dst, _ in pending}
         try:
             for i, loc, dst, _ in pending:
                 if not loc.replicas:
@@ -335,8 +337,10 @@ class DistributedStore(Store):
                         results[i] = _Retry()
                     continue
                 for i, value in zip(idx, values):
-                    dst = next(d for j, _, d, _ in pending if j == i)
-                    dst[: len(value)] = value
+                    if isinstance(results[i], bytearray) and len(value) == len(results[i]):
+                        results[i] = value  # a get: the answer's bytes are the value, no copy
+                    else:
+                        dsts[i][: len(value)] = value
                 self.c["inline"] += len(idx)
             for i, t in transfers:
                 try:
@@ -388,7 +392,7 @@ class DistributedStore(Store):
     def size(self, key: str) -> int:
         self._check_open()
         validate_key(key, self.max_key_bytes)
-        loc = self._call(self.master.locate, [key], self.preferred)[0]
+        loc = p.unpack_locations(self._call(self.master.locate, [key], self.preferred), 1)[0]
         p.raise_status(loc.code, loc.message, key, "dram")
         return int(loc.size)
 

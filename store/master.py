@@ -144,22 +144,33 @@ class MasterService:
         with self.lock:
             self.state.put_abort(tokens)
 
-    def _locate(self, keys: list[str], preferred: str) -> list[p.Location]:
-        out = []
+    def _locate(self, keys: list[str], preferred: str) -> Any:
+        locs: list[list[Any]] = []
+        index: dict[int, int] = {}  # node id -> its place in ``nodes``
+        nodes: list[tuple[int, str, bytes]] = []
         now = self.clock()
+        lease_ms = int(self.state.lease_ttl * 1000)
         with self.lock:
             for key in keys:
                 try:
                     obj = self.state.locate(key, preferred, now)
                 except StoreError as exc:
-                    out.append(p.Location(p.code_of(exc), str(exc), 0, 0, 0, [], []))
+                    locs.append([p.code_of(exc), str(exc), 0, 0, 0, [], []])
                     continue
-                replicas = [p.Replica(c.node.node_id, c.node.uri, c.node.segment,
-                                      c.node.runs(c.alloc, obj.size)) for c in obj.copies]
-                disk = [n.uri for n in obj.disk] if not replicas else []
-                out.append(p.Location(p.OK, "", obj.size, obj.gen,
-                                      int(self.state.lease_ttl * 1000), replicas, disk))
-        return out
+                reps = []
+                for c in obj.copies:
+                    node = c.node
+                    at = index.get(node.node_id)
+                    if at is None:
+                        at = index[node.node_id] = len(nodes)
+                        nodes.append((node.node_id, node.uri, node.segment))
+                    rep = [at]
+                    for off, length in node.runs(c.alloc, obj.size):
+                        rep += (off, length)
+                    reps.append(rep)
+                disk = [n.uri for n in obj.disk] if not reps else []
+                locs.append([p.OK, "", obj.size, obj.gen, lease_ms, reps, disk])
+        return p.pack_locations(nodes, locs)
 
     def _remove(self, keys: list[str]) -> list[p.Status]:
         out = []

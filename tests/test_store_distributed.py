@@ -48,7 +48,7 @@ def free_port() -> int:
 
 def locate(kv: DistributedStore, keys: list[str]) -> list[p.Location]:
     """The master's answer for ``keys``: their DRAM replicas and the disk copy's node."""
-    return list(kv.master.locate.call(keys, "", timeout=DEADLINE))
+    return p.unpack_locations(kv.master.locate.call(keys, "", timeout=DEADLINE), len(keys))
 
 
 def node_of(cluster: Cluster) -> dict[int, str]:

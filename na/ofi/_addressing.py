@@ -108,6 +108,7 @@ class Addressing:
                 addr.fabric_addr = self._insert(name, uri)
                 if addr.fabric_addr is None:
                     addr.dead = "could not connect: the provider cannot resolve the address"
+                self._names[addr] = name
             self._by_name[name] = addr
         return addr
 

@@ -37,12 +37,17 @@ SHM_TICK_US = 1000
 # for it (the pool ignores bits 0-35 and so never takes those); bits 44-59: a per-instance salt
 # that keeps two initiators' RMA ids apart at a common target.
 _UNEXP, _EXP, _PROBE, _GET_REQ, _PUT_REQ, _RMA_ACK, _RMA_NAK = (k << 32 for k in range(1, 8))
+# The handshake's kinds (see _handshake), above every other so that one comparison sends them
+# off the per-message path.
+_HELLO, _CHALLENGE, _RESPONSE, _WELCOME, _REFUSE = (k << 32 for k in range(8, 13))
+SHAKE_KINDS = {"HELLO": _HELLO, "CHALLENGE": _CHALLENGE, "RESPONSE": _RESPONSE,
+               "WELCOME": _WELCOME, "REFUSE": _REFUSE}
 _KIND_MASK = 0xF << 32
 _POOL_IGNORE = (1 << 36) - 1
 _GET_DATA, _PUT_DATA = 1 << 40, 1 << 41
 _RMA_DESC = struct.Struct("<QQQ")  # key, offset, length
 _IGNORE_ALL = 0xFFFFFFFFFFFFFFFF
-_RX, _SEND, _RMA, _PROBE_REQ, _SERVE, _PUT_SINK = 0, 1, 2, 3, 4, 5
+_RX, _SEND, _RMA, _PROBE_REQ, _SERVE, _PUT_SINK, _SHAKE = 0, 1, 2, 3, 4, 5, 6
 _BASE = struct.Struct("<Q")  # a handle's tail: the registration's base address (native mode)
 _DEFAULT_HOST = {"tcp": "127.0.0.1", "sockets": "127.0.0.1"}
 

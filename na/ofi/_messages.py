@@ -10,6 +10,7 @@ from ..types import Addr, Op
 from ._common import (
     _EXP,
     _GET_REQ,
+    _HELLO,
     _IGNORE_ALL,
     _KIND_MASK,
     _POOL_IGNORE,
@@ -20,6 +21,7 @@ from ._common import (
     _RMA_NAK,
     _RX,
     _SEND,
+    _SHAKE,
     _UNEXP,
     _Req,
     _rma_salt,
@@ -33,7 +35,6 @@ class Messages:
 
     def _send(self, op: Op, view: memoryview | bytes, expected: bool) -> None:
         addr = op.addr
-        data = self._hdr + view  # one staging copy: sender name + payload in one send
         with self._lock:
             self._check_open(op.kind.name.lower())
             if addr.dead or addr.fabric_addr is None:
@@ -42,15 +43,23 @@ class Messages:
                 return
             self.stats["msgs_sent"] += 1
             self.stats["bytes_sent"] += len(view)
-            self._start(self._send_req(_SEND, op, addr, data, (_EXP if expected else _UNEXP)
-                                       | op.tag))
+            tag = (_EXP if expected else _UNEXP) | op.tag
+            if addr not in self._ready:
+                self._hold(op, lambda: self._start(self._send_req(_SEND, op, addr, view, tag)))
+                return
+            self._start(self._send_req(_SEND, op, addr, view, tag))
 
-    def _send_req(self, kind: int, op: Op | None, addr: Addr, data: bytes, tag: int,
-                  owner: Op | None = None) -> _Req:
+    def _send_req(self, kind: int, op: Op | None, addr: Addr, body: memoryview | bytes,
+                  tag: int, owner: Op | None = None) -> _Req:
+        # One staging copy: header + payload in one send. The header is the session token the
+        # peer gave us (a handshake's is our name: the claim it verifies).
+        hdr = self._out.get(addr, self._hdr) if kind != _SHAKE else self._hdr
         if tag & _KIND_MASK in (_GET_REQ, _PUT_REQ):
             # Requests carry their id's salt right after the sender header.
-            data = data[: len(self._hdr)] + _rma_salt(tag) + data[len(self._hdr):]
+            data = hdr + _rma_salt(tag) + body
             tag &= _KIND_MASK | MAX_TAG
+        else:
+            data = hdr + body
         if len(data) <= self._inject and kind != _PROBE_REQ:
             # Probes need their completion: its error is how a dead peer shows.
             req = _Req(kind, op, addr, lib.fi_tinject, (self._ep, data, len(data), addr.fabric_addr,
@@ -91,10 +100,13 @@ class Messages:
             log.warning("%s: dropped a %d B message without a sender header", self.scheme, length)
             self._submit_slot(req.slot)
             return
-        name = bytes(rx[off + 1: off + 1 + n])
-        addr = self._by_name.get(name)
-        if addr is None:
-            addr = self._addr_for(name)
+        # Who sent it: the established peer whose session token heads it (see _handshake).
+        addr = self._by_token.get(bytes(rx[off + 1: off + 1 + n]))
+        if addr is None or tag & _KIND_MASK >= _HELLO:
+            self._vet(tag & _KIND_MASK, bytes(rx[off + 1: off + 1 + n]),
+                      bytes(rx[off + 1 + n: off + length]))
+            self._submit_slot(req.slot)
+            return
         kind = tag & _KIND_MASK
         utag = tag & MAX_TAG
         payload = rx[off + 1 + n: off + length]

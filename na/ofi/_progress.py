@@ -21,6 +21,7 @@ from ._common import (
     _RX,
     _SEND,
     _SERVE,
+    _SHAKE,
     CQ_BATCH,
     SHM_TICK_US,
     _bell_address,
@@ -100,8 +101,9 @@ class Progress:
             owner = req.owner
             if owner is not None and owner.state == OpState.FINISHED:
                 continue  # failed or canceled while it waited: never posted, nothing to undo
-            if owner is None and req.addr is not None and req.addr.dead:
-                continue  # a probe or an answer to a peer known dead
+            if owner is None and req.addr is not None and (req.addr.dead
+                                                           or self._stale_shake(req)):
+                continue  # a probe or an answer to a peer known dead, a handshake given up
             if req.addr in refused:
                 self._queue(req)
                 continue
@@ -135,7 +137,8 @@ class Progress:
         op = req.owner
         if kind == _RMA:
             self._rma_wait.pop(req.rma_id, None)
-        name = op.kind.name.lower() if op is not None else "probe"
+        name = op.kind.name.lower() if op is not None else (
+            "handshake" if kind == _SHAKE else "probe")
         exc: BaseException = error_for(code, self._call_name(req), op=name, peer=_uri(addr),
                                        detail=detail)
         if kind == _PROBE_REQ:
@@ -222,6 +225,10 @@ class Progress:
         # Later operations fail at once instead of waiting for a provider that may only
         # ever answer FI_EAGAIN (rxm keeps trying to reconnect to a dead peer).
         addr.dead = addr.dead or cause
+        if self._shake.busy(addr):
+            self._shake.forget(addr)
+            self.stats["handshake_failures"] += 1
+        self._fail_held(addr, cause)
         self._matcher.fail_expected(
             addr, lambda op: PeerError(op.kind.name.lower(), addr.uri, cause))
         for req in itertools.chain(list(self._reqs.values()), self._backlog,
@@ -240,9 +247,10 @@ class Progress:
                                                     self._backlog)
                     if r.owner is not None and r.owner.state != OpState.FINISHED)
         busy.discard(None)  # type: ignore[arg-type]
+        self._expire_shakes()
         for addr in busy:
-            if addr.dead or addr is self._self_addr:
-                continue
+            if addr.dead or addr is self._self_addr or addr not in self._ready:
+                continue  # a peer in its handshake has the handshake's deadline
             if self.transport == "shm":
                 cause = _shm_gone(addr.uri)
                 if cause:
@@ -257,7 +265,7 @@ class Progress:
             elif addr not in self._probing and addr.fabric_addr is not None:
                 self._probing.add(addr)
                 self.stats["probes"] += 1
-                self._start(self._send_req(_PROBE_REQ, None, addr, self._hdr, _PROBE))
+                self._start(self._send_req(_PROBE_REQ, None, addr, b"", _PROBE))
 
     # -- progress -------------------------------------------------------------------------------
     def poll_fd(self) -> int:

@@ -125,12 +125,18 @@ class Rma:
             if length == 0:
                 self._cq.post(op)
                 return op
-            chunk = self._rma_chunk
-            op.remaining = -(-length // chunk)
-            start = self._start_native if self._rma_mode == "native" else self._start_checked
-            for off in range(0, length, chunk):
-                start(op, off, min(chunk, length - off))
+            if addr not in self._ready:
+                self._hold(op, lambda: self._start_pieces(op))
+                return op
+            self._start_pieces(op)
         return op
+
+    def _start_pieces(self, op: Op) -> None:
+        chunk, length = self._rma_chunk, op.length
+        op.remaining = -(-length // chunk)
+        start = self._start_native if self._rma_mode == "native" else self._start_checked
+        for off in range(0, length, chunk):
+            start(op, off, min(chunk, length - off))
 
     def _start_native(self, op: Op, off: int, n: int) -> None:
         """One fi_read/fi_write. The target's provider is trusted with key, bounds and rights,
@@ -164,13 +170,13 @@ class Rma:
             data.rma_id = rma_id
             self._rma_wait[rma_id] = data
             self._start(data)
-            self._start(self._send_req(_SEND, None, addr, self._hdr + desc, _GET_REQ | rma_id,
+            self._start(self._send_req(_SEND, None, addr, desc, _GET_REQ | rma_id,
                                        owner=op))
         else:
             wait = _Req(_RMA, op, addr, None, ())
             wait.rma_id = rma_id
             self._rma_wait[rma_id] = wait
-            self._start(self._send_req(_SEND, None, addr, self._hdr + desc, _PUT_REQ | rma_id,
+            self._start(self._send_req(_SEND, None, addr, desc, _PUT_REQ | rma_id,
                                        owner=op))
             data = _Req(_SEND, None, addr, lib.fi_tsend,
                         (self._ep, local, n, reg.desc, addr.fabric_addr, _PUT_DATA | rma_id),
@@ -247,6 +253,6 @@ class Rma:
         self._cq.fail(op, error)  # type: ignore[arg-type]
 
     def _send_answer(self, addr: Addr, rma_id: int, kind: int, extra: bytes) -> None:
-        self._start(self._send_req(_SERVE, None, addr, self._hdr + _rma_salt(rma_id) + extra,
+        self._start(self._send_req(_SERVE, None, addr, _rma_salt(rma_id) + extra,
                                    kind | (rma_id & MAX_TAG)))
 

@@ -6,10 +6,14 @@ matching), ``_rma`` (registrations, put/get), ``_progress`` (posting with the FI
 backlog, completions, peer failure, progress, cancel), ``_common`` (constants, records).
 
 Messages. Every message is a tagged send whose 64-bit tag carries the kind (unexpected,
-expected, liveness probe) above the user's 32-bit tag, and whose payload starts with the
-sender's fi_getname() bytes (one length byte, then the name), as Mercury does for providers
-without FI_SOURCE: the receiver learns who wrote without relying on FI_SOURCE support, and
-inserts unknown senders into its address vector. A pool of internal receive buffers is always
+expected, liveness probe, handshake) above the user's 32-bit tag, and whose payload starts with
+a length byte and the session token its receiver gave us: the receiver knows who wrote by that
+token, never by a name the sender claims. A peer's token comes from ``_handshake``: a sender
+we do not know claims its name in a HELLO, we check the name's length and form, insert it and
+send a challenge to it, and only the owner of that address can answer (libfabric 1.17 cannot
+say who sent a message: see there). Our messages to a peer wait until it is established; its
+messages until then are dropped and counted. With ``auth_key`` the handshake is mutual
+shared-secret proof. A pool of internal receive buffers is always
 posted for any source and any tag; Python matches what lands there against the posted NA
 receives and copies the payload (at most ``max_msg_size``) into the user's buffer. That gives
 exactly the NA semantics on every provider: unexpected messages queue (bounded: past
@@ -87,10 +91,10 @@ import warnings
 from collections import deque
 from typing import Any
 
-from .. import core
+from .. import auth, core
 from ..errors import Canceled
 from ..generic import PluginCore
-from ..types import Addr, MemHandle
+from ..types import Addr, MemHandle, OpState
 from ._addressing import Addressing
 from ._common import (
     CQ_BATCH,
@@ -98,6 +102,7 @@ from ._common import (
     PROVIDERS,
     RMA_CHUNK,
     RX_BUFFERS,
+    SHAKE_KINDS,
     SHM_RX_SIZE,
     SHM_TICK_US,
     _doorbell,
@@ -110,7 +115,10 @@ from ._common import (
     log,
 )
 from ._fabric import ffi, lib
+from ._handshake import TIMEOUT as HANDSHAKE_TIMEOUT
+from ._handshake import TOKEN_SIZE, Handshake
 from ._messages import Messages
+from ._peers import Peers
 from ._progress import Progress
 from ._rma import Rma
 from .errors import FabricError, check_rc, error_for
@@ -121,13 +129,15 @@ from .errors import FabricError, check_rc, error_for
 os.environ.setdefault("FI_SHM_RX_SIZE", str(SHM_RX_SIZE))
 
 
-class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
+class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
     """One endpoint, its CQ and AV, a posted receive pool, and Python-side matching."""
 
     def __init__(self, uri: str, listen: bool = False, *, max_msg_size: int = core.MAX_MSG_SIZE,
                  spin_us: int = core.SPIN_US, rma_chunk: int = RMA_CHUNK,
                  max_queued: int = core.MAX_QUEUED, rx_buffers: int | None = None,
-                 probe_interval: float = PROBE_INTERVAL, rma: str = "checked") -> None:
+                 probe_interval: float = PROBE_INTERVAL, rma: str = "checked",
+                 auth_key: bytes | str | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         scheme, _, rest = uri.partition("://")
         self.scheme = scheme
         self.transport = scheme.partition("+")[2]
@@ -139,6 +149,9 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
         if rma not in ("checked", "native"):
             raise ValueError(f"rma={rma!r}: expected 'checked' or 'native'")
         self._rma_mode = rma
+        self._auth_key = auth.check_key(auth_key)
+        if handshake_timeout <= 0:
+            raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout}")
         self._max_msg = max_msg_size
         self._spin = max(spin_us, 0) / 1e6
         self._probe_interval = probe_interval
@@ -154,7 +167,8 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
         self.stats = dict.fromkeys(
             ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
              "rma_bytes", "peer_failures", "protocol_errors", "canceled", "expected_dropped",
-             "probes", "eagain", "rma_served", "rma_refused"), 0)
+             "probes", "eagain", "rma_served", "rma_refused", "unverified_dropped",
+             "refused_names", "handshake_failures", "auth_failures"), 0)
         self._ep_poll = select.epoll()
         self._cq = core.CompletionQueue()
         self._ep_poll.register(self._cq.wake_fd, select.EPOLLIN)
@@ -165,6 +179,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
         self._held_slots: list[int] = []
         self._peers: dict[str, Addr] = {}
         self._by_name: dict[bytes, Addr] = {}
+        self._init_peers(handshake_timeout)
         self._probing: set[Addr] = set()
         self._next_probe = 0.0
         self._regs: dict[int, MemHandle] = {}
@@ -266,13 +281,19 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
         if len(self._name) > 255:
             raise FabricError("initialize", None, f"address of {len(self._name)} B is too long")
         self._hdr = bytes((len(self._name),)) + self._name
+        self._shake = Handshake(self._auth_key, self._name, SHAKE_KINDS, self._shake_send,
+                                self._established, self._shake_failed, self._auth_failed,
+                                timeout=self._shake_timeout)
         if self._timer_fd >= 0 and self.transport == "shm":
             self._bell = _doorbell(self._name)
             self._ep_poll.register(self._bell.fileno(), select.EPOLLIN)
         self._self_addr = Addr(self._uri_of(self._name), listen)
         self._peers[self._self_addr.uri] = self._self_addr
         self._by_name[self._name] = self._self_addr
+        self._names[self._self_addr] = self._name
         self._self_addr.fabric_addr = self._insert(self._name, self._self_addr.uri)
+        token = secrets.token_bytes(TOKEN_SIZE)
+        self._established(self._self_addr, token, token)
         if rx_buffers is None:
             # shm: half its receive-request pool; the other half is for the tagged receives of
             # RMA data (posting all rx_attr.size entries makes the next fi_trecv FI_ENOMEM).
@@ -375,6 +396,7 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
         self._reqs.clear()
         self._backlog.clear()
         self._blocked.clear()
+        self._held.clear()
 
     def close(self) -> None:
         """Close the endpoint; pending operations complete as canceled (run trigger())."""
@@ -388,6 +410,9 @@ class OfiPlugin(Addressing, Messages, Rma, Progress, PluginCore):
                 if req.op is not None:
                     self._cq.fail(req.op, Canceled(req.op.kind.name.lower(), _uri(req.addr),
                                                 reason))
+            for op, _start in itertools.chain(*self._held.values()):
+                if op.state != OpState.FINISHED:
+                    self._cq.fail(op, Canceled(op.kind.name.lower(), _uri(op.addr), reason))
             self._release()
 
     def __enter__(self) -> OfiPlugin:

@@ -1,0 +1,60 @@
+"""The store's compact wire forms: round trips, and malformed answers as StoreError."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from petasus.store import protocol as p
+from petasus.store.errors import StoreError
+
+u64 = st.integers(0, 2**64 - 1)
+nodes = st.lists(st.tuples(st.integers(0, 2**31), st.text(max_size=20), st.binary(max_size=40)),
+                 min_size=1, max_size=4, unique_by=lambda n: n[0])
+
+
+@st.composite
+def answers(draw: Any) -> tuple[list[tuple[int, str, bytes]], list[list[Any]]]:
+    ns = draw(nodes)
+    locs = []
+    for _ in range(draw(st.integers(0, 6))):
+        reps = [[draw(st.integers(0, len(ns) - 1)),
+                 *[x for run in draw(st.lists(st.tuples(u64, u64), max_size=3)) for x in run]]
+                for _ in range(draw(st.integers(0, 2)))]
+        locs.append([draw(st.integers(0, 8)), draw(st.text(max_size=10)), draw(u64), draw(u64),
+                     draw(st.integers(0, 2**32 - 1)), reps,
+                     draw(st.lists(st.text(max_size=10), max_size=2))])
+    return ns, locs
+
+
+@given(answers())
+def test_locations_round_trip_through_msgpack(answer: Any) -> None:
+    ns, locs = answer
+    wire = msgpack.unpackb(msgpack.packb(p.pack_locations(ns, locs), use_bin_type=True),
+                           raw=False)
+    out = p.unpack_locations(wire, len(locs))
+    for loc, row in zip(out, locs, strict=True):
+        assert (loc.code, loc.message, loc.size, loc.gen, loc.lease_ms) == tuple(row[:5])
+        assert loc.disk_uris == row[6]
+        for rep, wrep in zip(loc.replicas, row[5], strict=True):
+            assert (rep.node_id, rep.uri, rep.segment) == ns[wrep[0]]
+            assert [x for run in rep.runs for x in run] == wrep[1:]
+
+
+@pytest.mark.parametrize("wire", [
+    None, [], [[], None], [[[1, "u"]], []], [[[1, "u", b""]], [[0, "", 1, 1, 1, [[5]], []]]],
+    [[[1, "u", b""]], [[0, "", 1, 1, 1, [[0, 1]], []]]],  # an odd run list
+    [[], [[0, "", 1, 1, 1, [], []], "x"]],
+])
+def test_a_malformed_answer_is_a_store_error(wire: Any) -> None:
+    with pytest.raises(StoreError, match="locate"):
+        p.unpack_locations(wire, 1)
+
+
+def test_a_short_answer_is_a_store_error() -> None:
+    with pytest.raises(StoreError, match="1 locations for 2 keys"):
+        p.unpack_locations([[], [[0, "", 0, 0, 0, [], []]]], 2)
