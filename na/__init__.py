@@ -71,7 +71,9 @@ def initialize(uri: str, listen: bool = False, **options: Any) -> Plugin:
 
     ``listen=True`` accepts connections; the address to give peers is ``addr_self()``.
     Options: ``max_msg_size``, ``spin_us`` (0 = always block), ``rma_chunk``, ``max_queued``,
-    and plugin-specific ones (sm: ``rma="auto"|"process_vm"|"copy"``; ofi:
+    and plugin-specific ones (tcp and sm: the connection limits ``handshake_timeout``,
+    ``idle_timeout``, ``max_connections``, ``max_queued_bytes``, ``max_queued_peer``, see
+    docs/architecture.md; sm: ``rma="auto"|"process_vm"|"copy"``; ofi:
     ``rma="checked"|"native"``, ``rx_buffers``, ``probe_interval``; verbs: ``two_sided_max``,
     ``gid_index``, ``srq_size``).
     """

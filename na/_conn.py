@@ -29,6 +29,13 @@ _IOV_MAX = 512
 # pass beats flushing every frame at 16 calls in flight; bench/rpc.py).
 _FLUSH_AT = int(os.environ.get("PETASUS_FLUSH_AT", "64"))
 
+# Why a connection's reads are paused (bits of ``Conn.paused``).
+PAUSE_MATCHER = 1  # the matcher holds too many unmatched messages
+PAUSE_BACKLOG = 2  # too many bytes queued to this peer (``na._limits.Backlog``)
+# What a queued frame is counted for beyond its bytes: the queue entry, its header and its op
+# cost memory too (measured ~300 B of RSS per queued small reply; bench/conn_limits.py).
+FRAME_COST = 256
+
 Route = Callable[["Conn", int, "memoryview | None"], None]
 
 
@@ -45,6 +52,8 @@ class Conn:
     """A socket, its frame reader, its send queue and the RMA it has in flight."""
 
     __slots__ = (
+        "accepted",
+        "active",
         "addr",
         "closed",
         "connecting",
@@ -53,9 +62,11 @@ class Conn:
         "head_partial",
         "hello",
         "landing",
+        "last",
         "name",
         "paused",
         "put_target",
+        "queued",
         "reader",
         "rma",
         "routes",
@@ -74,7 +85,14 @@ class Conn:
         self.reader = fr.FrameReader(self, max_msg, max_direct, name)
         self.sendq: deque[list[Any]] = deque()
         self.connecting = self.writing = connecting  # EPOLLOUT says when the connect is done
-        self.head_partial = self.paused = self.dirty = self.closed = False
+        self.head_partial = self.dirty = self.closed = False
+        # Why reads are off: a bit per reason (PAUSE_*), so that one resuming leaves the other.
+        self.paused = 0
+        # Connection limits (``na._limits``): whether the peer dialled us, traffic since the
+        # last sweep and when it was last seen, and the bytes queued while EPOLLOUT is armed.
+        self.accepted = self.active = False
+        self.last = 0.0
+        self.queued = 0
         # RMA chunks in flight from here: operation id -> (op, where a get's data lands).
         self.rma: dict[int, tuple[Op, memoryview | None]] = {}
         # The put request whose data is next on the stream: (id, destination, refusal).
@@ -107,17 +125,28 @@ class Outbox:
     ``sent(op)`` runs when the last byte of an op's frames has left; ``failed(conn, cause)``
     when the socket refuses; ``rearm(conn)`` when EPOLLOUT must be armed or disarmed;
     ``waking.polling`` counts the threads asleep in the plugin's poll (the completion queue's
-    count, read as an attribute: it is checked on every send).
+    count, read as an attribute: it is checked on every send); ``backlog(conn)`` runs when an
+    accepted connection's queue crosses ``high`` bytes or, paused, drains below ``low``
+    (``na._guard.ConnGuard.backlog``).
+
+    Queued bytes are counted only while EPOLLOUT is armed (``conn.writing``): a connection
+    that keeps up flushes every pass, so its count is never needed and the fast path pays
+    nothing for it; the count starts from the queue itself when a send first falls short.
     """
 
-    __slots__ = ("dirty", "failed", "in_pass", "rearm", "sent", "waking")
+    __slots__ = ("backlog", "dirty", "failed", "high", "in_pass", "low", "rearm", "sent",
+                 "waking")
 
     def __init__(self, sent: Callable[[Op], None], failed: Callable[[Conn, str], None],
-                 rearm: Callable[[Conn], None], waking: Any) -> None:
+                 rearm: Callable[[Conn], None], waking: Any,
+                 backlog: Callable[[Conn], None] | None = None, high: int = 1 << 62) -> None:
         self.sent = sent
         self.failed = failed
         self.rearm = rearm
         self.waking = waking
+        self.backlog = backlog
+        self.high = high
+        self.low = high // 2
         self.dirty: list[Conn] = []
         self.in_pass = 0  # >0 while progress dispatches or trigger runs callbacks (nesting)
 
@@ -142,6 +171,7 @@ class Outbox:
                 q[-1][1] = op
                 self.failed(conn, f"send failed: {exc}")
                 return
+            conn.active = True
             if n == sum(map(len, bufs)):
                 if op is not None:
                     self.sent(op)
@@ -152,7 +182,11 @@ class Outbox:
             q.append([buf, None])
         q[-1][1] = op
         if conn.writing or conn.connecting:
-            return  # EPOLLOUT is armed; writable() sends it
+            # EPOLLOUT is armed; writable() sends it. The peer is not keeping up: count.
+            conn.queued += sum(map(len, bufs)) + FRAME_COST * len(bufs)
+            if conn.queued > self.high and conn.accepted and not conn.paused & PAUSE_BACKLOG:
+                self.backlog(conn)  # type: ignore[misc]
+            return
         if not conn.dirty:
             conn.dirty = True
             self.dirty.append(conn)
@@ -175,7 +209,10 @@ class Outbox:
                 q.append([buf, None])
         q[-1][1] = op
         conn.writing = True
+        conn.queued = sum(len(item[0]) for item in q) + FRAME_COST * len(q)
         self.rearm(conn)
+        if conn.queued > self.high and conn.accepted:
+            self.backlog(conn)  # type: ignore[misc]
 
     def flush_dirty(self) -> None:
         dirty = self.dirty
@@ -204,11 +241,19 @@ class Outbox:
             except (BlockingIOError, InterruptedError):
                 if not conn.writing:
                     conn.writing = True
+                    conn.queued = sum(len(item[0]) for item in q) + FRAME_COST * len(q)
                     self.rearm(conn)
+                if conn.accepted and (conn.queued > self.high) != bool(
+                        conn.paused & PAUSE_BACKLOG):
+                    self.backlog(conn)  # type: ignore[misc]
                 return
             except OSError as exc:
                 self.failed(conn, f"send failed: {exc}")
                 return
+            conn.active = True
+            if conn.writing:
+                conn.queued -= n
+                before = len(q)
             # Consume what was sent; zero-length items (an empty payload) go with it.
             while q and (n or not len(q[0][0])):
                 item = q[0]
@@ -224,8 +269,13 @@ class Outbox:
                     item[0] = item[0][n:]
                     conn.head_partial = True
                     n = 0
+            if conn.writing:
+                conn.queued -= FRAME_COST * (before - len(q))
         if conn.writing:
             conn.writing = False
+            conn.queued = 0
+            if conn.paused & PAUSE_BACKLOG:
+                self.backlog(conn)  # type: ignore[misc]
             self.rearm(conn)
 
     @staticmethod
@@ -237,6 +287,8 @@ class Outbox:
             if item[1] is op:
                 if i == 0 or (i == 1 and conn.head_partial):
                     return False
+                if conn.writing:
+                    conn.queued -= len(q[i][0]) + len(q[i - 1][0]) + 2 * FRAME_COST
                 del q[i]
                 del q[i - 1]
                 return True

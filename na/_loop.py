@@ -8,6 +8,7 @@ trip ~6 us (DESIGN.md, Performance approach).
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import threading
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from ._conn import EPOLLIN, Outbox
+from ._timerfd import TimerFd
 from .core import CompletionQueue
 
 
@@ -32,7 +34,14 @@ class EventLoop:
         # A wake-up means work the plugin keeps outside the fds (sm's queued copies, a
         # completion posted by another thread): progress returns so its caller sees it.
         self.woken = False
+        # The plugin's timer (connection deadlines): a timerfd in the epoll set, so that
+        # whatever waits on poll_fd() wakes for it and progress pays nothing per pass.
+        # ``on_timer(now)`` runs when it fires and returns when it is next due.
+        self.on_timer: Callable[[float], float] | None = None
+        self.timer = TimerFd()
+        self.closed = False
         self.add(cq.wake_fd, EPOLLIN, self._on_wake)
+        self.add(self.timer.fd, EPOLLIN, self._on_timer)
 
     def _on_wake(self, _ev: int) -> None:
         self.cq.drain_wake()
@@ -56,7 +65,9 @@ class EventLoop:
             pass
 
     def close(self) -> None:
+        self.closed = True
         self.ep.close()
+        self.timer.close()
 
     def progress(self, timeout: float) -> bool:
         """Move bytes for up to ``timeout`` seconds; True once it sent what was queued or
@@ -119,9 +130,26 @@ class EventLoop:
                     return True
                 spin_end = time.monotonic() + spin
 
+    def arm(self, at: float) -> None:
+        """Run the plugin's timer at ``at`` if that is sooner than it is armed for."""
+        if at < self.timer.at and not self.closed:
+            self.timer.arm(at)
+
+    def _on_timer(self, _ev: int) -> None:
+        # Runs in _dispatch, under the plugin's lock.
+        self.timer.clear()
+        self.timer.at = math.inf
+        now = time.monotonic()
+        if self.on_timer is not None:
+            self.arm(self.on_timer(now))
+
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
         handlers, outbox = self.handlers, self.outbox
         with self.lock:
+            if self.closed:
+                # Closed by another thread while this one slept in poll: the events name
+                # descriptors that are closed now (or already reused).
+                return
             outbox.in_pass += 1
             try:
                 for fd, ev in events:

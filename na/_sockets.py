@@ -12,18 +12,20 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 from functools import partial
 from typing import Any
 
 from . import framing as fr
-from ._conn import EPOLLIN, EPOLLOUT, EPOLLRD, Conn, Outbox, Routing
+from ._conn import EPOLLIN, EPOLLOUT, EPOLLRD, PAUSE_MATCHER, Conn, Outbox, Routing
+from ._guard import ConnGuard
+from ._limits import Limits
 from ._loop import EventLoop
 from ._rma import EmulatedRma
 from ._transport import Transport
 from .core import (
     MAX_MSG_SIZE,
     MAX_QUEUED,
+    MAX_QUEUED_PEER,
     MAX_TAG,
     SPIN_US,
     CompletionQueue,
@@ -39,20 +41,26 @@ from .types import Access, Addr, MemHandle, Op, OpKind, OpState
 
 _HDR = fr.HEADER
 _MAGIC = fr.MAGIC
-_ACCEPT_PAUSE = 0.1
 RMA_CHUNK = 8 * 1024 * 1024  # per-frame data; keeps a stream fair between messages and bulk
 
 
 class SocketPlugin(PluginCore):
-    """The NA plugin over a stream ``Transport``."""
+    """The NA plugin over a stream ``Transport``. Its connection limits (``handshake_timeout``,
+    ``idle_timeout``, ``max_connections``, ``max_queued_bytes``, ``max_queued_peer``) are
+    ``na._limits``'s, tabled in docs/architecture.md."""
 
     log = logging.getLogger("petasus.na")
 
     def __init__(self, transport: Transport, listen: bool, *, max_msg_size: int = MAX_MSG_SIZE,
                  spin_us: int = SPIN_US, rma_chunk: int = RMA_CHUNK,
-                 max_queued: int = MAX_QUEUED) -> None:
+                 max_queued: int = MAX_QUEUED, max_queued_peer: int = MAX_QUEUED_PEER,
+                 **limits: Any) -> None:
         if max_msg_size < 1 or rma_chunk < 1:
             raise ValueError("max_msg_size and rma_chunk must be positive")
+        try:
+            self._limits = Limits(**limits)
+        except TypeError as exc:
+            raise TypeError(f"{type(self).__name__}: {exc}") from None
         self.transport = transport
         self.scheme = transport.scheme
         self._max_msg = max_msg_size
@@ -64,18 +72,20 @@ class SocketPlugin(PluginCore):
              "rma_bytes", "rma_served", "rma_refused", "connections", "peer_failures",
              "protocol_errors", "canceled", "expected_dropped"), 0)
         self._cq = CompletionQueue()
-        self._matcher = Matcher(self._cq, self.stats, self.log, max_queued, self._resume)
+        self._matcher = Matcher(self._cq, self.stats, self.log, max_queued, self._resume,
+                                min(max_queued_peer, max_queued))
         self._regs = Registrations()
-        self._outbox = Outbox(self._cq.complete, self._conn_failed, self._rearm, self._cq)
+        self._outbox = Outbox(self._cq.complete, self._conn_failed, self._rearm, self._cq,
+                              high=self._limits.max_queued_bytes)
         self._loop = EventLoop(self._cq, self._outbox, self._lock, max(spin_us, 0) / 1e6)
+        self._conns: set[Conn] = set()
+        self._guard = ConnGuard(self, self._limits)
         self._rma = EmulatedRma(self._cq, self._regs, self._outbox, self.stats, self.log,
                                 rma_chunk)
         self._routing = Routing({fr.UNEXPECTED: self._on_unexpected,
                                  fr.EXPECTED: self._on_expected, **self._rma.routes()},
                                 self._on_hello, self._rma.landing)
-        self._accept_resume = 0.0  # when accepting resumes after running out of descriptors
         self._paused: set[Conn] = set()
-        self._conns: set[Conn] = set()
         self._peers: dict[str, Addr] = {}
         # Peers that do not listen, by the URI their HELLO gave: a lookup of that URI (say, the
         # owner of a bulk handle they sent) reaches them over their live connection.
@@ -87,7 +97,7 @@ class SocketPlugin(PluginCore):
                 listener.setblocking(False)
                 listener.listen(socket.SOMAXCONN)
                 self._listener = listener
-                self._loop.add(listener.fileno(), EPOLLIN, self._accept)
+                self._loop.add(listener.fileno(), EPOLLIN, self._guard.accept)
         except BaseException:
             self._loop.close()
             self._cq.close()
@@ -109,6 +119,8 @@ class SocketPlugin(PluginCore):
     def statistics(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.stats)
         out.update(uri=self._self_addr.uri, open_connections=len(self._conns),
+                   max_connections=self._limits.max_connections,
+                   reads_paused_now=self._guard.paused(),
                    registrations=len(self._regs), queued_bytes=self._matcher.queued,
                    spin_us=int(self._loop.spin * 1e6),
                    callback_errors=self._cq.callback_errors)
@@ -162,9 +174,10 @@ class SocketPlugin(PluginCore):
     def _on_unexpected(self, conn: Conn, tag: int, payload: memoryview | None) -> None:
         if tag > MAX_TAG:
             _refuse_peer_tag(conn, tag)
-        if self._matcher.deliver_unexpected(conn.addr, tag, payload) and not conn.paused:  # type: ignore[arg-type]
+        if self._matcher.deliver_unexpected(conn.addr, tag, payload) and \
+                not conn.paused & PAUSE_MATCHER:  # type: ignore[arg-type]
             # Back-pressure instead of unbounded memory: stop reading this peer until drained.
-            conn.paused = True
+            conn.paused |= PAUSE_MATCHER
             self._paused.add(conn)
             self._rearm(conn)
 
@@ -175,7 +188,7 @@ class SocketPlugin(PluginCore):
 
     def _resume(self) -> None:
         for conn in self._paused:
-            conn.paused = False
+            conn.paused &= ~PAUSE_MATCHER
             if not conn.closed:
                 self._rearm(conn)
         self._paused.clear()
@@ -271,11 +284,6 @@ class SocketPlugin(PluginCore):
         """Move bytes for up to ``timeout`` seconds (see ``EventLoop.progress``)."""
         if self._closed:
             self._check_open("progress")
-        if self._accept_resume and time.monotonic() >= self._accept_resume:
-            self._accept_resume = 0.0
-            with self._lock:
-                if self._listener is not None and not self._closed:
-                    self._loop.modify(self._listener.fileno(), EPOLLIN)
         try:
             return self._loop.progress(timeout)
         except (OSError, ValueError):
@@ -286,11 +294,15 @@ class SocketPlugin(PluginCore):
             raise
 
     # -- connections ----------------------------------------------------------------------------
-    def _new_conn(self, sock: socket.socket, name: str, connecting: bool) -> Conn:
+    def _new_conn(self, sock: socket.socket, name: str, connecting: bool, *,
+                  accepted: bool = False, handshaking: bool | None = None) -> Conn:
+        """A connection; ``handshaking`` (default: ``accepted``) puts it under the handshake
+        deadline until ``_handshake_done(conn)``."""
         self.transport.tune(sock)
         conn = Conn(sock, name, connecting, self._routing, self._max_msg, self._rma_chunk)
         self.stats["connections"] += 1
         self._conns.add(conn)
+        self._guard.opened(conn, accepted, accepted if handshaking is None else handshaking)
         self._loop.add(conn.fd, conn.mask(), partial(self._on_event, conn))
         return conn
 
@@ -320,22 +332,10 @@ class SocketPlugin(PluginCore):
                                               len(hello), 0), hello], None)
         return conn
 
-    def _accept(self, ev: int) -> None:
-        while True:
-            try:
-                sock, peer = self._listener.accept()  # type: ignore[union-attr]
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                # Out of descriptors or memory: stop listening for a moment instead of
-                # spinning on a listener that stays readable.
-                self.log.warning("%s: accept failed (%s); pausing accepts for %.1f s",
-                                 self._self_addr.uri, exc, _ACCEPT_PAUSE)
-                self._loop.modify(self._listener.fileno(), 0)  # type: ignore[union-attr]
-                self._accept_resume = time.monotonic() + _ACCEPT_PAUSE
-                return
-            sock.setblocking(False)
-            self._new_conn(sock, f"{self.scheme} peer {peer or 'local'}", False)
+    def _handshake_done(self, conn: Conn) -> None:
+        """The peer on ``conn`` is who it says (its HELLO, and its auth where required):
+        the handshake deadline no longer applies."""
+        self._guard.policy.handshake_done(conn)
 
     def _on_hello(self, conn: Conn, flags: int, payload: bytes) -> None:
         uri = payload.decode("utf-8", "replace")
@@ -363,6 +363,7 @@ class SocketPlugin(PluginCore):
         conn.addr = addr
         conn.name = uri
         conn.reader.peer = uri
+        self._handshake_done(conn)
 
     def _rearm(self, conn: Conn) -> None:
         self._loop.modify(conn.fd, conn.mask())
@@ -375,6 +376,7 @@ class SocketPlugin(PluginCore):
 
     def _on_readable(self, conn: Conn) -> None:
         reader, recv_into = conn.reader, conn.sock.recv_into
+        conn.active = True
         for _ in range(256):
             buf = reader.get_buffer()
             try:
@@ -408,6 +410,7 @@ class SocketPlugin(PluginCore):
             return
         conn.closed = True
         self._conns.discard(conn)
+        self._guard.closed(conn)
         self._paused.discard(conn)
         self._loop.remove(conn.fd)
         conn.sock.close()

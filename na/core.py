@@ -27,7 +27,14 @@ MAX_TAG = 0xFFFFFFFF  # NA tags are u32 on every plugin
 # 64 KiB messages: big enough that most RPCs need no overflow, and the same on every plugin
 # so that hg behaves the same whatever carries it.
 MAX_MSG_SIZE = 64 * 1024
-MAX_QUEUED = 64 * 1024 * 1024  # unmatched messages a peer can make us hold before we push back
+MAX_QUEUED = 64 * 1024 * 1024  # unmatched messages peers can make us hold before we push back
+# One peer's share of it: 16 largest messages or ~5,800 small requests. Past it only that peer
+# waits (lossless back-pressure), so a good client is never queued behind more than this.
+MAX_QUEUED_PEER = 1024 * 1024
+# What a queued unmatched message is counted for beyond its bytes: its entry (a tuple, the
+# tag, the bytes object) costs memory too; counted at its bytes alone, 64 MiB of 20-byte
+# requests would have been 3 million entries.
+_QUEUED_COST = 160
 SPIN_US = int(os.environ.get("PETASUS_SPIN_US", "200"))  # DESIGN: ~70 us wake-up vs ~6 us poll
 
 # Why a target refused an RMA request; the codes travel in the refusal (one byte).
@@ -193,25 +200,34 @@ class Matcher:
     """Posted receives, queued unexpected messages, delivery, back-pressure and cancel.
 
     Unexpected messages that find no receive are copied and queued, up to ``max_queued``
-    bytes; past that ``deliver_unexpected`` answers True and the plugin stops taking messages
-    from the transport until ``on_drained`` is called (half the bound). Expected messages must
-    be pre-posted, as in Mercury: one without a receive is a late reply and is dropped.
+    bytes in all and ``max_peer`` from one peer; past either ``deliver_unexpected`` answers
+    True and the plugin stops taking messages from that peer until ``on_drained`` is called
+    (both below half their bound). The share per peer keeps the queue fair: one peer's burst
+    cannot fill it, stall every other peer behind it, or (each queued request turning into a
+    reply) multiply into replies faster than its reads can be paused.
+
+    Expected messages must be pre-posted, as in Mercury: one without a receive is a late reply
+    and is dropped.
     """
 
-    __slots__ = ("cq", "exp_posted", "log", "max_queued", "on_drained", "queued", "stats",
-                 "throttled", "unexp_posted", "unexp_queue")
+    __slots__ = ("by_peer", "cq", "exp_posted", "held", "log", "max_peer", "max_queued",
+                 "on_drained", "queued", "stats", "throttled", "unexp_posted", "unexp_queue")
 
     def __init__(self, cq: CompletionQueue, stats: dict[str, int], log: logging.Logger,
-                 max_queued: int, on_drained: Callable[[], None]) -> None:
+                 max_queued: int, on_drained: Callable[[], None],
+                 max_peer: int | None = None) -> None:
         self.cq = cq
         self.stats = stats
         self.log = log
         self.max_queued = max_queued
+        self.max_peer = max_queued if max_peer is None else max_peer
+        self.by_peer: dict[Addr, int] = {}  # what each peer's queued messages cost
         self.on_drained = on_drained
         self.unexp_posted: deque[Op] = deque()
         self.unexp_queue: deque[tuple[Addr, int, bytes]] = deque()
         self.exp_posted: dict[tuple[Addr, int], deque[Op]] = {}
-        self.queued = 0
+        self.queued = 0  # their bytes (statistics()["queued_bytes"])
+        self.held = 0  # what they cost, bounded by max_queued
         self.throttled = False
 
     def post_unexpected(self, op: Op) -> None:
@@ -219,8 +235,16 @@ class Matcher:
             addr, tag, data = self.unexp_queue.popleft()
             self._fill(op, addr, tag, data)
             self.cq.post(op)
+            cost = len(data) + _QUEUED_COST
             self.queued -= len(data)
-            if self.throttled and self.queued <= self.max_queued // 2:
+            self.held -= cost
+            left = self.by_peer[addr] - cost
+            if left:
+                self.by_peer[addr] = left
+            else:
+                del self.by_peer[addr]
+            if self.throttled and self.held <= self.max_queued // 2 and \
+                    left <= self.max_peer // 2:
                 self.throttled = False
                 self.on_drained()
         else:
@@ -244,8 +268,11 @@ class Matcher:
             return False
         data = bytes(payload)
         self.unexp_queue.append((addr, tag, data))
+        cost = len(data) + _QUEUED_COST
         self.queued += len(data)
-        if self.queued > self.max_queued:
+        self.held += cost
+        mine = self.by_peer[addr] = self.by_peer.get(addr, 0) + cost
+        if self.held > self.max_queued or mine > self.max_peer:
             self.throttled = True
             return True
         return False
