@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 from . import _pvm
 from ._sockets import SocketPlugin
-from .core import NAK_KEY, REFUSALS, canceled, refusal
+from .core import NAK_KEY, REFUSALS, canceled, detached, refusal
 from .errors import AccessError, NAError, PeerError
 from .types import Access, Addr, MemHandle, Op, OpKind
 
@@ -322,7 +322,7 @@ class SmPlugin(SocketPlugin):
             local = op.buffer[op.local_off: op.local_off + op.length]
             _pvm.transfer(op.kind == OpKind.PUT, pid, local, remote_addr)
         except NAError as exc:
-            op.error = exc
+            op.error = detached(exc)  # its frames hold this op, and the op its buffer
         except OSError as exc:
             if exc.errno == errno.EPERM:
                 self._denied = True
