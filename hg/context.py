@@ -59,7 +59,7 @@ class Context:
         self.closing = False  # set by the owner before it closes the plugin
         self.stats = dict.fromkeys(("sent", "received", "errors", "timeouts", "canceled",
                                     "remote_errors", "handler_errors", "overflows",
-                                    "overflow_timeouts"), 0)
+                                    "overflow_timeouts", "overflow_bytes"), 0)
         self.target = Target(self)
         self.driver = na.BlockingDriver(self, clock)  # every blocking wait goes through it
         if hg.listening:

@@ -110,7 +110,8 @@ class Engine:
     def statistics(self) -> dict[str, Any]:
         landing = self.context.landing
         return {**self.context.stats, "inflight_handlers": self._inflight,
-                "overflow_held": landing.held, "overflow_landings": landing.mapped,
+                "overflow_held": landing.held, "overflow_landings": landing.landings,
+                "overflow_pinned": landing.pinned,
                 "overflow_peers": dict(landing.peers), "na": self.na.statistics()}
 
     def bulk(self, buffers: Any, access: na.Access, *, eager: bool | None = None) -> Bulk:

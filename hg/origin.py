@@ -284,13 +284,13 @@ class Handle:
                             return
                         self._finish("response", value, None)
             finally:
-                ctx.landing.give(buf, dest)  # the transfer is over, whatever its outcome
+                ctx.target.let_go(buf, dest)  # the transfer is over, whatever its outcome
 
         try:
             transfer = local.pull_from(remote, addr=self.addr, callback=pulled)
         except (ValueError, na.NAError) as exc:  # refused before a byte moved
             local.close()
-            ctx.landing.give(buf, dest)
+            ctx.target.let_go(buf, dest)
             flow.handle("failed")  # gives the budget back
             ctx.target.send_ack(self.addr, tag | ACK_BIT)
             self._finish("error", None, RPCError(rpc.name, self.addr.uri,

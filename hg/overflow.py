@@ -88,8 +88,10 @@ class Landing:
         self.per_peer = share(budget) if per_peer is None else per_peer
         self.held = 0
         self.peers: dict[str, int] = {}  # bytes held per peer, only while nonzero
-        self.mapped = 0  # landing buffers in use: a test of their release
+        self.mapped = 0  # landing buffers in use
+        self.pinned = 0  # left to a user that kept a view of them (a leak's sign)
         self._spare: mmap.mmap | None = None
+        self._unmap: list[mmap.mmap] = []
         self._lock = threading.Lock()
 
     def reserve(self, size: int, peer: str = "") -> str | None:
@@ -132,25 +134,49 @@ class Landing:
             buf = mmap.mmap(-1, max(size, 1))  # untouched: no page is spent before bytes land
         return buf, memoryview(buf)[:size]
 
-    def give(self, buf: mmap.mmap, view: memoryview) -> None:
+    def give(self, buf: mmap.mmap, view: memoryview) -> bool:
         """Once nothing can write into ``buf`` any more: keep it for the next overflow, or
-        unmap it now (not when the garbage collector gets to it)."""
+        unmap it now (not when the garbage collector gets to it). False if it could not be
+        unmapped yet: given back from a completion callback, the op being completed still
+        holds a view of it until the callback returns, and the driver must ``sweep`` then."""
         view.release()
         with self._lock:
             self.mapped -= 1
             if len(buf) <= LANDING_MAX and (self._spare is None or len(buf) > len(self._spare)):
-                buf, self._spare = self._spare, buf
-        if buf is not None:
+                buf, self._spare = self._spare, buf  # type: ignore[assignment]
+            if buf is not None:
+                self._unmap.append(buf)
+        return self.sweep()
+
+    def sweep(self, final: bool = False) -> bool:
+        """Unmap the buffers given back; True when none is left waiting. ``final``: one that
+        still cannot be (a decoder kept a view of it) is left to its last user and counted."""
+        with self._lock:
+            pending, self._unmap = self._unmap, []
+        left = []
+        for buf in pending:
             try:
                 buf.close()
             except BufferError:
-                pass  # a decoder kept a view of it: it is unmapped with that view
+                left.append(buf)
+        with self._lock:
+            if final:
+                self.pinned += len(left)
+            else:
+                self._unmap += left
+            return not self._unmap
+
+    @property
+    def landings(self) -> int:
+        """Landing buffers in use or waiting to be unmapped (the spare is not counted)."""
+        return self.mapped + len(self._unmap)
 
     def close(self) -> None:
         with self._lock:
             spare, self._spare = self._spare, None
-        if spare is not None:
-            spare.close()
+            if spare is not None:
+                self._unmap.append(spare)
+        self.sweep(final=True)
 
 
 # -- the overflow state table (sans I/O: events in, actions out) -------------------------------

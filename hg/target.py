@@ -170,7 +170,7 @@ class Target:
             try:
                 settle(stream.error)
             finally:
-                self.landing.give(buf, dest)  # the pull is over: nothing writes into it now
+                self.let_go(buf, dest)  # the pull is over: nothing writes into it now
 
         def settle(error: BaseException | None) -> None:
             event = "closed" if self.ctx.closing else ("failed" if error is not None
@@ -179,7 +179,7 @@ class Target:
                 if action is ov.Action.REPLY_ERROR:
                     why = (f"stalled: no bytes moved for {self.overflow_timeout:g} s "
                            f"({stream.moved} of {size} B had)" if flow.timed_out
-                           else f"pulling it failed: {error}")
+                           else f"could not be pulled: {error}")
                     log.warning("%s: the input from %s %s", rpc.name, source.uri, why)
                     self.reply_error(source, tag, hd.OVERFLOW, type(error).__name__,
                                      f"{rpc.name}: the input {why}")
@@ -205,13 +205,16 @@ class Target:
                 timer.live, timer.deadline = True, flow.deadline  # it moved: wait again
                 self.timers.arm(timer, timer.deadline)
 
-        stream = Stream(local, remote, size, addr=source, callback=pulled,
-                        on_chunk=lambda _n: flow.moved(clock()))
+        def moved(n: int) -> None:
+            self.stats["overflow_bytes"] += n
+            flow.moved(clock())
+
+        stream = Stream(local, remote, size, addr=source, callback=pulled, on_chunk=moved)
         try:
             stream.start()
         except (ValueError, na.NAError) as exc:  # refused before a byte moved
             local.close()
-            self.landing.give(buf, dest)
+            self.let_go(buf, dest)
             log.warning("%s: the input from %s cannot be pulled: %s", rpc.name, source.uri, exc)
             if ov.Action.REPLY_ERROR in flow.handle("failed"):  # the budget goes back, too
                 self.reply_error(source, tag, hd.OVERFLOW, type(exc).__name__,
@@ -250,6 +253,13 @@ class Target:
         self.stats["overflows"] += 1
         self.timers.arm(timer, timer.deadline)
         self.na.msg_send_expected(source, head, tag)
+
+    def let_go(self, buf: Any, view: memoryview) -> None:
+        """Give a landing buffer back; what cannot be unmapped inside the completion that
+        ends its pull is unmapped by the next progress pass, once the completion is over."""
+        if not self.landing.give(buf, view):
+            now = self.clock()
+            self.timers.arm(Deadline(now, lambda: self.landing.sweep(final=True)), now)
 
     def send_ack(self, peer: na.Addr, tag: int) -> None:
         if not self.ctx.closing:

@@ -186,9 +186,9 @@ def test_landing_buffers_are_untouched_mappings_unmapped_when_given_back() -> No
     budget = Landing(1 << 40, 1 << 40)
     huge = 1 << 30
     buf, view = budget.take(huge)  # a declared 1 GiB: no memset, no resident page
-    assert len(view) == huge and budget.mapped == 1
-    budget.give(buf, view)
-    assert buf.closed and budget.mapped == 0  # larger than LANDING_MAX: unmapped at once
+    assert len(view) == huge and budget.landings == 1
+    assert budget.give(buf, view)
+    assert buf.closed and budget.landings == 0  # larger than LANDING_MAX: unmapped at once
     small, sview = budget.take(1 << 20)
     budget.give(small, sview)
     assert not small.closed  # kept, its pages faulted in, for the next overflow
@@ -197,3 +197,21 @@ def test_landing_buffers_are_untouched_mappings_unmapped_when_given_back() -> No
     budget.give(again, aview)
     budget.close()
     assert small.closed
+
+
+def test_a_landing_still_viewed_is_unmapped_by_the_next_sweep() -> None:
+    # Given back from inside the completion that ended its pull, the op still holds a view:
+    # the buffer waits for the sweep the driver runs once the completion is over.
+    budget = Landing(1 << 30)
+    buf, view = budget.take(128 << 20)
+    op_view = memoryview(buf)
+    assert not budget.give(buf, view)
+    assert budget.landings == 1 and not buf.closed
+    op_view.release()
+    assert budget.sweep(final=True) and buf.closed and budget.landings == 0
+    assert budget.pinned == 0
+    kept, kview = budget.take(128 << 20)
+    user_view = memoryview(kept)  # a decoder that kept a view: left to it, and counted
+    budget.give(kept, kview)
+    assert budget.sweep(final=True) and budget.pinned == 1 and budget.landings == 0
+    user_view.release()
