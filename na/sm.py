@@ -294,6 +294,10 @@ class SmPlugin(SocketPlugin):
                 copies, self._copies = self._copies, deque()
                 for op in copies:
                     self._copy(op)
+            # The messages too, without waiting: a pull in chunks queues the next copies
+            # from each completion, and a pass of copies alone would starve every other
+            # peer's calls until the last chunk (a 1 GiB input held small RPCs for seconds).
+            super().progress(0)
             return True
         return super().progress(timeout)
 
