@@ -275,7 +275,9 @@ def _any() -> Proc:
     def decode(buf: Any, pos: int) -> tuple[Any, int]:
         start, end = _span("any", buf, pos)
         try:
-            value = msgpack.unpackb(bytes(buf[start:end]), raw=False, strict_map_key=False,
+            # msgpack reads the view in place and copies out only the values: a copy of the
+            # whole encoding first would double the cost of a large overflowed input.
+            value = msgpack.unpackb(buf[start:end], raw=False, strict_map_key=False,
                                     use_list=True)
         except Exception as exc:  # msgpack raises several types for malformed input
             raise DecodeError(f"any (msgpack): {type(exc).__name__}: {exc}") from None
