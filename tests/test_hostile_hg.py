@@ -16,7 +16,7 @@ import mmap
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import SPECS, TIMEOUT, Spec
@@ -91,7 +91,8 @@ class Hostile:
     """A bare plugin that sends hand-made overflow requests: "the input of ``take`` is in
     this handle", the handle as big as it likes, over memory nobody touches."""
 
-    def __init__(self, spec: Spec, server_uri: str) -> None:
+    def __init__(self, spec: Spec, server_uri: str,
+                 drive: Callable[[], object] | None = None) -> None:
         self.na = na.initialize(spec.uri, **spec.options)
         self.addr = self.na.addr_lookup(server_uri)
         self.regions: list[tuple[mmap.mmap, na.MemHandle]] = []
@@ -101,7 +102,14 @@ class Hostile:
         tag = next(self.tags)
         hello = self.na.msg_recv_expected(self.addr, bytearray(4096), tag)
         self.na.msg_send_unexpected(self.addr, hd.encode_request(hd.rpc_id("nothing")), tag)
-        na.wait(self.na, hello, timeout=TIMEOUT)
+        if drive is None:  # the server serves on a thread of its own
+            na.wait(self.na, hello, timeout=TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while not hello.done:  # or the test drives it: ``drive()`` is one pass of the server
+            assert time.monotonic() < deadline, "the server never answered the first exchange"
+            drive()  # type: ignore[misc]
+            self.na.progress(0)
+            self.na.trigger()
 
     def handle(self, size: int) -> bytes:
         from petasus.bulk import layout
@@ -360,5 +368,45 @@ def test_a_failed_overflow_pull_unmaps_its_landing_at_once(spec: Spec) -> None:
             wait_for(lambda: server.statistics()["overflow_landings"] == 0, "the unmaps")
             stats = server.statistics()
             assert stats["overflow_pinned"] == 0 and stats["overflow_held"] == 0
+        finally:
+            hostile.close()
+
+
+@pytest.mark.parametrize("spec", [s for s in SOCKETS if isinstance(s, Spec) and not _stalls(s)],
+                         **_ids)
+def test_a_large_sm_pull_does_not_hold_another_clients_call_until_it_ends(spec: Spec) -> None:
+    """Over sm the server copies the peer's memory itself, one pass at a time; one test
+    thread drives every party, so the order is the test's. A small call that arrives while a
+    64 MiB input is being pulled is answered between two chunks, long before the last one:
+    the old single copy of the whole input ran before the server read another message."""
+    size = 64 * MiB
+    with hg.Engine(spec.uri, listen=True, **spec.options) as server, \
+            hg.Engine(spec.uri, timeout=TIMEOUT, **spec.options) as good:
+        server.register(add, lambda x, y: x + y)
+        server.register(take, len)
+        good.declare(add)
+        remote = good.lookup(server.uri)
+
+        def pump(until: Callable[[], bool], *parties: hg.Context) -> None:
+            deadline = time.monotonic() + TIMEOUT
+            while not until():
+                assert time.monotonic() < deadline, "the condition never came true"
+                for party in parties:
+                    party.progress(0)
+                    party.trigger()
+
+        warm = remote.add.future(1, 1)  # the good client's connection, set up
+        pump(lambda: warm.done, server.context, good.context)
+        hostile = Hostile(spec, server.uri, drive=lambda: (server.context.progress(0),
+                                                           server.context.trigger()))
+        try:
+            hostile.declare(hostile.handle(size))  # its answer: a decode error, unread
+            pump(lambda: server.statistics()["overflow_held"] == size, server.context)
+            call = remote.add.future(40, 2)
+            pump(lambda: call.done, server.context, good.context)
+            assert good.wait(call) == 42
+            assert server.statistics()["overflow_held"] == size  # the pull is still moving
+            assert server.statistics()["overflow_bytes"] < size // 2
+            pump(lambda: server.statistics()["overflow_held"] == 0, server.context)
         finally:
             hostile.close()
