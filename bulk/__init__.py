@@ -19,10 +19,11 @@ from petasus.na import AccessError, Canceled, NAError, PeerError
 from .handle import READ_ONLY, READ_WRITE, WRITE_ONLY, Bulk, Region, RemoteBulk, eager_limit
 from .layout import LayoutError
 from .pipeline import chunks, pipeline
+from .stream import Stream
 from .transfer import Driver, PluginDriver, Transfer
 
 __all__ = [
     "READ_ONLY", "READ_WRITE", "WRITE_ONLY", "AccessError", "Bulk", "Canceled",
     "Driver", "LayoutError", "NAError", "PeerError", "PluginDriver", "Region", "RemoteBulk",
-    "Transfer", "chunks", "eager_limit", "pipeline",
+    "Stream", "Transfer", "chunks", "eager_limit", "pipeline",
 ]

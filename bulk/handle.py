@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from petasus import na
@@ -175,13 +176,37 @@ class Bulk:
 
 
 class RemoteBulk:
-    """A peer's bulk handle: rights, size, owner, and segment keys or eager bytes."""
+    """A peer's bulk handle: rights, size, owner, and segment keys or eager bytes.
 
-    __slots__ = ("_resolved", "wire")
+    The owner is only what the bytes claim. A handle that came in a message is *bound* to
+    the peer that sent it (``bind``; the RPC layer binds every handle it decodes): its
+    transfers then go to that peer, over the connection the message came on, and a handle
+    naming another owner is refused unless the binding allows that owner, so a peer can
+    never make us connect to, or read from, a third party. An unbound handle (one the
+    program decoded itself with ``from_bytes``, say from a directory it trusts) reaches the
+    owner it names.
+    """
+
+    __slots__ = ("_resolved", "allow", "peer", "wire")
 
     def __init__(self, wire: lo.Wire) -> None:
         self.wire = wire
+        self.peer: na.Addr | None = None
+        self.allow: Callable[[str], bool] | None = None
         self._resolved: tuple[Any, na.Addr, list[na.MemHandle | None]] | None = None
+
+    def bind(self, peer: na.Addr, allow: Callable[[str], bool] | None = None) -> RemoteBulk:
+        """Tie the handle to ``peer``, which sent it; ``allow(owner_uri)`` says which other
+        owners its transfers may reach (none by default)."""
+        self.peer = peer
+        self.allow = allow
+        self._resolved = None
+        return self
+
+    @property
+    def owner(self) -> str:
+        """The owner's URI, as the handle claims it."""
+        return bytes(self.wire.owner).decode("utf-8", "replace")
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> RemoteBulk:
@@ -225,11 +250,15 @@ class RemoteBulk:
 
     def resolve(self, plugin: na.Plugin, op: str, addr: na.Addr | None = None,
                 ) -> tuple[na.Addr, list[na.MemHandle | None]]:
-        """The owner's address (unless given) and the NA handles, as ``plugin`` knows them."""
+        """The owner's address (unless given) and the NA handles, as ``plugin`` knows them.
+        A bound handle resolves to the peer it came from; one naming another owner raises
+        ``AccessError`` naming both, unless its binding allows that owner."""
         cached = self._resolved
         if cached is not None and cached[0] is plugin:
             return addr or cached[1], cached[2]
         wire = self.wire
+        if addr is None and self.peer is not None:
+            addr = self._bound(plugin, op, self.peer)
         try:
             if addr is None:
                 addr = plugin.addr_deserialize(wire.owner)
@@ -243,6 +272,19 @@ class RemoteBulk:
                                  f"{h.length if h is not None else 0} B")
         self._resolved = (plugin, addr, handles)
         return addr, handles
+
+
+    def _bound(self, plugin: na.Plugin, op: str, peer: na.Addr) -> na.Addr | None:
+        """The peer itself if it owns the handle; None (the named owner) if the binding
+        allows that owner; otherwise the refusal."""
+        if bytes(self.wire.owner) == plugin.addr_serialize(peer):
+            return peer
+        owner = self.owner
+        if self.allow is not None and self.allow(owner):
+            return None
+        raise na.AccessError(op, peer.uri, f"the handle names {owner[:200]!r} as its owner, "
+                             f"not {peer.uri}, which sent it; transfers with a third party "
+                             "must be allowed (Engine(bulk_peers=...))")
 
 
 class Region:

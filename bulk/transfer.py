@@ -101,6 +101,21 @@ def driver_for(owner: Any) -> Driver:
     return driver
 
 
+def _fresh(error: BaseException) -> BaseException:
+    """A copy of a transfer's error to raise, so that the one the transfer keeps never
+    carries a traceback: raised, it would hold the frames that waited (and the buffers in
+    them), and those frames the transfer, in a cycle only the garbage collector breaks."""
+    cls = type(error)
+    try:
+        dup = cls.__new__(cls, *error.args)  # as it was, without running its __init__ again
+        dup.args = error.args
+        dup.__dict__.update(getattr(error, "__dict__", {}))
+    except Exception:  # an exception type that cannot be rebuilt: raise it as it is
+        return error
+    dup.__cause__ = error.__cause__
+    return dup
+
+
 class Transfer:
     """A pull or push in flight. Wait with ``wait()``, ``await``, or a callback."""
 
@@ -198,7 +213,7 @@ class Transfer:
                                    f"{self.size} B not transferred within {limit:g} s "
                                    "(canceled)")
         if self.error is not None:
-            raise self.error
+            raise _fresh(self.error)
         return self
 
     result = wait
@@ -207,7 +222,7 @@ class Transfer:
         if not self.done:
             yield from self._driver.wait_async(self._subscribe, self.cancel).__await__()
         if self.error is not None:
-            raise self.error
+            raise _fresh(self.error)
         return self
 
     def _subscribe(self, fn: Callable[[], None]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from petasus import na
@@ -23,18 +23,34 @@ POSTED_REQUESTS = 64  # receives a listening context keeps posted: requests in f
 MAX_OVERFLOW = 1 << 30
 
 
+def allow_owners(peers: Iterable[str] | Callable[[str], bool] | None,
+                 ) -> Callable[[str], bool] | None:
+    """``Engine(bulk_peers=...)`` as a predicate on a handle's owner URI: None (the default)
+    lets handles reach only the peer that sent them; a list names the third parties they may
+    reach as well (as URIs, exactly as their owners serialize themselves); a function decides."""
+    if peers is None or callable(peers):
+        return peers
+    if isinstance(peers, str):
+        raise TypeError("bulk_peers: expected a list of URIs or a predicate, not one string")
+    allowed = frozenset(peers)
+    return allowed.__contains__
+
+
 class Context:
     """Progress, trigger and timers for the handles of one Class (Mercury's hg_context)."""
 
     def __init__(self, hg: Class, *, clock: Callable[[], float] = time.monotonic,
                  posted: int = POSTED_REQUESTS, max_overflow: int = MAX_OVERFLOW,
-                 overflow_timeout: float = 60.0) -> None:
+                 max_overflow_per_peer: int | None = None, overflow_timeout: float = 60.0,
+                 bulk_peers: Iterable[str] | Callable[[str], bool] | None = None) -> None:
         self.hg = hg
         self.na = hg.na
         self.clock = clock
         self.max_overflow = max_overflow
-        self.landing = Landing(max_overflow)
-        self.overflow_timeout = overflow_timeout  # bounds a pull, and the wait for an ack
+        self.landing = Landing(max_overflow, max_overflow_per_peer)
+        # How long a pull may land nothing, and how long exposed memory waits for its ack.
+        self.overflow_timeout = overflow_timeout
+        self.bulk_allow = allow_owners(bulk_peers)
         self.timers = Timers()
         self.max_unexpected = self.na.msg_get_max_unexpected_size()
         self.max_expected = self.na.msg_get_max_expected_size()
@@ -43,7 +59,7 @@ class Context:
         self.closing = False  # set by the owner before it closes the plugin
         self.stats = dict.fromkeys(("sent", "received", "errors", "timeouts", "canceled",
                                     "remote_errors", "handler_errors", "overflows",
-                                    "overflow_timeouts"), 0)
+                                    "overflow_timeouts", "overflow_bytes"), 0)
         self.target = Target(self)
         self.driver = na.BlockingDriver(self, clock)  # every blocking wait goes through it
         if hg.listening:

@@ -54,12 +54,22 @@ class Engine:
 
     def __init__(self, uri: str = "tcp://127.0.0.1:0", listen: bool = False, *,
                  timeout: float = 30.0, pool_size: int = 4, allow_remote_shutdown: bool = False,
-                 max_overflow: int = MAX_OVERFLOW, overflow_timeout: float = 60.0,
+                 max_overflow: int = MAX_OVERFLOW, max_overflow_per_peer: int | None = None,
+                 overflow_timeout: float = 60.0,
+                 bulk_peers: Iterable[str] | Callable[[str], bool] | None = None,
                  clock: Callable[[], float] = time.monotonic, **na_options: Any) -> None:
+        """``max_overflow``: bytes all overflowing calls being pulled may hold at once;
+        ``max_overflow_per_peer`` the part of it one peer may hold (default a quarter,
+        ``overflow.share``); ``overflow_timeout``: seconds a pull may land nothing before it
+        is given up (a stall timeout, not a total), and that exposed results wait for their
+        acknowledgement. ``bulk_peers``: the third parties that bulk handles received in
+        calls and results may name as their owner (URIs, or a predicate on the URI); by
+        default a handle is used only with the peer that sent it."""
         self.na = na.initialize(uri, listen=listen, **na_options)
         self.hg = Class(self.na, listen)
         self.context = Context(self.hg, clock=clock, max_overflow=max_overflow,
-                               overflow_timeout=overflow_timeout)
+                               max_overflow_per_peer=max_overflow_per_peer,
+                               overflow_timeout=overflow_timeout, bulk_peers=bulk_peers)
         spin = self.na.statistics().get("spin_us", 200) / 1e6
         self._aio = na.AsyncioDriver(self.context, clock, spin)
         self.context.timer_hook = self._aio.deadline_armed
@@ -98,8 +108,11 @@ class Engine:
             warnings.warn(f"{self!r} was not closed", ResourceWarning, stacklevel=2)
 
     def statistics(self) -> dict[str, Any]:
+        landing = self.context.landing
         return {**self.context.stats, "inflight_handlers": self._inflight,
-                "overflow_held": self.context.landing.held, "na": self.na.statistics()}
+                "overflow_held": landing.held, "overflow_landings": landing.landings,
+                "overflow_pinned": landing.pinned,
+                "overflow_peers": dict(landing.peers), "na": self.na.statistics()}
 
     def bulk(self, buffers: Any, access: na.Access, *, eager: bool | None = None) -> Bulk:
         """Expose ``buffers`` (one buffer or a list) for transfers driven by this engine."""
@@ -287,6 +300,7 @@ class Engine:
             self._aio.close()
             self.na.close()
             self.na.trigger()
+            self.context.landing.close()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=False)

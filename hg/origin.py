@@ -22,6 +22,7 @@ from .errors import Canceled, EncodeError, NoSuchRPC, PeerError, RemoteError, RP
 from .overflow import ACK_BIT, TAG_MASK, Landing, segments
 from .procs import proc_for
 from .registry import RPC
+from .scalars import bound_to
 from .target import Target
 
 log = logging.getLogger("petasus.hg.rpc")
@@ -42,6 +43,7 @@ class Context(Protocol):
     stats: dict[str, int]
     clock: Callable[[], float]
     landing: Landing
+    bulk_allow: Callable[[str], bool] | None
     max_unexpected: int
     driver: na.BlockingDriver
     target: Target
@@ -217,7 +219,9 @@ class Handle:
                 self._pull_output(remote)
                 return
             if ret == hd.SUCCESS:
-                value = rpc.out_proc.loads(view[_RESP.size:])
+                out = rpc.out_proc
+                value = (bound_to(out, view[_RESP.size:], self.addr, self.context.bulk_allow)
+                         if out.handles else out.loads(view[_RESP.size:]))
                 pool.append(buf)
                 self._finish("response", value, None)
                 return
@@ -246,14 +250,15 @@ class Handle:
         ctx, rpc, tag = self.context, self.rpc, self.tag
         size = remote.size
         try:
-            remote.resolve(ctx.na, "pull the result", self.addr)
+            remote.bind(self.addr)  # the result is the server's own memory, nobody else's
+            remote.resolve(ctx.na, "pull the result", None)
             refused = None
             if not remote.access & na.Access.READ_ONLY:
                 refused = f"comes with a {remote.access.name} handle, which cannot be pulled"
-        except ValueError as exc:
-            refused = str(exc)
+        except (ValueError, na.NAError) as exc:
+            refused = getattr(exc, "cause", None) or str(exc)
         flow = self._flow = ov.Overflow(ov.ORIGIN, ctx.landing)
-        if ov.Action.PULL not in flow.begin(size, refused):
+        if ov.Action.PULL not in flow.begin(size, refused, peer=self.addr.uri):
             ctx.target.send_ack(self.addr, tag | ACK_BIT)
             self._finish("error", None, RPCError(rpc.name, self.addr.uri,
                                                  f"result of {size} B {flow.reason}"))
@@ -275,20 +280,20 @@ class Handle:
                         self._finish("error", None, self._transport_error(transfer.error))  # type: ignore[arg-type]
                     elif action is ov.Action.DELIVER:
                         try:
-                            value = rpc.out_proc.loads(dest)
+                            value = bound_to(rpc.out_proc, dest, self.addr, ctx.bulk_allow)
                         except Exception as exc:
                             self._finish("error", None, RPCError(rpc.name, self.addr.uri,
                                                                  f"malformed response: {exc}"))
                             return
                         self._finish("response", value, None)
             finally:
-                ctx.landing.give(buf)  # the transfer is over, whatever its outcome
+                ctx.target.let_go(buf, dest)  # the transfer is over, whatever its outcome
 
         try:
             transfer = local.pull_from(remote, addr=self.addr, callback=pulled)
         except (ValueError, na.NAError) as exc:  # refused before a byte moved
             local.close()
-            ctx.landing.give(buf)
+            ctx.target.let_go(buf, dest)
             flow.handle("failed")  # gives the budget back
             ctx.target.send_ack(self.addr, tag | ACK_BIT)
             self._finish("error", None, RPCError(rpc.name, self.addr.uri,

@@ -12,11 +12,14 @@ never have it, so an acknowledgement can never be taken for a response (both pee
 their calls from 1).
 
 Peers choose these sizes, so what they can make a process hold is capped: ``max_overflow`` is
-the budget of bytes all overflowing calls being pulled may hold at once, checked, with the
-handle itself, before anything is allocated.
+the budget of bytes all overflowing calls being pulled may hold at once, and
+``max_overflow_per_peer`` the part of it one peer's calls may hold (so one peer declaring
+1 GiB cannot refuse everyone else's large calls), both checked, with the handle itself,
+before anything is allocated. A pull that lands nothing for ``overflow_timeout`` seconds is
+given up; one that keeps moving is not, however long it takes.
 
-The protocol is one table (``TABLE``, bottom): an ``Overflow`` takes events (begin, pulled,
-failed, timeout, cancel, acked, closed) and returns the actions its driver performs (pull,
+The protocol is one table (``TABLE``, bottom): an ``Overflow`` takes events (begin, moved,
+pulled, failed, timeout, cancel, acked, closed) and returns the actions its driver performs (pull,
 cancel the pull, ack, reply error, dispatch, deliver, fail, withdraw, release); it does no
 I/O, and it owns the budget: reserved when a pull begins, released by whichever transition
 leaves the pulling phase. ``tests/test_overflow_table.py`` drives it without sockets.
@@ -25,6 +28,7 @@ leaves the pulling phase. ``tests/test_overflow_table.py`` drives it without soc
 from __future__ import annotations
 
 import enum
+import mmap
 import threading
 from typing import Any
 
@@ -58,51 +62,121 @@ def segments(parts: list[Any]) -> list[Any]:
     return out
 
 
-class Landing:
-    """Landing buffers for overflows and the budget of bytes peers may make us hold.
+def share(budget: int) -> int:
+    """The default part of ``max_overflow`` one peer may hold: a quarter. Four peers can then
+    each have a full share in flight whatever a fifth declares, and one peer may still send
+    an input of a quarter of the budget (256 MiB by default); larger ones need
+    ``max_overflow_per_peer``. A peer's claim is refused at the request, before anything is
+    allocated, so a share that is too small costs a clear error, never memory."""
+    return max(1, budget // 4)
 
-    Decoders copy out of the landing buffer (as they do out of a receive buffer), so the
-    buffer of a finished overflow lands the next one: a fresh large allocation is zero-filled
-    and faults in every page, which costs more than the transfer into it.
+
+class Landing:
+    """Landing buffers for overflows, and the budget of bytes peers may make us hold: all of
+    them together (``budget``) and each one (``per_peer``, keyed by the peer's URI).
+
+    A landing buffer is an anonymous mapping that nothing touches before the pull writes
+    into it: the kernel supplies zero pages as the bytes arrive, so a peer that declares
+    1 GiB costs neither a 0.45 s memset on the progress thread nor resident memory until it
+    sends. Decoders copy out of it (as they do out of a receive buffer), so it is unmapped
+    as soon as the call is decoded. One buffer of up to ``LANDING_MAX`` is kept for the next
+    overflow, its pages already faulted in: that costs less than faulting in new ones.
     """
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, per_peer: int | None = None) -> None:
         self.budget = budget
+        self.per_peer = share(budget) if per_peer is None else per_peer
         self.held = 0
-        self._spare: bytearray | None = None
+        self.peers: dict[str, int] = {}  # bytes held per peer, only while nonzero
+        self.mapped = 0  # landing buffers in use
+        self.pinned = 0  # left to a user that kept a view of them (a leak's sign)
+        self._spare: mmap.mmap | None = None
+        self._unmap: list[mmap.mmap] = []
         self._lock = threading.Lock()
 
-    def reserve(self, size: int) -> str | None:
-        """Count ``size`` bytes against the budget, or say why not."""
+    def reserve(self, size: int, peer: str = "") -> str | None:
+        """Count ``size`` bytes against the budget and ``peer``'s share, or say why not."""
         with self._lock:
             if size > self.budget:
                 return f"exceeds the limit of {self.budget} B (max_overflow)"
+            if size > self.per_peer:
+                return (f"exceeds the share of {self.per_peer} B one peer may hold "
+                        "(max_overflow_per_peer)")
             if self.held + size > self.budget:
                 return (f"does not fit: {self.held} B of other overflowing calls are held, "
                         f"the limit is {self.budget} B (max_overflow)")
+            mine = self.peers.get(peer, 0)
+            if mine + size > self.per_peer:
+                return (f"does not fit in the share of {self.per_peer} B one peer may hold "
+                        f"(max_overflow_per_peer): {mine} B of its other calls are held")
             self.held += size
+            self.peers[peer] = mine + size
             return None
 
-    def release(self, size: int) -> None:
+    def release(self, size: int, peer: str = "") -> None:
         with self._lock:
             self.held -= size
+            left = self.peers.get(peer, 0) - size
+            if left > 0:
+                self.peers[peer] = left
+            else:
+                self.peers.pop(peer, None)
 
-    def take(self, size: int) -> tuple[bytearray, memoryview]:
+    def take(self, size: int) -> tuple[mmap.mmap, memoryview]:
         with self._lock:
             buf = self._spare
             if buf is not None and len(buf) >= size:
                 self._spare = None
             else:
                 buf = None
+            self.mapped += 1
         if buf is None:
-            buf = bytearray(size)
+            buf = mmap.mmap(-1, max(size, 1))  # untouched: no page is spent before bytes land
         return buf, memoryview(buf)[:size]
 
-    def give(self, buf: bytearray) -> None:
-        """Keep ``buf`` for the next overflow; only once nothing can write into it any more."""
+    def give(self, buf: mmap.mmap, view: memoryview) -> bool:
+        """Once nothing can write into ``buf`` any more: keep it for the next overflow, or
+        unmap it now (not when the garbage collector gets to it). False if it could not be
+        unmapped yet: given back from a completion callback, the op being completed still
+        holds a view of it until the callback returns, and the driver must ``sweep`` then."""
+        view.release()
         with self._lock:
+            self.mapped -= 1
             if len(buf) <= LANDING_MAX and (self._spare is None or len(buf) > len(self._spare)):
-                self._spare = buf
+                buf, self._spare = self._spare, buf  # type: ignore[assignment]
+            if buf is not None:
+                self._unmap.append(buf)
+        return self.sweep()
+
+    def sweep(self, final: bool = False) -> bool:
+        """Unmap the buffers given back; True when none is left waiting. ``final``: one that
+        still cannot be (a decoder kept a view of it) is left to its last user and counted."""
+        with self._lock:
+            pending, self._unmap = self._unmap, []
+        left = []
+        for buf in pending:
+            try:
+                buf.close()
+            except BufferError:
+                left.append(buf)
+        with self._lock:
+            if final:
+                self.pinned += len(left)
+            else:
+                self._unmap += left
+            return not self._unmap
+
+    @property
+    def landings(self) -> int:
+        """Landing buffers in use or waiting to be unmapped (the spare is not counted)."""
+        return self.mapped + len(self._unmap)
+
+    def close(self) -> None:
+        with self._lock:
+            spare, self._spare = self._spare, None
+            if spare is not None:
+                self._unmap.append(spare)
+        self.sweep(final=True)
 
 
 # -- the overflow state table (sans I/O: events in, actions out) -------------------------------
@@ -142,6 +216,7 @@ _PULLS_INPUT = {
     (_P.NEW, "begin"): (_P.PULLING_INPUT, (_A.PULL,)),
     (_P.NEW, "refused"): (_P.COMPLETED, (_A.REPLY_ERROR,)),
     (_P.PULLING_INPUT, "failed"): (_P.COMPLETED, (_A.REPLY_ERROR,)),
+    (_P.PULLING_INPUT, "moved"): (_P.PULLING_INPUT, ()),  # a chunk landed: not stalled
     (_P.PULLING_INPUT, "timeout"): (_P.PULLING_INPUT, (_A.CANCEL_PULL,)),
     (_P.PULLING_INPUT, "closed"): (_P.COMPLETED, ()),  # the engine shuts down: drop it
 }
@@ -152,6 +227,7 @@ TABLE: dict[tuple[str, Phase, str], tuple[Phase, tuple[Action, ...]]] = {
     (TARGET_ONE_WAY, _P.PULLING_INPUT, "pulled"): (_P.RECEIVED, (_A.ACK, _A.DISPATCH)),
     (ORIGIN, _P.FORWARDED, "begin"): (_P.PULLING_OUTPUT, (_A.PULL,)),
     (ORIGIN, _P.FORWARDED, "refused"): (_P.COMPLETED, (_A.ACK, _A.FAIL)),
+    (ORIGIN, _P.PULLING_OUTPUT, "moved"): (_P.PULLING_OUTPUT, ()),
     (ORIGIN, _P.PULLING_OUTPUT, "pulled"): (_P.COMPLETED, (_A.ACK, _A.DELIVER)),
     (ORIGIN, _P.PULLING_OUTPUT, "failed"): (_P.COMPLETED, (_A.ACK, _A.FAIL)),
     (ORIGIN, _P.PULLING_OUTPUT, "cancel"): (_P.PULLING_OUTPUT, (_A.CANCEL_PULL,)),
@@ -167,30 +243,68 @@ _START = {TARGET: _P.NEW, TARGET_ONE_WAY: _P.NEW, ORIGIN: _P.FORWARDED, EXPOSER:
 class Overflow:
     """One overflow's state. The budget is reserved by ``begin`` and released by the
     transition that leaves the pulling phase, whichever it is, so the two cannot come
-    unpaired; ``reason`` says why a pull was refused."""
+    unpaired; ``reason`` says why a pull was refused.
 
-    __slots__ = ("budget", "held", "phase", "reason", "role", "size")
+    ``stall`` makes the pull's timeout a stall timeout: the pull is given up once ``stall``
+    seconds pass with no chunk landing (``moved``), however long it has been moving, so a
+    4 GiB input over a slow link is not cut off while its bytes flow. The driver asks
+    ``deadline`` when to call ``expire(now)`` and arms its timer again if that returns
+    nothing (aioquic's ``get_timer``/``handle_timer``).
+    """
 
-    def __init__(self, role: str, budget: Landing | None = None) -> None:
+    __slots__ = ("budget", "held", "last", "peer", "phase", "reason", "role", "size", "stall",
+                 "timed_out")
+
+    def __init__(self, role: str, budget: Landing | None = None,
+                 stall: float | None = None) -> None:
         self.role = role
         self.phase = _START[role]
         self.budget = budget
+        self.stall = stall
         self.size = 0
+        self.peer = ""
         self.held = False
+        self.last = 0.0  # when the pull began or last moved
+        self.timed_out = False
         self.reason: str | None = None
 
     def __repr__(self) -> str:
         return f"<Overflow {self.role} {self.phase.value} {self.size} B>"
 
-    def begin(self, size: int, refused: str | None = None) -> tuple[Action, ...]:
-        """Start a pull of ``size`` bytes unless ``refused`` (the handle did not resolve) or
-        the budget says no."""
+    def begin(self, size: int, refused: str | None = None, *, peer: str = "",
+              now: float = 0.0) -> tuple[Action, ...]:
+        """Start a pull of ``size`` bytes from ``peer`` unless ``refused`` (the handle did not
+        resolve) or the budget, or the peer's share of it, says no."""
         self.size = size
+        self.peer = peer
+        self.last = now
         if refused is None and self.budget is not None:
-            refused = self.budget.reserve(size)
+            refused = self.budget.reserve(size, peer)
             self.held = refused is None
         self.reason = refused
         return self.handle("begin" if refused is None else "refused")
+
+    def moved(self, now: float) -> tuple[Action, ...]:
+        """Part of the pull landed at ``now``: the stall timer starts over."""
+        actions = self.handle("moved")
+        self.last = now
+        return actions
+
+    @property
+    def deadline(self) -> float | None:
+        """When the pull counts as stalled unless it moves first (None: no timer needed)."""
+        if self.stall is None or self.timed_out or self.phase not in _PULLING:
+            return None
+        return self.last + self.stall
+
+    def expire(self, now: float) -> tuple[Action, ...]:
+        """The timer fired at ``now``: cancel a stalled pull; nothing if it moved meanwhile
+        (the driver then arms the timer again, for ``deadline``)."""
+        deadline = self.deadline
+        if deadline is None or now < deadline:
+            return ()
+        self.timed_out = True
+        return self.handle("timeout")
 
     def handle(self, event: str) -> tuple[Action, ...]:
         """The actions ``event`` calls for; StateError if the table has no such transition."""
@@ -200,6 +314,6 @@ class Overflow:
             raise StateError(self.role, self.phase.value, event) from None
         if self.held and phase not in _PULLING:
             self.held = False
-            self.budget.release(self.size)  # type: ignore[union-attr]
+            self.budget.release(self.size, self.peer)  # type: ignore[union-attr]
         self.phase = phase
         return actions

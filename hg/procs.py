@@ -64,7 +64,7 @@ def optional(inner: Proc) -> Proc:
         if value is not None:
             inner.free(value)
 
-    return Proc(f"Optional[{inner.name}]", encode, decode, free)
+    return Proc(f"Optional[{inner.name}]", encode, decode, free, handles=inner.handles)
 
 
 def _count(name: str, buf: Any, pos: int, item_size: int) -> tuple[int, int]:
@@ -95,7 +95,7 @@ def sequence(inner: Proc, kind: type = list) -> Proc:
             n, pos = _count(name, buf, pos, size)
             return kind(struct.unpack_from(f"!{n}{code}", buf, pos)), pos + n * size
 
-        return Proc(name, encode, decode)
+        return Proc(name, encode, decode, handles=False)
 
     def encode_items(value: Any) -> bytes:
         try:
@@ -117,7 +117,7 @@ def sequence(inner: Proc, kind: type = list) -> Proc:
         for item in value:
             inner.free(item)
 
-    return Proc(name, encode_items, decode_items, free)
+    return Proc(name, encode_items, decode_items, free, handles=inner.handles)
 
 
 def mapping(key: Proc, val: Proc) -> Proc:
@@ -145,7 +145,7 @@ def mapping(key: Proc, val: Proc) -> Proc:
             key.free(k)
             val.free(v)
 
-    return Proc(name, encode, decode, free)
+    return Proc(name, encode, decode, free, handles=key.handles or val.handles)
 
 
 def record(name: str, fields: list[Proc], build: Callable[[tuple[Any, ...]], Any],
@@ -170,7 +170,7 @@ def record(name: str, fields: list[Proc], build: Callable[[tuple[Any, ...]], Any
                                   f"{len(buf) - pos} left")
             return build(packer.unpack_from(buf, pos)), pos + size
 
-        return Proc(name, encode, decode, fmt=fmt, flat=True)
+        return Proc(name, encode, decode, fmt=fmt, flat=True, handles=False)
 
     def encode_fields(value: Any) -> bytes:
         values = split(value)
@@ -198,7 +198,8 @@ def record(name: str, fields: list[Proc], build: Callable[[tuple[Any, ...]], Any
         for f, v in zip(fields, split(value)):
             f.free(v)
 
-    return Proc(name, encode_fields, decode_fields, free, parts=parts_of_fields)
+    return Proc(name, encode_fields, decode_fields, free, parts=parts_of_fields,
+                handles=any(f.handles for f in fields))
 
 
 def _dataclass(cls: type) -> Proc:

@@ -14,12 +14,14 @@ or argument list made only of them compiles to one ``struct.Struct`` (packed in 
 from __future__ import annotations
 
 import struct
+import threading
 import typing
 from collections.abc import Callable
 from typing import Any
 
 import msgpack
 
+from petasus import na
 from petasus.bulk import Bulk, LayoutError, RemoteBulk
 
 from .errors import DecodeError, EncodeError
@@ -41,13 +43,18 @@ def _no_free(value: Any) -> None:
 class Proc:
     """How one type crosses the wire. ``fmt`` is its struct code when it has a fixed size."""
 
-    __slots__ = ("decode", "encode", "flat", "fmt", "free", "name", "parts", "scalar", "struct")
+    __slots__ = ("decode", "encode", "flat", "fmt", "free", "handles", "name", "parts", "scalar",
+                 "struct")
 
     def __init__(self, name: str, encode: Encode, decode: Decode,
                  free: Callable[[Any], None] = _no_free, fmt: str | None = None,
                  scalar: bool = False, flat: bool = False,
-                 parts: Callable[[Any], list[Any]] | None = None) -> None:
+                 parts: Callable[[Any], list[Any]] | None = None, handles: bool = True) -> None:
         self.name = name
+        # Whether a decoded value may hold bulk handles, which are then bound to the peer that
+        # sent them (``bound_to``). A proc of unknown content (a custom one) may: only the
+        # procs that certainly hold none skip the binding, and its cost.
+        self.handles = handles
         self.encode = encode
         # The encoding as a list of buffers whose concatenation is ``encode(value)``: large
         # values appear as views of themselves, so an overflowing call exposes the caller's
@@ -89,7 +96,7 @@ def _fixed(name: str, code: str, check: Callable[[Any], Any]) -> Proc:
             raise DecodeError(f"{name}: needs {size} B at offset {pos}, {len(buf) - pos} left")
         return packer.unpack_from(buf, pos)[0], pos + size
 
-    return Proc(name, encode, decode, fmt=code, scalar=True)
+    return Proc(name, encode, decode, fmt=code, scalar=True, handles=False)
 
 
 def _int(value: Any) -> int:
@@ -173,7 +180,7 @@ def _var_bytes(name: str, to_bytes: Callable[[Any], bytes], build: Callable[[Any
                 return [_U32.pack(view.nbytes), view]  # no copy of the caller's buffer
         return [encode(value)]
 
-    return Proc(name, encode, decode, parts=parts)
+    return Proc(name, encode, decode, parts=parts, handles=False)
 
 
 def _to_bytes(value: Any) -> bytes:
@@ -189,6 +196,31 @@ PROCS[bytearray] = _var_bytes("buffer", _to_bytes, bytearray)
 PROCS[memoryview] = PROCS[bytearray]
 
 
+class _Decoding(threading.local):
+    """The peer whose message is being decoded on this thread, if any (``bound_to``)."""
+
+    peer: na.Addr | None = None
+    allow: Callable[[str], bool] | None = None
+
+
+_DECODING = _Decoding()
+
+
+def bound_to(proc: Proc, data: Any, peer: na.Addr,
+             allow: Callable[[str], bool] | None) -> Any:
+    """``proc.loads(data)``, the handles in it bound to ``peer``, the process that sent them:
+    a handler's transfers with them go to that peer over its connection, never to an owner
+    the bytes name, unless ``allow(owner URI)`` (``Engine(bulk_peers=...)``)."""
+    if not proc.handles:
+        return proc.loads(data)
+    state = _DECODING
+    state.peer, state.allow = peer, allow
+    try:
+        return proc.loads(data)
+    finally:
+        state.peer = state.allow = None
+
+
 def _bulk() -> Proc:
     """A bulk handle travels serialized; the receiver gets a RemoteBulk it can pull from or
     push to (or hand on to a third process)."""
@@ -199,9 +231,13 @@ def _bulk() -> Proc:
 
     def decode(buf: Any, pos: int) -> tuple[Any, int]:
         try:
-            return RemoteBulk.decode(buf, pos)
+            handle, end = RemoteBulk.decode(buf, pos)
         except LayoutError as exc:
             raise DecodeError(str(exc)) from None
+        peer = _DECODING.peer
+        if peer is not None:
+            handle.bind(peer, _DECODING.allow)
+        return handle, end
 
     return Proc("bulk", encode, decode)
 
@@ -219,7 +255,7 @@ def _void() -> Proc:
             raise EncodeError(f"None: the RPC returns nothing, got {value!r}")
         return b""
 
-    return Proc("None", encode, lambda buf, pos: (None, pos))
+    return Proc("None", encode, lambda buf, pos: (None, pos), handles=False)
 
 
 VOID = _void()
@@ -239,13 +275,15 @@ def _any() -> Proc:
     def decode(buf: Any, pos: int) -> tuple[Any, int]:
         start, end = _span("any", buf, pos)
         try:
-            value = msgpack.unpackb(bytes(buf[start:end]), raw=False, strict_map_key=False,
+            # msgpack reads the view in place and copies out only the values: a copy of the
+            # whole encoding first would double the cost of a large overflowed input.
+            value = msgpack.unpackb(buf[start:end], raw=False, strict_map_key=False,
                                     use_list=True)
         except Exception as exc:  # msgpack raises several types for malformed input
             raise DecodeError(f"any (msgpack): {type(exc).__name__}: {exc}") from None
         return value, end
 
-    return Proc("any", encode, decode)
+    return Proc("any", encode, decode, handles=False)
 
 
 ANY = _any()

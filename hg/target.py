@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from petasus import na
-from petasus.bulk import READ_ONLY, WRITE_ONLY, Bulk, RemoteBulk, Transfer
+from petasus.bulk import READ_ONLY, WRITE_ONLY, Bulk, RemoteBulk, Stream
 
 from . import header as hd
 from . import overflow as ov
@@ -22,6 +22,7 @@ from .errors import EncodeError
 from .overflow import ACK_BIT, Landing, segments
 from .procs import proc_for
 from .registry import RPC, Class
+from .scalars import bound_to
 from .timers import Deadline, Timers
 
 log = logging.getLogger("petasus.hg.rpc")
@@ -44,6 +45,7 @@ class Context(Protocol):
     overflow_timeout: float
     max_expected: int
     closing: bool
+    bulk_allow: Callable[[str], bool] | None
 
 
 class Target:
@@ -78,6 +80,8 @@ class Target:
                     args = RemoteBulk.from_bytes(buf[_REQ.size:n])  # the input, to pull
                 elif fused is not None and n == fused.size:
                     args = fused.unpack_from(buf)[5:]
+                elif rpc.in_proc.handles:
+                    args = bound_to(rpc.in_proc, buf[_REQ.size:n], source, self.ctx.bulk_allow)
                 else:
                     args = rpc.in_proc.loads(buf[_REQ.size:n])
         except hd.HeaderError as exc:
@@ -137,49 +141,53 @@ class Target:
     def _pull_input(self, rpc: RPC, source: na.Addr, tag: int, one_way: bool,
                     remote: RemoteBulk) -> None:
         """Pull an input that did not fit in the request, then run the handler. The handle
-        is checked and the bytes budgeted (by the table) before anything is allocated."""
-        size = remote.size
+        is checked, and the bytes budgeted against the peer's share (by the table), before
+        anything is allocated; the pull comes in chunks so that a stall is told from a slow
+        link, and is given up after ``overflow_timeout`` s without a chunk landing."""
+        size, clock = remote.size, self.clock
         try:
-            remote.resolve(self.na, "pull the input", source)
+            remote.bind(source)  # only the peer that sent the request: never a third party
+            remote.resolve(self.na, "pull the input", None)
             refused = None
             if not remote.access & na.Access.READ_ONLY:
                 refused = f"comes with a {remote.access.name} handle, which cannot be pulled"
-        except ValueError as exc:
-            refused = str(exc)
-        flow = ov.Overflow(ov.TARGET_ONE_WAY if one_way else ov.TARGET, self.landing)
-        if ov.Action.PULL not in flow.begin(size, refused):
+        except (ValueError, na.NAError) as exc:
+            refused = getattr(exc, "cause", None) or str(exc)
+        flow = ov.Overflow(ov.TARGET_ONE_WAY if one_way else ov.TARGET, self.landing,
+                           self.overflow_timeout)
+        if ov.Action.PULL not in flow.begin(size, refused, peer=source.uri, now=clock()):
             self.reply_error(source, tag, hd.OVERFLOW, "OverflowError",
                              f"{rpc.name}: input of {size} B {flow.reason}")
             return
         self.stats["overflows"] += 1
         buf, dest = self.landing.take(size)
         local = Bulk(self.na, dest, WRITE_ONLY, eager=False)
-        timer = Deadline(self.clock() + self.overflow_timeout, lambda: None)
+        timer = Deadline(0.0, lambda: None)
 
-        def pulled(transfer: Transfer) -> None:
+        def pulled(stream: Stream) -> None:
+            timer.disarm()
             local.close()
             try:
-                settle(transfer)
+                settle(stream.error)
             finally:
-                self.landing.give(buf)  # the transfer is over: nothing writes into it now
+                self.let_go(buf, dest)  # the pull is over: nothing writes into it now
 
-        def settle(transfer: Transfer) -> None:
-            timed_out = not timer.disarm()
-            error = transfer.error
+        def settle(error: BaseException | None) -> None:
             event = "closed" if self.ctx.closing else ("failed" if error is not None
                                                        else "pulled")
             for action in flow.handle(event):
                 if action is ov.Action.REPLY_ERROR:
-                    why = (f"not pulled within {self.overflow_timeout:g} s" if timed_out
-                           else f"pulling it failed: {error}")
-                    log.warning("%s: the input from %s was %s", rpc.name, source.uri, why)
+                    why = (f"stalled: no bytes moved for {self.overflow_timeout:g} s "
+                           f"({stream.moved} of {size} B had)" if flow.timed_out
+                           else f"could not be pulled: {error}")
+                    log.warning("%s: the input from %s %s", rpc.name, source.uri, why)
                     self.reply_error(source, tag, hd.OVERFLOW, type(error).__name__,
-                                     f"{rpc.name}: the input was {why}")
+                                     f"{rpc.name}: the input {why}")
                 elif action is ov.Action.ACK:
                     self.send_ack(source, tag)  # its answer: the origin may let go of the input
                 elif action is ov.Action.DISPATCH:
                     try:
-                        args = rpc.in_proc.loads(dest)
+                        args = bound_to(rpc.in_proc, dest, source, self.ctx.bulk_allow)
                     except Exception as exc:
                         log.warning("%s from %s: %s", rpc.name, source.uri, exc)
                         if not one_way:
@@ -188,23 +196,33 @@ class Target:
                         return
                     self._dispatch(rpc, source, tag, int(one_way), args)
 
+        def check() -> None:
+            actions = flow.expire(clock())
+            if ov.Action.CANCEL_PULL in actions:
+                self.stats["overflow_timeouts"] += 1
+                stream.cancel()
+            elif flow.deadline is not None and not stream.done:
+                timer.live, timer.deadline = True, flow.deadline  # it moved: wait again
+                self.timers.arm(timer, timer.deadline)
+
+        def moved(n: int) -> None:
+            self.stats["overflow_bytes"] += n
+            flow.moved(clock())
+
+        stream = Stream(local, remote, size, addr=source, callback=pulled, on_chunk=moved)
         try:
-            transfer = local.pull_from(remote, addr=source, callback=pulled)
+            stream.start()
         except (ValueError, na.NAError) as exc:  # refused before a byte moved
             local.close()
-            self.landing.give(buf)
+            self.let_go(buf, dest)
             log.warning("%s: the input from %s cannot be pulled: %s", rpc.name, source.uri, exc)
             if ov.Action.REPLY_ERROR in flow.handle("failed"):  # the budget goes back, too
                 self.reply_error(source, tag, hd.OVERFLOW, type(exc).__name__,
                                  f"{rpc.name}: the input cannot be pulled: {exc}")
             return
-        if not transfer.done:
-            def give_up() -> None:
-                self.stats["overflow_timeouts"] += 1
-                if ov.Action.CANCEL_PULL in flow.handle("timeout"):
-                    transfer.cancel()
-
-            timer.on_expire = give_up
+        if not stream.done and flow.deadline is not None:
+            timer.on_expire = check
+            timer.deadline = flow.deadline
             self.timers.arm(timer, timer.deadline)
 
     def _expose_output(self, source: na.Addr, tag: int, parts: list[Any]) -> None:
@@ -235,6 +253,13 @@ class Target:
         self.stats["overflows"] += 1
         self.timers.arm(timer, timer.deadline)
         self.na.msg_send_expected(source, head, tag)
+
+    def let_go(self, buf: Any, view: memoryview) -> None:
+        """Give a landing buffer back; what cannot be unmapped inside the completion that
+        ends its pull is unmapped by the next progress pass, once the completion is over."""
+        if not self.landing.give(buf, view):
+            now = self.clock()
+            self.timers.arm(Deadline(now, lambda: self.landing.sweep(final=True)), now)
 
     def send_ack(self, peer: na.Addr, tag: int) -> None:
         if not self.ctx.closing:

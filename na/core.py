@@ -108,6 +108,23 @@ def check_open(closed: bool, name: str, owner: object) -> None:
         raise RuntimeError(f"{name}: {owner!r} is closed")
 
 
+def detached(error: BaseException) -> BaseException:
+    """``error`` without the frames that raised it, nor those of the exceptions it chains to.
+
+    A failed op keeps its error until the op is dropped; a traceback would keep every frame
+    that handled the op, and with them the op and its buffer, in a reference cycle that only
+    the garbage collector breaks (three failed 256 MiB pulls held 814 MB until it ran). The
+    message names the operation, the peer and the cause: the frames add nothing for the user.
+    """
+    seen = 0
+    link: BaseException | None = error
+    while link is not None and seen < 16:  # a chain is short; a loop in it must not hang us
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+        seen += 1
+    return error
+
+
 def canceled(op: Op, cause: str = "canceled") -> Canceled:
     return Canceled(op.kind.name.lower(), op.addr.uri if op.addr is not None else None, cause)
 
@@ -144,7 +161,7 @@ class CompletionQueue:
     def fail(self, op: Op, error: BaseException) -> None:
         """Finish ``op`` with ``error`` unless it already finished."""
         if op.state != OpState.FINISHED:
-            op.error = error
+            op.error = detached(error)
             self.post(op)
 
     def complete(self, op: Op) -> None:

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 from . import _pvm
 from ._sockets import SocketPlugin
-from .core import NAK_KEY, REFUSALS, canceled, refusal
+from .core import NAK_KEY, REFUSALS, canceled, detached, refusal
 from .errors import AccessError, NAError, PeerError
 from .types import Access, Addr, MemHandle, Op, OpKind
 
@@ -47,6 +47,9 @@ _TABLE_MAGIC = b"PETASMR1"
 _TABLE_HEAD = 16
 _SLOT = struct.Struct("<QQQQ")  # key, base address, length, access (key 0 = free)
 _EXTRA = struct.Struct("<iIIQ")  # pid, instance, slot, base address
+# Copies one progress pass runs before it serves the sockets again: one 4 MiB chunk of a pull
+# (bulk.Stream) takes ~1-3 ms here, so that is what another peer's call may wait behind.
+_PASS_BYTES = 4 << 20
 _instances = itertools.count()
 PTRACE_HINT = ("the kernel denied cross-process memory access (EPERM). Run with CAP_SYS_PTRACE, "
                "lower /proc/sys/kernel/yama/ptrace_scope, have the target call "
@@ -288,14 +291,21 @@ class SmPlugin(SocketPlugin):
         os.eventfd_write(self._cq.wake_fd, 1)
 
     def progress(self, timeout: float = 0.0) -> bool:
-        if self._copies:
-            self._check_open("progress")
-            with self._lock:
-                copies, self._copies = self._copies, deque()
-                for op in copies:
-                    self._copy(op)
-            return True
-        return super().progress(timeout)
+        if not self._copies:
+            return super().progress(timeout)
+        self._check_open("progress")
+        # Messages first, then at most _PASS_BYTES of copies: a pull in chunks queues its
+        # next copies from each completion, and passes of copies alone starved every other
+        # peer's calls until the last chunk (a 1 GiB input held small RPCs for seconds).
+        super().progress(0)
+        budget = _PASS_BYTES
+        with self._lock:
+            copies = self._copies
+            while copies and budget > 0:
+                op = copies.popleft()
+                budget -= op.length
+                self._copy(op)
+        return True
 
     def _cancel_transfer(self, op: Op) -> bool:
         if op in self._copies:
@@ -322,7 +332,7 @@ class SmPlugin(SocketPlugin):
             local = op.buffer[op.local_off: op.local_off + op.length]
             _pvm.transfer(op.kind == OpKind.PUT, pid, local, remote_addr)
         except NAError as exc:
-            op.error = exc
+            op.error = detached(exc)  # its frames hold this op, and the op its buffer
         except OSError as exc:
             if exc.errno == errno.EPERM:
                 self._denied = True

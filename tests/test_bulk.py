@@ -239,19 +239,22 @@ def test_an_unclosed_handle_warns(rpc: RpcPeer) -> None:
 
 # -- third parties and pipelining ---------------------------------------------------------------
 def test_a_third_process_pulls_from_the_owner(spec: Spec, rpc: RpcPeer) -> None:
-    other, thread = start_in_thread(spec.uri, **spec.options)
+    """The handle travels owner -> rpc peer -> other, which pulls it from the owner: a third
+    party, so ``other`` must allow the owner (``bulk_peers``); tests/test_hostile_hg.py shows
+    the refusal without it."""
     data = api.pattern(18, MiB + 3)
-    try:
-        with hg.Engine(spec.uri, listen=True, timeout=TIMEOUT, **spec.options) as owner:
+    with hg.Engine(spec.uri, listen=True, timeout=TIMEOUT, **spec.options) as owner:
+        other, thread = start_in_thread(spec.uri, bulk_peers=[owner.uri], **spec.options)
+        try:
             owner.declare(api)
             with owner.bulk(api.split(data, 2), RO, eager=False) as handle:
                 remote = owner.lookup(rpc.uri)
                 future = remote.relay_pull.future(other.uri, handle)
                 assert owner.wait(future) == sha(data)
-    finally:
-        other.shutdown()
-        thread.join(TIMEOUT)
-        other.close()
+        finally:
+            other.shutdown()
+            thread.join(TIMEOUT)
+            other.close()
 
 
 def test_pipelined_pull_on_the_server(rpc: RpcPeer) -> None:
@@ -322,14 +325,18 @@ def test_overflow_from_asyncio_and_futures(rpc: RpcPeer) -> None:
 
 
 def test_the_server_caps_what_a_peer_makes_it_allocate(spec: Spec) -> None:
-    server = hg.Engine(spec.uri, listen=True, max_overflow=MiB, **spec.options)
+    # One peer may hold the whole budget here: this is the budget's test; the per-peer
+    # share's is in tests/test_hostile_hg.py.
+    server = hg.Engine(spec.uri, listen=True, max_overflow=MiB, max_overflow_per_peer=MiB,
+                       **spec.options)
     server.register(api.digest, sha)
     server.register(api.make, lambda size, seed: api.pattern(seed, size))
     server.register(api.deposit, lambda data: None)
     thread = threading.Thread(target=server.serve, kwargs={"handle_signals": False})
     thread.start()
     try:
-        with hg.Engine(spec.uri, timeout=TIMEOUT, max_overflow=MiB, **spec.options) as client:
+        with hg.Engine(spec.uri, timeout=TIMEOUT, max_overflow=MiB, max_overflow_per_peer=MiB,
+                       **spec.options) as client:
             client.declare(api)
             remote = client.lookup(server.uri)
             with pytest.raises(hg.RPCError, match="max_overflow"):
@@ -548,8 +555,8 @@ def test_overflow_memory_is_budgeted_and_stalled_pulls_time_out(spec: Spec) -> N
     if spec.options.get("rma") == "process_vm":
         pytest.skip("process_vm pulls do not need the owner's progress: nothing stalls")
     clock = FakeClock()  # the stalled pull times out when the test says so, not before
-    with hg.Engine(spec.uri, listen=True, max_overflow=4 * MiB, overflow_timeout=2.0,
-                   clock=clock, **spec.options) as server, \
+    with hg.Engine(spec.uri, listen=True, max_overflow=4 * MiB, max_overflow_per_peer=4 * MiB,
+                   overflow_timeout=2.0, clock=clock, **spec.options) as server, \
             na.initialize(spec.uri, **spec.options) as staller, \
             hg.Engine(spec.uri, timeout=TIMEOUT, **spec.options) as client:
         server.register(api.digest, sha)
@@ -584,12 +591,12 @@ def test_overflow_memory_is_budgeted_and_stalled_pulls_time_out(spec: Spec) -> N
         with pytest.raises(hg.RPCError, match="does not fit"):
             client.wait(refused)
         assert server.context.landing.held == 3 * MiB
-        # overflow_timeout later the stalled pull is given up (canceled), the staller is told
-        # so, and the budget is back.
+        # overflow_timeout without a byte landing, the stalled pull is given up (canceled),
+        # the staller is told so, and the budget is back.
         clock.now += 2.0
         pump(lambda: server.statistics()["overflow_timeouts"] == 1)
         pump(lambda: answer.done and server.context.landing.held == 0, staller)
-        assert reply[2] == hd.OVERFLOW and b"not pulled within 2 s" in reply[:answer.size]
+        assert reply[2] == hd.OVERFLOW and b"no bytes moved for 2 s" in reply[:answer.size]
         data = api.pattern(4, 3 * MiB)
         fine = remote.digest.future(data)
         pump(lambda: fine.done)

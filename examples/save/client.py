@@ -23,7 +23,10 @@ def main() -> None:
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         start = time.perf_counter()
         with engine.bulk(data, bulk.READ_ONLY) as handle:
-            written = server.save(path.name, handle)
+            try:
+                written = server.save(path.name, handle)
+            except hg.RemoteError as exc:  # refused (too large, a bad name): the server says why
+                sys.exit(f"not saved: {exc}")
         elapsed = time.perf_counter() - start
         if size:
             data.close()  # type: ignore[union-attr]
