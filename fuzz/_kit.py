@@ -101,3 +101,22 @@ def same(a: Any, b: Any) -> bool:
     if fields is not None:
         return all(same(getattr(a, f), getattr(b, f)) for f in fields)
     return bool(a == b)
+
+
+def peak_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """``fn()``'s result and the peak of Python allocations while it ran (tracemalloc), so a
+    harness can bound what a decoder allocates even for a moment, not only what it returns.
+
+    The first call starts tracemalloc for the process: it slows allocation down, which only
+    the harnesses that call this pay."""
+    import tracemalloc
+
+    if not tracemalloc.is_tracing():
+        tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    try:
+        result = fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1] - before
+    return result, peak

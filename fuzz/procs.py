@@ -22,7 +22,7 @@ from petasus.bulk import layout
 from petasus.hg.errors import DecodeError
 from petasus.hg.procs import proc_for
 
-from ._kit import Harness, check, footprint, same
+from ._kit import Harness, check, footprint, peak_bytes, same
 
 
 @dataclasses.dataclass
@@ -55,6 +55,11 @@ TYPES: list[Any] = [
     dict, dict[float, str],
 ]  # append only: an input's first byte is an index here, and fuzz/corpus/procs/ keeps inputs
 PROCS = [proc_for(tp) for tp in TYPES] + [call.in_proc]
+# What decoding may allocate, at its peak: Python objects cost tens of bytes each (a list of
+# n one-byte int8 holds n int objects and n pointers), plus a constant for the small fixed
+# objects of any decode. A count the decoder did not bound shows up as far more.
+ALLOC_PER_BYTE = 128
+ALLOC_SLACK = 64 << 10
 # Procs whose decode accepts more than one encoding of a value: bool takes any non-zero byte
 # as True, floats may carry a NaN whose bits do not survive float32 -> float -> float32, and
 # msgpack has several encodings of one value. Their values must still round-trip.
@@ -71,9 +76,11 @@ def one_input(data: bytes) -> bool:
         return False
     proc, body = PROCS[data[0] % len(PROCS)], data[1:]
     try:
-        value = proc.loads(body)
+        value, peak = peak_bytes(lambda: proc.loads(body))
     except DecodeError:
         return False
+    check(peak <= ALLOC_PER_BYTE * len(body) + ALLOC_SLACK,
+          f"{proc.name}: {len(body)} B made decode allocate {peak} B")
     size = footprint(_plain(value))
     check(size <= 2 * len(body) + 64, f"{proc.name}: {len(body)} B decoded to {size} units")
     again = proc.dumps(value)

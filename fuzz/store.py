@@ -16,7 +16,8 @@ from petasus.bulk import layout
 from petasus.hg.errors import DecodeError
 from petasus.store import protocol as p
 
-from ._kit import Harness, check, footprint, same
+from ._kit import Harness, check, footprint, peak_bytes, same
+from .procs import ALLOC_PER_BYTE, ALLOC_SLACK
 
 RPCS = p.MASTER_RPCS + p.NODE_RPCS
 PROCS = [proc for rpc in RPCS for proc in (rpc.in_proc, rpc.out_proc)]
@@ -35,9 +36,11 @@ def one_input(data: bytes) -> bool:
         return False
     proc, body = PROCS[data[0] % len(PROCS)], data[1:]
     try:
-        value = proc.loads(body)
+        value, peak = peak_bytes(lambda: proc.loads(body))
     except DecodeError:
         return False
+    check(peak <= ALLOC_PER_BYTE * len(body) + ALLOC_SLACK,
+          f"{proc.name}: {len(body)} B made decode allocate {peak} B")
     size = footprint(_plain(value))
     check(size <= 2 * len(body) + 64, f"{proc.name}: {len(body)} B decoded to {size} units")
     check(same(_plain(proc.loads(proc.dumps(value))), _plain(value)),
