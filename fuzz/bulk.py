@@ -19,7 +19,9 @@ from typing import Any
 from petasus import na
 from petasus.bulk import RemoteBulk
 from petasus.bulk import layout as lo
-from petasus.na import core
+
+# sm and tcp are imported here, not on first use, so that atheris instruments them.
+from petasus.na import core, sm, tcp  # noqa: F401
 
 from ._kit import Harness, check, peak_bytes
 
@@ -87,10 +89,10 @@ def seeds() -> list[bytes]:
     def key(size: int, tail: bytes) -> bytes:
         return core.pack_handle(na.MemHandle(None, size, na.Access.READ_WRITE, 77, False), tail)
 
-    tcp = lo.Wire(3, b"tcp://127.0.0.1:1", (10, 0, 5), (key(10, b""), b"", key(5, b"")))
-    sm = lo.Wire(1, b"sm://1/2", (8,), (key(8, bytes(20)),))
+    tcp_wire = lo.Wire(3, b"tcp://127.0.0.1:1", (10, 0, 5), (key(10, b""), b"", key(5, b"")))
+    sm_wire = lo.Wire(1, b"sm://1/2", (8,), (key(8, bytes(20)),))
     return ([b"\x00" + lo.encode(w) for w in wires] + [b"\x03abc" + lo.encode(wires[1]) + b"zz"]
-            + [b"\x00" + lo.encode(tcp), b"\x80" + lo.encode(sm)])
+            + [b"\x00" + lo.encode(tcp_wire), b"\x80" + lo.encode(sm_wire)])
 
 
 HARNESS = Harness("bulk", one_input, seeds, __doc__ or "")

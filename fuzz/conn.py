@@ -16,7 +16,9 @@ import socket
 from typing import Any
 
 from petasus import na
-from petasus.na import core
+
+# sm and tcp are imported here, not on first use, so that atheris instruments them.
+from petasus.na import core, sm, tcp  # noqa: F401
 from petasus.na import framing as fr
 from petasus.na.errors import ProtocolError
 

@@ -18,7 +18,15 @@ from types import SimpleNamespace
 from typing import Any
 
 from petasus import na
-from petasus.na import core
+
+# sm and tcp are imported here, not on first use, so that atheris instruments them.
+from petasus.na import core, sm, tcp  # noqa: F401
+from petasus.na.verbs.plugin import VerbsPlugin
+
+try:
+    from petasus.na.ofi.plugin import OfiPlugin
+except ImportError:  # no libfabric: its parse is not reachable here either
+    OfiPlugin = None  # type: ignore[assignment,misc]
 
 from ._kit import Harness, check
 
@@ -29,14 +37,8 @@ def _all() -> list[Any]:
     if not _plugins:
         _plugins.append(na.initialize("tcp://127.0.0.1:0", listen=False))
         _plugins.append(na.initialize("sm://", listen=False))
-        try:
-            from petasus.na.ofi.plugin import OfiPlugin
-        except ImportError:  # no libfabric: its parse is not reachable here either
-            pass
-        else:
+        if OfiPlugin is not None:
             _plugins.append(_Standin(OfiPlugin, "ofi+tcp"))
-        from petasus.na.verbs.plugin import VerbsPlugin
-
         _plugins.append(_Standin(VerbsPlugin, "verbs"))
     return _plugins
 

@@ -26,6 +26,7 @@ from typing import Any
 from petasus import na
 from petasus.na import core
 from petasus.na.ofi import _addressing, _common
+from petasus.na.ofi import plugin as _plugin_module  # noqa: F401 -- for atheris to instrument
 from petasus.na.ofi._fabric import lib
 
 from ._kit import Harness, check
