@@ -5,11 +5,15 @@ carries parsed as the plugin parses it.
 Contract (the module docstring): ``WireError`` (a ValueError), and ``parse_uri``'s ValueError.
 Invariants: a decoded frame re-encodes to its bytes (the reserved u16 aside) and its payload
 lies inside the slot within ``max_body``; the stream reader never holds more than one record's
-worth of bytes; a hello re-encodes to its record.
+worth of bytes; a hello re-encodes to its record. The acknowledgement counts of the frame
+headers then drive a connection's ``_protocol.Credits``, whose ``CreditError`` is the contract:
+whatever the peer acknowledges, we never have more frames in flight than its grant, and it
+never holds more of our slots than ours.
 """
 
 from __future__ import annotations
 
+from petasus.na.verbs import _protocol as p
 from petasus.na.verbs import _wire as w
 
 from ._kit import Harness, check, cuts, pieces, with_cuts
@@ -59,10 +63,50 @@ def _stream(data: bytes) -> bool:
     return True
 
 
+def _credits(data: bytes) -> bool:
+    """A connection's credits driven by the peer's frame headers: each step is one byte of
+    ours (low two bits: we send a data frame, a credit frame, free one of the peer's frames,
+    or a peer frame arrives), an arriving frame's header taken from the input."""
+    credits = p.Credits(LIMIT, GRANT)
+    pos = 0
+    try:
+        while pos < len(data):
+            step = data[pos] & 3
+            pos += 1
+            if step == 0 and credits.can_send(w.UNEXPECTED):
+                credits.on_send(w.UNEXPECTED)
+            elif step == 1 and credits.can_send(w.CREDIT):
+                credits.on_send(w.CREDIT)
+            elif step == 2 and w.MASK32 & (credits.received[0] - credits.freed[0]):
+                credits.on_freed(w.UNEXPECTED)
+            elif step == 3:
+                header = data[pos:pos + w.HEADER_SIZE]
+                pos += w.HEADER_SIZE
+                if len(header) < w.HEADER_SIZE:
+                    break
+                _v, kind, _r, _tag, acked_data, acked_ctrl = w.HEADER.unpack(header)
+                kind = w.CREDIT if kind & 1 else w.UNEXPECTED
+                credits.on_receive(kind, acked_data, acked_ctrl)
+            for i in (0, 1):
+                check(p._diff(credits.sent[i], credits.acked[i]) <= LIMIT[i],
+                      f"{p._diff(credits.sent[i], credits.acked[i])} frames in flight")
+                check(p._diff(credits.received[i], credits.advertised[i]) <= GRANT[i],
+                      "the peer holds more of our slots than granted")
+    except p.CreditError:
+        return False
+    return True
+
+
+LIMIT, GRANT = (4, 2), (4, 2)
+
+
 def one_input(data: bytes) -> bool:
     if not data:
         return False
-    return _frame(data[1:]) if data[0] & 1 else _stream(data[1:])
+    mode, body = data[0] % 3, data[1:]
+    if mode == 2:
+        return _credits(body)
+    return _frame(body) if mode == 1 else _stream(body)
 
 
 def seeds() -> list[bytes]:
@@ -76,9 +120,11 @@ def seeds() -> list[bytes]:
               w.encode_rma_req(w.PUT_REQ, 0, 0, 1, 2, 3, 4) + b"data",
               w.encode_rma_rep(w.GET_REP, 0, 0, 1, 0) + b"reply",
               w.encode_rma_rep(w.PUT_REP, 0, 0, 1, 2)]
+    exchange = (b"\x00\x00" + b"\x03" + w.encode_header(w.UNEXPECTED, 0, 2, 0) + b"\x02"
+                + b"\x03" + w.encode_header(w.CREDIT, 0, 2, 0) + b"\x01\x00")
     return ([b"\x00" + with_cuts(stream), b"\x00" + with_cuts(stream, (3, 50)),
              b"\x00" + with_cuts(w.encode_hello(refuse), (1,))]
-            + [b"\x01" + f for f in frames])
+            + [b"\x01" + f for f in frames] + [b"\x02" + exchange])
 
 
 HARNESS = Harness("verbs", one_input, seeds, __doc__ or "")
