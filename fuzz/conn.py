@@ -5,9 +5,11 @@ The input is what a peer writes on a fresh connection to a tcp (or, by the first
 plugin, fed to the connection's reader in chunk splits the fuzzer picks, under the plugin's
 lock, as ``SocketPlugin._on_readable`` does. Contract: malformed bytes raise ``ProtocolError``
 (``_on_readable`` then closes that one connection and logs it as the peer's fault; any other
-exception is logged as our bug). Invariants: whatever the plugin sends back is well-formed
-frames (parsed with the same codec), an RMA reply moves only bytes of the registration the
-request named and never more than asked, and a refused request gets a known refusal code.
+exception is logged as our bug). Invariants: unexpected messages queued stay within the
+plugin's ``max_queued`` (plus the one read that crossed it); whatever the plugin sends back
+is well-formed frames (parsed with the same codec), an RMA reply moves only bytes of the
+registration the request named and never more than asked, and a refused request gets a known
+refusal code.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ._kit import Harness, check, cuts, pieces, with_cuts
 KEY_RO, KEY_RW = 0x5EED0001, 0x5EED0003  # the registrations' keys, fixed so seeds can use them
 SIZE = 64
 MAX_MSG = 1024
+MAX_QUEUED = 4 * MAX_MSG
 
 
 class _Replies:
@@ -70,7 +73,7 @@ def one_input(data: bytes) -> bool:
     scheme = "sm://" if data[:1] == b"s" else "tcp://127.0.0.1:0"
     sizes, stream = cuts(data[1:])
     plugin: Any = na.initialize(scheme, listen=False, max_msg_size=MAX_MSG, rma_chunk=SIZE,
-                                max_queued=4 * MAX_MSG, spin_us=0)
+                                max_queued=MAX_QUEUED, spin_us=0)
     ours, theirs = _pair(scheme)
     refused = False
     try:
@@ -87,7 +90,7 @@ def one_input(data: bytes) -> bool:
             plugin._outbox.in_pass += 1
             try:
                 for piece in pieces(stream, sizes):
-                    if conn.closed:
+                    if conn.closed or conn.paused:  # the loop stops reading a paused peer
                         break
                     _feed(reader, piece)
             except ProtocolError:
@@ -95,6 +98,9 @@ def one_input(data: bytes) -> bool:
             finally:
                 plugin._outbox.in_pass -= 1
                 plugin._outbox.flush_dirty()
+        # Back-pressure: what a peer can make us queue is the bound, plus what one read held.
+        check(plugin._matcher.queued <= MAX_QUEUED + 256 * 1024 + MAX_MSG,
+              f"{plugin._matcher.queued} B of unexpected messages queued")
         plugin.trigger()
         replies = bytearray()
         try:
