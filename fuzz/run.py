@@ -5,11 +5,11 @@ petasus instrumented), for S seconds, starting from its corpus: the seeds its en
 plus the inputs kept in ``fuzz/corpus/NAME/`` (regressions). New inputs it finds go to a
 scratch directory, or to ``--corpus-out DIR/NAME`` to keep them between runs. A crash prints
 the harness, the traceback and the input (hex and repr), saves it as
-``fuzz/crashes/NAME-<sha1>``, and makes the run exit 1.
+``fuzz/crashes/NAME-crash-<sha1>``, and makes the run exit 1.
 
 ``--replay NAME FILE...`` runs saved inputs through a harness, without atheris.
-``--seed`` writes each harness's seeds to ``fuzz/corpus/NAME/seed-*`` (a corpus to start
-libFuzzer or another fuzzer from by hand; the runner makes its seeds afresh every run).
+``--write-seeds DIR`` writes each harness's seeds to ``DIR/NAME/seed-*`` (a corpus to start
+another fuzzer from; the runner makes its seeds afresh every run, so none are kept here).
 
 Without atheris (it ships wheels for CPython on Linux only), a child falls back to a plain
 mutation loop over the same corpus: not coverage-guided, but the same invariants.
@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus-out", type=Path, default=None,
                     help="keep each harness's grown corpus in DIR/NAME")
     ap.add_argument("--replay", action="store_true", help="run FILEs through harness NAME")
-    ap.add_argument("--seed", action="store_true", help="write seeds to fuzz/corpus/NAME/")
+    ap.add_argument("--write-seeds", type=Path, default=None, metavar="DIR",
+                    help="write each harness's seeds to DIR/NAME/")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -185,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in NAMES]
     if unknown:
         ap.error(f"unknown harness {', '.join(unknown)}; choose from {', '.join(NAMES)}")
-    if args.seed:
+    if args.write_seeds is not None:
         for name in names:
-            folder = CORPUS / name
+            folder = args.write_seeds / name
             folder.mkdir(parents=True, exist_ok=True)
             for i, data in enumerate(load(name).seeds()):
                 (folder / f"seed-{i:03d}").write_bytes(data)
@@ -198,5 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Children inherit it: with str hashing fixed, an input takes the same path every time,
+    # which libFuzzer's corpus minimization and a replay both rely on.
     os.environ.setdefault("PYTHONHASHSEED", "0")
     sys.exit(main())

@@ -3,7 +3,7 @@ bytes that must go on serving a good client.
 
 The bounded run: each harness under atheris for ``PETASUS_FUZZ_SECONDS`` (default 10) with a
 fixed libFuzzer seed (``PETASUS_FUZZ_SEED``, default 1), so a CI failure replays; a finding
-fails with the input printed. Nine harnesses: about 100 s of fuzzing in all.
+fails with the input printed. Nine harnesses: about two minutes in all.
 """
 
 from __future__ import annotations
