@@ -24,13 +24,15 @@ class Harness:
     ``one_input(data)`` feeds ``data`` to it and returns True when the bytes decoded to a value
     (every invariant checked), False when they were refused with the documented error; any
     other exception is a finding. ``seeds()`` are valid encodings made by the encoders, so the
-    fuzzer starts past the magic, version and length checks.
+    fuzzer starts past the magic, version and length checks. ``close()`` lets go of what the
+    harness keeps between inputs (plugins), for a process that goes on after it.
     """
 
     name: str
     one_input: Callable[[bytes], bool]
     seeds: Callable[[], list[bytes]]
     doc: str
+    close: Callable[[], None] = lambda: None  # releases what one_input keeps between inputs
 
 
 def check(condition: bool, what: str) -> None:

@@ -95,4 +95,10 @@ def seeds() -> list[bytes]:
             + [b"\x00" + lo.encode(tcp_wire), b"\x80" + lo.encode(sm_wire)])
 
 
-HARNESS = Harness("bulk", one_input, seeds, __doc__ or "")
+def close() -> None:
+    for plugin in _made:
+        plugin.close()
+    _made.clear()
+
+
+HARNESS = Harness("bulk", one_input, seeds, __doc__ or "", close)

@@ -86,4 +86,11 @@ def seeds() -> list[bytes]:
     return out
 
 
-HARNESS = Harness("handle", one_input, seeds, __doc__ or "")
+def close() -> None:
+    for plugin in _plugins:
+        if not isinstance(plugin, _Standin):
+            plugin.close()
+    _plugins.clear()
+
+
+HARNESS = Harness("handle", one_input, seeds, __doc__ or "", close)

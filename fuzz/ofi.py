@@ -60,7 +60,6 @@ class _CheckedLib:
 
 
 _checked = _CheckedLib(lib)
-_addressing.lib = _checked  # type: ignore[assignment]
 _plugins: dict[str, Any] = {}
 _uses: dict[str, int] = {}
 # A fresh plugin after this many inputs: each new sender name the fuzzer invents becomes an
@@ -108,6 +107,7 @@ def one_input(data: bytes) -> bool:
     errors = plugin.stats["protocol_errors"]
     if not plugin._matcher.unexp_posted:
         plugin.msg_recv_unexpected(bytearray(MAX_MSG))
+    _addressing.lib = _checked  # type: ignore[assignment]
     try:
         with plugin._lock:
             plugin._on_message(SimpleNamespace(slot=0), len(message), tag)
@@ -115,6 +115,7 @@ def one_input(data: bytes) -> bool:
         for req in posted:
             _check_posted(plugin, req)
     finally:
+        _addressing.lib = lib
         _checked.format = 0
         posted.clear()
         plugin._held_slots.clear()
@@ -168,4 +169,10 @@ def seeds() -> list[bytes]:
     return out
 
 
-HARNESS = Harness("ofi", one_input, seeds, __doc__ or "")
+def close() -> None:
+    for plugin in _plugins.values():
+        plugin.close()
+    _plugins.clear()
+
+
+HARNESS = Harness("ofi", one_input, seeds, __doc__ or "", close)

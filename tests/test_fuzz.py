@@ -59,10 +59,13 @@ def test_every_seed_decodes_and_the_corpus_replays(name: str) -> None:
     harness = run.load(name)
     seeds = harness.seeds()
     assert seeds
-    refused = [s.hex() for s in seeds if not harness.one_input(s)]
-    assert not refused, f"{name}: seeds refused by their own decoder: {refused}"
-    for path in run.corpus_files(name):
-        harness.one_input(path.read_bytes())
+    try:
+        refused = [s.hex() for s in seeds if not harness.one_input(s)]
+        assert not refused, f"{name}: seeds refused by their own decoder: {refused}"
+        for path in run.corpus_files(name):
+            harness.one_input(path.read_bytes())
+    finally:
+        harness.close()
 
 
 @pytest.mark.parametrize("name", _harness_params())
