@@ -16,6 +16,10 @@ import subprocess
 from setuptools import setup
 
 LAYERS = ("na", "hg", "bulk", "store")
+# atheris: coverage-guided fuzzing (docs/fuzzing.md); it ships wheels for CPython on Linux only,
+# and fuzz/run.py falls back to plain mutation where it is missing. fuzz/ itself is not a
+# package of petasus (``packages`` below lists what installs).
+FUZZ = ["atheris>=2.3; platform_system == 'Linux'"]
 
 
 def _have_libfabric() -> bool:
@@ -41,7 +45,10 @@ setup(
     entry_points={"console_scripts": ["petasus-store=petasus.store.cli:main"]},
     cffi_modules=["na/ofi/_build.py:ffibuilder"] if _have_libfabric() else [],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "ruff", "numpy"],
+        # The tests run fuzz/'s harnesses for a bounded time (tests/test_fuzz.py), so the test
+        # tools include the fuzzer; "fuzz" alone is for a machine that only fuzzes.
+        "test": ["pytest>=7", "hypothesis>=6", "ruff", "numpy", *FUZZ],
+        "fuzz": FUZZ,
         "bench": ["grpcio", "pyzmq", "msgpack", "Pyro5", "redis", "hiredis", "aio-msgpack-rpc",
                   "matplotlib"],
     },

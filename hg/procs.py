@@ -137,7 +137,16 @@ def mapping(key: Proc, val: Proc) -> Proc:
         out = {}
         for _ in range(n):
             k, pos = key.decode(buf, pos)
+            try:
+                hash(k)
+            except TypeError:  # an "any" key that decoded to a list or a dict
+                raise DecodeError(f"{name}: a key of type {type(k).__name__} is unhashable") \
+                    from None
             out[k], pos = val.decode(buf, pos)
+        if len(out) != n:
+            # Our encoder never repeats a key; a repeated one would make one value shadow
+            # another, and what the receiver sees differ from what the bytes say.
+            raise DecodeError(f"{name}: {n - len(out)} repeated keys")
         return out, pos
 
     def free(value: Any) -> None:

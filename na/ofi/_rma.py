@@ -187,6 +187,13 @@ class Rma:
     def _serve_rma(self, addr: Addr, kind: int, utag: int, payload: memoryview) -> None:
         """A peer's get or put request: check it against our own table, never the claim."""
         rma_id = self._rma_id_of(utag, payload)
+        if addr.fabric_addr is None:
+            # No answer can reach a sender whose name the provider would not insert, and
+            # posting one raises TypeError (no fi_addr) out of progress() (fuzz/ofi.py).
+            self.stats["rma_refused"] += 1
+            log.warning("%s: dropped an RMA request from %s: %s", self.scheme, addr.uri,
+                        addr.dead or "its address is unusable")
+            return
         if len(payload) != _RMA_DESC.size + 2:
             self._rma_refuse(addr, rma_id, NAK_PROTOCOL, kind, 0)
             return
