@@ -15,12 +15,14 @@ from petasus import bulk
 from petasus.bulk import layout
 from petasus.hg.errors import DecodeError
 from petasus.store import protocol as p
+from petasus.store.errors import StoreError
 
 from ._kit import Harness, check, footprint, peak_bytes, same
 from .procs import ALLOC_PER_BYTE, ALLOC_SLACK
 
 RPCS = p.MASTER_RPCS + p.NODE_RPCS
 PROCS = [proc for rpc in RPCS for proc in (rpc.in_proc, rpc.out_proc)]
+LOCATED = next(rpc.out_proc for rpc in RPCS if rpc.name == "locate")
 
 
 def _plain(value: Any) -> Any:
@@ -45,6 +47,12 @@ def one_input(data: bytes) -> bool:
     check(size <= 2 * len(body) + 64, f"{proc.name}: {len(body)} B decoded to {size} units")
     check(same(_plain(proc.loads(proc.dumps(value))), _plain(value)),
           f"{proc.name}: no round trip")
+    if proc is LOCATED:
+        try:  # the client reads locate's msgpack answer as Locations
+            p.unpack_locations(value, len(value[1]) if isinstance(value, list) and
+                               len(value) == 2 and isinstance(value[1], list) else 0)
+        except StoreError:
+            pass
     return True
 
 
@@ -69,7 +77,8 @@ def seeds() -> list[bytes]:
         "register_node": p.NodeHello(3, 0.5), "heartbeat": True,
         "put_start": [p.PutGrant(0, "", 7, [replica])],
         "put_end": [p.Status(0, ""), p.Status(3, "full")],
-        "locate": [p.Location(0, "", 13, 1, 500, [replica], ["tcp://n:2"])],
+        "locate": p.pack_locations([(1, "tcp://127.0.0.1:1", segment)],
+                                   [[0, "", 13, 1, 500, [[0, 0, 10, 4096, 3]], ["tcp://n:2"]]]),
         "cluster_stats": {"nodes": 2, "used": [1, 2]}, "register_blocks": 2,
         "match_blocks": {"n": [1, 2]}, "offload": p.Status(0, ""),
         "disk_stage": p.Staged(4, segment), "node_stats": {"x": 1.0},

@@ -140,18 +140,24 @@ def unpack_locations(wire: Any, count: int) -> list[Location]:
     """``locate``'s answer as Locations; a malformed one is a ``StoreError``, never a crash."""
     try:
         nodes_w, locs_w = wire
-        nodes = [(int(nid), str(uri), bytes(seg)) for nid, uri, seg in nodes_w]
+        nodes = []
+        for nid, uri, seg in nodes_w:
+            if type(nid) is not int or type(uri) is not str or type(seg) is not bytes:
+                raise TypeError("a node is (int, str, bytes)")
+            nodes.append((nid, uri, seg))
         out = []
         for code, message, size, gen, lease_ms, reps, disk in locs_w:
             replicas = []
             for rep in reps:
                 nid, uri, seg = nodes[rep[0]]
                 flat = rep[1:]
-                if len(flat) % 2:
+                if len(flat) % 2 or any(type(x) is not int or x < 0 for x in flat):
                     raise ValueError("a replica's runs are not (offset, length) pairs")
                 replicas.append(Replica(nid, uri, seg, list(zip(flat[::2], flat[1::2]))))
-            out.append(Location(int(code), str(message), int(size), int(gen), int(lease_ms),
-                                replicas, [str(u) for u in disk]))
+            if any(type(v) is not int for v in (code, size, gen, lease_ms)) or \
+                    type(message) is not str or any(type(u) is not str for u in disk):
+                raise TypeError("a location's fields have the wrong types")
+            out.append(Location(code, message, size, gen, lease_ms, replicas, list(disk)))
     except (TypeError, ValueError, IndexError) as exc:
         raise StoreError(f"locate: malformed answer from the master: {exc}") from None
     if len(out) != count:
