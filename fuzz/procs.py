@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from petasus import bulk, hg
@@ -71,18 +72,27 @@ def _canonical(proc: Any) -> bool:
         and proc is not proc_for(Record) and proc.name != "list[Point]"
 
 
+def decode_bounded(proc: Any, body: bytes, plain: Callable[[Any], Any]) -> tuple[bool, Any]:
+    """Decode ``body`` with ``proc`` under the allocation and size bounds every proc harness
+    checks: (False, None) for a DecodeError, else (True, value)."""
+    try:
+        value, peak = peak_bytes(lambda: proc.loads(body))
+    except DecodeError:
+        return False, None
+    check(peak <= ALLOC_PER_BYTE * len(body) + ALLOC_SLACK,
+          f"{proc.name}: {len(body)} B made decode allocate {peak} B")
+    size = footprint(plain(value))
+    check(size <= 2 * len(body) + 64, f"{proc.name}: {len(body)} B decoded to {size} units")
+    return True, value
+
+
 def one_input(data: bytes) -> bool:
     if not data:
         return False
     proc, body = PROCS[data[0] % len(PROCS)], data[1:]
-    try:
-        value, peak = peak_bytes(lambda: proc.loads(body))
-    except DecodeError:
+    ok, value = decode_bounded(proc, body, _plain)
+    if not ok:
         return False
-    check(peak <= ALLOC_PER_BYTE * len(body) + ALLOC_SLACK,
-          f"{proc.name}: {len(body)} B made decode allocate {peak} B")
-    size = footprint(_plain(value))
-    check(size <= 2 * len(body) + 64, f"{proc.name}: {len(body)} B decoded to {size} units")
     again = proc.dumps(value)
     check(same(_plain(proc.loads(again)), _plain(value)), f"{proc.name}: no round trip")
     if _canonical(proc):

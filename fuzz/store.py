@@ -13,12 +13,11 @@ from typing import Any
 
 from petasus import bulk
 from petasus.bulk import layout
-from petasus.hg.errors import DecodeError
 from petasus.store import protocol as p
 from petasus.store.errors import StoreError
 
-from ._kit import Harness, check, footprint, peak_bytes, same
-from .procs import ALLOC_PER_BYTE, ALLOC_SLACK
+from ._kit import Harness, check, same
+from .procs import decode_bounded
 
 RPCS = p.MASTER_RPCS + p.NODE_RPCS
 PROCS = [proc for rpc in RPCS for proc in (rpc.in_proc, rpc.out_proc)]
@@ -37,14 +36,9 @@ def one_input(data: bytes) -> bool:
     if not data:
         return False
     proc, body = PROCS[data[0] % len(PROCS)], data[1:]
-    try:
-        value, peak = peak_bytes(lambda: proc.loads(body))
-    except DecodeError:
+    ok, value = decode_bounded(proc, body, _plain)
+    if not ok:
         return False
-    check(peak <= ALLOC_PER_BYTE * len(body) + ALLOC_SLACK,
-          f"{proc.name}: {len(body)} B made decode allocate {peak} B")
-    size = footprint(_plain(value))
-    check(size <= 2 * len(body) + 64, f"{proc.name}: {len(body)} B decoded to {size} units")
     check(same(_plain(proc.loads(proc.dumps(value))), _plain(value)),
           f"{proc.name}: no round trip")
     if proc is LOCATED:
