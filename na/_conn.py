@@ -44,7 +44,7 @@ class Routing(NamedTuple):
     table of frame kinds, the handshake, and where direct payloads land."""
 
     table: dict[int, Route]
-    hello: Callable[[Conn, int, bytes], None]
+    hello: Callable[[Conn, int, int, bytes], None]
     landing: Callable[[Conn, int, int, int], memoryview | None]
 
 
@@ -60,6 +60,7 @@ class Conn:
         "dirty",
         "fd",
         "head_partial",
+        "held",
         "hello",
         "landing",
         "last",
@@ -71,6 +72,7 @@ class Conn:
         "rma",
         "routes",
         "sendq",
+        "shake",
         "sock",
         "writing",
     )
@@ -97,15 +99,18 @@ class Conn:
         self.rma: dict[int, tuple[Op, memoryview | None]] = {}
         # The put request whose data is next on the stream: (id, destination, refusal).
         self.put_target: tuple[int, memoryview | None, int] | None = None
+        # The handshake in progress (``na._peering.Shake``), and the frames a dialler holds
+        # until its peer has proven it holds the auth_key.
+        self.shake: Any = None
+        self.held: list[tuple[list[Any], Op | None]] | None = None
 
     def mask(self) -> int:
         return (0 if self.paused else EPOLLRD) | (EPOLLOUT if self.writing else 0)
 
     def frame(self, kind: int, flags: int, tag: int, payload: memoryview | None) -> None:
         if self.addr is None:
-            if kind != fr.HELLO:
-                raise ProtocolError("handshake", self.name, f"frame kind {kind} before hello")
-            self.hello(self, flags, bytes(payload))  # type: ignore[arg-type]
+            # The peer is not known yet: only its handshake frames are read (na._peering).
+            self.hello(self, kind, flags, bytes(payload or b""))
             return
         route = self.routes.get(kind)
         if route is None:
@@ -156,6 +161,9 @@ class Outbox:
         A trigger pass that answers 16 requests makes one syscall, not 16. Outside a pass, or
         while another thread sleeps in epoll (nobody would flush soon), they leave at once.
         """
+        if conn.held is not None:
+            conn.held.append((bufs, op))  # until the peer has proven it holds the key
+            return
         q = conn.sendq
         if not q and not self.dirty and not conn.writing and not conn.connecting and \
                 (not self.in_pass or self.waking.polling):
@@ -282,6 +290,12 @@ class Outbox:
     def withdraw(conn: Conn, op: Op) -> bool:
         """Take a message send off the queue; False if its first byte has already left.
         A message is two items (header, payload), the op on the second."""
+        held = conn.held
+        if held:
+            for i, (_bufs, held_op) in enumerate(held):
+                if held_op is op:
+                    del held[i]
+                    return True
         q = conn.sendq
         for i, item in enumerate(q):
             if item[1] is op:

@@ -15,11 +15,13 @@ import threading
 from functools import partial
 from typing import Any
 
+from . import auth
 from . import framing as fr
 from ._conn import EPOLLIN, EPOLLOUT, EPOLLRD, PAUSE_MATCHER, Conn, Outbox, Routing
 from ._guard import ConnGuard
 from ._limits import Limits
 from ._loop import EventLoop
+from ._peering import AuthFailed, Peering
 from ._rma import EmulatedRma
 from ._transport import Transport
 from .core import (
@@ -47,14 +49,16 @@ RMA_CHUNK = 8 * 1024 * 1024  # per-frame data; keeps a stream fair between messa
 class SocketPlugin(PluginCore):
     """The NA plugin over a stream ``Transport``. Its connection limits (``handshake_timeout``,
     ``idle_timeout``, ``max_connections``, ``max_queued_bytes``, ``max_queued_peer``) are
-    ``na._limits``'s, tabled in docs/architecture.md."""
+    ``na._limits``'s, tabled in docs/architecture.md. ``auth_key`` (at least 16 bytes) makes
+    every connection prove the shared secret both ways before anything else (``na._peering``).
+    """
 
     log = logging.getLogger("petasus.na")
 
     def __init__(self, transport: Transport, listen: bool, *, max_msg_size: int = MAX_MSG_SIZE,
                  spin_us: int = SPIN_US, rma_chunk: int = RMA_CHUNK,
                  max_queued: int = MAX_QUEUED, max_queued_peer: int = MAX_QUEUED_PEER,
-                 **limits: Any) -> None:
+                 auth_key: bytes | str | None = None, **limits: Any) -> None:
         if max_msg_size < 1 or rma_chunk < 1:
             raise ValueError("max_msg_size and rma_chunk must be positive")
         try:
@@ -63,6 +67,7 @@ class SocketPlugin(PluginCore):
             raise TypeError(f"{type(self).__name__}: {exc}") from None
         self.transport = transport
         self.scheme = transport.scheme
+        key = auth.check_key(auth_key)
         self._max_msg = max_msg_size
         self._rma_chunk = rma_chunk
         self._lock = threading.Lock()
@@ -82,14 +87,13 @@ class SocketPlugin(PluginCore):
         self._guard = ConnGuard(self, self._limits)
         self._rma = EmulatedRma(self._cq, self._regs, self._outbox, self.stats, self.log,
                                 rma_chunk)
+        self._peering = Peering(self, key)
         self._routing = Routing({fr.UNEXPECTED: self._on_unexpected,
-                                 fr.EXPECTED: self._on_expected, **self._rma.routes()},
-                                self._on_hello, self._rma.landing)
+                                 fr.EXPECTED: self._on_expected,
+                                 fr.AUTH_CHALLENGE: self._peering.on_challenge,
+                                 **self._rma.routes()},
+                                self._peering.on_frame, self._rma.landing)
         self._paused: set[Conn] = set()
-        self._peers: dict[str, Addr] = {}
-        # Peers that do not listen, by the URI their HELLO gave: a lookup of that URI (say, the
-        # owner of a bulk handle they sent) reaches them over their live connection.
-        self._anon: dict[str, Addr] = {}
         self._listener: socket.socket | None = None
         try:
             uri, listener = transport.open(listen)
@@ -133,15 +137,7 @@ class SocketPlugin(PluginCore):
     def addr_lookup(self, uri: str) -> Addr:
         self._check_open("addr_lookup")
         with self._lock:
-            anon = self._anon.get(uri) if uri not in self._peers else None
-        if anon is not None:
-            return anon
-        canonical = self.transport.canonical(uri)
-        with self._lock:
-            addr = self._peers.get(canonical)
-            if addr is None:
-                addr = self._peers[canonical] = Addr(canonical, True)
-            return addr
+            return self._peering.lookup(uri, self.transport.canonical)
 
     def addr_to_string(self, addr: Addr) -> str:
         return addr.uri
@@ -152,7 +148,7 @@ class SocketPlugin(PluginCore):
     def addr_deserialize(self, data: bytes) -> Addr:
         uri = bytes(data).decode("utf-8", "replace")
         with self._lock:
-            known = self._peers.get(uri)
+            known = self._peering.peers.get(uri)
         return known if known is not None else self.addr_lookup(uri)
 
     # -- messages (matching is the core's) ------------------------------------------------------
@@ -324,46 +320,17 @@ class SocketPlugin(PluginCore):
             self._matcher.fail_expected(
                 addr, lambda o: PeerError(o.kind.name.lower(), addr.uri, cause))
             return None
-        conn = self._new_conn(sock, addr.uri, connecting)
+        conn = self._new_conn(sock, addr.uri, connecting,
+                              handshaking=self._peering.key is not None)
         conn.addr = addr
         addr.conn = conn
-        hello = self._self_addr.uri.encode()
-        self._outbox.enqueue(conn, [_HDR.pack(_MAGIC, fr.HELLO, int(self._listening),
-                                              len(hello), 0), hello], None)
+        self._peering.dialled(conn)
         return conn
 
     def _handshake_done(self, conn: Conn) -> None:
         """The peer on ``conn`` is who it says (its HELLO, and its auth where required):
         the handshake deadline no longer applies."""
         self._guard.policy.handshake_done(conn)
-
-    def _on_hello(self, conn: Conn, flags: int, payload: bytes) -> None:
-        uri = payload.decode("utf-8", "replace")
-        if not uri.startswith(self.scheme + "://") or len(uri) > 1024:
-            raise ProtocolError("handshake", conn.name, f"bad peer URI {uri[:80]!r}")
-        if flags & 1:
-            # A listener is one peer however many connections reach us from it.
-            addr = self._peers.get(uri)
-            if addr is None:
-                addr = self._peers[uri] = Addr(uri, True)
-            if addr.conn is None:
-                addr.conn = conn
-            addr.dead = None
-        else:
-            # A peer that does not listen is reachable only over this very connection: one Addr
-            # per connection, so a reconnect (or an impostor) never takes over another's replies.
-            addr = Addr(uri, False)
-            addr.conn = conn
-            known = self._anon.get(uri)
-            # First come, and only a URI of the anonymous kind that this connection can own:
-            # a peer cannot take over a listener's address, or another peer's.
-            if (known is None or known.conn is None) and \
-                    self.transport.owns_anonymous(conn.sock, uri):
-                self._anon[uri] = addr
-        conn.addr = addr
-        conn.name = uri
-        conn.reader.peer = uri
-        self._handshake_done(conn)
 
     def _rearm(self, conn: Conn) -> None:
         self._loop.modify(conn.fd, conn.mask())
@@ -392,6 +359,9 @@ class SocketPlugin(PluginCore):
             self.stats["bytes_received"] += n
             try:
                 reader.buffer_updated(n)
+            except AuthFailed as exc:  # logged by the handshake, once
+                self._conn_failed(conn, exc.cause)
+                return
             except Exception as exc:  # malformed bytes must cost one connection, never more
                 self.stats["protocol_errors"] += 1
                 self.log.error("closing the connection to %s: %s", conn.name, exc,
@@ -425,10 +395,11 @@ class SocketPlugin(PluginCore):
                 return Canceled(name, peer, cause)
             return PeerError(name, peer, cause)
 
-        for _buf, op in conn.sendq:
+        for _buf, op in (*conn.sendq, *(conn.held or ())):
             if op is not None:
                 self._cq.fail(op, error(op))
         conn.sendq.clear()
+        conn.held = None
         for op, _dest in list(conn.rma.values()):
             self._cq.fail(op, error(op))
         conn.rma.clear()
@@ -437,8 +408,7 @@ class SocketPlugin(PluginCore):
             addr.conn = None
             if not addr.listening:
                 addr.dead = cause
-                if self._anon.get(addr.uri) is addr:
-                    del self._anon[addr.uri]
+                self._peering.lost(addr)
             self._matcher.fail_expected(addr, error)
 
     # -- lifecycle ------------------------------------------------------------------------------

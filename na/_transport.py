@@ -31,6 +31,7 @@ class Transport(Protocol):
         """Per-socket options (TCP_NODELAY and the like)."""
         ...
 
-    def owns_anonymous(self, sock: socket.socket, uri: str) -> bool:
-        """Whether the peer on ``sock`` may be known by the non-listening ``uri``."""
+    def vouch(self, sock: socket.socket, uri: str) -> bool:
+        """Whether the kernel proves that the peer on ``sock`` owns ``uri``: False where it
+        cannot tell; ValueError naming both where it says the claim is false."""
         ...

@@ -33,7 +33,7 @@ HEADER_SIZE = HEADER.size
 RMA_DESC = struct.Struct("<QQQ")
 
 # Frame kinds. Plain ints: they are compared on the per-message path.
-HELLO = 1  # payload: the sender's URI, sent once as the first frame of a connection
+HELLO = 1  # payload: [nonce] the sender's URI, the first frame of a connection (na._peering)
 UNEXPECTED = 2
 EXPECTED = 3
 GET_REQ = 4  # payload: RMA descriptor
@@ -42,8 +42,10 @@ PUT_REQ = 6  # payload: RMA descriptor; the next frame on the stream is its PUT_
 PUT_DATA = 7  # payload: the data (direct)
 RMA_ACK = 8
 RMA_NAK = 9  # payload: u8 reason (na.core.NAK_*)
+AUTH_CHALLENGE = 10  # payload: u8 status, then the listener's nonce and proof (na._peering)
+AUTH_PROOF = 11  # payload: the dialler's proof (na._peering)
 
-KINDS = frozenset(range(HELLO, RMA_NAK + 1))
+KINDS = frozenset(range(HELLO, AUTH_PROOF + 1))
 DIRECT = frozenset((GET_RESP, PUT_DATA))
 
 # Direct payloads land in 256 KiB slices of a scratch buffer when they are discarded.

@@ -147,32 +147,34 @@ class UnixTransport:
     def connect(self, uri: str) -> tuple[socket.socket, bool]:
         pid, inst = _URI.match(uri).groups()  # type: ignore[union-attr]
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(5.0)
-        try:
-            sock.connect(str(self.dir / f"{pid}-{inst}.sock"))
-        except OSError as exc:
-            sock.close()
-            if exc.errno == errno.ENOENT:
-                raise OSError(exc.errno, "no such sm listener (the process exited or never "
-                              "listened)") from None
-            raise
+        # Never blocks (the caller holds the plugin's lock): a Unix socket connects at once or
+        # fails, with EAGAIN when the listener's backlog is full.
         sock.setblocking(False)
+        err = sock.connect_ex(str(self.dir / f"{pid}-{inst}.sock"))
+        if err:
+            sock.close()
+            if err == errno.ENOENT:
+                raise OSError(err, "no such sm listener (the process exited or never "
+                              "listened)")
+            if err == errno.EAGAIN:
+                raise OSError(err, "the sm listener's backlog is full (it is not accepting)")
+            raise OSError(err, os.strerror(err))
         return sock, False
 
     def tune(self, sock: socket.socket) -> None:
         """Unix sockets need no options."""
 
-    def owns_anonymous(self, sock: socket.socket, uri: str) -> bool:
-        # The kernel says which process is on the other end of the Unix socket: only that
-        # process may be known by an sm URI with its pid.
+    def vouch(self, sock: socket.socket, uri: str) -> bool:
+        # The kernel says which process is on the other end of a Unix socket, and an sm URI
+        # names its process: a claim of another process's URI is false.
         match = _URI.match(uri)
         if match is None:
-            return False
-        try:
-            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        except OSError:
-            return False
-        return struct.unpack("3i", cred)[0] == int(match.group(1))
+            raise ValueError(f"{uri!r} is not an sm address")
+        cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", cred)[0]
+        if pid != int(match.group(1)):
+            raise ValueError(f"the peer claims {uri} but the kernel says it is pid {pid}")
+        return True
 
 
 class SmPlugin(SocketPlugin):
@@ -327,6 +329,11 @@ class SmPlugin(SocketPlugin):
         remote = op.remote
         try:
             pid, inst, slot, base = remote.record
+            if addr is not None and addr.uri != f"sm://{pid}/{inst}":
+                # Only the peer's own memory: a handle naming a third process is refused even
+                # where that process's table would allow it (bulk binds handles to peers).
+                raise AccessError(name, addr.uri, f"the handle belongs to sm://{pid}/{inst}, "
+                                  "not to this peer")
             remote_addr = self._checked_address(name, addr, pid, inst, slot, base, remote.key,
                                                 op.remote_off, op.length, op.kind)
             local = op.buffer[op.local_off: op.local_off + op.length]

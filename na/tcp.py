@@ -49,7 +49,7 @@ def format_tcp_uri(host: str, port: int) -> str:
 
 class TcpTransport:
     """Sockets over IP; a non-listening instance is anonymous (peers answer it over its own
-    connection), so any peer may claim an anonymous URI only of the anonymous kind."""
+    connection)."""
 
     scheme = "tcp"
 
@@ -87,8 +87,10 @@ class TcpTransport:
     def tune(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def owns_anonymous(self, sock: socket.socket, uri: str) -> bool:
-        return uri.startswith("tcp://anonymous-")
+    def vouch(self, sock: socket.socket, uri: str) -> bool:
+        # An address and port say nothing of who listens there: only an auth_key proves a
+        # tcp claim.
+        return False
 
 
 class TcpPlugin(SocketPlugin):
