@@ -152,11 +152,11 @@ class Peering:
         me = self.plugin.addr_self().uri.encode()
         if self.key is None or not auth.verify(self.key, auth.SERVER, shake.client_nonce,
                                                server_nonce, me, mac):
-            self._failed(conn, "the peer could not prove it holds the auth_key")
-        self._send(conn, fr.AUTH_PROOF, 0, auth.proof(
-            self.key, auth.CLIENT, shake.client_nonce, server_nonce, me))
+            self._refuse(conn, BAD_PROOF, "the peer could not prove it holds the auth_key")
         held, conn.held, conn.shake = conn.held, None, None
         conn.routes = self.plugin._routing.table
+        self._send(conn, fr.AUTH_PROOF, 0, auth.proof(
+            self.key, auth.CLIENT, shake.client_nonce, server_nonce, me))
         outbox = self.plugin._outbox
         for bufs, op in held or ():
             outbox.enqueue(conn, bufs, op)
@@ -170,6 +170,9 @@ class Peering:
             self._on_hello(conn, flags, payload)
         elif kind == fr.AUTH_PROOF and conn.shake is not None:
             self._on_proof(conn, payload)
+        elif kind == fr.AUTH_CHALLENGE and conn.shake is not None and payload[:1] == \
+                bytes((BAD_PROOF,)):
+            self._failed(conn, REFUSALS[BAD_PROOF])  # the dialler found our proof wrong
         else:
             raise ProtocolError("handshake", conn.name,
                                 f"frame kind {kind} before the handshake completed")
@@ -244,8 +247,11 @@ class Peering:
                                            payload], None)
 
     def _refuse(self, conn: Conn, status: int, cause: str) -> None:
-        """Tell the dialler why (one frame, sent before the connection closes), and close."""
-        self._send(conn, fr.AUTH_CHALLENGE, 0, bytes((status,)))
+        """Tell the peer why (one frame, sent before the connection closes), and close. The
+        frame goes straight to the socket's queue: a dialler's held frames stay held (they
+        fail with the connection)."""
+        conn.sendq.append([_HDR.pack(_MAGIC, fr.AUTH_CHALLENGE, 0, 1, 0) + bytes((status,)),
+                           None])
         self.plugin._outbox.flush(conn)
         self._failed(conn, cause)
 
