@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -19,6 +20,21 @@ from . import StoreError, connect
 from .config import Offload, StoreConfig
 from .demo import MiB, _size, cluster_demo, demo
 from .metrics import serve_http
+
+
+def _auth_key(args: argparse.Namespace) -> bytes | None:
+    """The shared secret from ``--auth-key-file`` (a file, so the key is not in ``ps``
+    output), trailing newline dropped; None when authentication is off."""
+    if not args.auth_key_file:
+        return None
+    try:
+        key = Path(args.auth_key_file).read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise StoreError(f"cannot read --auth-key-file: {exc}") from None
+    if len(key) < 16:
+        raise StoreError(f"--auth-key-file {args.auth_key_file}: the key must be at least "
+                         f"16 bytes, got {len(key)}")
+    return key
 
 
 def master(args: argparse.Namespace) -> int:
@@ -36,7 +52,7 @@ def master(args: argparse.Namespace) -> int:
     config = StoreConfig.from_dict(values)
     service = MasterService(args.listen, config, lease_ttl=args.lease_ttl,
                             node_ttl=args.node_ttl, put_ttl=args.put_ttl,
-                            strategy=args.strategy)
+                            strategy=args.strategy, auth_key=_auth_key(args))
     if args.metrics_port is not None:
         serve_http(args.metrics_port, service.stats, lambda: True)
     print(f"listening on {service.uri}", flush=True)
@@ -49,7 +65,8 @@ def node(args: argparse.Namespace) -> int:
 
     service = NodeService(args.master, args.listen, dram_bytes=args.dram_bytes,
                           page_size=args.page_size, disk_dir=args.disk, disk_bytes=args.disk_bytes,
-                          disk_fsync=args.disk_fsync, name=args.name)
+                          disk_fsync=args.disk_fsync, name=args.name,
+                          auth_key=_auth_key(args))
     if args.metrics_port is not None:
         serve_http(args.metrics_port, service.stats, lambda: service.node_id > 0)
     print(f"listening on {service.uri}", flush=True)
@@ -58,7 +75,7 @@ def node(args: argparse.Namespace) -> int:
 
 
 def stat(args: argparse.Namespace) -> int:
-    with connect(args.master, timeout=args.timeout) as kv:
+    with connect(args.master, timeout=args.timeout, auth_key=_auth_key(args)) as kv:
         cluster = kv.cluster()  # type: ignore[attr-defined]
     console = Console()
     table = Table(title=f"petasus store at {args.master}")
@@ -115,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     st = sub.add_parser("stat", help="print the cluster: nodes, segments, use per tier")
     st.add_argument("master")
     st.add_argument("--timeout", type=float, default=10.0)
+    for p in (m, n, st):
+        p.add_argument("--auth-key-file", metavar="PATH",
+                       help="shared secret (>= 16 bytes) every connection must prove; the "
+                       "master, the nodes and the clients use the same one")
     args = parser.parse_args(argv)
     commands = {"demo": lambda a: cluster_demo(a) if a.cluster else demo(a), "master": master,
                 "node": node, "stat": stat}

@@ -31,14 +31,15 @@ TICK_S = 0.05  # pending puts, node heartbeats and held leases are checked this 
 class MasterService:
     def __init__(self, uri: str, config: StoreConfig, *, lease_ttl: float = 5.0,
                  node_ttl: float = 10.0, put_ttl: float = 30.0, strategy: str = "most_free",
-                 rpc_timeout: float = 30.0, clock: Any = time.monotonic) -> None:
+                 rpc_timeout: float = 30.0, clock: Any = time.monotonic,
+                 auth_key: bytes | str | None = None) -> None:
         self.config = config
         self.clock = clock
         self.state = MasterState(config, lease_ttl=lease_ttl, node_ttl=node_ttl,
                                  put_ttl=put_ttl, strategy=strategy)
         self.lock = threading.Lock()
         self.engine = hg.Engine(uri, listen=True, timeout=rpc_timeout,
-                                allow_remote_shutdown=True)
+                                allow_remote_shutdown=True, auth_key=auth_key)
         self.engine.declare(p.NODE_RPCS)
         self._pool = ThreadPoolExecutor(max(2, config.offload_workers),
                                         thread_name_prefix="petasus-store-master")

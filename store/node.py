@@ -34,7 +34,7 @@ class NodeService:
     def __init__(self, master_uri: str, listen: str, *, dram_bytes: int, page_size: int = 4096,
                  disk_dir: str | os.PathLike[str] | None = None, disk_bytes: int | None = None,
                  disk_fsync: bool = False, name: str | None = None,
-                 rpc_timeout: float = 30.0) -> None:
+                 rpc_timeout: float = 30.0, auth_key: bytes | str | None = None) -> None:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._temporary = disk_dir is None
         root = Path(tempfile.mkdtemp(prefix="petasus-node-") if disk_dir is None else disk_dir)
@@ -48,7 +48,7 @@ class NodeService:
         self.arena = mmap.mmap(-1, self.capacity)
         self.view = memoryview(self.arena)
         self.engine = hg.Engine(listen, listen=True, timeout=rpc_timeout,
-                                allow_remote_shutdown=True)
+                                allow_remote_shutdown=True, auth_key=auth_key)
         self.segment = self.engine.bulk(self.arena, bulk.READ_WRITE, eager=False)
         self.engine.declare(p.MASTER_RPCS)
         self._lock = threading.Lock()

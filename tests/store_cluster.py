@@ -180,13 +180,15 @@ class Cluster:
     on: ``tcp://127.0.0.1:0``, ``sm://``, ...), under the directory ``root``.
 
     ``node_dram`` is each node's DRAM segment (one int for all, or one per node); ``master``
-    and ``node`` are CLI options (``{"node_ttl": 1, "force_evict": True}``). Use as a context
+    and ``node`` are CLI options (``{"node_ttl": 1, "force_evict": True}``), ``client`` the
+    defaults of ``client()`` (the admin client's too). Use as a context
     manager, or call ``stop()``: it always stops every process it started."""
 
     def __init__(self, listen: str, root: Path, *, nodes: int = 2,
                  node_dram: int | Sequence[int] = 16 * MiB,
                  master: dict[str, Any] | None = None,
-                 node: dict[str, Any] | None = None) -> None:
+                 node: dict[str, Any] | None = None,
+                 client: dict[str, Any] | None = None) -> None:
         self.listen = listen
         self.root = root
         self.n = nodes
@@ -195,6 +197,7 @@ class Cluster:
             raise ValueError(f"{len(self.node_dram)} DRAM sizes for {nodes} nodes")
         self.master_options = dict(master or {})
         self.node_options = dict(node or {})
+        self.client_options = dict(client or {})
         self.master: Proc | None = None
         self.nodes: list[Proc] = []
         self.admin: DistributedStore | None = None
@@ -241,7 +244,7 @@ class Cluster:
 
     def client(self, **options: Any) -> DistributedStore:
         """A client of the master (``store.connect``); the caller closes it."""
-        kv = store.connect(self.uri, **options)
+        kv = store.connect(self.uri, **{**self.client_options, **options})
         if not isinstance(kv, DistributedStore):
             raise TypeError(f"store.connect({self.uri!r}) gave a {type(kv).__name__}")
         return kv
