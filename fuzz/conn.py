@@ -14,6 +14,7 @@ refusal code.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -22,10 +23,12 @@ from petasus import na
 # sm and tcp are imported here, not on first use, so that atheris instruments them.
 from petasus.na import core, sm, tcp  # noqa: F401
 from petasus.na import framing as fr
+from petasus.na._peering import REFUSALS
 from petasus.na.errors import ProtocolError
 
 from ._kit import Harness, check, cuts, pieces, with_cuts
 
+AUTH_KEY = b"fuzz-key-0123456789"
 KEY_RO, KEY_RW = 0x5EED0001, 0x5EED0003  # the registrations' keys, fixed so seeds can use them
 SIZE = 64
 MAX_MSG = 1024
@@ -71,9 +74,10 @@ def _pair(scheme: str) -> tuple[socket.socket, socket.socket]:
 
 def one_input(data: bytes) -> bool:
     scheme = "sm://" if data[:1] == b"s" else "tcp://127.0.0.1:0"
+    key = AUTH_KEY if data[:1] == b"k" else None  # a keyed tcp plugin: the handshake's frames
     sizes, stream = cuts(data[1:])
     plugin: Any = na.initialize(scheme, listen=False, max_msg_size=MAX_MSG, rma_chunk=SIZE,
-                                max_queued=MAX_QUEUED, spin_us=0)
+                                max_queued=MAX_QUEUED, spin_us=0, auth_key=key)
     ours, theirs = _pair(scheme)
     refused = False
     try:
@@ -84,7 +88,7 @@ def one_input(data: bytes) -> bool:
         plugin.msg_recv_unexpected(bytearray(MAX_MSG))
         ours.setblocking(False)
         theirs.setblocking(False)
-        conn = plugin._new_conn(ours, "fuzz peer", False)
+        conn = plugin._new_conn(ours, "fuzz peer", False, accepted=True)
         reader = conn.reader
         with plugin._lock:
             plugin._outbox.in_pass += 1
@@ -139,8 +143,12 @@ def _check_replies(replies: bytes) -> None:
     except ProtocolError as exc:
         raise AssertionError(f"the plugin sent a malformed frame: {exc}") from None
     for kind, _flags, _tag, payload in rec.frames:
-        check(kind in (fr.HELLO, fr.GET_RESP, fr.RMA_ACK, fr.RMA_NAK),
+        check(kind in (fr.HELLO, fr.GET_RESP, fr.RMA_ACK, fr.RMA_NAK, fr.AUTH_CHALLENGE),
               f"the plugin answered with frame kind {kind}")
+        if kind == fr.AUTH_CHALLENGE:
+            check(payload is not None and ((len(payload) == 1 and payload[0] in REFUSALS) or
+                                           (len(payload) == 1 + 2 * 16 + 16 and not payload[0])),
+                  f"challenge {payload!r}")
         if kind == fr.RMA_NAK:
             check(payload is not None and len(payload) == 1 and payload[0] in core.REFUSALS,
                   f"refusal {payload!r}")
@@ -160,10 +168,13 @@ def seeds() -> list[bytes]:
               + fr.encode_header(fr.PUT_DATA, 8, 6) + b"12345678")
     answers = (fr.encode_header(fr.RMA_ACK, 0, 99) + fr.encode_header(fr.RMA_NAK, 1, 98)
                + b"\x01" + fr.encode_header(fr.GET_RESP, 4, 97) + b"data")
-    sm_uri = b"sm://1/2"
+    sm_uri = f"sm://{os.getpid()}/2".encode()  # the kernel says who is on the socket: us
     sm_hello = fr.encode_header(fr.HELLO, len(sm_uri), 0, 1) + sm_uri
     rest = msg + exp + get + bad_get + put + ro_put + answers
+    # A keyed HELLO is answered with a challenge; no input can forge the proof that follows.
+    keyed = fr.encode_header(fr.HELLO, 16 + len(uri), 0, 2) + bytes(16) + uri
     return [b"t" + with_cuts(hello + rest), b"t" + with_cuts(lhello + rest, (5, 40)),
+            b"k" + with_cuts(keyed, (7,)),
             b"t" + with_cuts(hello + get + put, (1,)), b"s" + with_cuts(sm_hello + rest),
             b"t" + with_cuts(hello + msg * 8, (64,))]
 
