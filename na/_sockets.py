@@ -103,22 +103,18 @@ class SocketPlugin(PluginCore):
                 self._listener = listener
                 self._loop.add(listener.fileno(), EPOLLIN, self._guard.accept)
         except BaseException:
+            self._closed = True  # nothing to close later, nothing to warn about
             self._loop.close()
             self._cq.close()
             raise
         self._self_addr = Addr(uri, listen)
         self._listening = listen
 
-    # -- context manager, repr, introspection ---------------------------------------------------
-    def __enter__(self) -> SocketPlugin:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
+    # -- repr, introspection -------------------------------------------------------------------
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._conns)} connections"
-        return f"<{type(self).__name__} {self._self_addr.uri} {state}>"
+        uri = self._self_addr.uri if hasattr(self, "_self_addr") else self.scheme
+        return f"<{type(self).__name__} {uri} {state}>"
 
     def statistics(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.stats)

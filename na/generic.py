@@ -5,7 +5,8 @@ shared core (``na/core.py``). A plugin adds only its transport (``_send``, ``_st
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, TypeVar
 
 from .core import (
     MAX_TAG,
@@ -19,6 +20,8 @@ from .core import (
     rma_op,
 )
 from .types import Addr, Callback, MemHandle, Op, OpKind, OpState
+
+_P = TypeVar("_P", bound="PluginCore")
 
 
 class PluginCore:
@@ -48,6 +51,24 @@ class PluginCore:
 
     def _check_open(self, name: str) -> None:
         check_open(self._closed, name, self)
+
+    def __enter__(self: _P) -> _P:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # type: ignore[attr-defined]  # each plugin releases its own transport
+
+    def __del__(self) -> None:
+        # A warning only: network resources are released by close(), never here.
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"{self!r} was not closed", ResourceWarning, stacklevel=2)
+
+    @staticmethod
+    def _unregister(regs: dict[int, MemHandle], handle: MemHandle) -> None:
+        """Take ``handle`` out of a plugin's table of local registrations, or refuse it."""
+        if not handle.local or regs.get(id(handle)) is not handle:
+            raise ValueError(f"mem_deregister: {handle!r} is not registered here")
+        del regs[id(handle)]
 
     def msg_get_max_unexpected_size(self) -> int:
         return self._max_msg

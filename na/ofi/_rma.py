@@ -92,9 +92,7 @@ class Rma:
 
     def mem_deregister(self, handle: MemHandle) -> None:
         with self._lock:
-            if not handle.local or self._regs.get(id(handle)) is not handle:
-                raise ValueError(f"mem_deregister: {handle!r} is not registered here")
-            del self._regs[id(handle)]
+            self._unregister(self._regs, handle)
             if self._rma_mode != "native":
                 self._keys.remove(handle)
             check_rc(lib.fi_close(_fid(handle.record.mr)), "fi_close", op="mem_deregister")

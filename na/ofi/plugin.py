@@ -87,7 +87,6 @@ import secrets
 import select
 import socket
 import threading
-import warnings
 from collections import deque
 from typing import Any
 
@@ -414,17 +413,6 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
                 if op.state != OpState.FINISHED:
                     self._cq.fail(op, Canceled(op.kind.name.lower(), _uri(op.addr), reason))
             self._release()
-
-    def __enter__(self) -> OfiPlugin:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        # A warning only: libfabric objects are released by close(), never here.
-        if not getattr(self, "_closed", True):
-            warnings.warn(f"{self!r} was not closed", ResourceWarning, stacklevel=2)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._by_name)} peers"

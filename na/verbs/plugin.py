@@ -39,7 +39,6 @@ import mmap
 import select
 import socket
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,16 +240,6 @@ class VerbsPlugin(Progress, Links, PluginCore):
             self._rma_wait.clear()
             self._release()
 
-    def __enter__(self) -> VerbsPlugin:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
-            warnings.warn(f"{self!r} was not closed", ResourceWarning, stacklevel=2)
-
     def __repr__(self) -> str:
         uri = self._self_addr.uri if hasattr(self, "_self_addr") else self.scheme
         state = "closed" if self._closed else f"{len(self._conns)} connections"
@@ -320,9 +309,7 @@ class VerbsPlugin(Progress, Links, PluginCore):
 
     def mem_deregister(self, handle: MemHandle) -> None:
         with self._lock:
-            if not handle.local or self._regs.get(id(handle)) is not handle:
-                raise ValueError(f"mem_deregister: {handle!r} is not registered here")
-            del self._regs[id(handle)]
+            self._unregister(self._regs, handle)
             region: Region = handle.record  # type: ignore[assignment]
             self._cache.release(region.addr, region.mr_length, region.flags)
             handle.registered = False
