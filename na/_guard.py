@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from ._conn import EPOLLIN, PAUSE_BACKLOG, Conn, Outbox
-from ._limits import CAP, EMFILE, HANDSHAKE, ConnPolicy, Limits
+from ._limits import BACKLOG, CAP, EMFILE, HANDSHAKE, ConnPolicy, Limits, over_total
 from ._loop import EventLoop
 from .core import Matcher
 from .types import Addr
@@ -26,7 +26,7 @@ from .types import Addr
 # instead of spinning on a listener that stays readable.
 ACCEPT_PAUSE = 0.1
 STATS = ("closed_handshake_timeout", "closed_idle", "closed_cap", "closed_emfile",
-         "refused_cap", "reads_paused")
+         "closed_backlog", "refused_cap", "reads_paused")
 
 
 class Guarded(Protocol):
@@ -145,7 +145,23 @@ class ConnGuard:
         for conn in quiet:
             if not conn.closed:
                 conn.reader.shrink()
+        if quiet:
+            self.check_total(quiet)
         return min(self.policy.due(), self._accept_resume)
+
+    def check_total(self, quiet: list[Conn]) -> None:
+        """At a sweep: while the bytes queued to all accepted peers exceed
+        ``max_queued_total``, close the ``quiet`` ones (no traffic since the last sweep)
+        holding the most. Never from inside a send."""
+        total = sum(conn.queued for conn in self.plugin._conns if conn.accepted and conn.writing)
+        limit = self.limits.max_queued_total
+        if total <= limit:
+            return
+        stalled = [(conn, conn.queued) for conn in quiet
+                   if conn.accepted and conn.writing and not conn.closed]
+        for conn in over_total(total, stalled, limit):
+            self._close(conn, BACKLOG, f"{conn.queued} B queued to it unread while all peers "
+                        f"together had more than {limit} B queued (max_queued_total)")
 
     def backlog(self, conn: Conn) -> None:
         """Stop reading an accepted peer's requests while more than ``max_queued_bytes`` are

@@ -16,7 +16,12 @@ Rules:
   all;
 - room: at ``max_connections``, or when accept fails with EMFILE/ENFILE, ``victim()`` names the
   accepted connection to close so a new peer can be served: the oldest still handshaking, or
-  else the one quiet the longest with nothing pending. None means refuse the newcomer.
+  else the one quiet the longest with nothing pending. None means refuse the newcomer;
+- backlog: bytes queued to all accepted peers together past ``max_queued_total``
+  (``over_total``): the stalled peers (nothing read from or written to them for a whole sweep)
+  holding the most are closed, largest first, until the rest fit. ``max_queued_bytes`` bounds
+  each peer; this bounds how many such peers add up. A peer whose queue moves is never
+  closed for it: many clients pulling large registrations at once queue a lot, zero-copy.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ HANDSHAKE = "handshake_timeout"
 IDLE = "idle"
 CAP = "cap"
 EMFILE = "emfile"
+BACKLOG = "backlog"
 
 # Descriptors kept out of ``max_connections``: the listener, epoll, eventfds, the store's files
 # and the user's own. An eighth of the limit, at least 32.
@@ -70,6 +76,9 @@ class Limits:
     max_connections: int = 0  # 0: default_max_connections()
     # Bytes queued to one accepted peer before its requests stop being read (``na._guard``).
     max_queued_bytes: int = 64 * 1024 * 1024
+    # Bytes queued to all accepted peers together before the largest holders are closed:
+    # sixteen peers at their full share, instead of max_connections of them (64 GiB).
+    max_queued_total: int = 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for name in ("handshake_timeout", "idle_timeout"):
@@ -77,10 +86,23 @@ class Limits:
             if value is not None and (not isinstance(value, (int, float)) or value < 0):
                 raise ValueError(f"{name} must be a non-negative number of seconds or None, "
                                  f"not {value!r}")
-        if self.max_connections < 0 or self.max_queued_bytes < 1:
-            raise ValueError("max_connections must be >= 0 and max_queued_bytes positive")
+        if self.max_connections < 0 or self.max_queued_bytes < 1 or self.max_queued_total < 1:
+            raise ValueError("max_connections must be >= 0, max_queued_bytes and "
+                             "max_queued_total positive")
         if not self.max_connections:
             object.__setattr__(self, "max_connections", default_max_connections())
+
+
+def over_total(total: int, stalled: Iterable[tuple[Any, int]], limit: int) -> list[Any]:
+    """The stalled connections to close so that the ``total`` bytes queued come within
+    ``limit``: the largest holders first."""
+    victims = []
+    for conn, n in sorted(stalled, key=lambda item: item[1], reverse=True):
+        if total <= limit:
+            break
+        victims.append(conn)
+        total -= n
+    return victims
 
 
 class ConnPolicy:

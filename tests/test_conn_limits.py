@@ -338,6 +338,47 @@ def test_a_peer_that_never_reads_its_replies_is_paused_and_memory_stays_bounded(
             flood.join(ca.TIMEOUT)
 
 
+def test_the_total_queued_closes_the_largest_stalled_holders_first() -> None:
+    a, b, c, d = (FakeConn(name=n) for n in "abcd")
+    assert lim.over_total(90, [(a, 10), (b, 50), (c, 30)], 100) == []
+    # 130 queued against 100: the largest stalled one goes (b); then 80 fits.
+    assert lim.over_total(130, [(a, 10), (b, 50), (c, 30)], 100) == [b]
+    # Most of it queued to a peer that reads (not stalled, not listed): the stalled go, all.
+    assert lim.over_total(500, [(a, 10), (d, 20)], 100) == [d, a]
+    with pytest.raises(ValueError, match="max_queued_total"):
+        lim.Limits(max_queued_total=0)
+
+
+@pytest.mark.parametrize("uri", SCHEMES)
+def test_peers_that_never_read_cannot_add_up_past_the_total(uri: str) -> None:
+    """Each flooder is paused at its own 1 MiB; four of them would hold 4 MiB and more with
+    more peers (max_connections of them), so past the 2 MiB total the stalled largest are
+    closed at the next sweep."""
+    with ca.Server(uri, max_queued_bytes=1 * MiB, max_queued_total=2 * MiB,
+                   max_queued=1 * MiB) as server, ca.GoodClient(server.uri) as good:
+        floods = []
+        for _ in range(4):
+            hostile = ca.raw_connect(server.uri)
+            ca.hello(hostile, uri[:uri.index(":")])
+            hostile.settimeout(5.0)
+            done = threading.Event()
+            thread = threading.Thread(target=_flood, args=(hostile, 100_000, done), daemon=True)
+            thread.start()
+            floods.append((hostile, thread, done))
+        try:
+            for _ in range(20_000):
+                stats = good.stats()
+                if stats["closed_backlog"] >= 2:
+                    break
+            # Of four at ~1 MiB each, at least two must go for the rest to fit in 2 MiB.
+            assert stats["closed_backlog"] >= 2, stats
+            good.call()
+        finally:
+            for hostile, thread, _done in floods:
+                hostile.close()
+                thread.join(ca.TIMEOUT)
+
+
 def _progress_until(plugin: na.Plugin, done: Any, what: str) -> None:
     for _ in range(int(ca.TIMEOUT / 0.01)):
         if done():
