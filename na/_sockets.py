@@ -80,7 +80,7 @@ class SocketPlugin(PluginCore):
         self._matcher = Matcher(self._cq, self.stats, self.log, max_queued, self._resume,
                                 min(max_queued_peer, max_queued))
         self._regs = Registrations()
-        self._outbox = Outbox(self._cq.complete, self._conn_failed, self._rearm, self._cq,
+        self._outbox = Outbox(self._cq.complete, self._send_failed, self._rearm, self._cq,
                               high=self._limits.max_queued_bytes)
         self._loop = EventLoop(self._cq, self._outbox, self._lock, max(spin_us, 0) / 1e6)
         self._conns: set[Conn] = set()
@@ -370,6 +370,15 @@ class SocketPlugin(PluginCore):
             # In the middle of a bulk payload the rest is still arriving: keep reading.
             if n < len(buf) and not reader.in_payload:
                 return
+
+    def _send_failed(self, conn: Conn, cause: str) -> None:
+        """A send was refused (EPIPE, ECONNRESET): the peer closed. It may have said why
+        first (a refusal of our handshake), in bytes still unread: a connection that is read
+        fails from the read path, which runs next (epoll reports the hang-up at once), so its
+        ops fail with the peer's reason; one whose reads are paused, or that never
+        connected, fails now."""
+        if conn.paused or conn.connecting:
+            self._conn_failed(conn, cause)
 
     def _conn_failed(self, conn: Conn, cause: str, closing: bool = False) -> None:
         if conn.closed:
