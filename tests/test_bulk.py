@@ -23,6 +23,7 @@ from test_hg_core import FakeClock
 
 from petasus import bulk, hg, na
 from petasus.bulk import layout
+from petasus.hg import adopt
 from petasus.hg import header as hd
 
 MiB = 1 << 20
@@ -322,6 +323,34 @@ def test_overflow_from_asyncio_and_futures(rpc: RpcPeer) -> None:
     assert asyncio.run(main()) == [data] * 4
     futures = [rpc.remote.digest.future(data) for _ in range(4)]
     assert [rpc.engine.wait(f) for f in futures] == [sha(data)] * 4
+
+
+def test_large_bytes_values_land_in_objects_reused_once_let_go(spec: Spec) -> None:
+    """A 2 MiB bytes result arrives as the bytes object its pull wrote into (hg/adopt.py).
+    One the caller still holds is never written again; one it let go of takes the next
+    result of its size, its cached hash forgotten. ``PETASUS_ADOPT=0``: copies, no reuse."""
+    server, thread = start_in_thread(spec.uri, **spec.options)
+    try:
+        with hg.Engine(spec.uri, timeout=TIMEOUT, **spec.options) as client:
+            client.declare(api)
+            remote = client.lookup(server.uri)
+            a, b, c = (api.pattern(k, 2 * MiB) for k in (31, 32, 33))
+            first = remote.echo_bytes(a)
+            stale = hash(first)
+            second = remote.echo_bytes(b)
+            assert type(first) is bytes and first == a and second == b
+            assert client.statistics()["overflow_reused"] == 0
+            del first
+            third = remote.echo_bytes(c)
+            assert third == c and second == b
+            assert hash(third) == hash(bytes(bytearray(c))) != stale
+            assert client.statistics()["overflow_reused"] == (1 if adopt.ENABLED else 0)
+            assert client.statistics()["overflow_kept"] <= adopt.POOL_BYTES
+        assert client.statistics()["overflow_kept"] == 0  # let go at close
+    finally:
+        server.shutdown()
+        thread.join(TIMEOUT)
+        server.close()
 
 
 def test_the_server_caps_what_a_peer_makes_it_allocate(spec: Spec) -> None:
