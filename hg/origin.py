@@ -265,7 +265,15 @@ class Handle:
             return
         ctx.stats["overflows"] += 1
         lease = ctx.landing.take(size, remote.wire.sizes, ctx.clock())
-        local = Bulk(ctx.na, lease.segments, WRITE_ONLY, eager=False)
+        try:
+            local = Bulk(ctx.na, lease.segments, WRITE_ONLY, eager=False)
+        except Exception as exc:  # the landing could not be registered: fail, keep nothing
+            ctx.target.let_go(lease, False)
+            flow.handle("failed")  # gives the budget back
+            ctx.target.send_ack(self.addr, tag | ACK_BIT)
+            self._finish("error", None, RPCError(rpc.name, self.addr.uri,
+                                                 f"the result cannot land: {exc}"))
+            return
 
         def pulled(transfer: Transfer) -> None:
             local.close()

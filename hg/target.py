@@ -163,7 +163,14 @@ class Target:
             return
         self.stats["overflows"] += 1
         lease = self.landing.take(size, remote.wire.sizes, clock())
-        local = Bulk(self.na, lease.segments, WRITE_ONLY, eager=False)
+        try:
+            local = Bulk(self.na, lease.segments, WRITE_ONLY, eager=False)
+        except Exception as exc:  # the landing could not be registered: say so, keep nothing
+            self.let_go(lease, False)
+            if ov.Action.REPLY_ERROR in flow.handle("failed"):  # the budget goes back, too
+                self.reply_error(source, tag, hd.OVERFLOW, type(exc).__name__,
+                                 f"{rpc.name}: the input cannot land: {exc}")
+            return
         timer = Deadline(0.0, lambda: None)
 
         def pulled(stream: Stream) -> None:
