@@ -5,15 +5,17 @@ Why: on this project's VMs a page faulted in for the first time costs ~3.5 us (6
 faulted in moves 64 MiB in ~21 ms over tcp. A large ``bytes`` argument or result decoded as
 ``bytes(landing[a:b])`` therefore paid for a fresh allocation on every call (glibc serves
 every allocation above 32 MiB with a fresh mmap, and gives it back to the kernel on free):
-0.48 GB/s where the same bytes as a handle pulled into the application's own memory moved
-2 GB/s (``bench/large.py``). The value a handler or caller receives must be memory that is
-already faulted in, and the pull must write straight into it.
+0.48 GB/s for a 64 MiB argument over tcp, where the same bytes as a handle pulled into the
+application's own memory moved 2.0 GB/s (``bench/large.py --quick``, same run). The value
+a handler or caller receives must be memory already faulted in, and the pull must write
+straight into it.
 
 So the large segments of an overflow land in ``bytes`` objects made with the C API's
 ``PyBytes_FromStringAndSize(NULL, n)`` (uninitialized, and untouched: malloc maps fresh
 pages for large sizes, so a hostile declared size costs no resident memory until bytes
-arrive), which the C API allows to be written until the object is shared. The decoder then
-hands out that very object (``scalars`` asks ``adopt(buf, start, end)``). The pool keeps a
+arrive), which the C API allows to be written until the object is shared. The ``bytes``
+decoder then hands out that very object when its value spans exactly the segment
+(``overflow.Lease.decode``, ``scalars.bound_to(adopt=...)``). The pool keeps a
 reference to the objects it made; one whose only reference left is the pool's is, to
 everyone else, a fresh uninitialized object again, and the next pull of the same size
 lands in it (its cached hash cleared first).

@@ -288,8 +288,8 @@ class Handle:
                         self._finish("error", None, self._transport_error(transfer.error))  # type: ignore[arg-type]
                     elif action is ov.Action.DELIVER:
                         try:
-                            value = lease.decode(lambda view, adopt: bound_to(
-                                rpc.out_proc, view, self.addr, ctx.bulk_allow, adopt))
+                            value = lease.decode(lambda view, table: bound_to(
+                                rpc.out_proc, view, self.addr, ctx.bulk_allow, table))
                         except Exception as exc:
                             self._finish("error", None, RPCError(rpc.name, self.addr.uri,
                                                                  f"malformed response: {exc}"))

@@ -162,6 +162,7 @@ class Landing:
         self._spare: mmap.mmap | None = None
         self._unmap: list[mmap.mmap] = []
         self._lock = threading.Lock()
+
     def reserve(self, size: int, peer: str = "") -> str | None:
         """Count ``size`` bytes against the budget and ``peer``'s share, or say why not."""
         with self._lock:

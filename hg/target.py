@@ -197,8 +197,8 @@ class Target:
                     self.send_ack(source, tag)  # its answer: the origin may let go of the input
                 elif action is ov.Action.DISPATCH:
                     try:
-                        args = lease.decode(lambda view, adopt: bound_to(
-                            rpc.in_proc, view, source, self.ctx.bulk_allow, adopt))
+                        args = lease.decode(lambda view, table: bound_to(
+                            rpc.in_proc, view, source, self.ctx.bulk_allow, table))
                     except Exception as exc:
                         log.warning("%s from %s: %s", rpc.name, source.uri, exc)
                         if not one_way:

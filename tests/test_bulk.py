@@ -366,6 +366,39 @@ def test_large_bytes_values_land_in_objects_reused_once_let_go(spec: Spec) -> No
         assert client.statistics()["overflow_kept"] == 0  # what closing the engine does
 
 
+def test_kept_objects_are_let_go_when_idle(spec: Spec) -> None:
+    """The pool's objects go ``POOL_IDLE`` s (fake) after their last use, on each side,
+    through the context's timers; not before."""
+    clock = FakeClock()
+    with hg.Engine(spec.uri, listen=True, clock=clock, **spec.options) as server, \
+            hg.Engine(spec.uri, timeout=TIMEOUT, clock=clock, **spec.options) as client:
+        server.register(api.echo_bytes, lambda data: data)
+        client.declare(api)
+        engines = (server.context, client.context)
+
+        def pump(until: Callable[[], bool]) -> None:
+            deadline = time.monotonic() + TIMEOUT
+            while not until():
+                assert time.monotonic() < deadline, "the condition never came true"
+                for party in engines:
+                    party.progress(0)
+                    party.trigger()
+
+        data = api.pattern(36, 2 * MiB)
+        call = client.lookup(server.uri).echo_bytes.future(data)
+        pump(lambda: call.done and server.statistics()["overflows"] == 2)
+        assert client.wait(call) == data
+        kept = [e.statistics()["overflow_kept"] for e in (server, client)]
+        assert kept == ([2 * MiB, 2 * MiB] if adopt.ENABLED else [0, 0])
+        clock.now += adopt.POOL_IDLE / 2
+        for party in engines:
+            party.progress(0)
+        assert [e.statistics()["overflow_kept"] for e in (server, client)] == kept
+        clock.now += adopt.POOL_IDLE / 2
+        pump(lambda: server.statistics()["overflow_kept"] ==
+             client.statistics()["overflow_kept"] == 0)
+
+
 def test_a_landing_that_cannot_be_registered_keeps_nothing(spec: Spec,
                                                           monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
