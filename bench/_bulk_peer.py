@@ -1,6 +1,6 @@
-"""The bulk benchmark's far end: a petasus engine that exposes a 64 MiB region, pulls the
-handles it is sent, and swallows large arguments. Serves until stdin closes; first stdout line:
-the URI."""
+"""The bulk benchmarks' far end: a petasus engine that exposes a 64 MiB region, pulls the
+handles it is sent, swallows large arguments and returns large results. Serves until stdin
+closes; first stdout line: the URI."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def consume(data: bytes) -> hg.uint64:
     """An RPC with one large argument: the overflow path carries it."""
 
 
+@hg.declare
+def produce(size: hg.uint64) -> bytes:
+    """An RPC with one large result (``size`` bytes): the overflow path carries it back."""
+
+
 def main() -> None:
     pin_from_env()
     engine = hg.Engine(sys.argv[1], listen=True)
@@ -42,6 +47,9 @@ def main() -> None:
     engine.register(expose, lambda: region)
     engine.register(take, take_)
     engine.register(consume, len)
+    results: dict[int, bytes] = {}  # made (and faulted in) once per size, as an app's data is
+    engine.register(produce, lambda size: results.get(size) or
+                    results.setdefault(size, bytes(touched(size))))
     print(engine.uri, flush=True)
     threading.Thread(target=lambda: (sys.stdin.read(), engine.shutdown()), daemon=True).start()
     engine.serve(handle_signals=False)

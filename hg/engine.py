@@ -112,6 +112,7 @@ class Engine:
         return {**self.context.stats, "inflight_handlers": self._inflight,
                 "overflow_held": landing.held, "overflow_landings": landing.landings,
                 "overflow_pinned": landing.pinned,
+                "overflow_kept": landing.pool.held, "overflow_reused": landing.pool.reused,
                 "overflow_peers": dict(landing.peers), "na": self.na.statistics()}
 
     def bulk(self, buffers: Any, access: na.Access, *, eager: bool | None = None) -> Bulk:

@@ -264,8 +264,16 @@ class Handle:
                                                  f"result of {size} B {flow.reason}"))
             return
         ctx.stats["overflows"] += 1
-        buf, dest = ctx.landing.take(size)
-        local = Bulk(ctx.na, dest, WRITE_ONLY, eager=False)
+        lease = ctx.landing.take(size, remote.wire.sizes, ctx.clock())
+        try:
+            local = Bulk(ctx.na, lease.segments, WRITE_ONLY, eager=False)
+        except Exception as exc:  # the landing could not be registered: fail, keep nothing
+            ctx.target.let_go(lease, False)
+            flow.handle("failed")  # gives the budget back
+            ctx.target.send_ack(self.addr, tag | ACK_BIT)
+            self._finish("error", None, RPCError(rpc.name, self.addr.uri,
+                                                 f"the result cannot land: {exc}"))
+            return
 
         def pulled(transfer: Transfer) -> None:
             local.close()
@@ -280,20 +288,22 @@ class Handle:
                         self._finish("error", None, self._transport_error(transfer.error))  # type: ignore[arg-type]
                     elif action is ov.Action.DELIVER:
                         try:
-                            value = bound_to(rpc.out_proc, dest, self.addr, ctx.bulk_allow)
+                            value = lease.decode(lambda view, table: bound_to(
+                                rpc.out_proc, view, self.addr, ctx.bulk_allow, table))
                         except Exception as exc:
                             self._finish("error", None, RPCError(rpc.name, self.addr.uri,
                                                                  f"malformed response: {exc}"))
                             return
                         self._finish("response", value, None)
             finally:
-                ctx.target.let_go(buf, dest)  # the transfer is over, whatever its outcome
+                # The transfer is over, whatever its outcome.
+                ctx.target.let_go(lease, transfer.error is None)
 
         try:
             transfer = local.pull_from(remote, addr=self.addr, callback=pulled)
         except (ValueError, na.NAError) as exc:  # refused before a byte moved
             local.close()
-            ctx.target.let_go(buf, dest)
+            ctx.target.let_go(lease, False)
             flow.handle("failed")  # gives the budget back
             ctx.target.send_ack(self.addr, tag | ACK_BIT)
             self._finish("error", None, RPCError(rpc.name, self.addr.uri,

@@ -30,9 +30,11 @@ from __future__ import annotations
 import enum
 import mmap
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from .scalars import LARGE
+from . import adopt
+from .scalars import _U32, LARGE
 from .state import StateError
 
 ACK_BIT = 0x80000000
@@ -71,16 +73,82 @@ def share(budget: int) -> int:
     return max(1, budget // 4)
 
 
+class Lease:
+    """The memory one overflow lands in. ``view`` is the encoding's offset space, over an
+    untouched mapping; each large segment of the exposer's layout (``adopt.ADOPT_MIN`` and
+    up) lands instead in a ``bytes`` object of its own (``slots``), which the decoder hands
+    out as the value when the segment is exactly one ``bytes`` value (``decode``), so that
+    the bytes are written once, by the pull, into memory the pool already faulted in."""
+
+    __slots__ = ("buf", "segments", "slots", "view")
+
+    def __init__(self, buf: mmap.mmap, size: int, slots: list[tuple[int, bytes]]) -> None:
+        self.buf = buf
+        self.view = memoryview(buf)[:size]
+        self.slots = [(off, obj, adopt.writable(obj)) for off, obj in slots]
+        segments: list[memoryview] = []
+        pos = 0
+        for off, obj, into in self.slots:
+            if off > pos:
+                segments.append(self.view[pos:off])
+            segments.append(into)
+            pos = off + len(obj)
+        if pos < size or not segments:
+            segments.append(self.view[pos:])
+        self.segments = segments  # the local bulk's, in the order of the offset space
+
+    def decode(self, loads: Callable[[memoryview, dict[int, bytes] | None], Any]) -> Any:
+        """``loads(view, adoptable)`` once the pull is complete. A slot whose every byte
+        the decode took as one ``bytes`` value is that value; otherwise (another type, a
+        custom proc, a layout a peer chose) the slots are copied into ``view`` and the
+        decode runs again on the contiguous bytes, as it always did."""
+        table: dict[int, bytes] = {}
+        for off, obj, into in self.slots:
+            # The length prefix just before it must say exactly its size; else it cannot be
+            # one bytes value, and is copied without a first try.
+            if off >= 4 and self.view[off - 4:off] == _U32.pack(len(obj)):
+                table[off] = obj
+            else:
+                self.view[off:off + len(obj)] = into
+        if table:
+            tried = list(table)
+            try:
+                value = loads(self.view, table)
+            except Exception:  # bytes the decoder read in a slot's range were not there
+                value = None
+            else:
+                if not table:  # every slot was taken whole, by a bytes value
+                    return value
+            for off, obj, into in self.slots:
+                if off in tried:
+                    self.view[off:off + len(obj)] = into
+        return loads(self.view, None)
+
+    def release(self) -> None:
+        """Drop the views this lease made (the mapping and the slots' writable views)."""
+        for _off, _obj, into in self.slots:
+            try:
+                into.release()
+            except BufferError:
+                pass  # a view still viewed: its array keeps the object alive meanwhile
+        self.slots = []
+        self.segments = []
+        self.view.release()
+
+
 class Landing:
-    """Landing buffers for overflows, and the budget of bytes peers may make us hold: all of
+    """Landing memory for overflows, and the budget of bytes peers may make us hold: all of
     them together (``budget``) and each one (``per_peer``, keyed by the peer's URI).
 
     A landing buffer is an anonymous mapping that nothing touches before the pull writes
     into it: the kernel supplies zero pages as the bytes arrive, so a peer that declares
     1 GiB costs neither a 0.45 s memset on the progress thread nor resident memory until it
-    sends. Decoders copy out of it (as they do out of a receive buffer), so it is unmapped
-    as soon as the call is decoded. One buffer of up to ``LANDING_MAX`` is kept for the next
-    overflow, its pages already faulted in: that costs less than faulting in new ones.
+    sends. Decoders copy small values out of it (as they do out of a receive buffer), so it
+    is unmapped as soon as the call is decoded. One buffer of up to ``LANDING_MAX`` is kept
+    for the next overflow, its pages already faulted in: that costs less than faulting in
+    new ones. Large segments land in ``bytes`` objects instead (``Lease``, ``adopt``),
+    recycled by a bounded ``adopt.Pool``: at most ``min(budget, POOL_BYTES)`` of them, let
+    go when idle, only from pulls that completed.
     """
 
     def __init__(self, budget: int, per_peer: int | None = None) -> None:
@@ -90,6 +158,7 @@ class Landing:
         self.peers: dict[str, int] = {}  # bytes held per peer, only while nonzero
         self.mapped = 0  # landing buffers in use
         self.pinned = 0  # left to a user that kept a view of them (a leak's sign)
+        self.pool = adopt.Pool(min(budget, adopt.POOL_BYTES))
         self._spare: mmap.mmap | None = None
         self._unmap: list[mmap.mmap] = []
         self._lock = threading.Lock()
@@ -122,7 +191,16 @@ class Landing:
             else:
                 self.peers.pop(peer, None)
 
-    def take(self, size: int) -> tuple[mmap.mmap, memoryview]:
+    def take(self, size: int, sizes: tuple[int, ...] = (), now: float = 0.0) -> Lease:
+        """Memory for a pull of ``size`` bytes from a handle whose segments are ``sizes``."""
+        slots: list[tuple[int, bytes]] = []
+        pos = 0
+        for n in sizes:
+            if n >= adopt.ADOPT_MIN and len(slots) < adopt.POOL_SLOTS and pos + n <= size:
+                obj = self.pool.lend(n, now)
+                if obj is not None:
+                    slots.append((pos, obj))
+            pos += n
         with self._lock:
             buf = self._spare
             if buf is not None and len(buf) >= size:
@@ -132,14 +210,22 @@ class Landing:
             self.mapped += 1
         if buf is None:
             buf = mmap.mmap(-1, max(size, 1))  # untouched: no page is spent before bytes land
-        return buf, memoryview(buf)[:size]
+        return Lease(buf, size, slots)
 
-    def give(self, buf: mmap.mmap, view: memoryview) -> bool:
-        """Once nothing can write into ``buf`` any more: keep it for the next overflow, or
-        unmap it now (not when the garbage collector gets to it). False if it could not be
-        unmapped yet: given back from a completion callback, the op being completed still
-        holds a view of it until the callback returns, and the driver must ``sweep`` then."""
-        view.release()
+    def give(self, lease: Lease, complete: bool = True, now: float = 0.0) -> bool:
+        """Once nothing can write into ``lease`` any more: keep its mapping for the next
+        overflow, or unmap it now (not when the garbage collector gets to it); keep its
+        slots if the pull was ``complete``, else let go of them. False if the mapping could
+        not be unmapped yet: given back from a completion callback, the op being completed
+        still holds a view of it until the callback returns, and the driver must ``sweep``
+        then."""
+        for _off, obj, _into in lease.slots:
+            if complete:
+                self.pool.keep(obj, now)
+            else:
+                self.pool.forget(obj)
+        buf = lease.buf
+        lease.release()
         with self._lock:
             self.mapped -= 1
             if len(buf) <= LANDING_MAX and (self._spare is None or len(buf) > len(self._spare)):
@@ -172,6 +258,7 @@ class Landing:
         return self.mapped + len(self._unmap)
 
     def close(self) -> None:
+        self.pool.close()
         with self._lock:
             spare, self._spare = self._spare, None
             if spare is not None:

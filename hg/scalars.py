@@ -24,6 +24,7 @@ import msgpack
 from petasus import na
 from petasus.bulk import Bulk, LayoutError, RemoteBulk
 
+from .adopt import ADOPT_MIN
 from .errors import DecodeError, EncodeError
 
 Encode = Callable[[Any], bytes]
@@ -161,10 +162,20 @@ def _var_bytes(name: str, to_bytes: Callable[[Any], bytes], build: Callable[[Any
 
     def decode(buf: Any, pos: int) -> tuple[Any, int]:
         start, end = _span(name, buf, pos)
+        if adopts and end - start >= ADOPT_MIN and buf is _DECODING.base:
+            # An overflow landed these bytes in a bytes object of their own: that object
+            # is the value (``overflow.Lease``), not a copy of it.
+            table = _DECODING.adopt
+            obj = table.get(start) if table is not None else None
+            if obj is not None and len(obj) == end - start:
+                del table[start]  # type: ignore[union-attr]
+                return obj, end
         try:
             return build(buf[start:end]), end
         except UnicodeDecodeError as exc:
             raise DecodeError(f"{name}: {exc}") from None
+
+    adopts = build is bytes
 
     def parts(value: Any) -> list[Any]:
         if views and not isinstance(value, str | int):
@@ -197,28 +208,34 @@ PROCS[memoryview] = PROCS[bytearray]
 
 
 class _Decoding(threading.local):
-    """The peer whose message is being decoded on this thread, if any (``bound_to``)."""
+    """The peer whose message is being decoded on this thread, if any (``bound_to``), and
+    the bytes objects that parts of ``base`` landed in, by offset (``overflow.Lease``)."""
 
     peer: na.Addr | None = None
     allow: Callable[[str], bool] | None = None
+    base: Any = None
+    adopt: dict[int, bytes] | None = None
 
 
 _DECODING = _Decoding()
 
 
 def bound_to(proc: Proc, data: Any, peer: na.Addr,
-             allow: Callable[[str], bool] | None) -> Any:
+             allow: Callable[[str], bool] | None,
+             adopt: dict[int, bytes] | None = None) -> Any:
     """``proc.loads(data)``, the handles in it bound to ``peer``, the process that sent them:
     a handler's transfers with them go to that peer over its connection, never to an owner
-    the bytes name, unless ``allow(owner URI)`` (``Engine(bulk_peers=...)``)."""
-    if not proc.handles:
+    the bytes name, unless ``allow(owner URI)`` (``Engine(bulk_peers=...)``). ``adopt``:
+    bytes objects holding the bytes of ``data`` at their offsets, which a ``bytes`` value
+    spanning exactly one of them is (each taken is removed from it)."""
+    if not proc.handles and not adopt:
         return proc.loads(data)
     state = _DECODING
-    state.peer, state.allow = peer, allow
+    state.peer, state.allow, state.base, state.adopt = peer, allow, data, adopt
     try:
         return proc.loads(data)
     finally:
-        state.peer = state.allow = None
+        state.peer = state.allow = state.base = state.adopt = None
 
 
 def _bulk() -> Proc:

@@ -15,11 +15,12 @@ from typing import Any, Protocol
 from petasus import na
 from petasus.bulk import READ_ONLY, WRITE_ONLY, Bulk, RemoteBulk, Stream
 
+from . import adopt
 from . import header as hd
 from . import overflow as ov
 from . import state as st
 from .errors import EncodeError
-from .overflow import ACK_BIT, Landing, segments
+from .overflow import ACK_BIT, Landing, Lease, segments
 from .procs import proc_for
 from .registry import RPC, Class
 from .scalars import bound_to
@@ -61,6 +62,7 @@ class Target:
         self.timers = ctx.timers
         self.overflow_timeout = ctx.overflow_timeout
         self.max_expected = ctx.max_expected
+        self._trim: Deadline | None = None  # lets go of the landing pool's idle objects
 
     # -- target side ------------------------------------------------------------------------------
     def on_request(self, op: na.Op) -> None:
@@ -160,8 +162,15 @@ class Target:
                              f"{rpc.name}: input of {size} B {flow.reason}")
             return
         self.stats["overflows"] += 1
-        buf, dest = self.landing.take(size)
-        local = Bulk(self.na, dest, WRITE_ONLY, eager=False)
+        lease = self.landing.take(size, remote.wire.sizes, clock())
+        try:
+            local = Bulk(self.na, lease.segments, WRITE_ONLY, eager=False)
+        except Exception as exc:  # the landing could not be registered: say so, keep nothing
+            self.let_go(lease, False)
+            if ov.Action.REPLY_ERROR in flow.handle("failed"):  # the budget goes back, too
+                self.reply_error(source, tag, hd.OVERFLOW, type(exc).__name__,
+                                 f"{rpc.name}: the input cannot land: {exc}")
+            return
         timer = Deadline(0.0, lambda: None)
 
         def pulled(stream: Stream) -> None:
@@ -170,7 +179,8 @@ class Target:
             try:
                 settle(stream.error)
             finally:
-                self.let_go(buf, dest)  # the pull is over: nothing writes into it now
+                # The pull is over: nothing writes into it now.
+                self.let_go(lease, stream.error is None)
 
         def settle(error: BaseException | None) -> None:
             event = "closed" if self.ctx.closing else ("failed" if error is not None
@@ -187,7 +197,8 @@ class Target:
                     self.send_ack(source, tag)  # its answer: the origin may let go of the input
                 elif action is ov.Action.DISPATCH:
                     try:
-                        args = bound_to(rpc.in_proc, dest, source, self.ctx.bulk_allow)
+                        args = lease.decode(lambda view, table: bound_to(
+                            rpc.in_proc, view, source, self.ctx.bulk_allow, table))
                     except Exception as exc:
                         log.warning("%s from %s: %s", rpc.name, source.uri, exc)
                         if not one_way:
@@ -214,7 +225,7 @@ class Target:
             stream.start()
         except (ValueError, na.NAError) as exc:  # refused before a byte moved
             local.close()
-            self.let_go(buf, dest)
+            self.let_go(lease, False)
             log.warning("%s: the input from %s cannot be pulled: %s", rpc.name, source.uri, exc)
             if ov.Action.REPLY_ERROR in flow.handle("failed"):  # the budget goes back, too
                 self.reply_error(source, tag, hd.OVERFLOW, type(exc).__name__,
@@ -254,12 +265,23 @@ class Target:
         self.timers.arm(timer, timer.deadline)
         self.na.msg_send_expected(source, head, tag)
 
-    def let_go(self, buf: Any, view: memoryview) -> None:
-        """Give a landing buffer back; what cannot be unmapped inside the completion that
-        ends its pull is unmapped by the next progress pass, once the completion is over."""
-        if not self.landing.give(buf, view):
-            now = self.clock()
+    def let_go(self, lease: Lease, complete: bool) -> None:
+        """Give a landing back (``complete``: its pull finished, so the bytes objects it
+        landed in may be recycled); what cannot be unmapped inside the completion that ends
+        its pull is unmapped by the next progress pass, once the completion is over. Kept
+        bytes objects are let go once idle (``adopt.POOL_IDLE``)."""
+        now = self.clock()
+        if not self.landing.give(lease, complete, now):
             self.timers.arm(Deadline(now, lambda: self.landing.sweep(final=True)), now)
+        if complete and self._trim is None and len(self.landing.pool):
+            self._trim = Deadline(now + adopt.POOL_IDLE, self._trim_pool)
+            self.timers.arm(self._trim, self._trim.deadline)
+
+    def _trim_pool(self) -> None:
+        due = self.landing.pool.trim(self.clock())
+        self._trim = None if due is None else Deadline(due, self._trim_pool)
+        if self._trim is not None:
+            self.timers.arm(self._trim, due)  # type: ignore[arg-type]
 
     def send_ack(self, peer: na.Addr, tag: int) -> None:
         if not self.ctx.closing:

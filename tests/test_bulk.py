@@ -4,6 +4,7 @@ plugin, against a process and a thread; properties of the planner and the handle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -23,6 +24,7 @@ from test_hg_core import FakeClock
 
 from petasus import bulk, hg, na
 from petasus.bulk import layout
+from petasus.hg import adopt
 from petasus.hg import header as hd
 
 MiB = 1 << 20
@@ -322,6 +324,109 @@ def test_overflow_from_asyncio_and_futures(rpc: RpcPeer) -> None:
     assert asyncio.run(main()) == [data] * 4
     futures = [rpc.remote.digest.future(data) for _ in range(4)]
     assert [rpc.engine.wait(f) for f in futures] == [sha(data)] * 4
+
+
+@contextlib.contextmanager
+def thread_server(spec: Spec) -> Iterator[tuple[hg.Engine, hg.Engine]]:
+    """A server serving in a thread of this process, and a client. The server stops before
+    the client closes: closing an ofi+shm engine while another one in the same process
+    progresses after large messages crashed in libfabric (pthread_spin_trylock, seen with
+    and without hg/adopt.py), which is not what these tests are about."""
+    server, thread = start_in_thread(spec.uri, **spec.options)
+    client = hg.Engine(spec.uri, timeout=TIMEOUT, **spec.options)
+    try:
+        client.declare(api)
+        yield server, client
+    finally:
+        server.shutdown()
+        thread.join(TIMEOUT)
+        client.close()
+        server.close()
+
+
+def test_large_bytes_values_land_in_objects_reused_once_let_go(spec: Spec) -> None:
+    """A 2 MiB bytes result arrives as the bytes object its pull wrote into (hg/adopt.py).
+    One the caller still holds is never written again; one it let go of takes the next
+    result of its size, its cached hash forgotten. ``PETASUS_ADOPT=0``: copies, no reuse."""
+    with thread_server(spec) as (server, client):
+        remote = client.lookup(server.uri)
+        a, b, c = (api.pattern(k, 2 * MiB) for k in (31, 32, 33))
+        first = remote.echo_bytes(a)
+        stale = hash(first)
+        second = remote.echo_bytes(b)
+        assert type(first) is bytes and first == a and second == b
+        assert client.statistics()["overflow_reused"] == 0
+        del first
+        third = remote.echo_bytes(c)
+        assert third == c and second == b
+        assert hash(third) == hash(bytes(bytearray(c))) != stale
+        assert client.statistics()["overflow_reused"] == (1 if adopt.ENABLED else 0)
+        assert client.statistics()["overflow_kept"] <= adopt.POOL_BYTES
+        client.context.landing.close()
+        assert client.statistics()["overflow_kept"] == 0  # what closing the engine does
+
+
+def test_kept_objects_are_let_go_when_idle(spec: Spec) -> None:
+    """The pool's objects go ``POOL_IDLE`` s (fake) after their last use, on each side,
+    through the context's timers; not before."""
+    clock = FakeClock()
+    with hg.Engine(spec.uri, listen=True, clock=clock, **spec.options) as server, \
+            hg.Engine(spec.uri, timeout=TIMEOUT, clock=clock, **spec.options) as client:
+        server.register(api.echo_bytes, lambda data: data)
+        client.declare(api)
+        engines = (server.context, client.context)
+
+        def pump(until: Callable[[], bool]) -> None:
+            deadline = time.monotonic() + TIMEOUT
+            while not until():
+                assert time.monotonic() < deadline, "the condition never came true"
+                for party in engines:
+                    party.progress(0)
+                    party.trigger()
+
+        data = api.pattern(36, 2 * MiB)
+        call = client.lookup(server.uri).echo_bytes.future(data)
+        pump(lambda: call.done and server.statistics()["overflows"] == 2)
+        assert client.wait(call) == data
+        kept = [e.statistics()["overflow_kept"] for e in (server, client)]
+        assert kept == ([2 * MiB, 2 * MiB] if adopt.ENABLED else [0, 0])
+        clock.now += adopt.POOL_IDLE / 2
+        for party in engines:
+            party.progress(0)
+        assert [e.statistics()["overflow_kept"] for e in (server, client)] == kept
+        clock.now += adopt.POOL_IDLE / 2
+        pump(lambda: server.statistics()["overflow_kept"] ==
+             client.statistics()["overflow_kept"] == 0)
+
+
+def test_a_landing_that_cannot_be_registered_keeps_nothing(spec: Spec,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """Registering the landing of an input (on the server) or of a result (on the client)
+    fails: the call fails with that reason, and the budget, the landing and the pool are
+    all given back; the next call works."""
+    with thread_server(spec) as (server, client):
+        remote = client.lookup(server.uri)
+        data = api.pattern(34, 2 * MiB)
+        for engine, call in ((server, lambda: remote.digest(data)),
+                             (client, lambda: remote.make(2 * MiB, 35))):
+            register = engine.na.mem_register
+
+            def refuse(buf: object, access: na.Access,
+                       register: Callable[..., object] = register) -> object:
+                if access == WO and len(memoryview(buf)) >= MiB:  # type: ignore[arg-type]
+                    raise ValueError("no registrations left")
+                return register(buf, access)
+
+            monkeypatch.setattr(engine.na, "mem_register", refuse)
+            with pytest.raises(hg.RPCError, match="cannot land: no registrations left"):
+                call()
+            monkeypatch.undo()
+            stats = engine.statistics()
+            assert stats["overflow_held"] == stats["overflow_landings"] == 0
+            assert stats["overflow_kept"] == 0
+        assert remote.digest(data) == sha(data)
+        assert remote.make(2 * MiB, 35) == api.pattern(35, 2 * MiB)
 
 
 def test_the_server_caps_what_a_peer_makes_it_allocate(spec: Spec) -> None:

@@ -185,16 +185,18 @@ def test_without_a_stall_timeout_a_pull_has_no_deadline() -> None:
 def test_landing_buffers_are_untouched_mappings_unmapped_when_given_back() -> None:
     budget = Landing(1 << 40, 1 << 40)
     huge = 1 << 30
-    buf, view = budget.take(huge)  # a declared 1 GiB: no memset, no resident page
-    assert len(view) == huge and budget.landings == 1
-    assert budget.give(buf, view)
+    lease = budget.take(huge)  # a declared 1 GiB: no memset, no resident page
+    buf = lease.buf
+    assert len(lease.view) == huge and budget.landings == 1
+    assert budget.give(lease)
     assert buf.closed and budget.landings == 0  # larger than LANDING_MAX: unmapped at once
-    small, sview = budget.take(1 << 20)
-    budget.give(small, sview)
+    lease = budget.take(1 << 20)
+    small = lease.buf
+    budget.give(lease)
     assert not small.closed  # kept, its pages faulted in, for the next overflow
-    again, aview = budget.take(1000)
-    assert again is small
-    budget.give(again, aview)
+    lease = budget.take(1000)
+    assert lease.buf is small
+    budget.give(lease)
     budget.close()
     assert small.closed
 
@@ -203,15 +205,16 @@ def test_a_landing_still_viewed_is_unmapped_by_the_next_sweep() -> None:
     # Given back from inside the completion that ended its pull, the op still holds a view:
     # the buffer waits for the sweep the driver runs once the completion is over.
     budget = Landing(1 << 30)
-    buf, view = budget.take(128 << 20)
+    lease = budget.take(128 << 20)
+    buf = lease.buf
     op_view = memoryview(buf)
-    assert not budget.give(buf, view)
+    assert not budget.give(lease)
     assert budget.landings == 1 and not buf.closed
     op_view.release()
     assert budget.sweep(final=True) and buf.closed and budget.landings == 0
     assert budget.pinned == 0
-    kept, kview = budget.take(128 << 20)
-    user_view = memoryview(kept)  # a decoder that kept a view: left to it, and counted
-    budget.give(kept, kview)
+    lease = budget.take(128 << 20)
+    user_view = memoryview(lease.buf)  # a decoder that kept a view: left to it, and counted
+    budget.give(lease)
     assert budget.sweep(final=True) and budget.pinned == 1 and budget.landings == 0
     user_view.release()
