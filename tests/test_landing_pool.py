@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -181,3 +183,33 @@ def test_a_huge_declared_segment_costs_no_resident_memory() -> None:
     landing.give(lease, complete=False)
     assert len(landing.pool) == 0 and landing.landings == 0
     landing.close()
+
+
+_TWIN = """
+import threading
+from petasus import hg
+from petasus.hg import adopt
+
+@hg.declare
+def echo(data: bytes) -> bytes: ...
+
+assert not adopt.ENABLED
+server = hg.Engine("tcp://127.0.0.1:0", listen=True)
+server.register(echo, lambda data: data[::-1])
+threading.Thread(target=server.serve, kwargs={"handle_signals": False}, daemon=True).start()
+with hg.Engine("tcp://127.0.0.1:0") as client:
+    client.declare(echo)
+    data = bytes(range(256)) * (12 << 12)  # 3 MiB: segments large enough to be adopted
+    for _ in range(3):
+        assert client.lookup(server.uri).echo.call(data, timeout=20) == data[::-1]
+server.shutdown()
+print("ok")
+"""
+
+
+def test_the_copy_twin_runs_end_to_end_with_petasus_adopt_0() -> None:
+    """STYLE 10: the pure-Python twin (``PETASUS_ADOPT=0``) serves large bytes arguments and
+    results too, in a process of its own (the switch is read at import)."""
+    out = subprocess.run([sys.executable, "-c", _TWIN], env=dict(os.environ, PETASUS_ADOPT="0"),
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
