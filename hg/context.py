@@ -12,7 +12,7 @@ from typing import Any
 from petasus import na
 
 from .origin import Handle
-from .overflow import Landing
+from .overflow import Budget, Landing
 from .registry import RPC, Class
 from .target import Target
 from .timers import Deadline, Timers
@@ -48,6 +48,8 @@ class Context:
         self.clock = clock
         self.max_overflow = max_overflow
         self.landing = Landing(max_overflow, max_overflow_per_peer)
+        # Results exposed and not yet pulled: the same limits, their own account.
+        self.exposed = Budget(max_overflow, max_overflow_per_peer)
         # How long a pull may land nothing, and how long exposed memory waits for its ack.
         self.overflow_timeout = overflow_timeout
         self.bulk_allow = allow_owners(bulk_peers)

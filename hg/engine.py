@@ -113,7 +113,8 @@ class Engine:
                 "overflow_held": landing.held, "overflow_landings": landing.landings,
                 "overflow_pinned": landing.pinned,
                 "overflow_kept": landing.pool.held, "overflow_reused": landing.pool.reused,
-                "overflow_peers": dict(landing.peers), "na": self.na.statistics()}
+                "overflow_peers": landing.by_uri(),
+                "overflow_exposed": self.context.exposed.held, "na": self.na.statistics()}
 
     def bulk(self, buffers: Any, access: na.Access, *, eager: bool | None = None) -> Bulk:
         """Expose ``buffers`` (one buffer or a list) for transfers driven by this engine."""

@@ -258,7 +258,7 @@ class Handle:
         except (ValueError, na.NAError) as exc:
             refused = getattr(exc, "cause", None) or str(exc)
         flow = self._flow = ov.Overflow(ov.ORIGIN, ctx.landing)
-        if ov.Action.PULL not in flow.begin(size, refused, peer=self.addr.uri):
+        if ov.Action.PULL not in flow.begin(size, refused, peer=self.addr):
             ctx.target.send_ack(self.addr, tag | ACK_BIT)
             self._finish("error", None, RPCError(rpc.name, self.addr.uri,
                                                  f"result of {size} B {flow.reason}"))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import mmap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from . import adopt
@@ -136,34 +136,20 @@ class Lease:
         self.view.release()
 
 
-class Landing:
-    """Landing memory for overflows, and the budget of bytes peers may make us hold: all of
-    them together (``budget``) and each one (``per_peer``, keyed by the peer's URI).
-
-    A landing buffer is an anonymous mapping that nothing touches before the pull writes
-    into it: the kernel supplies zero pages as the bytes arrive, so a peer that declares
-    1 GiB costs neither a 0.45 s memset on the progress thread nor resident memory until it
-    sends. Decoders copy small values out of it (as they do out of a receive buffer), so it
-    is unmapped as soon as the call is decoded. One buffer of up to ``LANDING_MAX`` is kept
-    for the next overflow, its pages already faulted in: that costs less than faulting in
-    new ones. Large segments land in ``bytes`` objects instead (``Lease``, ``adopt``),
-    recycled by a bounded ``adopt.Pool``: at most ``min(budget, POOL_BYTES)`` of them, let
-    go when idle, only from pulls that completed.
-    """
+class Budget:
+    """Bytes peers may make us hold: all of them together (``budget``) and each one
+    (``per_peer``). A peer is its address object (``na.Addr``), not the URI it claims: a
+    socket peer that has not proven a URI has an address of its own, so a peer claiming
+    another's URI cannot use up that one's share."""
 
     def __init__(self, budget: int, per_peer: int | None = None) -> None:
         self.budget = budget
         self.per_peer = share(budget) if per_peer is None else per_peer
         self.held = 0
-        self.peers: dict[str, int] = {}  # bytes held per peer, only while nonzero
-        self.mapped = 0  # landing buffers in use
-        self.pinned = 0  # left to a user that kept a view of them (a leak's sign)
-        self.pool = adopt.Pool(min(budget, adopt.POOL_BYTES))
-        self._spare: mmap.mmap | None = None
-        self._unmap: list[mmap.mmap] = []
+        self.peers: dict[Hashable, int] = {}  # bytes held per peer, only while nonzero
         self._lock = threading.Lock()
 
-    def reserve(self, size: int, peer: str = "") -> str | None:
+    def reserve(self, size: int, peer: Hashable = "") -> str | None:
         """Count ``size`` bytes against the budget and ``peer``'s share, or say why not."""
         with self._lock:
             if size > self.budget:
@@ -182,7 +168,7 @@ class Landing:
             self.peers[peer] = mine + size
             return None
 
-    def release(self, size: int, peer: str = "") -> None:
+    def release(self, size: int, peer: Hashable = "") -> None:
         with self._lock:
             self.held -= size
             left = self.peers.get(peer, 0) - size
@@ -190,6 +176,40 @@ class Landing:
                 self.peers[peer] = left
             else:
                 self.peers.pop(peer, None)
+
+    def by_uri(self) -> dict[str, int]:
+        """Bytes held per peer URI (``statistics()``)."""
+        with self._lock:
+            out: dict[str, int] = {}
+            for peer, n in self.peers.items():
+                uri = str(peer)
+                out[uri] = out.get(uri, 0) + n
+            return out
+
+
+class Landing(Budget):
+    """Landing memory for overflows, and the budget of bytes peers may make us hold: all of
+    them together (``budget``) and each one (``per_peer``, keyed by the peer's URI).
+
+    A landing buffer is an anonymous mapping that nothing touches before the pull writes
+    into it: the kernel supplies zero pages as the bytes arrive, so a peer that declares
+    1 GiB costs neither a 0.45 s memset on the progress thread nor resident memory until it
+    sends. Decoders copy small values out of it (as they do out of a receive buffer), so it
+    is unmapped as soon as the call is decoded. One buffer of up to ``LANDING_MAX`` is kept
+    for the next overflow, its pages already faulted in: that costs less than faulting in
+    new ones. Large segments land in ``bytes`` objects instead (``Lease``, ``adopt``),
+    recycled by a bounded ``adopt.Pool``: at most ``min(budget, POOL_BYTES)`` of them, let
+    go when idle, only from pulls that completed.
+    """
+
+    def __init__(self, budget: int, per_peer: int | None = None) -> None:
+        super().__init__(budget, per_peer)
+        self.mapped = 0  # landing buffers in use
+        self.pinned = 0  # left to a user that kept a view of them (a leak's sign)
+        self.pool = adopt.Pool(min(budget, adopt.POOL_BYTES))
+        self._spare: mmap.mmap | None = None
+        self._unmap: list[mmap.mmap] = []
+
 
     def take(self, size: int, sizes: tuple[int, ...] = (), now: float = 0.0) -> Lease:
         """Memory for a pull of ``size`` bytes from a handle whose segments are ``sizes``."""
@@ -349,7 +369,7 @@ class Overflow:
         self.budget = budget
         self.stall = stall
         self.size = 0
-        self.peer = ""
+        self.peer: Hashable = ""
         self.held = False
         self.last = 0.0  # when the pull began or last moved
         self.timed_out = False
@@ -358,7 +378,7 @@ class Overflow:
     def __repr__(self) -> str:
         return f"<Overflow {self.role} {self.phase.value} {self.size} B>"
 
-    def begin(self, size: int, refused: str | None = None, *, peer: str = "",
+    def begin(self, size: int, refused: str | None = None, *, peer: Hashable = "",
               now: float = 0.0) -> tuple[Action, ...]:
         """Start a pull of ``size`` bytes from ``peer`` unless ``refused`` (the handle did not
         resolve) or the budget, or the peer's share of it, says no."""

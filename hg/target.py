@@ -157,7 +157,7 @@ class Target:
             refused = getattr(exc, "cause", None) or str(exc)
         flow = ov.Overflow(ov.TARGET_ONE_WAY if one_way else ov.TARGET, self.landing,
                            self.overflow_timeout)
-        if ov.Action.PULL not in flow.begin(size, refused, peer=source.uri, now=clock()):
+        if ov.Action.PULL not in flow.begin(size, refused, peer=source, now=clock()):
             self.reply_error(source, tag, hd.OVERFLOW, "OverflowError",
                              f"{rpc.name}: input of {size} B {flow.reason}")
             return
@@ -236,11 +236,33 @@ class Target:
             timer.deadline = flow.deadline
             self.timers.arm(timer, timer.deadline)
 
-    def _expose_output(self, source: na.Addr, tag: int, parts: list[Any]) -> None:
+    def _expose_output(self, rpc: RPC, source: na.Addr, tag: int, parts: list[Any]) -> None:
         """Answer with a handle to the encoded result; the origin pulls it and acknowledges.
-        Without an acknowledgement the memory is withdrawn after ``overflow_timeout``."""
-        exposed = Bulk(self.na, segments(parts), READ_ONLY, eager=False)
+        Without an acknowledgement the memory is withdrawn after ``overflow_timeout``.
+
+        Results held for a peer that has not pulled them count against ``max_overflow`` and
+        the peer's share of it, as inputs do (a separate account): a peer that calls for
+        large results and never takes them holds at most its share, for at most
+        ``overflow_timeout``, and is then told its result does not fit."""
+        size = sum(map(len, parts))
+        budget = self.ctx.exposed
+        refused = budget.reserve(size, source)
+        if refused is not None:
+            self.reply_error(source, tag, hd.OVERFLOW, "OverflowError",
+                             f"{rpc.name}: the {size} B result is not sent: it {refused}, "
+                             "counting results exposed to this peer and not yet taken")
+            return
+        try:
+            exposed = Bulk(self.na, segments(parts), READ_ONLY, eager=False)
+        except Exception:
+            budget.release(size, source)
+            raise
         flow = ov.Overflow(ov.EXPOSER)
+
+        def close() -> None:
+            exposed.close()
+            budget.release(size, source)
+
         try:
             head = _RESP.pack(_ID, _PROTO, hd.SUCCESS, hd.MORE_DATA, 0) + exposed.to_bytes()
             timer = Deadline(self.clock() + self.overflow_timeout, lambda: None)
@@ -248,11 +270,11 @@ class Target:
             def acked(_op: na.Op) -> None:
                 timer.disarm()
                 if ov.Action.RELEASE in flow.handle("acked"):
-                    exposed.close()
+                    close()
 
             ack = self.na.msg_recv_expected(source, bytearray(_RESP.size), tag | ACK_BIT, acked)
         except Exception:
-            exposed.close()
+            close()
             raise
 
         def withdraw() -> None:
@@ -313,7 +335,7 @@ class Target:
             return
         if payload is None:
             try:
-                self._expose_output(source, tag, parts)
+                self._expose_output(rpc, source, tag, parts)
             except Exception as exc:
                 self.handler_failed(rpc, source, tag, 0, RuntimeError(
                     f"{rpc.name}: cannot expose the {sum(map(len, parts))} B result: {exc}"))

@@ -410,3 +410,45 @@ def test_a_large_sm_pull_does_not_hold_another_clients_call_until_it_ends(spec: 
             pump(lambda: server.statistics()["overflow_held"] == 0, server.context)
         finally:
             hostile.close()
+
+
+# -- results a peer asks for and never takes -------------------------------------------------------
+@hg.declare
+def produce(n: hg.uint32) -> bytes: ...
+
+
+@pytest.mark.parametrize("spec", SOCKETS, **_ids)
+def test_results_a_peer_never_takes_hold_at_most_its_share(spec: Spec) -> None:
+    """A peer calls for 6 MiB results and neither pulls nor acknowledges them: each stays
+    exposed for ``overflow_timeout``. Its share (8 MiB of a 32 MiB budget) holds one; the
+    next is refused with the reason, and another client's large results are served."""
+    engine = _server(spec, max_overflow=32 * MiB, max_overflow_per_peer=8 * MiB)
+    engine.register(produce, bytes)
+    hostile = None
+    with serving(engine) as server:
+        try:
+            hostile = Hostile(spec, server.uri)
+            answers = []
+            for _ in range(3):
+                tag = next(hostile.tags)
+                reply = bytearray(hostile.na.msg_get_max_expected_size())
+                recv = hostile.na.msg_recv_expected(hostile.addr, reply, tag)
+                hostile.na.msg_send_unexpected(
+                    hostile.addr, hd.encode_request(hd.rpc_id(produce.name))
+                    + produce.in_proc.dumps((6 * MiB,)), tag)
+                answers.append(hostile.answer(recv, reply))
+            assert [ret for ret, _body in answers] == [hd.SUCCESS, hd.OVERFLOW, hd.OVERFLOW]
+            assert answers[0][1][3] & hd.MORE_DATA  # a handle to the result, never pulled
+            assert b"max_overflow_per_peer" in answers[1][1]
+            assert 6 * MiB <= server.statistics()["overflow_exposed"] < 7 * MiB  # encoded
+            with hg.Engine(spec.uri, timeout=TIMEOUT, **spec.options) as good:
+                good.declare(produce)
+                remote = good.lookup(server.uri)
+                for _ in range(3):
+                    assert remote.produce(6 * MiB) == bytes(6 * MiB)
+        finally:
+            if hostile is not None:
+                hostile.close()
+        # The hostile peer's result goes once its connection does (the ack fails).
+        wait_for(lambda: server.statistics()["overflow_exposed"] == 0,
+                 "the exposed result to be released")
