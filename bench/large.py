@@ -39,7 +39,7 @@ from petasus.hg import adopt
 
 B = "large"
 MiB = 1 << 20
-SIZES = (16 * MiB, 64 * MiB)
+SIZES = [16 * MiB, 64 * MiB]
 PLUGINS = {"tcp": "tcp://127.0.0.1:0", "sm": "sm://"}
 OPS = ("bytes-arg", "handle-arg", "bytes-result", "handle-result")
 KEYS = ("plugin", "op", "size", "concurrency")
@@ -101,9 +101,13 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one JSON record per line")
     parser.add_argument("--quick", action="store_true", help="one short round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--sizes", type=lambda v: tuple(int(x) * MiB for x in v.split(",")),
+                        default=None, help="sizes in MiB, comma-separated (default 16,64)")
     parser.add_argument("--no-copy", dest="copy", action="store_false",
                         help="skip the PETASUS_ADOPT=0 rows (half the time)")
     opts = parser.parse_args()
+    if opts.sizes:
+        SIZES[:] = opts.sizes
     _common.JSON = opts.json
     rounds, seconds = (1, 0.3) if opts.quick else (opts.rounds, 0.6)
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))

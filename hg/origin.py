@@ -265,14 +265,18 @@ class Handle:
             return
         ctx.stats["overflows"] += 1
         lease = ctx.landing.take(size, remote.wire.sizes, ctx.clock())
-        try:
-            local = Bulk(ctx.na, lease.segments, WRITE_ONLY, eager=False)
-        except Exception as exc:  # the landing could not be registered: fail, keep nothing
+
+        def give_up(why: str) -> None:
+            """Refused before a byte moved: keep nothing, tell the target it may let go."""
             ctx.target.let_go(lease, False)
             flow.handle("failed")  # gives the budget back
             ctx.target.send_ack(self.addr, tag | ACK_BIT)
-            self._finish("error", None, RPCError(rpc.name, self.addr.uri,
-                                                 f"the result cannot land: {exc}"))
+            self._finish("error", None, RPCError(rpc.name, self.addr.uri, why))
+
+        try:
+            local = Bulk(ctx.na, lease.segments, WRITE_ONLY, eager=False)
+        except Exception as exc:  # the landing could not be registered
+            give_up(f"the result cannot land: {exc}")
             return
 
         def pulled(transfer: Transfer) -> None:
@@ -301,13 +305,9 @@ class Handle:
 
         try:
             transfer = local.pull_from(remote, addr=self.addr, callback=pulled)
-        except (ValueError, na.NAError) as exc:  # refused before a byte moved
+        except (ValueError, na.NAError) as exc:
             local.close()
-            ctx.target.let_go(lease, False)
-            flow.handle("failed")  # gives the budget back
-            ctx.target.send_ack(self.addr, tag | ACK_BIT)
-            self._finish("error", None, RPCError(rpc.name, self.addr.uri,
-                                                 f"the result cannot be pulled: {exc}"))
+            give_up(f"the result cannot be pulled: {exc}")
             return
         if not transfer.done:
             self._pull = transfer

@@ -307,6 +307,18 @@ def _flood(sock: socket.socket, count: int, done: threading.Event) -> None:
         done.set()
 
 
+def _flooder(uri: str, server: ca.Server, count: int
+             ) -> tuple[socket.socket, threading.Thread, threading.Event]:
+    """A peer that says hello, then floods ``count`` requests and never reads a reply."""
+    hostile = ca.raw_connect(server.uri)
+    ca.hello(hostile, uri[:uri.index(":")])
+    hostile.settimeout(5.0)
+    done = threading.Event()
+    thread = threading.Thread(target=_flood, args=(hostile, count, done), daemon=True)
+    thread.start()
+    return hostile, thread, done
+
+
 @pytest.mark.parametrize("uri", SCHEMES)
 def test_a_peer_that_never_reads_its_replies_is_paused_and_memory_stays_bounded(
         uri: str) -> None:
@@ -315,12 +327,7 @@ def test_a_peer_that_never_reads_its_replies_is_paused_and_memory_stays_bounded(
             ca.GoodClient(server.uri) as good:
         good.call()
         before = server.rss_kib()
-        hostile = ca.raw_connect(server.uri)
-        ca.hello(hostile, uri[:uri.index(":")])
-        hostile.settimeout(5.0)
-        done = threading.Event()
-        flood = threading.Thread(target=_flood, args=(hostile, 300_000, done), daemon=True)
-        flood.start()
+        hostile, flood, done = _flooder(uri, server, 300_000)
         try:
             # Old code: 300,000 unread 1 KiB replies, +432 MB over tcp; now the reads stop
             # at 4 MiB queued.
@@ -356,15 +363,7 @@ def test_peers_that_never_read_cannot_add_up_past_the_total(uri: str) -> None:
     closed at the next sweep."""
     with ca.Server(uri, max_queued_bytes=1 * MiB, max_queued_total=2 * MiB,
                    max_queued=1 * MiB) as server, ca.GoodClient(server.uri) as good:
-        floods = []
-        for _ in range(4):
-            hostile = ca.raw_connect(server.uri)
-            ca.hello(hostile, uri[:uri.index(":")])
-            hostile.settimeout(5.0)
-            done = threading.Event()
-            thread = threading.Thread(target=_flood, args=(hostile, 100_000, done), daemon=True)
-            thread.start()
-            floods.append((hostile, thread, done))
+        floods = [_flooder(uri, server, 100_000) for _ in range(4)]
         try:
             for _ in range(20_000):
                 stats = good.stats()

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from conftest import TIMEOUT
+from served import Served, add, take, wait_for
 
 from petasus import hg, na
 
@@ -166,15 +166,6 @@ def counter(plugin: na.Plugin, *names: str) -> int:
     return sum(stats.get(name, 0) for name in names)
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    """Wait for state that the serving thread changes; polls, yielding the CPU to it (2 cores
-    here). Nothing is assumed to have happened after any amount of time."""
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {TIMEOUT} s waiting for {what}"
-        time.sleep(0.001)
-
-
 REFUSALS = ("unverified_dropped", "refused_names", "handshake_failures")
 
 
@@ -305,43 +296,6 @@ def test_an_impostor_gets_no_reply_redirected_to_the_peer_it_names(transport: st
 
 
 # -- authentication (auth_key) -------------------------------------------------------------------
-@hg.declare
-def add(x: hg.int32, y: hg.int32) -> hg.int32: ...
-
-
-@hg.declare
-def take(data: bytes) -> hg.uint64: ...
-
-
-class Served:
-    """A keyed (or not) Engine serving add and take, counting every handler run."""
-
-    def __init__(self, uri: str, key: bytes | None) -> None:
-        self.calls = 0
-        self.engine = hg.Engine(uri, listen=True, auth_key=key)
-        self.engine.register(add, self._add)
-        self.engine.register(take, self._take)
-        self.thread = threading.Thread(target=self.engine.serve,
-                                       kwargs={"handle_signals": False}, daemon=True)
-        self.thread.start()
-
-    def _add(self, x: int, y: int) -> int:
-        self.calls += 1
-        return x + y
-
-    def _take(self, data: bytes) -> int:
-        self.calls += 1
-        return len(data)
-
-    def stats(self) -> dict[str, Any]:
-        return self.engine.na.statistics()
-
-    def close(self) -> None:
-        self.engine.shutdown()
-        self.thread.join(TIMEOUT)
-        assert not self.thread.is_alive()
-
-
 @pytest.fixture
 def keyed(transport: str) -> Iterator[Served]:
     served = Served(URIS[transport], KEY)

@@ -7,13 +7,10 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import threading
-import time
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 from conftest import SOCKET_SPECS, TIMEOUT, Spec
+from served import Served, add, take, wait_for
 
 from petasus import hg, na
 from petasus.na import auth
@@ -23,56 +20,6 @@ from petasus.na import sm as sm_plugin
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32
 SPECS = [s for s in SOCKET_SPECS if isinstance(s, Spec)]
-
-
-@hg.declare
-def add(x: hg.int32, y: hg.int32) -> hg.int32: ...
-
-
-@hg.declare
-def take(data: bytes) -> hg.uint64: ...
-
-
-class Served:
-    """An Engine serving add and take (keyed or not), counting the handlers it runs."""
-
-    def __init__(self, spec: Spec, key: bytes | None = None) -> None:
-        self.calls = 0
-        self.engine = hg.Engine(spec.uri, listen=True, auth_key=key, **spec.options)
-        self.engine.register(add, self._add)
-        self.engine.register(take, self._take)
-        self.thread = threading.Thread(target=self.engine.serve,
-                                       kwargs={"handle_signals": False}, daemon=True)
-        self.thread.start()
-
-    def _add(self, x: int, y: int) -> int:
-        self.calls += 1
-        return x + y
-
-    def _take(self, data: bytes) -> int:
-        self.calls += 1
-        return len(data)
-
-    @property
-    def uri(self) -> str:
-        return self.engine.uri
-
-    def stats(self) -> dict[str, Any]:
-        return self.engine.na.statistics()
-
-    def close(self) -> None:
-        self.engine.shutdown()
-        self.thread.join(TIMEOUT)
-        assert not self.thread.is_alive()
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    """Wait for state that the serving thread changes; polls, yielding the CPU to it (2 cores
-    here). Nothing is assumed to have happened after any amount of time."""
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {TIMEOUT} s waiting for {what}"
-        time.sleep(0.001)
 
 
 def _client_uri(spec: Spec) -> str:
@@ -128,7 +75,7 @@ def test_a_pre_claimed_listener_uri_does_not_receive_its_owners_replies(spec: Sp
     """A peer that says HELLO with a real client's listener URI before that client connects
     used to own the URI: the server sent the client's replies down the impostor's connection
     and the client waited for them in vain."""
-    served = Served(spec)
+    served = Served(spec.uri, **spec.options)
     try:
         with hg.Engine(spec.uri, listen=True, **spec.options) as honest:
             honest.declare(add, take)
@@ -151,7 +98,7 @@ def test_a_pre_claimed_listener_uri_does_not_receive_its_owners_replies(spec: Sp
 def test_an_sm_claim_of_another_process_is_refused() -> None:
     """The kernel says which process is on a Unix socket; an sm URI names its process."""
     spec = next(s for s in SPECS if s.id == "sm")
-    served = Served(spec)
+    served = Served(spec.uri, **spec.options)
     try:
         victim = f"sm://{os.getppid()}/0"  # a live process of the same user, not this one
         with _raw_connect(served.uri) as raw:
@@ -219,7 +166,7 @@ def test_sm_connect_fails_at_once_when_the_listener_backlog_is_full() -> None:
 
 # -- auth_key -----------------------------------------------------------------------------------
 def test_the_same_key_works_end_to_end_including_the_overflow_path(sock_spec: Spec) -> None:
-    served = Served(sock_spec, KEY)
+    served = Served(sock_spec.uri, KEY, **sock_spec.options)
     try:
         assert _call(sock_spec, served.uri, KEY) == 42
         assert _call(sock_spec, served.uri, KEY.decode(), big=True) == 300_000  # type: ignore[arg-type]
@@ -234,7 +181,7 @@ def test_the_same_key_works_end_to_end_including_the_overflow_path(sock_spec: Sp
     (None, "requires an auth_key and this instance has none")], ids=["wrong key", "no key"])
 def test_a_peer_without_the_key_reaches_no_handler(sock_spec: Spec, key: bytes | None,
                                                    why: str) -> None:
-    served = Served(sock_spec, KEY)
+    served = Served(sock_spec.uri, KEY, **sock_spec.options)
     try:
         with pytest.raises(hg.PeerError, match=f"authentication failed: the peer {why}"):
             _call(sock_spec, served.uri, key)
@@ -250,7 +197,7 @@ def test_a_peer_without_the_key_reaches_no_handler(sock_spec: Spec, key: bytes |
 
 
 def test_a_keyed_client_refuses_a_server_without_the_key(sock_spec: Spec) -> None:
-    served = Served(sock_spec, None)
+    served = Served(sock_spec.uri, None, **sock_spec.options)
     try:
         with pytest.raises(hg.PeerError, match="authentication failed: the peer has no auth_key"):
             _call(sock_spec, served.uri, KEY)
@@ -263,7 +210,7 @@ def test_a_keyed_client_refuses_a_server_without_the_key(sock_spec: Spec) -> Non
 def test_frames_before_the_proof_close_the_connection_unread(sock_spec: Spec) -> None:
     """A message sent after a keyed HELLO but before the proof reaches no handler: the
     connection closes (the challenge may or may not have left before)."""
-    served = Served(sock_spec, KEY)
+    served = Served(sock_spec.uri, KEY, **sock_spec.options)
     try:
         with _raw_connect(served.uri) as raw:
             raw.sendall(_hello(_client_uri(sock_spec) if sock_spec.uri.startswith("tcp")
@@ -281,7 +228,7 @@ def test_frames_before_the_proof_close_the_connection_unread(sock_spec: Spec) ->
 def test_a_proven_listener_is_called_back_over_its_own_connection(sock_spec: Spec) -> None:
     """With the key (or the kernel's word on sm), a listener's claim is believed: the server's
     lookup of it reuses the connection the listener opened."""
-    served = Served(sock_spec, KEY)
+    served = Served(sock_spec.uri, KEY, **sock_spec.options)
     try:
         with hg.Engine(sock_spec.uri, listen=True, auth_key=KEY, **sock_spec.options) as peer:
             peer.declare(add)

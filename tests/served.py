@@ -1,0 +1,61 @@
+"""A keyed (or not) Engine serving ``add`` and ``take`` on a thread, counting every handler it
+runs: the server of the auth_key tests of every plugin (test_identity, test_hostile_ofi)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from conftest import TIMEOUT
+
+from petasus import hg
+
+
+@hg.declare
+def add(x: hg.int32, y: hg.int32) -> hg.int32: ...
+
+
+@hg.declare
+def take(data: bytes) -> hg.uint64: ...
+
+
+class Served:
+    def __init__(self, uri: str, key: bytes | None = None, **options: Any) -> None:
+        self.calls = 0
+        self.engine = hg.Engine(uri, listen=True, auth_key=key, **options)
+        self.engine.register(add, self._add)
+        self.engine.register(take, self._take)
+        self.thread = threading.Thread(target=self.engine.serve,
+                                       kwargs={"handle_signals": False}, daemon=True)
+        self.thread.start()
+
+    def _add(self, x: int, y: int) -> int:
+        self.calls += 1
+        return x + y
+
+    def _take(self, data: bytes) -> int:
+        self.calls += 1
+        return len(data)
+
+    @property
+    def uri(self) -> str:
+        return self.engine.uri
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.na.statistics()
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive()
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    """Wait for state that the serving thread changes; polls, yielding the CPU to it (2 cores
+    here). Nothing is assumed to have happened after any amount of time."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {TIMEOUT} s waiting for {what}"
+        time.sleep(0.001)
