@@ -1,6 +1,7 @@
 """RPC benchmark: petasus sum(x, y) beside pyzmq, grpcio, Pyro5 and aio-msgpack-rpc, in one run.
 
     python bench/rpc.py [--json] [--quick] [--pin same|split] [--plot DIR]
+                        [--only REGEX] [--conc 1,16] [--rounds N] [--seconds S]
 
 Every system is measured with the same drivers (``_drive``) at 1 to 32 calls in flight, both
 as a sliding window (a new call sent as each returns) and as bursts (N sent, N awaited), each
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -124,10 +126,12 @@ async def petasus_async(name: str, method: hg.RemoteMethod, plan: list[Point], s
 
 
 # -- the plan ---------------------------------------------------------------------------------
-def configs(quick: bool, pin: str | None) -> list[tuple[str, Callable[[float], None]]]:
-    """(label, run(seconds)) for one round, placements applied by ``run`` itself."""
-    sweep = SWEEP
-    short = (1, 16)
+def configs(quick: bool, pin: str | None, concs: tuple[int, ...] | None = None
+            ) -> list[tuple[str, Callable[[float], None]]]:
+    """(label, run(seconds)) for one round, placements applied by ``run`` itself; ``concs``
+    limits the in-flight counts."""
+    sweep = SWEEP if concs is None else tuple(c for c in SWEEP if c in concs)
+    short = tuple(c for c in (1, 16) if concs is None or c in concs)
     out: list[tuple[str, Callable[[float], None]]] = []
 
     def placed(placement: str, fn: Callable[[float, str, int | None], None]
@@ -228,10 +232,25 @@ def main() -> None:
     parser.add_argument("--pin", choices=("same", "split"),
                         help="run every configuration with this placement")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG plots there")
+    parser.add_argument("--only", metavar="REGEX",
+                        help="run only the configurations whose label matches (e.g. "
+                        "'tcp (blocking|asyncio) spin=200|pyzmq'); --list shows the labels")
+    parser.add_argument("--list", action="store_true", help="print the labels and exit")
+    parser.add_argument("--conc", metavar="N,N", help="only these calls-in-flight counts")
+    parser.add_argument("--rounds", type=int, help="rounds (default 3, 1 with --quick)")
+    parser.add_argument("--seconds", type=float, help="seconds per point")
     opts = parser.parse_args()
     _common.JSON = opts.json
     rounds, seconds = (1, 0.15) if opts.quick else (3, 0.3)
-    plan = configs(opts.quick, opts.pin)
+    rounds = opts.rounds or rounds
+    seconds = opts.seconds or seconds
+    concs = tuple(int(c) for c in opts.conc.split(",")) if opts.conc else None
+    plan = configs(opts.quick, opts.pin, concs)
+    if opts.only:
+        plan = [(label, run) for label, run in plan if re.search(opts.only, label)]
+    if opts.list:
+        print("\n".join(label for label, _run in plan))
+        return
     _common.QUIET = True
     for n in range(rounds):
         # Every other round backwards: what drifts over a round does not favour one end of it.
