@@ -84,6 +84,7 @@ class Engine:
         self._stop = threading.Event()
         self._closed = False
         self._inflight = 0
+        self._awaiting = 0  # calls awaited through a future (acall's slow path)
         self._inflight_lock = threading.Lock()
         if listen and allow_remote_shutdown:
             self.register(_SHUTDOWN, self.shutdown)
@@ -203,18 +204,36 @@ class Engine:
 
     async def acall(self, addr: na.Addr, rpc: RPC, args: tuple[Any, ...],
                     timeout: float | None = None) -> Any:
+        aio = self._aio
         loop = asyncio.get_running_loop()
-        self._aio.attach(loop)
+        if loop is not aio.loop:
+            aio.attach(loop)
+        handle = Handle(self.context, addr, rpc).forward(args, None, timeout or self.timeout,
+                                                         arm=False)
+        if not self._awaiting and aio.inline(lambda: handle.state != _FORWARDED):
+            # A lone call, answered while the loop had nothing else to do: no future, no
+            # timer. (With other calls awaited, waiting here for this one measured slower:
+            # x16 went from 10.6K/s to 9.1K/s, and the server's CPU per call up by a quarter.)
+            if handle.error is not None:
+                raise handle.error
+            return handle.value
         future = loop.create_future()
-        # Its deadline reaches the loop's timer through the context's timer hook.
-        handle = self.forward(addr, rpc, args, timeout,
-                              lambda h: self._aio.on_loop(_settle, future, h))
-        self._aio.kick()
+        handle.callback = lambda h: aio.on_loop(_settle, future, h)
+        if handle.state != _FORWARDED:
+            _settle(future, handle)  # finished by another thread driving progress meanwhile
+        else:
+            if handle.deadline:
+                # Its deadline reaches the loop's timer through the context's timer hook.
+                self.context._arm(handle, handle.deadline)
+            aio.kick()
+        self._awaiting += 1
         try:
             return await future
         except asyncio.CancelledError:
             handle.cancel()  # the task was cancelled: so is the call
             raise
+        finally:
+            self._awaiting -= 1
 
     async def serve_async(self) -> None:
         """Serve until ``shutdown()``, as a task of the running loop."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 
 from petasus import na
 
@@ -136,4 +137,82 @@ def test_asyncio_serve_returns_on_stop_from_another_thread() -> None:
     asyncio.run(main())
     assert stopped.is_set()
     driver.close()
+    source.close()
+
+
+def test_inline_waits_in_the_task_only_while_the_loop_has_nothing_else_to_do() -> None:
+    source = FakeSource()
+    driver = na.AsyncioDriver(source, source.clock, spin=10.0)
+    driver.inline_turn = 1e9  # what this test looks at is the ready queue, not the time
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        driver.attach(loop)
+        driver.poll()  # a turn of the loop
+        source.ready = 1
+        assert driver.inline(lambda: source.done == 1)  # driven here, no future
+        # Another callback is ready: the caller awaits as usual, and nothing is driven here.
+        loop.call_soon(lambda: None)
+        polls = source.progressed
+        source.ready = 1
+        assert not driver.inline(lambda: source.done == 2)
+        assert source.progressed == polls
+        await asyncio.sleep(0)  # the loop runs it
+        # Our own scheduled poll waiting its turn is no other work.
+        driver.kick()
+        assert driver.inline(lambda: source.done == 2)
+        # Progress that makes work ready for the loop ends the wait at once.
+        def progress(timeout: float) -> bool:
+            loop.call_soon(lambda: None)  # as a completion that wakes another task would
+            return False
+        source.progress = progress  # type: ignore[method-assign]
+        assert not driver.inline(lambda: source.done == 3)
+        driver.detach()
+
+    asyncio.run(main())
+    source.close()
+
+
+def test_inline_gives_the_loop_a_turn_after_inline_turn_seconds() -> None:
+    source = FakeSource()
+    driver = na.AsyncioDriver(source, source.clock, spin=10.0)
+
+    async def main() -> None:
+        driver.attach(asyncio.get_running_loop())
+        driver.inline_turn = 60.0
+        driver.poll()
+        driver._turn = time.monotonic() - 120.0  # the loop has not turned for two minutes
+        polls = source.progressed
+        source.ready = 1
+        assert not driver.inline(lambda: source.done == 1)
+        assert source.progressed == polls
+        driver.poll()  # the loop turned (and this poll completed the work)
+        assert source.done == 1
+        source.ready = 1
+        assert driver.inline(lambda: source.done == 2)
+        driver.detach()
+
+    asyncio.run(main())
+    source.close()
+
+
+def test_inline_never_waits_on_a_loop_without_a_ready_queue() -> None:
+    source = FakeSource()
+    driver = na.AsyncioDriver(source, source.clock, spin=10.0)
+    driver.inline_turn = 1e9
+
+    class Opaque:
+        """A loop whose ready queue cannot be seen (uvloop's is in C)."""
+
+    async def main() -> None:
+        driver.attach(asyncio.get_running_loop())
+        driver.poll()
+        real, driver.loop = driver.loop, Opaque()  # type: ignore[assignment]
+        source.ready = 1
+        assert not driver.inline(lambda: source.done == 1)
+        assert source.done == 0
+        driver.loop = real
+        driver.detach()
+
+    asyncio.run(main())
     source.close()
