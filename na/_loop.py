@@ -151,6 +151,18 @@ class EventLoop:
                     return True
                 spin_end = time.monotonic() + policy.budget
 
+    def hold(self) -> None:
+        """Queue sends until ``release()``, as during a trigger pass: what a batch of asyncio
+        tasks sends in one turn of their loop leaves in one ``sendmsg`` (na/driver.py)."""
+        self.outbox.in_pass += 1
+
+    def release(self) -> None:
+        outbox = self.outbox
+        outbox.in_pass -= 1
+        if outbox.dirty and not outbox.in_pass and not self.closed:
+            with self.lock:
+                outbox.flush_dirty()
+
     def arm(self, at: float) -> None:
         """Run the plugin's timer at ``at`` if that is sooner than it is armed for."""
         if at < self.timer.at and not self.closed:

@@ -139,8 +139,14 @@ class AsyncioDriver:
     """
 
     def __init__(self, source: Source, clock: Callable[[], float], spin: float,
-                 keep: bool = True) -> None:
+                 keep: bool = True,
+                 batch: tuple[Callable[[], None], Callable[[], None]] | None = None) -> None:
+        """``batch``: (hold, release) of the plugin's sends (``hold_sends``,
+        ``release_sends``), if it has them: a poll that completes calls holds the sends until
+        the tasks it woke have run, so that their next calls leave in one ``sendmsg``."""
         self.source = source
+        self.batch = batch
+        self._held = False
         self.clock = clock
         self.spin = spin
         self.keep = keep
@@ -160,6 +166,7 @@ class AsyncioDriver:
             return
         if self.loop is not None and not self.loop.is_closed():
             raise RuntimeError("this driver is already attached to another event loop")
+        self._release()  # a previous (closed) loop may not have run its release
         self.loop = loop
         self._thread = threading.get_ident()
         self._pending = None  # handles of a previous (closed) loop are void
@@ -170,6 +177,7 @@ class AsyncioDriver:
             self._arm(deadline)
 
     def detach(self) -> None:
+        self._release()
         loop, self.loop = self.loop, None
         if self._timer is not None:
             self._timer.cancel()
@@ -209,6 +217,11 @@ class AsyncioDriver:
         self._pending = None
         self.poll()
 
+    def _release(self) -> None:
+        if self._held:
+            self._held = False
+            self.batch[1]()  # type: ignore[index]
+
     def inline(self, done: Callable[[], bool]) -> bool:
         """Wait for ``done()`` here, in the calling task, if the loop has nothing else to do:
         drive progress for up to the spin budget, as ``poll`` would, but without a future, a
@@ -245,8 +258,16 @@ class AsyncioDriver:
         self._turn = time.monotonic()
         source = self.source
         busy = source.progress(0)
-        if source.trigger() or busy:
+        woke = source.trigger()
+        if woke or busy:
             self._spin_until = time.monotonic() + self.spin
+            if woke and self.batch is not None and not self._held and self.loop is not None:
+                # The completions woke tasks (their wake-ups are queued on the loop ahead of
+                # this): hold the sends of their next calls until they have all run.
+                # Measured at x16: one sendmsg per turn instead of one per call.
+                self.batch[0]()
+                self._held = True
+                self.loop.call_soon(self._release)
         else:
             left = self._spin_until - time.monotonic()
             if left > 0 and self._loop_idle():
