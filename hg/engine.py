@@ -47,6 +47,7 @@ from .target import TargetHandle
 log = logging.getLogger("petasus.hg.engine")
 _FORWARDED = st.FORWARDED
 _NEVER = float("inf")
+_get_ident = threading.get_ident
 
 
 class Engine:
@@ -221,13 +222,25 @@ class Engine:
                 raise handle.error
             return handle.value
         future = loop.create_future()
-        handle.callback = lambda h: aio.on_loop(_settle, future, h)
+        thread = aio.thread
+
+        def settle(h: Handle) -> None:
+            # Runs from trigger(): on the loop's thread, or on one driving a blocking wait.
+            if _get_ident() != thread:
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(_settle, future, h)
+            elif not future.done():
+                if h.error is not None:
+                    future.set_exception(h.error)
+                else:
+                    future.set_result(h.value)
+        handle.callback = settle
         if handle.state != _FORWARDED:
             _settle(future, handle)  # finished by another thread driving progress meanwhile
         else:
             if handle.deadline:
                 # Its deadline reaches the loop's timer through the context's timer hook.
-                self.context._arm(handle, handle.deadline)
+                self.context.timers.arm(handle, handle.deadline)
             aio.kick()
         self._awaiting += 1
         try:

@@ -152,7 +152,7 @@ class AsyncioDriver:
         self.keep = keep
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
-        self._thread: int | None = None
+        self.thread: int | None = None
         self._pending: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._spin_until = 0.0
@@ -168,7 +168,7 @@ class AsyncioDriver:
             raise RuntimeError("this driver is already attached to another event loop")
         self._release()  # a previous (closed) loop may not have run its release
         self.loop = loop
-        self._thread = threading.get_ident()
+        self.thread = threading.get_ident()
         self._pending = None  # handles of a previous (closed) loop are void
         self._timer = None
         loop.add_reader(self.source.poll_fd(), self.poll)
@@ -198,7 +198,7 @@ class AsyncioDriver:
     def on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn`` on the loop's thread: progress may be driven by another thread (a
         blocking call from an executor), and asyncio objects are not thread-safe."""
-        if threading.get_ident() == self._thread:
+        if threading.get_ident() == self.thread:
             fn(*args)
         elif self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(fn, *args)
