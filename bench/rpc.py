@@ -1,7 +1,7 @@
 """RPC benchmark: petasus sum(x, y) beside pyzmq, grpcio, Pyro5 and aio-msgpack-rpc, in one run.
 
     python bench/rpc.py [--json] [--quick] [--pin same|split] [--plot DIR]
-                        [--only REGEX] [--conc 1,16] [--rounds N] [--seconds S]
+                        [--only REGEX] [--conc 1,16] [--rounds N] [--seconds S] [--hog 0,1]
 
 Every system is measured with the same drivers (``_drive``) at 1 to 32 calls in flight, both
 as a sliding window (a new call sent as each returns) and as bursts (N sent, N awaited), each
@@ -11,9 +11,9 @@ over tcp and sm with the blocking API (``remote.sum()`` at one in flight; beyond
 ``remote.sum.future()`` waited on oldest first) and with the asyncio API (N tasks awaiting
 ``remote.sum.async_()``, or N of them gathered), and that asyncio API again on uvloop's loop
 (``api="asyncio-uvloop"``, tcp at 1 and 16, when uvloop is installed); spin 200 us, and spin 0
-(always block) at 1 and 16 in flight; ofi+tcp and ofi+shm at 1 and 16. Records carry ``api``, ``client``,
-``pattern``, ``placement`` and the CPU microseconds per call of the client and of the server
-process (all threads).
+(always block) at 1 and 16 in flight; ofi+tcp and ofi+shm at 1 and 16. Records carry ``api``,
+``client``, ``pattern``, ``placement`` and the CPU microseconds per call of the client and of
+the server process (all threads).
 
 Placement: by default every configuration runs unpinned, and petasus tcp and pyzmq at one in
 flight run again with both ends pinned to one CPU (``placement="same"``); ``--pin same`` (or
@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import re
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +190,20 @@ def configs(quick: bool, pin: str | None, concs: tuple[int, ...] | None = None
     return mixed
 
 
+@contextlib.contextmanager
+def hogs(cpus: list[int]) -> Iterator[None]:
+    """A process spinning in pure Python on each of ``cpus`` until the block ends."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in cpus]
+    try:
+        for proc, cpu in zip(procs, cpus, strict=True):
+            os.sched_setaffinity(proc.pid, {cpu})
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def _have(module: str) -> bool:
     import importlib.util
 
@@ -261,6 +278,9 @@ def main() -> None:
     parser.add_argument("--conc", metavar="N,N", help="only these calls-in-flight counts")
     parser.add_argument("--rounds", type=int, help="rounds (default 3, 1 with --quick)")
     parser.add_argument("--seconds", type=float, help="seconds per point")
+    parser.add_argument("--hog", metavar="CPU,CPU",
+                        help="keep a busy process on each of these CPUs during the run (a "
+                        "shared machine: what spinning costs when a yield hands the CPU away)")
     opts = parser.parse_args()
     _common.JSON = opts.json
     rounds, seconds = (1, 0.15) if opts.quick else (3, 0.3)
@@ -274,10 +294,13 @@ def main() -> None:
         print("\n".join(label for label, _run in plan))
         return
     _common.QUIET = True
-    for n in range(rounds):
-        # Every other round backwards: what drifts over a round does not favour one end of it.
-        for _label, run in plan if n % 2 == 0 else reversed(plan):
-            run(seconds)
+    with hogs([int(c) for c in opts.hog.split(",")] if opts.hog else []):
+        for n in range(rounds):
+            # Every other round backwards: what drifts over a round does not favour one end.
+            for _label, run in plan if n % 2 == 0 else reversed(plan):
+                run(seconds)
+    if opts.hog:
+        print(f"(busy processes on CPU {opts.hog} throughout)", file=sys.stderr)
     summarize(B, KEYS, medians=("cpu_us_client", "cpu_us_server", "p50_us", "p99_us"))
     verdict([opts.pin] if opts.pin else ["default", "same"])
     if opts.plot:
