@@ -212,6 +212,11 @@ class Engine:
         loop = asyncio.get_running_loop()
         if loop is not aio.loop:
             aio.attach(loop)
+        if not self._awaiting and aio.turn_due():
+            # Lone calls answered inline one after another still let the loop turn (its other
+            # fds, timers and callbacks) every ``inline_turn``; before sending, so that a
+            # cancellation here leaves nothing behind.
+            await aio.give_turn()
         handle = Handle(self.context, addr, rpc).forward(args, None, timeout or self.timeout,
                                                          arm=False)
         if not self._awaiting and aio.inline(lambda: handle.state != _FORWARDED):

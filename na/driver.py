@@ -146,7 +146,7 @@ class AsyncioDriver:
         the tasks it woke have run, so that their next calls leave in one ``sendmsg``."""
         self.source = source
         self.batch = batch
-        self._held = False
+        self._held: asyncio.Handle | None = None  # the scheduled release of held sends
         self.clock = clock
         self.spin = spin
         self.keep = keep
@@ -156,7 +156,9 @@ class AsyncioDriver:
         self._pending: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._spin_until = 0.0
-        self._turn = 0.0  # when the loop last ran one of our callbacks (a turn of the loop)
+        # When calls began to complete inline with no turn of the loop since (0: they have
+        # not, or the loop turned since: ``poll`` runs from the loop, a future path waits).
+        self._streak = 0.0
         self.inline_turn = INLINE_TURN
         self._awaits = 0
         self._stop: asyncio.Event | None = None
@@ -218,26 +220,39 @@ class AsyncioDriver:
         self.poll()
 
     def _release(self) -> None:
-        if self._held:
-            self._held = False
+        if self._held is not None:
+            self._held.cancel()  # a no-op when it is the handle running now
+            self._held = None
             self.batch[1]()  # type: ignore[index]
+
+    def turn_due(self) -> bool:
+        """Whether calls completing inline have kept the loop from turning for ``inline_turn``
+        s (see ``inline``)."""
+        streak = self._streak
+        return bool(streak) and time.monotonic() - streak > self.inline_turn
+
+    async def give_turn(self) -> None:
+        """Let the loop turn once (its fds, timers and ready callbacks), so that ``inline``
+        may wait again: cheaper than letting a call wait through a future to the same end."""
+        await asyncio.sleep(0)
+        self._streak = 0.0
 
     def inline(self, done: Callable[[], bool]) -> bool:
         """Wait for ``done()`` here, in the calling task, if the loop has nothing else to do:
         drive progress for up to the spin budget, as ``poll`` would, but without a future, a
         task wake-up and a turn of the loop per call (~11 us on this VM, the cost that made a
         lone awaited call 0.6x a blocking one). Gives up (returns False, and the caller awaits
-        as usual) as soon as progress makes other work ready for the loop, when the budget
-        runs out, or when the loop has not turned for ``inline_turn`` s, so that its other
-        file descriptors and timers wait no longer than that behind back-to-back calls.
+        as usual) as soon as progress makes other work ready for the loop, or when the budget
+        runs out. A caller that waits here call after call checks ``turn_due()`` before each
+        and then ``give_turn()``s, so that the loop's other file descriptors and timers wait
+        no longer than ``inline_turn`` behind back-to-back calls.
         Needs the base event loop's ready queue (``_idle_but_us``); under uvloop, which has
         none, it never waits."""
         if self.closed or not self._idle_but_us():
             return done()
+        self._release()  # what the woken tasks sent leaves now: this one waits for its answer
         source = self.source
         now = time.monotonic()
-        if now - self._turn > self.inline_turn:
-            return done()
         end = now + self.spin
         while not done():
             left = end - time.monotonic()
@@ -248,6 +263,8 @@ class AsyncioDriver:
                 self._spin_until = time.monotonic() + self.spin
             if not self._idle_but_us():
                 return done()
+        if not self._streak:
+            self._streak = now
         return True
 
     def poll(self) -> None:
@@ -255,19 +272,19 @@ class AsyncioDriver:
         (via call_soon, so other tasks still run) before waiting on the fd again."""
         if self.closed:
             return
-        self._turn = time.monotonic()
+        self._streak = 0.0
         source = self.source
         busy = source.progress(0)
         woke = source.trigger()
         if woke or busy:
             self._spin_until = time.monotonic() + self.spin
-            if woke and self.batch is not None and not self._held and self.loop is not None:
+            if woke and self.batch is not None and self._held is None and \
+                    self.loop is not None:
                 # The completions woke tasks (their wake-ups are queued on the loop ahead of
                 # this): hold the sends of their next calls until they have all run.
                 # Measured at x16: one sendmsg per turn instead of one per call.
                 self.batch[0]()
-                self._held = True
-                self.loop.call_soon(self._release)
+                self._held = self.loop.call_soon(self._release)
         else:
             left = self._spin_until - time.monotonic()
             if left > 0 and self._loop_idle():
@@ -289,11 +306,16 @@ class AsyncioDriver:
         return ready is not None and not ready
 
     def _idle_but_us(self) -> bool:
-        """``_loop_idle``, from a task: our own scheduled poll may be waiting its turn."""
+        """``_loop_idle``, from a task: our own scheduled poll and release of held sends may
+        be waiting their turn (the release, if any, is due: every woken task has run)."""
         ready = getattr(self.loop, "_ready", None)
         if ready is None:
             return False
-        return not ready or (len(ready) == 1 and ready[0] is self._pending)
+        for handle in ready:
+            if handle is not self._pending and handle is not self._held and \
+                    not handle.cancelled():
+                return False
+        return True
 
     def deadline_armed(self, deadline: float) -> None:
         """The source armed a deadline: the attached loop must wake up for it."""

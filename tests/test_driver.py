@@ -175,23 +175,29 @@ def test_inline_waits_in_the_task_only_while_the_loop_has_nothing_else_to_do() -
     source.close()
 
 
-def test_inline_gives_the_loop_a_turn_after_inline_turn_seconds() -> None:
+def test_back_to_back_inline_waits_give_the_loop_a_turn_every_inline_turn() -> None:
     source = FakeSource()
     driver = na.AsyncioDriver(source, source.clock, spin=10.0)
 
     async def main() -> None:
         driver.attach(asyncio.get_running_loop())
         driver.inline_turn = 60.0
-        driver.poll()
-        driver._turn = time.monotonic() - 120.0  # the loop has not turned for two minutes
-        polls = source.progressed
+        assert not driver.turn_due()  # no inline wait yet
         source.ready = 1
-        assert not driver.inline(lambda: source.done == 1)
-        assert source.progressed == polls
-        driver.poll()  # the loop turned (and this poll completed the work)
-        assert source.done == 1
+        assert driver.inline(lambda: source.done == 1)
+        assert not driver.turn_due()  # one inline wait: well within the minute
+        driver._streak = time.monotonic() - 120.0  # as if inline for two minutes on end
+        assert driver.turn_due()
+        ran = []
+        asyncio.get_running_loop().call_soon(ran.append, "other work")
+        await driver.give_turn()
+        assert ran == ["other work"] and not driver.turn_due()
+        # A poll run by the loop (a turn of it) ends a streak as well.
         source.ready = 1
         assert driver.inline(lambda: source.done == 2)
+        driver._streak = time.monotonic() - 120.0
+        driver.poll()
+        assert not driver.turn_due()
         driver.detach()
 
     asyncio.run(main())
@@ -251,7 +257,7 @@ def test_a_poll_that_wakes_tasks_holds_sends_until_they_have_run() -> None:
 
         def trigger(max_count: int = 1 << 30) -> int:
             n = original(max_count)
-            if n:
+            if n and not woken.done():
                 woken.set_result(None)  # a completion wakes a task, as _settle does
             return n
         source.trigger = trigger  # type: ignore[method-assign]
@@ -268,6 +274,16 @@ def test_a_poll_that_wakes_tasks_holds_sends_until_they_have_run() -> None:
         await waiting
         await asyncio.sleep(0)
         assert seen == [1] and batch.held == 0 and batch.releases == 1
+        # A task about to wait inline releases what the woken tasks sent at once (here the
+        # woken task is the caller itself: only our release waits its turn on the loop).
+        source.ready = 1
+        driver.poll()
+        assert batch.held == 1 and batch.releases == 1
+        driver.inline_turn = 1e9
+        assert driver.inline(lambda: True)
+        assert batch.held == 0 and batch.releases == 2
+        await asyncio.sleep(0)  # the scheduled release, cancelled, releases nothing more
+        assert batch.releases == 2
         # Held when the loop goes away: detaching releases.
         source.ready = 1
         source.trigger = original  # type: ignore[method-assign]
