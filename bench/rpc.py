@@ -1,6 +1,7 @@
 """RPC benchmark: petasus sum(x, y) beside pyzmq, grpcio, Pyro5 and aio-msgpack-rpc, in one run.
 
     python bench/rpc.py [--json] [--quick] [--pin same|split] [--plot DIR]
+                        [--only REGEX] [--conc 1,16] [--rounds N] [--seconds S] [--hog 0,1]
 
 Every system is measured with the same drivers (``_drive``) at 1 to 32 calls in flight, both
 as a sliding window (a new call sent as each returns) and as bursts (N sent, N awaited), each
@@ -8,10 +9,11 @@ driven the fastest way its API offers (``_rpc_baselines`` says how for the peers
 over tcp and sm with the blocking API (``remote.sum()`` at one in flight; beyond that both
 ``forward`` with a completion callback that sends the next call, and handles from
 ``remote.sum.future()`` waited on oldest first) and with the asyncio API (N tasks awaiting
-``remote.sum.async_()``, or N of them gathered); spin 200 us, and spin 0 (always block) at 1
-and 16 in flight; ofi+tcp and ofi+shm at 1 and 16. Records carry ``api``, ``client``,
-``pattern``, ``placement`` and the CPU microseconds per call of the client and of the server
-process (all threads).
+``remote.sum.async_()``, or N of them gathered), and that asyncio API again on uvloop's loop
+(``api="asyncio-uvloop"``, tcp at 1 and 16, when uvloop is installed); spin 200 us, and spin 0
+(always block) at 1 and 16 in flight; ofi+tcp and ofi+shm at 1 and 16. Records carry ``api``,
+``client``, ``pattern``, ``placement`` and the CPU microseconds per call of the client and of
+the server process (all threads).
 
 Placement: by default every configuration runs unpinned, and petasus tcp and pyzmq at one in
 flight run again with both ends pinned to one CPU (``placement="same"``); ``--pin same`` (or
@@ -28,8 +30,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
+import re
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +86,12 @@ def bench_petasus(name: str, uri: str, spin_us: int, api: str, plan: list[Point]
         if api == "asyncio":
             asyncio.run(petasus_async(name, method, plan, seconds, placement, pid, extra))
             return
+        if api == "asyncio-uvloop":
+            import uvloop
+
+            uvloop.run(petasus_async(name, method, plan, seconds, placement, pid, extra,
+                                     api))
+            return
 
         def one(i: int) -> None:
             check(method(*args(i)), i)
@@ -108,7 +120,8 @@ def bench_petasus(name: str, uri: str, spin_us: int, api: str, plan: list[Point]
 
 
 async def petasus_async(name: str, method: hg.RemoteMethod, plan: list[Point], seconds: float,
-                        placement: str, pid: int, extra: dict[str, Any]) -> None:
+                        placement: str, pid: int, extra: dict[str, Any],
+                        api: str = "asyncio") -> None:
     async def call(i: int) -> None:
         check(await method.async_(*args(i)), i)
 
@@ -120,14 +133,16 @@ async def petasus_async(name: str, method: hg.RemoteMethod, plan: list[Point], s
         else:
             sample = await ameasure(pid, lambda c=conc: aburst(call, c, seconds))
             client = "gather(N async_())"
-        report(name, "asyncio", client, pattern, conc, placement, sample, **extra)
+        report(name, api, client, pattern, conc, placement, sample, **extra)
 
 
 # -- the plan ---------------------------------------------------------------------------------
-def configs(quick: bool, pin: str | None) -> list[tuple[str, Callable[[float], None]]]:
-    """(label, run(seconds)) for one round, placements applied by ``run`` itself."""
-    sweep = SWEEP
-    short = (1, 16)
+def configs(quick: bool, pin: str | None, concs: tuple[int, ...] | None = None
+            ) -> list[tuple[str, Callable[[float], None]]]:
+    """(label, run(seconds)) for one round, placements applied by ``run`` itself; ``concs``
+    limits the in-flight counts."""
+    sweep = SWEEP if concs is None else tuple(c for c in SWEEP if c in concs)
+    short = tuple(c for c in (1, 16) if concs is None or c in concs)
     out: list[tuple[str, Callable[[float], None]]] = []
 
     def placed(placement: str, fn: Callable[[float, str, int | None], None]
@@ -156,6 +171,10 @@ def configs(quick: bool, pin: str | None) -> list[tuple[str, Callable[[float], N
         for name, uri in (("ofi-tcp", "ofi+tcp://127.0.0.1:0"), ("ofi-shm", "ofi+shm://")):
             petasus(name, uri, 200, api, [("window", 1), ("window", 16)] if quick else
                     points(short), main)
+    if _have("uvloop"):
+        # The same asyncio API on uvloop's loop (which hides its ready queue, so calls there
+        # always wait through a future: AsyncioDriver.inline never runs).
+        petasus("tcp", "tcp://127.0.0.1:0", 200, "asyncio-uvloop", points(short), main)
     theirs = [(f"{peer} {main}", placed(main, lambda s, p, c, b=bench: b(points(sweep), s, p, c)))
               for peer, bench in baselines(every_server=not quick).items()]
     if pin is None:
@@ -169,6 +188,26 @@ def configs(quick: bool, pin: str | None) -> list[tuple[str, Callable[[float], N
     for k in range(max(len(out), len(theirs))):
         mixed.extend(out[k:k + 1] + theirs[k:k + 1])
     return mixed
+
+
+@contextlib.contextmanager
+def hogs(cpus: list[int]) -> Iterator[None]:
+    """A process spinning in pure Python on each of ``cpus`` until the block ends."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in cpus]
+    try:
+        for proc, cpu in zip(procs, cpus, strict=True):
+            os.sched_setaffinity(proc.pid, {cpu})
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 # -- the verdict ------------------------------------------------------------------------------
@@ -211,6 +250,10 @@ def verdict(placements: list[str]) -> None:
                        placement=placement, spin_us=200)
             ratio(B, f"tcp-asyncio-vs-blocking[{placement}]", aio, blk, 1.0,
                   mine=describe(aio) if aio else None, peer=describe(blk) if blk else None)
+            uv = best(rows, plugin="tcp", api="asyncio-uvloop", concurrency=conc,
+                      placement=placement, spin_us=200)
+            ratio(B, f"tcp-uvloop-vs-blocking[{placement}]", uv, blk, 1.0,
+                  mine=describe(uv) if uv else None, peer=describe(blk) if blk else None)
     for conc in (1, 16):
         # Issue 5: small-RPC rate over ofi+tcp at least the tcp plugin's.
         ofi = best(rows, plugin="ofi-tcp", api="blocking", concurrency=conc,
@@ -228,15 +271,36 @@ def main() -> None:
     parser.add_argument("--pin", choices=("same", "split"),
                         help="run every configuration with this placement")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG plots there")
+    parser.add_argument("--only", metavar="REGEX",
+                        help="run only the configurations whose label matches (e.g. "
+                        "'tcp (blocking|asyncio) spin=200|pyzmq'); --list shows the labels")
+    parser.add_argument("--list", action="store_true", help="print the labels and exit")
+    parser.add_argument("--conc", metavar="N,N", help="only these calls-in-flight counts")
+    parser.add_argument("--rounds", type=int, help="rounds (default 3, 1 with --quick)")
+    parser.add_argument("--seconds", type=float, help="seconds per point")
+    parser.add_argument("--hog", metavar="CPU,CPU",
+                        help="keep a busy process on each of these CPUs during the run (a "
+                        "shared machine: what spinning costs when a yield hands the CPU away)")
     opts = parser.parse_args()
     _common.JSON = opts.json
     rounds, seconds = (1, 0.15) if opts.quick else (3, 0.3)
-    plan = configs(opts.quick, opts.pin)
+    rounds = opts.rounds or rounds
+    seconds = opts.seconds or seconds
+    concs = tuple(int(c) for c in opts.conc.split(",")) if opts.conc else None
+    plan = configs(opts.quick, opts.pin, concs)
+    if opts.only:
+        plan = [(label, run) for label, run in plan if re.search(opts.only, label)]
+    if opts.list:
+        print("\n".join(label for label, _run in plan))
+        return
     _common.QUIET = True
-    for n in range(rounds):
-        # Every other round backwards: what drifts over a round does not favour one end of it.
-        for _label, run in plan if n % 2 == 0 else reversed(plan):
-            run(seconds)
+    with hogs([int(c) for c in opts.hog.split(",")] if opts.hog else []):
+        for n in range(rounds):
+            # Every other round backwards: what drifts over a round does not favour one end.
+            for _label, run in plan if n % 2 == 0 else reversed(plan):
+                run(seconds)
+    if opts.hog:
+        print(f"(busy processes on CPU {opts.hog} throughout)", file=sys.stderr)
     summarize(B, KEYS, medians=("cpu_us_client", "cpu_us_server", "p50_us", "p99_us"))
     verdict([opts.pin] if opts.pin else ["default", "same"])
     if opts.plot:

@@ -47,6 +47,7 @@ from .target import TargetHandle
 log = logging.getLogger("petasus.hg.engine")
 _FORWARDED = st.FORWARDED
 _NEVER = float("inf")
+_get_ident = threading.get_ident
 
 
 class Engine:
@@ -71,7 +72,10 @@ class Engine:
                                max_overflow_per_peer=max_overflow_per_peer,
                                overflow_timeout=overflow_timeout, bulk_peers=bulk_peers)
         spin = self.na.statistics().get("spin_us", 200) / 1e6
-        self._aio = na.AsyncioDriver(self.context, clock, spin)
+        hold = getattr(self.na, "hold_sends", None)
+        release = getattr(self.na, "release_sends", None)
+        self._aio = na.AsyncioDriver(self.context, clock, spin, batch=(
+            (hold, release) if hold is not None and release is not None else None))
         self.context.timer_hook = self._aio.deadline_armed
         # An attached loop also drives progress, without the blocking driver's lock.
         self._driver = self.context.driver
@@ -84,6 +88,7 @@ class Engine:
         self._stop = threading.Event()
         self._closed = False
         self._inflight = 0
+        self._awaiting = 0  # calls awaited through a future (acall's slow path)
         self._inflight_lock = threading.Lock()
         if listen and allow_remote_shutdown:
             self.register(_SHUTDOWN, self.shutdown)
@@ -205,18 +210,53 @@ class Engine:
 
     async def acall(self, addr: na.Addr, rpc: RPC, args: tuple[Any, ...],
                     timeout: float | None = None) -> Any:
+        aio = self._aio
         loop = asyncio.get_running_loop()
-        self._aio.attach(loop)
+        if loop is not aio.loop:
+            aio.attach(loop)
+        if not self._awaiting and aio.turn_due():
+            # Lone calls answered inline one after another still let the loop turn (its other
+            # fds, timers and callbacks) every ``inline_turn``; before sending, so that a
+            # cancellation here leaves nothing behind.
+            await aio.give_turn()
+        handle = Handle(self.context, addr, rpc).forward(args, None, timeout or self.timeout,
+                                                         arm=False)
+        if not self._awaiting and aio.inline(lambda: handle.state != _FORWARDED):
+            # A lone call, answered while the loop had nothing else to do: no future, no
+            # timer. (With other calls awaited, waiting here for this one measured slower:
+            # x16 went from 10.6K/s to 9.1K/s, and the server's CPU per call up by a quarter.)
+            if handle.error is not None:
+                raise handle.error
+            return handle.value
         future = loop.create_future()
-        # Its deadline reaches the loop's timer through the context's timer hook.
-        handle = self.forward(addr, rpc, args, timeout,
-                              lambda h: self._aio.on_loop(_settle, future, h))
-        self._aio.kick()
+        thread = aio.thread
+
+        def settle(h: Handle) -> None:
+            # Runs from trigger(): on the loop's thread, or on one driving a blocking wait.
+            if _get_ident() != thread:
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(_settle, future, h)
+            elif not future.done():
+                if h.error is not None:
+                    future.set_exception(h.error)
+                else:
+                    future.set_result(h.value)
+        handle.callback = settle
+        if handle.state != _FORWARDED:
+            _settle(future, handle)  # finished by another thread driving progress meanwhile
+        else:
+            if handle.deadline:
+                # Its deadline reaches the loop's timer through the context's timer hook.
+                self.context.timers.arm(handle, handle.deadline)
+            aio.kick()
+        self._awaiting += 1
         try:
             return await future
         except asyncio.CancelledError:
             handle.cancel()  # the task was cancelled: so is the call
             raise
+        finally:
+            self._awaiting -= 1
 
     async def serve_async(self) -> None:
         """Serve until ``shutdown()``, as a task of the running loop."""

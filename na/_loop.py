@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from ._conn import EPOLLIN, Outbox
+from ._spin import SpinPolicy
 from ._timerfd import TimerFd
 from .core import CompletionQueue
 
@@ -28,7 +29,8 @@ class EventLoop:
         self.cq = cq
         self.outbox = outbox
         self.lock = lock
-        self.spin = spin
+        self.spin = spin  # the configured limit; ``policy`` holds the budget of the moment
+        self.policy = SpinPolicy(spin)
         self.ep = select.epoll()
         self.handlers: dict[int, Callable[[int], None]] = {}
         # A wake-up means work the plugin keeps outside the fds (sm's queued copies, a
@@ -83,10 +85,14 @@ class EventLoop:
         if ops:
             return True
         done = cq.completed
-        poll, dispatch, spin = self.ep.poll, self._dispatch, self.spin
+        poll, dispatch, policy = self.ep.poll, self._dispatch, self.policy
         now = time.monotonic()
         deadline = now + timeout
-        spin_end = now + spin
+        spin_end = now + policy.budget
+        # When this pass last found nothing to do (0: busy; -1: idle, but it spun first), and
+        # whether it is spinning now: what the spin policy learns from.
+        idle = 0.0
+        spinning = False
         while True:
             if dirty:
                 with lock:
@@ -95,6 +101,10 @@ class EventLoop:
                 return True
             events = poll(0)
             if events:
+                if spinning:
+                    policy.caught(time.monotonic() - idle)
+                    spinning = False
+                idle = 0.0
                 dispatch(events)
                 if ops or cq.completed != done or self.woken:
                     self.woken = False
@@ -108,14 +118,22 @@ class EventLoop:
                             outbox.flush_dirty()
                         return True
                     return False
-                spin_end = now + spin
+                spin_end = now + policy.budget
                 continue
             now = time.monotonic()
             if now >= deadline:
                 return False
             if now < spin_end:
+                if not spinning:
+                    idle, spinning = now, True
                 os.sched_yield()
                 continue
+            if spinning:
+                policy.missed()
+                spinning = False
+                idle = -1.0  # this wait spun first: it says nothing about blocking
+            elif not idle:
+                idle = now
             cq.polling += 1  # a count: several threads may sleep here at once
             try:
                 if ops or dirty or cq.completed != done:
@@ -124,11 +142,26 @@ class EventLoop:
             finally:
                 cq.polling -= 1
             if events:
+                if idle > 0:
+                    policy.woke(time.monotonic() - idle)
+                idle = 0.0
                 dispatch(events)
                 if ops or cq.completed != done or self.woken:
                     self.woken = False
                     return True
-                spin_end = time.monotonic() + spin
+                spin_end = time.monotonic() + policy.budget
+
+    def hold(self) -> None:
+        """Queue sends until ``release()``, as during a trigger pass: what a batch of asyncio
+        tasks sends in one turn of their loop leaves in one ``sendmsg`` (na/driver.py)."""
+        self.outbox.in_pass += 1
+
+    def release(self) -> None:
+        outbox = self.outbox
+        outbox.in_pass -= 1
+        if outbox.dirty and not outbox.in_pass and not self.closed:
+            with self.lock:
+                outbox.flush_dirty()
 
     def arm(self, at: float) -> None:
         """Run the plugin's timer at ``at`` if that is sooner than it is armed for."""

@@ -123,8 +123,15 @@ class SocketPlugin(PluginCore):
                    reads_paused_now=self._guard.paused(),
                    registrations=len(self._regs), queued_bytes=self._matcher.queued,
                    spin_us=int(self._loop.spin * 1e6),
-                   callback_errors=self._cq.callback_errors)
+                   callback_errors=self._cq.callback_errors, **self._loop.policy.statistics())
         return out
+
+    def hold_sends(self) -> None:
+        """Queue what is sent until ``release_sends()`` (then one ``sendmsg`` per peer)."""
+        self._loop.hold()
+
+    def release_sends(self) -> None:
+        self._loop.release()
 
     # -- addresses ------------------------------------------------------------------------------
     def addr_self(self) -> Addr:

@@ -20,6 +20,9 @@ from typing import Any, Protocol
 from .interface import Plugin
 
 _NEVER = float("inf")
+# The longest an event loop goes without a turn while awaited calls complete inline (in the
+# awaiting task, AsyncioDriver.inline): its other fds and timers wait at most this long.
+INLINE_TURN = 0.001
 
 
 class Source(Protocol):
@@ -136,17 +139,27 @@ class AsyncioDriver:
     """
 
     def __init__(self, source: Source, clock: Callable[[], float], spin: float,
-                 keep: bool = True) -> None:
+                 keep: bool = True,
+                 batch: tuple[Callable[[], None], Callable[[], None]] | None = None) -> None:
+        """``batch``: (hold, release) of the plugin's sends (``hold_sends``,
+        ``release_sends``), if it has them: a poll that completes calls holds the sends until
+        the tasks it woke have run, so that their next calls leave in one ``sendmsg``."""
         self.source = source
+        self.batch = batch
+        self._held: asyncio.Handle | None = None  # the scheduled release of held sends
         self.clock = clock
         self.spin = spin
         self.keep = keep
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
-        self._thread: int | None = None
+        self.thread: int | None = None
         self._pending: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._spin_until = 0.0
+        # When calls began to complete inline with no turn of the loop since (0: they have
+        # not, or the loop turned since: ``poll`` runs from the loop, a future path waits).
+        self._streak = 0.0
+        self.inline_turn = INLINE_TURN
         self._awaits = 0
         self._stop: asyncio.Event | None = None
 
@@ -155,8 +168,9 @@ class AsyncioDriver:
             return
         if self.loop is not None and not self.loop.is_closed():
             raise RuntimeError("this driver is already attached to another event loop")
+        self._release()  # a previous (closed) loop may not have run its release
         self.loop = loop
-        self._thread = threading.get_ident()
+        self.thread = threading.get_ident()
         self._pending = None  # handles of a previous (closed) loop are void
         self._timer = None
         loop.add_reader(self.source.poll_fd(), self.poll)
@@ -165,6 +179,7 @@ class AsyncioDriver:
             self._arm(deadline)
 
     def detach(self) -> None:
+        self._release()
         loop, self.loop = self.loop, None
         if self._timer is not None:
             self._timer.cancel()
@@ -185,7 +200,7 @@ class AsyncioDriver:
     def on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn`` on the loop's thread: progress may be driven by another thread (a
         blocking call from an executor), and asyncio objects are not thread-safe."""
-        if threading.get_ident() == self._thread:
+        if threading.get_ident() == self.thread:
             fn(*args)
         elif self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(fn, *args)
@@ -204,15 +219,72 @@ class AsyncioDriver:
         self._pending = None
         self.poll()
 
+    def _release(self) -> None:
+        if self._held is not None:
+            self._held.cancel()  # a no-op when it is the handle running now
+            self._held = None
+            self.batch[1]()  # type: ignore[index]
+
+    def turn_due(self) -> bool:
+        """Whether calls completing inline have kept the loop from turning for ``inline_turn``
+        s (see ``inline``)."""
+        streak = self._streak
+        return bool(streak) and time.monotonic() - streak > self.inline_turn
+
+    async def give_turn(self) -> None:
+        """Let the loop turn once (its fds, timers and ready callbacks), so that ``inline``
+        may wait again: cheaper than letting a call wait through a future to the same end."""
+        await asyncio.sleep(0)
+        self._streak = 0.0
+
+    def inline(self, done: Callable[[], bool]) -> bool:
+        """Wait for ``done()`` here, in the calling task, if the loop has nothing else to do:
+        drive progress for up to the spin budget, as ``poll`` would, but without a future, a
+        task wake-up and a turn of the loop per call (~11 us on this VM, the cost that made a
+        lone awaited call 0.6x a blocking one). Gives up (returns False, and the caller awaits
+        as usual) as soon as progress makes other work ready for the loop, or when the budget
+        runs out. A caller that waits here call after call checks ``turn_due()`` before each
+        and then ``give_turn()``s, so that the loop's other file descriptors and timers wait
+        no longer than ``inline_turn`` behind back-to-back calls.
+        Needs the base event loop's ready queue (``_idle_but_us``); under uvloop, which has
+        none, it never waits."""
+        if self.closed or not self._idle_but_us():
+            return done()
+        self._release()  # what the woken tasks sent leaves now: this one waits for its answer
+        source = self.source
+        now = time.monotonic()
+        end = now + self.spin
+        while not done():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            busy = source.progress(left)
+            if source.trigger() or busy:
+                self._spin_until = time.monotonic() + self.spin
+            if not self._idle_but_us():
+                return done()
+        if not self._streak:
+            self._streak = now
+        return True
+
     def poll(self) -> None:
         """Reader callback: progress without blocking, then keep polling for the spin budget
         (via call_soon, so other tasks still run) before waiting on the fd again."""
         if self.closed:
             return
+        self._streak = 0.0
         source = self.source
         busy = source.progress(0)
-        if source.trigger() or busy:
+        woke = source.trigger()
+        if woke or busy:
             self._spin_until = time.monotonic() + self.spin
+            if woke and self.batch is not None and self._held is None and \
+                    self.loop is not None:
+                # The completions woke tasks (their wake-ups are queued on the loop ahead of
+                # this): hold the sends of their next calls until they have all run.
+                # Measured at x16: one sendmsg per turn instead of one per call.
+                self.batch[0]()
+                self._held = self.loop.call_soon(self._release)
         else:
             left = self._spin_until - time.monotonic()
             if left > 0 and self._loop_idle():
@@ -232,6 +304,18 @@ class AsyncioDriver:
         a loop without one, such as uvloop, is never taken for idle)."""
         ready = getattr(self.loop, "_ready", None)
         return ready is not None and not ready
+
+    def _idle_but_us(self) -> bool:
+        """``_loop_idle``, from a task: our own scheduled poll and release of held sends may
+        be waiting their turn (the release, if any, is due: every woken task has run)."""
+        ready = getattr(self.loop, "_ready", None)
+        if ready is None:
+            return False
+        for handle in ready:
+            if handle is not self._pending and handle is not self._held and \
+                    not handle.cancelled():
+                return False
+        return True
 
     def deadline_armed(self, deadline: float) -> None:
         """The source armed a deadline: the attached loop must wake up for it."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
+
+from conftest import TIMEOUT, Spec
 
 from petasus import na
 
@@ -137,3 +140,179 @@ def test_asyncio_serve_returns_on_stop_from_another_thread() -> None:
     assert stopped.is_set()
     driver.close()
     source.close()
+
+
+def test_inline_waits_in_the_task_only_while_the_loop_has_nothing_else_to_do() -> None:
+    source = FakeSource()
+    driver = na.AsyncioDriver(source, source.clock, spin=10.0)
+    driver.inline_turn = 1e9  # what this test looks at is the ready queue, not the time
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        driver.attach(loop)
+        driver.poll()  # a turn of the loop
+        source.ready = 1
+        assert driver.inline(lambda: source.done == 1)  # driven here, no future
+        # Another callback is ready: the caller awaits as usual, and nothing is driven here.
+        loop.call_soon(lambda: None)
+        polls = source.progressed
+        source.ready = 1
+        assert not driver.inline(lambda: source.done == 2)
+        assert source.progressed == polls
+        await asyncio.sleep(0)  # the loop runs it
+        # Our own scheduled poll waiting its turn is no other work.
+        driver.kick()
+        assert driver.inline(lambda: source.done == 2)
+        # Progress that makes work ready for the loop ends the wait at once.
+        def progress(timeout: float) -> bool:
+            loop.call_soon(lambda: None)  # as a completion that wakes another task would
+            return False
+        source.progress = progress  # type: ignore[method-assign]
+        assert not driver.inline(lambda: source.done == 3)
+        driver.detach()
+
+    asyncio.run(main())
+    source.close()
+
+
+def test_back_to_back_inline_waits_give_the_loop_a_turn_every_inline_turn() -> None:
+    source = FakeSource()
+    driver = na.AsyncioDriver(source, source.clock, spin=10.0)
+
+    async def main() -> None:
+        driver.attach(asyncio.get_running_loop())
+        driver.inline_turn = 60.0
+        assert not driver.turn_due()  # no inline wait yet
+        source.ready = 1
+        assert driver.inline(lambda: source.done == 1)
+        assert not driver.turn_due()  # one inline wait: well within the minute
+        driver._streak = time.monotonic() - 120.0  # as if inline for two minutes on end
+        assert driver.turn_due()
+        ran = []
+        asyncio.get_running_loop().call_soon(ran.append, "other work")
+        await driver.give_turn()
+        assert ran == ["other work"] and not driver.turn_due()
+        # A poll run by the loop (a turn of it) ends a streak as well.
+        source.ready = 1
+        assert driver.inline(lambda: source.done == 2)
+        driver._streak = time.monotonic() - 120.0
+        driver.poll()
+        assert not driver.turn_due()
+        driver.detach()
+
+    asyncio.run(main())
+    source.close()
+
+
+def test_inline_never_waits_on_a_loop_without_a_ready_queue() -> None:
+    source = FakeSource()
+    driver = na.AsyncioDriver(source, source.clock, spin=10.0)
+    driver.inline_turn = 1e9
+
+    class Opaque:
+        """A loop whose ready queue cannot be seen (uvloop's is in C)."""
+
+    async def main() -> None:
+        driver.attach(asyncio.get_running_loop())
+        driver.poll()
+        real, driver.loop = driver.loop, Opaque()  # type: ignore[assignment]
+        source.ready = 1
+        assert not driver.inline(lambda: source.done == 1)
+        assert source.done == 0
+        driver.loop = real
+        driver.detach()
+
+    asyncio.run(main())
+    source.close()
+
+
+class Batch:
+    """A plugin's hold_sends/release_sends, counted."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.releases = 0
+
+    def hold(self) -> None:
+        self.held += 1
+
+    def release(self) -> None:
+        self.held -= 1
+        self.releases += 1
+
+
+def test_a_poll_that_wakes_tasks_holds_sends_until_they_have_run() -> None:
+    source = FakeSource()
+    batch = Batch()
+    driver = na.AsyncioDriver(source, source.clock, spin=0.0, batch=(batch.hold, batch.release))
+    seen: list[int] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        driver.attach(loop)
+        driver.poll()  # nothing completed: nothing held
+        assert batch.held == 0
+        woken = loop.create_future()
+        original = source.trigger
+
+        def trigger(max_count: int = 1 << 30) -> int:
+            n = original(max_count)
+            if n and not woken.done():
+                woken.set_result(None)  # a completion wakes a task, as _settle does
+            return n
+        source.trigger = trigger  # type: ignore[method-assign]
+
+        async def task() -> None:
+            await woken
+            seen.append(batch.held)  # the woken task runs (and sends) while held
+
+        waiting = asyncio.ensure_future(task())
+        await asyncio.sleep(0)
+        source.ready = 1
+        driver.poll()
+        assert batch.held == 1
+        await waiting
+        await asyncio.sleep(0)
+        assert seen == [1] and batch.held == 0 and batch.releases == 1
+        # A task about to wait inline releases what the woken tasks sent at once (here the
+        # woken task is the caller itself: only our release waits its turn on the loop).
+        source.ready = 1
+        driver.poll()
+        assert batch.held == 1 and batch.releases == 1
+        driver.inline_turn = 1e9
+        assert driver.inline(lambda: True)
+        assert batch.held == 0 and batch.releases == 2
+        await asyncio.sleep(0)  # the scheduled release, cancelled, releases nothing more
+        assert batch.releases == 2
+        # Held when the loop goes away: detaching releases.
+        source.ready = 1
+        source.trigger = original  # type: ignore[method-assign]
+        driver.poll()
+        assert batch.held == 1
+        driver.detach()
+        assert batch.held == 0
+
+    asyncio.run(main())
+    source.close()
+
+
+def test_held_sends_leave_together_at_release(socket_spec: Spec) -> None:
+    spec = socket_spec
+    with na.initialize(spec.uri, listen=True, **spec.options) as server, \
+            na.initialize(spec.uri, **spec.options) as client:
+        addr = client.addr_lookup(server.addr_self().uri)
+        na.wait(client, client.msg_send_unexpected(addr, b"\x00", 0), timeout=TIMEOUT)  # connected
+        client.hold_sends()
+        sends = [client.msg_send_unexpected(addr, bytes([i]), i) for i in range(1, 4)]
+        client.trigger()
+        assert not any(op.done for op in sends)  # still ours: not handed to the kernel
+        client.release_sends()
+        for op in sends:
+            na.wait(client, op, timeout=TIMEOUT)
+        got = []
+        for _ in range(4):
+            buf = bytearray(4)
+            op = server.msg_recv_unexpected(buf)
+            na.wait(server, op, timeout=TIMEOUT)
+            got.append((op.tag, bytes(buf[: op.size])))
+        assert got == [(i, bytes([i])) for i in range(4)]

@@ -40,6 +40,20 @@ def test_asyncio_calls(rpc: RpcPeer) -> None:
     assert rpc.remote.sum(1, 2) == 3  # and blocking calls still work between loops
 
 
+def test_lone_awaited_calls_one_after_another(rpc: RpcPeer) -> None:
+    # One call at a time on an otherwise idle loop: the driver may wait in the task itself
+    # (AsyncioDriver.inline) or through a future; values and errors are the same either way.
+    async def main() -> list[int]:
+        out = []
+        for i in range(200):
+            out.append(await rpc.remote.sum.async_(i, 2))
+        with pytest.raises(hg.RemoteError, match="lone failure"):
+            await rpc.remote.fail.async_("ValueError", "lone failure")
+        return out
+
+    assert asyncio.run(main()) == [i + 2 for i in range(200)]
+
+
 def test_asyncio_timeout_and_cancel(rpc: RpcPeer) -> None:
     before = rpc.engine.statistics()
 
