@@ -28,6 +28,12 @@ from .metrics import merge_histograms
 # Objects up to this size are read and written through a node RPC rather than one-sided:
 # below it the RPC's copy costs less than a bulk round trip (bench/store.py, "crossover").
 INLINE_BYTES = 16 << 10
+# A node ``read`` answers at most about this many bytes: below the 64 KiB message of the
+# socket plugins, so the answer is one message rather than an exposed overflow the client
+# pulls and acknowledges (two more round trips); a batch is several reads in flight at once.
+READ_BATCH_BYTES = 56 << 10
+CACHE_KEYS = 1 << 16  # locations a client keeps (cleared when full)
+LEASE_MARGIN_S = 0.05  # a cached location is used until this long before its lease ends
 RETRY_S = 0.005  # first back-off of a put that found no room; doubles up to 0.1 s
 
 
@@ -35,7 +41,8 @@ class DistributedStore(Store):
     def __init__(self, uri: str, *, timeout: float = 30.0, put_timeout: float = 10.0,
                  replicas: int = 1, disk_read: str = "push", inline_bytes: int = INLINE_BYTES,
                  preferred: str = "", max_key_bytes: int = 4096,
-                 max_value_bytes: int = 1 << 30, **engine_options: Any) -> None:
+                 max_value_bytes: int = 1 << 30, cache_locations: bool = True,
+                 **engine_options: Any) -> None:
         if disk_read not in ("push", "pull"):
             raise ValueError(f"disk_read must be 'push' or 'pull', not {disk_read!r}")
         self.uri = uri
@@ -51,7 +58,13 @@ class DistributedStore(Store):
         self._segments: dict[bytes, bulk.RemoteBulk] = {}
         self._closed = False
         self._closing = threading.Event()  # wakes a put that backs off waiting for room
-        self.c = dict.fromkeys(("inline", "one_sided", "disk_push", "disk_pull", "retries"), 0)
+        # key -> (lease end, size, gen, node id, node uri, flat runs) of objects read inline:
+        # a get of a cached key is one ``read`` RPC to its node, which refuses a retired
+        # generation or a location of another registration; None disables the cache.
+        self._cache: dict[str, tuple[float, int, int, int, str, list[int]]] | None = \
+            {} if cache_locations else None
+        self.c = dict.fromkeys(("inline", "one_sided", "disk_push", "disk_pull", "retries",
+                                "cache_hits", "cache_refused"), 0)
 
     def __repr__(self) -> str:
         return f"<DistributedStore {self.uri}{' closed' if self._closed else ''}>"
@@ -130,6 +143,7 @@ class DistributedStore(Store):
             keys.append(key)
             views.append(view)
         todo = [i for i, r in enumerate(results) if r is None]
+        self._forget(keys)
         deadline = time.monotonic() + (self.put_timeout if timeout is None else timeout)
         backoff = RETRY_S
         while todo:
@@ -262,10 +276,19 @@ class DistributedStore(Store):
         views = [writable(b, "get_into") for b in buffers]
         return self._read_many(keys, views)  # type: ignore[return-value]
 
+    def _forget(self, keys: Iterable[str]) -> None:
+        cache = self._cache
+        if cache:
+            for key in keys:
+                cache.pop(key, None)
+
     def _read_many(self, keys: Sequence[str],
                    dsts: list[memoryview] | None) -> list[Any]:
         self._check_open()
         results, valid = self._checked(keys)
+        cache = self._cache
+        if cache and valid:
+            valid = self._read_cached(keys, valid, dsts, results)
         for _attempt in range(3):
             if not valid:
                 break
@@ -294,6 +317,15 @@ class DistributedStore(Store):
             for i, _loc, _dst, _ in pending:
                 if isinstance(results[i], _Retry) or time.monotonic() - started > lease:
                     again.append(i)  # the lease lapsed mid-read: the bytes may be stale
+            if cache is not None:
+                if len(cache) >= CACHE_KEYS:
+                    cache.clear()
+                for i, loc, _dst, _ in pending:
+                    if i not in again and loc.replicas and loc.size <= self.inline_bytes:
+                        rep = loc.replicas[0]
+                        cache[keys[i]] = (started + loc.lease_ms / 1000 - LEASE_MARGIN_S,
+                                          loc.size, loc.gen, rep.node_id, rep.uri,
+                                          [x for run in rep.runs for x in run])
             valid = again
             if again:
                 self.c["retries"] += 1
@@ -302,9 +334,87 @@ class DistributedStore(Store):
                                     key=keys[i], tier="dram")
         return results
 
+    def _read_cached(self, keys: Sequence[str], valid: list[int],
+                     dsts: list[memoryview] | None, results: list[Any]) -> list[int]:
+        """Read the keys whose location is cached from their nodes; the indexes left to
+        locate (not cached, refused by the node, or read too late for the lease)."""
+        cache = self._cache
+        if cache is None:
+            return valid
+        now = time.monotonic()
+        wanted = []
+        miss = []
+        for i in valid:
+            entry = cache.get(keys[i])
+            if entry is None or entry[0] <= now or (dsts is not None and
+                                                    len(dsts[i]) < entry[1]):
+                miss.append(i)
+                continue
+            wanted.append((i, keys[i], entry))
+        if not wanted:
+            return valid
+        got = self._node_reads([(i, key, e[2], e[3], e[4], e[5], e[1])
+                                for i, key, e in wanted], True)
+        done = time.monotonic()
+        hits = 0
+        for i, key, entry in wanted:
+            value = got.get(i)
+            if value is None or done >= entry[0]:
+                cache.pop(key, None)
+                miss.append(i)
+                continue
+            hits += 1
+            if dsts is None:
+                results[i] = value
+            else:
+                dsts[i][: len(value)] = value
+                results[i] = len(value)
+        self.c["cache_hits"] += hits
+        self.c["cache_refused"] += len(wanted) - hits
+        if len(miss) > 1:
+            miss.sort()
+        return miss
+
+    def _node_reads(self, wanted: list[tuple[int, str, int, int, str, list[int], int]],
+                    cached: bool) -> dict[int, bytes | None]:
+        """``read`` RPCs for (index, key, gen, node id, node uri, flat runs, size), grouped
+        per node in answers of at most READ_BATCH_BYTES, all in flight at once: each index's
+        bytes, or None where the node refused or failed."""
+        groups: dict[tuple[str, int], list[tuple[int, str, int, int, str, list[int], int]]] = {}
+        for w in wanted:
+            group = groups.get((w[4], w[3]))
+            if group is None:
+                group = groups[(w[4], w[3])] = []
+            group.append(w)
+        calls = []
+        for (uri, nid), group in groups.items():
+            read = self._node(uri).read
+            idx: list[tuple[int, int]] = []
+            items: list[list[Any]] = []
+            total = 0
+            for i, key, gen, _nid, _uri, flat, size in group:
+                if idx and total + size > READ_BATCH_BYTES:
+                    calls.append((idx, read.future(nid, cached, items, timeout=self.timeout)))
+                    idx, items, total = [], [], 0
+                idx.append((i, size))
+                items.append([key, gen, *flat])
+                total += size + 16
+            calls.append((idx, read.future(nid, cached, items, timeout=self.timeout)))
+        out: dict[int, bytes | None] = {}
+        for idx, fut in calls:
+            try:
+                values = fut.result()
+            except (hg.RPCError, hg.PeerError):
+                values = None
+            if type(values) is not list or len(values) != len(idx):
+                values = [None] * len(idx)
+            for (i, size), value in zip(idx, values):
+                out[i] = value if type(value) is bytes and len(value) == size else None
+        return out
+
     def _fetch(self, pending: list[tuple[int, p.Location, memoryview, Any]],
                keys: Sequence[str], results: list[Any], attempt: int) -> None:
-        inline: dict[str, tuple[list[list[tuple[int, int]]], list[int]]] = {}
+        inline: list[tuple[int, str, int, int, str, list[int], int]] = []
         transfers: list[tuple[int, bulk.Transfer]] = []
         handles: list[bulk.Bulk] = []
         disk: list[tuple[int, p.Location, memoryview]] = []
@@ -319,29 +429,22 @@ class DistributedStore(Store):
                     continue
                 rep = loc.replicas[attempt % len(loc.replicas)]  # a retry tries the next
                 if loc.size <= self.inline_bytes:
-                    runs, idx = inline.setdefault(rep.uri, ([], []))
-                    runs.append(rep.runs)
-                    idx.append(i)
+                    inline.append((i, keys[i], loc.gen, rep.node_id, rep.uri,
+                                   [x for run in rep.runs for x in run], loc.size))
                     continue
                 handles.append(self._one_sided(i, dst[: loc.size], rep, bulk.WRITE_ONLY,
                                                transfers))
-            futures = [(idx, self._node(uri).read_inline.future(runs, timeout=self.timeout))
-                       for uri, (runs, idx) in inline.items()]
             for i, loc, dst in disk:
                 self._read_disk(i, loc, dst, keys, results, attempt)
-            for idx, fut in futures:
-                try:
-                    values = fut.result()
-                except (hg.RPCError, hg.PeerError):
-                    for i in idx:
+            if inline:
+                for i, value in self._node_reads(inline, False).items():
+                    if value is None:
                         results[i] = _Retry()
-                    continue
-                for i, value in zip(idx, values):
-                    if isinstance(results[i], bytearray) and len(value) == len(results[i]):
+                    elif isinstance(results[i], bytearray):
                         results[i] = value  # a get: the answer's bytes are the value, no copy
                     else:
                         dsts[i][: len(value)] = value
-                self.c["inline"] += len(idx)
+                self.c["inline"] += len(inline)
             for i, t in transfers:
                 try:
                     t.wait(self.timeout)
@@ -404,6 +507,7 @@ class DistributedStore(Store):
     def remove_many(self, keys: Sequence[str]) -> list[StoreError | None]:
         self._check_open()
         results, valid = self._checked(keys)
+        self._forget(keys)
         statuses = self._call(self.master.remove, [keys[i] for i in valid])
         for i, st in zip(valid, statuses):
             if st.code != p.OK:

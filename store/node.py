@@ -56,12 +56,16 @@ class NodeService:
         self._stage_ids = itertools.count(1)
         self.phases = {k: Histogram() for k in ("write", "load", "push", "stage")}
         self.c = dict.fromkeys(("offloads", "pushes", "stages", "inline_reads",
-                                "inline_writes", "failed"), 0)
+                                "inline_writes", "failed", "reads_refused", "retired"), 0)
+        # key -> (the newest generation the master retired, until when to refuse it); read on
+        # the progress thread by ``read``, written there by ``retire``: no lock.
+        self._retired: dict[str, tuple[int, float]] = {}
+        self._sweep_at = 0.0
         for decl, impl, blocking in (
             (p.offload, self._offload, True), (p.disk_push, self._disk_push, True),
             (p.disk_stage, self._disk_stage, True), (p.disk_release, self._disk_release, False),
             (p.disk_delete, self._disk_delete, True), (p.node_stats, self.stats, False),
-            (p.read_inline, self._read_inline, False),
+            (p.read, self._read, False), (p.retire, self._retire, False),
             (p.write_inline, self._write_inline, False),
         ):
             self.engine.register(decl, impl, provider_id=p.NODE_PROVIDER, blocking=blocking)
@@ -109,6 +113,10 @@ class NodeService:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 if not self.master.heartbeat(self.node_id, self.disk.used):
+                    # The master dropped us and may hand our pages to new objects as soon as
+                    # we join again: refuse every read through a location of the old
+                    # registration before that.
+                    self.node_id = 0
                     hello = self.master.register_node(self.uri, self.segment.to_bytes(),
                                                       self.capacity, self.page_size, self.name)
                     self.node_id = hello.node_id
@@ -218,9 +226,48 @@ class NodeService:
         if entry is not None:
             self.disk.delete(entry)
 
-    def _read_inline(self, runs: list[list[tuple[int, int]]]) -> list[bytes]:
-        self.c["inline_reads"] += len(runs)
-        return [b"".join(self._segments(r)) for r in runs]
+    def _read(self, node_id: int, cached: bool, items: Any) -> list[bytes | memoryview | None]:
+        """The bytes of each object, or None where this node refuses the location: another
+        registration of ours, or (``cached``) a generation the master retired (``retire``)."""
+        checked = p.check_read_items(items)
+        if node_id != self.node_id or not node_id:
+            self.c["reads_refused"] += len(checked)
+            return [None] * len(checked)
+        out: list[bytes | memoryview | None] = []
+        retired = self._retired if cached else {}
+        view, cap = self.view, self.capacity
+        now = time.monotonic() if retired else 0.0
+        for key, gen, runs in checked:
+            old = retired.get(key)
+            if old is not None and gen <= old[0] and now < old[1]:
+                self.c["reads_refused"] += 1
+                out.append(None)
+                continue
+            parts = []
+            for j in range(0, len(runs), 2):
+                off, length = runs[j], runs[j + 1]
+                if off + length > cap:
+                    raise ValueError(f"run ({off}, {length}) is outside the {cap}-byte segment")
+                parts.append(view[off : off + length])
+            # One run (the common case) goes out as a view: msgpack copies it once, into the
+            # answer.
+            out.append(parts[0] if len(parts) == 1 else b"".join(parts))
+        self.c["inline_reads"] += len(checked)
+        return out
+
+    def _retire(self, keys: list[str], gens: list[int], ttl_ms: int) -> None:
+        if len(keys) != len(gens):
+            raise ValueError(f"{len(keys)} keys for {len(gens)} generations")
+        now = time.monotonic()
+        retired = self._retired
+        if len(retired) > 4096 and now >= self._sweep_at:
+            self._retired = retired = {k: v for k, v in retired.items() if v[1] > now}
+            self._sweep_at = now + 1.0
+        until = now + ttl_ms / 1000
+        for key, gen in zip(keys, gens):
+            old = retired.get(key)
+            retired[key] = (max(gen, old[0]) if old is not None and old[1] > now else gen, until)
+        self.c["retired"] += len(keys)
 
     def _write_inline(self, runs: list[list[tuple[int, int]]], data: list[bytes]) -> None:
         if len(runs) != len(data):
