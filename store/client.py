@@ -384,11 +384,16 @@ class DistributedStore(Store):
                 if len(cache) >= CACHE_KEYS:
                     cache.clear()
                 for i, loc, _dst, _ in pending:
-                    if i not in again and loc.replicas and loc.size <= self.inline_bytes:
+                    if i in again or isinstance(results[i], StoreError):
+                        continue
+                    until = started + loc.lease_ms / 1000 - LEASE_MARGIN_S
+                    if loc.replicas and loc.size <= self.inline_bytes:
                         rep = loc.replicas[0]
-                        cache[keys[i]] = (started + loc.lease_ms / 1000 - LEASE_MARGIN_S,
-                                          loc.size, loc.gen, rep.node_id, rep.uri,
+                        cache[keys[i]] = (until, loc.size, loc.gen, rep.node_id, rep.uri,
                                           [x for run in rep.runs for x in run])
+                    elif not loc.replicas and loc.disk_uris and loc.size:
+                        # (an empty object is never sent for, so its node could not refuse it)
+                        cache[keys[i]] = (until, loc.size, loc.gen, 0, loc.disk_uris[0], None)
             valid = again
             if again:
                 self.c["retries"] += 1
@@ -406,6 +411,7 @@ class DistributedStore(Store):
             return valid
         now = time.monotonic()
         wanted = []
+        disk: list[tuple[int, str, tuple[Any, ...]]] = []
         miss = []
         for i in valid:
             entry = cache.get(keys[i])
@@ -413,11 +419,17 @@ class DistributedStore(Store):
                                                     len(dsts[i]) < entry[1]):
                 miss.append(i)
                 continue
-            wanted.append((i, keys[i], entry))
-        if not wanted:
+            if entry[5] is None:
+                disk.append((i, keys[i], entry))
+            else:
+                wanted.append((i, keys[i], entry))
+        if not wanted and not disk:
             return valid
         got = self._node_reads([(i, key, e[2], e[3], e[4], e[5], e[1])
-                                for i, key, e in wanted], True)
+                                for i, key, e in wanted], True) if wanted else {}
+        for i, key, entry in disk:
+            got[i] = self._disk_cached(key, entry, None if dsts is None else dsts[i])
+            wanted.append((i, key, entry))
         done = time.monotonic()
         hits = 0
         for i, key, entry in wanted:
@@ -427,7 +439,7 @@ class DistributedStore(Store):
                 miss.append(i)
                 continue
             hits += 1
-            if dsts is None:
+            if dsts is None or type(value) is int:
                 results[i] = value
             else:
                 dsts[i][: len(value)] = value
@@ -437,6 +449,21 @@ class DistributedStore(Store):
         if len(miss) > 1:
             miss.sort()
         return miss
+
+    def _disk_cached(self, key: str, entry: tuple[Any, ...],
+                     dst: memoryview | None) -> bytearray | int | None:
+        """A disk read through a cached location: the bytes (a get), the size (a get_into),
+        or None where the node refused it or failed."""
+        size = entry[1]
+        buf = bytearray(size) if dst is None else None
+        view = memoryview(buf) if buf is not None else dst[:size]  # type: ignore[index]
+        try:
+            status = self._disk_read(entry[4], key, entry[2], view, True)
+        except (hg.RPCError, hg.PeerError, bulk.NAError, TimeoutError):
+            return None
+        if status.code != p.OK:
+            return None
+        return size if buf is None else buf
 
     def _node_reads(self, wanted: list[tuple[int, str, int, int, str, list[int], int]],
                     cached: bool) -> dict[int, bytes | None]:
@@ -523,30 +550,38 @@ class DistributedStore(Store):
 
     def _read_disk(self, i: int, loc: p.Location, dst: memoryview, keys: Sequence[str],
                    results: list[Any], attempt: int) -> None:
-        node = self._node(loc.disk_uris[attempt % len(loc.disk_uris)])
-        view = dst[: loc.size]
         try:
-            if not loc.size:
-                return
-            if self.disk_read == "push":
-                with self.engine.bulk(view, bulk.WRITE_ONLY, eager=False) as handle:
-                    status = node.disk_push.call(keys[i], loc.gen, handle, timeout=self.timeout)
-                if status.code != p.OK:
-                    results[i] = p.error_of(status.code, status.message, keys[i], "disk")
-                self.c["disk_push"] += 1
-                return
-            staged = node.disk_stage.call(keys[i], loc.gen, timeout=self.timeout)
-            try:
-                with self.engine.bulk(view, bulk.WRITE_ONLY, eager=False) as handle:
-                    handle.pull_from(bulk.RemoteBulk.from_bytes(staged.handle),
-                                     loc.size).wait(self.timeout)
-            finally:
-                node.disk_release.call(staged.stage_id, timeout=self.timeout)
-            self.c["disk_pull"] += 1
+            status = self._disk_read(loc.disk_uris[attempt % len(loc.disk_uris)], keys[i],
+                                     loc.gen, dst[: loc.size], False)
+            if status.code != p.OK:
+                results[i] = p.error_of(status.code, status.message, keys[i], "disk")
         except hg.RemoteError as exc:
             results[i] = ObjectLost(f"disk read failed: {exc}", key=keys[i], tier="disk")
         except (hg.RPCError, hg.PeerError, bulk.NAError, TimeoutError):
             results[i] = _Retry()
+
+    def _disk_read(self, uri: str, key: str, gen: int, view: memoryview,
+                   cached: bool) -> p.Status:
+        """Read a disk copy into ``view``: pushed by its node, or staged, pulled, released."""
+        if not len(view):
+            return p.Status(p.OK, "")
+        node = self._node(uri)
+        if self.disk_read == "push":
+            with self.engine.bulk(view, bulk.WRITE_ONLY, eager=False) as handle:
+                status = node.disk_push.call(key, gen, cached, handle, timeout=self.timeout)
+            self.c["disk_push"] += 1
+            return status  # type: ignore[no-any-return]
+        staged = node.disk_stage.call(key, gen, cached, timeout=self.timeout)
+        if not staged.stage_id:
+            return p.Status(p.STALE, f"node {uri} refused a cached location")
+        try:
+            with self.engine.bulk(view, bulk.WRITE_ONLY, eager=False) as handle:
+                handle.pull_from(bulk.RemoteBulk.from_bytes(staged.handle),
+                                 len(view)).wait(self.timeout)
+        finally:
+            node.disk_release.call(staged.stage_id, timeout=self.timeout)
+        self.c["disk_pull"] += 1
+        return p.Status(p.OK, "")
 
     # --- the rest -------------------------------------------------------------------------
     def exists(self, key: str) -> bool:

@@ -312,8 +312,8 @@ class MasterState:
         if obj.lease_until > now and obj.state == READY:
             # A client may hold this location in its cache until the lease ends: its nodes
             # must refuse this generation before the overwrite or remove is answered.
-            for c in obj.copies:
-                self.retired.append((c.node, obj.key, obj.gen))
+            for node in [c.node for c in obj.copies] + obj.disk:
+                self.retired.append((node, obj.key, obj.gen))
         obj.state = LOST if obj.state == LOST else "retired"
         self._free_copies(obj, obj.lease_until if obj.lease_until > now else 0.0)
         for node in obj.disk:

@@ -178,7 +178,14 @@ class NodeService:
         self.phases["load"].observe(time.perf_counter() - started)
         return entry, buf
 
-    def _disk_push(self, key: str, gen: int, dest: bulk.RemoteBulk) -> p.Status:
+    def _is_retired(self, key: str, gen: int) -> bool:
+        old = self._retired.get(key)
+        return old is not None and gen <= old[0] and time.monotonic() < old[1]
+
+    def _disk_push(self, key: str, gen: int, cached: bool, dest: bulk.RemoteBulk) -> p.Status:
+        if cached and self._is_retired(key, gen):
+            self.c["reads_refused"] += 1
+            return p.Status(p.STALE, f"node {self.name}: generation {gen} was retired")
         try:
             entry = self._entry(key, gen)
             if dest.size < entry.size:
@@ -198,7 +205,10 @@ class NodeService:
         self.phases["push"].observe(time.perf_counter() - started)
         return p.Status(p.OK, "")
 
-    def _disk_stage(self, key: str, gen: int) -> p.Staged:
+    def _disk_stage(self, key: str, gen: int, cached: bool) -> p.Staged:
+        if cached and self._is_retired(key, gen):
+            self.c["reads_refused"] += 1
+            return p.Staged(0, b"")
         started = time.perf_counter()
         _, buf = self._load(key, gen)
         handle = self.engine.bulk(buf, bulk.READ_ONLY, eager=False)
@@ -261,6 +271,7 @@ class NodeService:
         now = time.monotonic()
         retired = self._retired
         if len(retired) > 4096 and now >= self._sweep_at:
+            # A new dict, swapped in whole: disk reads check it from the handler pool.
             self._retired = retired = {k: v for k, v in retired.items() if v[1] > now}
             self._sweep_at = now + 1.0
         until = now + ttl_ms / 1000

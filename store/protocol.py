@@ -27,11 +27,12 @@ from .errors import (
 OK = 0
 FULL = 3  # no room now: the client retries until its put timeout
 NEVER_FITS = 8  # no node could ever hold it: final
+STALE = 9  # a node refused a cached location: the client asks the master
 
 
 CODES: dict[int, type[StoreError]] = {
     1: NotFound, 2: AlreadyExists, FULL: StoreFull, 4: ObjectLost, 5: InvalidKey,
-    6: ValueTooLarge, 7: StoreError, NEVER_FITS: NeverFits,
+    6: ValueTooLarge, 7: StoreError, NEVER_FITS: NeverFits, STALE: StoreError,
 }
 CODE_OF = {cls: code for code, cls in CODES.items()}
 
@@ -211,12 +212,15 @@ MASTER_RPCS = (register_node, heartbeat, put_start, put_end, put_abort, locate, 
 def offload(key: str, gen: int, runs: list[tuple[int, int]], size: int) -> Status: ...
 
 
+# ``cached``: the client read this disk location from its cache, not from the master during
+# this read: the node refuses (STALE, or a Staged of stage id 0) a generation the master
+# retired, as ``read`` does.
 @hg.declare
-def disk_push(key: str, gen: int, dest: bulk.Bulk) -> Status: ...
+def disk_push(key: str, gen: int, cached: bool, dest: bulk.Bulk) -> Status: ...
 
 
 @hg.declare
-def disk_stage(key: str, gen: int) -> Staged: ...
+def disk_stage(key: str, gen: int, cached: bool) -> Staged: ...
 
 
 @hg.declare
