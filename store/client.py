@@ -64,9 +64,10 @@ class DistributedStore(Store):
         self._segments: dict[bytes, bulk.RemoteBulk] = {}
         self._closed = False
         self._closing = threading.Event()  # wakes a put that backs off waiting for room
-        # key -> (lease end, size, gen, node id, node uri, flat runs) of objects read inline:
-        # a get of a cached key is one ``read`` RPC to its node, which refuses a retired
-        # generation or a location of another registration; None disables the cache.
+        # key -> (lease end, size, gen, node id, node uri, ``read`` item [key, gen, off, len,
+        # ...], or None for a disk copy) of objects read inline or from disk: a get of a
+        # cached key is one RPC to its node, which refuses a retired generation or a location
+        # of another registration; None disables the cache.
         self._cache: dict[str, tuple[float, int, int, int, str, list[int]]] | None = \
             {} if cache_locations else None
         self._staging: tuple[mmap.mmap, memoryview, bulk.Bulk] | None = None
@@ -390,7 +391,8 @@ class DistributedStore(Store):
                     if loc.replicas and loc.size <= self.inline_bytes:
                         rep = loc.replicas[0]
                         cache[keys[i]] = (until, loc.size, loc.gen, rep.node_id, rep.uri,
-                                          [x for run in rep.runs for x in run])
+                                          [keys[i], loc.gen,
+                                           *[x for run in rep.runs for x in run]])
                     elif not loc.replicas and loc.disk_uris and loc.size:
                         # (an empty object is never sent for, so its node could not refuse it)
                         cache[keys[i]] = (until, loc.size, loc.gen, 0, loc.disk_uris[0], None)
@@ -425,8 +427,8 @@ class DistributedStore(Store):
                 wanted.append((i, keys[i], entry))
         if not wanted and not disk:
             return valid
-        got = self._node_reads([(i, key, e[2], e[3], e[4], e[5], e[1])
-                                for i, key, e in wanted], True) if wanted else {}
+        got = self._node_reads([(i, e[5], e[3], e[4], e[1]) for i, _key, e in wanted],
+                               True) if wanted else {}
         for i, key, entry in disk:
             got[i] = self._disk_cached(key, entry, None if dsts is None else dsts[i])
             wanted.append((i, key, entry))
@@ -465,16 +467,16 @@ class DistributedStore(Store):
             return None
         return size if buf is None else buf
 
-    def _node_reads(self, wanted: list[tuple[int, str, int, int, str, list[int], int]],
+    def _node_reads(self, wanted: list[tuple[int, list[Any], int, str, int]],
                     cached: bool) -> dict[int, bytes | None]:
-        """``read`` RPCs for (index, key, gen, node id, node uri, flat runs, size), grouped
-        per node in answers of at most READ_BATCH_BYTES, all in flight at once: each index's
-        bytes, or None where the node refused or failed."""
-        groups: dict[tuple[str, int], list[tuple[int, str, int, int, str, list[int], int]]] = {}
+        """``read`` RPCs for (index, item, node id, node uri, size), grouped per node in
+        answers of at most READ_BATCH_BYTES, all in flight at once: each index's bytes, or
+        None where the node refused or failed."""
+        groups: dict[tuple[str, int], list[tuple[int, list[Any], int, str, int]]] = {}
         for w in wanted:
-            group = groups.get((w[4], w[3]))
+            group = groups.get((w[3], w[2]))
             if group is None:
-                group = groups[(w[4], w[3])] = []
+                group = groups[(w[3], w[2])] = []
             group.append(w)
         calls = []
         for (uri, nid), group in groups.items():
@@ -482,12 +484,12 @@ class DistributedStore(Store):
             idx: list[tuple[int, int]] = []
             items: list[list[Any]] = []
             total = 0
-            for i, key, gen, _nid, _uri, flat, size in group:
+            for i, item, _nid, _uri, size in group:
                 if idx and total + size > READ_BATCH_BYTES:
                     calls.append((idx, read.future(nid, cached, items, timeout=self.timeout)))
                     idx, items, total = [], [], 0
                 idx.append((i, size))
-                items.append([key, gen, *flat])
+                items.append(item)
                 total += size + 16
             calls.append((idx, read.future(nid, cached, items, timeout=self.timeout)))
         out: dict[int, bytes | None] = {}
@@ -504,7 +506,7 @@ class DistributedStore(Store):
 
     def _fetch(self, pending: list[tuple[int, p.Location, memoryview, Any]],
                keys: Sequence[str], results: list[Any], attempt: int) -> None:
-        inline: list[tuple[int, str, int, int, str, list[int], int]] = []
+        inline: list[tuple[int, list[Any], int, str, int]] = []
         transfers: list[tuple[int, bulk.Transfer]] = []
         handles: list[bulk.Bulk] = []
         disk: list[tuple[int, p.Location, memoryview]] = []
@@ -519,8 +521,8 @@ class DistributedStore(Store):
                     continue
                 rep = loc.replicas[attempt % len(loc.replicas)]  # a retry tries the next
                 if loc.size <= self.inline_bytes:
-                    inline.append((i, keys[i], loc.gen, rep.node_id, rep.uri,
-                                   [x for run in rep.runs for x in run], loc.size))
+                    inline.append((i, [keys[i], loc.gen, *[x for run in rep.runs for x in run]],
+                                   rep.node_id, rep.uri, loc.size))
                     continue
                 if extra is not None:  # a slice of the registered staging buffer
                     self._move(i, extra[0], extra[1], rep, bulk.WRITE_ONLY, transfers)

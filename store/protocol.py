@@ -249,22 +249,6 @@ def node_stats() -> Any: ...
 def read(node_id: hg.uint32, cached: bool, items: Any) -> Any: ...
 
 
-def check_read_items(items: Any) -> list[tuple[str, int, list[int]]]:
-    """``read``'s items as (key, gen, flat runs); a malformed one is a ValueError."""
-    if type(items) is not list:
-        raise ValueError("read: items is not a list")
-    out = []
-    for item in items:
-        if type(item) is not list or len(item) < 2 or len(item) % 2:
-            raise ValueError("read: an item is not [key, gen, off, len, ...]")
-        key, gen, runs = item[0], item[1], item[2:]
-        if type(key) is not str or type(gen) is not int or \
-                any(type(x) is not int or x < 0 for x in runs):
-            raise ValueError("read: an item's fields have the wrong types")
-        out.append((key, gen, runs))
-    return out
-
-
 # The master tells a node, before it answers the overwrite or remove that retired them, that
 # these generations must no longer be read through it (``read`` refuses them for ``ttl_ms``:
 # longer than any lease, hence than any client's cached location, can outlive the retirement).

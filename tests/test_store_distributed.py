@@ -272,7 +272,7 @@ def test_the_node_refuses_a_retired_generation_or_another_registration(scheme: s
             # Read under the lease the master gave for this read: the generation it named.
             assert node.read.call(rep.node_id, False, [item], timeout=DEADLINE) == [b"first"]
             with pytest.raises(hg.RemoteError):
-                node.read.call(rep.node_id, True, [["r/k", "gen", 0, 1]], timeout=DEADLINE)
+                node.read.call(rep.node_id, True, [["r/other", 1, -4096, 1]], timeout=DEADLINE)
             assert kv.get("r/k") == b"second"
         finally:
             kv.close()
