@@ -6,6 +6,11 @@ node and all in flight at once; objects up to ``inline_bytes`` ride in a node RP
 (two-sided, copied through message buffers), which ``bench/store.py`` measures to be faster
 below the crossover. Disk-only objects are pushed by their node into the caller's buffer in
 one RPC (``disk_read="push"``), or staged, pulled and released (``"pull"``).
+
+Locations of objects read inline or from disk are cached until their lease ends: a get of a
+cached key goes to its node alone, which refuses a generation the master retired (an
+overwrite or remove while the lease ran) or a location of another registration of its own;
+the client then asks the master (docs/store.md, "Location cache").
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ class DistributedStore(Store):
         self._staging: tuple[mmap.mmap, memoryview, bulk.Bulk] | None = None
         self._staging_lock = threading.Lock()  # one get at a time uses it; others allocate
         self.c = dict.fromkeys(("inline", "one_sided", "disk_push", "disk_pull", "retries",
-                                "cache_hits", "cache_refused"), 0)
+                                "cache_hits", "cache_refused", "locates"), 0)
 
     def __repr__(self) -> str:
         return f"<DistributedStore {self.uri}{' closed' if self._closed else ''}>"
@@ -330,6 +335,7 @@ class DistributedStore(Store):
             if not valid:
                 break
             started = time.monotonic()
+            self.c["locates"] += 1
             locs = p.unpack_locations(self._call(self.master.locate, [keys[i] for i in valid],
                                                  self.preferred), len(valid))
             again = []
