@@ -75,6 +75,16 @@ class DistributedStore(Store):
         # of another registration; None disables the cache.
         self._cache: dict[str, tuple[float, int, int, int, str, list[int]]] | None = \
             {} if cache_locations else None
+        # Single objects read one-sided: key -> (lease end, size, node uri, replica, the
+        # node's epoch read before the locate that gave the replica). A get of such a key
+        # reads the replica one-sided, then the epoch: unchanged, the bytes were current
+        # (protocol.EPOCH). ``_far_seen``: key -> node uri of objects read one-sided once,
+        # whose next read takes the epoch before it locates.
+        self._far: dict[str, tuple[float, int, str, p.Replica, bytes]] = {}
+        self._far_seen: dict[str, str] = {}
+        self._epochs: dict[str, bulk.RemoteBulk] = {}
+        self._epoch_lock = threading.Lock()
+        self._epoch_local: tuple[bytearray, bulk.Bulk] | None = None
         self._staging: tuple[mmap.mmap, memoryview, bulk.Bulk] | None = None
         self._staging_lock = threading.Lock()  # one get at a time uses it; others allocate
         self.c = dict.fromkeys(("inline", "one_sided", "disk_push", "disk_pull", "retries",
@@ -89,6 +99,10 @@ class DistributedStore(Store):
             self._closing.set()
             with self._staging_lock:
                 self._drop_staging()
+            with self._epoch_lock:
+                if self._epoch_local is not None:
+                    self._epoch_local[1].close()
+                    self._epoch_local = None
             self.engine.close()
 
     def _check_open(self) -> None:
@@ -319,10 +333,72 @@ class DistributedStore(Store):
         return self._staging[1], self._staging[2]
 
     def _forget(self, keys: Iterable[str]) -> None:
-        cache = self._cache
-        if cache:
+        cache, far = self._cache, self._far
+        if cache or far:
             for key in keys:
-                cache.pop(key, None)
+                cache.pop(key, None)  # type: ignore[union-attr]
+                far.pop(key, None)
+
+    def _epoch_of(self, uri: str) -> bytes | None:
+        """The node's epoch (protocol.EPOCH), read one-sided; None if it cannot be read."""
+        try:
+            region = self._epochs.get(uri)
+            if region is None:
+                wire = self._node(uri).epoch_region.call(timeout=self.timeout)
+                region = self._epochs[uri] = bulk.RemoteBulk.from_bytes(wire)
+            with self._epoch_lock:
+                if self._epoch_local is None:
+                    buf = bytearray(p.EPOCH.size)
+                    self._epoch_local = (buf, self.engine.bulk(buf, bulk.WRITE_ONLY,
+                                                               eager=False))
+                buf, handle = self._epoch_local
+                handle.pull_from(region, p.EPOCH.size).wait(self.timeout)
+                return bytes(buf)
+        except (hg.RPCError, hg.PeerError, bulk.NAError, TimeoutError, ValueError, TypeError):
+            self._epochs.pop(uri, None)  # a node that restarted has a new region
+            return None
+
+    def _read_far(self, key: str, dst: memoryview | None) -> bytes | int | None:
+        """A single object read one-sided through its cached replica, then checked against
+        the node's epoch: the bytes (a get) or the size (a get_into), or None to locate."""
+        entry = self._far.get(key)
+        if entry is None:
+            return None
+        until, size, uri, rep, before = entry
+        if until <= time.monotonic() or (dst is not None and len(dst) < size):
+            self._far.pop(key, None)
+            return None
+        value: bytes | int | None = None
+        transfers: list[tuple[int, bulk.Transfer]] = []
+        try:
+            if dst is None:
+                if not self._staging_lock.acquire(blocking=False):
+                    return None
+                try:
+                    view, handle = self._staging_for(size)
+                    self._move(0, handle, 0, rep, bulk.WRITE_ONLY, transfers)
+                    for _, t in transfers:
+                        t.wait(self.timeout)
+                    if self._epoch_of(uri) == before and time.monotonic() < until:
+                        value = bytes(view[:size])
+                finally:
+                    self._staging_lock.release()
+            else:
+                with self.engine.bulk(dst[:size], bulk.WRITE_ONLY, eager=False) as handle:
+                    self._move(0, handle, 0, rep, bulk.WRITE_ONLY, transfers)
+                    for _, t in transfers:
+                        t.wait(self.timeout)
+                if self._epoch_of(uri) == before and time.monotonic() < until:
+                    value = size
+        except (bulk.NAError, TimeoutError, ValueError):
+            value = None
+        if value is None:
+            self._far.pop(key, None)
+            self.c["cache_refused"] += 1
+        else:
+            self.c["cache_hits"] += 1
+            self.c["one_sided"] += 1
+        return value
 
     def _read_many(self, keys: Sequence[str],
                    dsts: list[memoryview] | None) -> list[Any]:
@@ -331,6 +407,17 @@ class DistributedStore(Store):
         cache = self._cache
         if cache and valid:
             valid = self._read_cached(keys, valid, dsts, results)
+        before: tuple[str, bytes] | None = None  # (node uri, its epoch) before the locate
+        if cache is not None and len(valid) == 1:
+            i = valid[0]
+            got = self._read_far(keys[i], None if dsts is None else dsts[i])
+            if got is not None:
+                results[i] = got
+                valid = []
+            elif keys[i] in self._far_seen:
+                uri = self._far_seen[keys[i]]
+                epoch = self._epoch_of(uri)
+                before = None if epoch is None else (uri, epoch)
         for _attempt in range(3):
             if not valid:
                 break
@@ -402,6 +489,14 @@ class DistributedStore(Store):
                     elif not loc.replicas and loc.disk_uris and loc.size:
                         # (an empty object is never sent for, so its node could not refuse it)
                         cache[keys[i]] = (until, loc.size, loc.gen, 0, loc.disk_uris[0], None)
+                    elif loc.replicas and len(pending) == 1:
+                        rep = loc.replicas[_attempt % len(loc.replicas)]  # the one read
+                        if len(self._far_seen) >= CACHE_KEYS:
+                            self._far_seen.clear()
+                            self._far.clear()
+                        self._far_seen[keys[i]] = rep.uri
+                        if before is not None and before[0] == rep.uri:
+                            self._far[keys[i]] = (until, loc.size, rep.uri, rep, before[1])
             valid = again
             if again:
                 self.c["retries"] += 1

@@ -59,6 +59,9 @@ class NodeService:
         self.engine = hg.Engine(listen, listen=True, timeout=rpc_timeout,
                                 allow_remote_shutdown=True)
         self.segment = self.engine.bulk(self.arena, bulk.READ_WRITE, eager=False)
+        self._epoch = bytearray(p.EPOCH.size)  # p.EPOCH: (registration id, retires)
+        self._retires = 0
+        self._epoch_bulk = self.engine.bulk(self._epoch, bulk.READ_ONLY, eager=False)
         self.engine.declare(p.MASTER_RPCS)
         self._lock = threading.Lock()
         self._staged: dict[int, tuple[bulk.Bulk, mmap.mmap]] = {}
@@ -75,6 +78,7 @@ class NodeService:
             (p.disk_release, self._disk_release, False),
             (p.disk_delete, self._disk_delete, True), (p.node_stats, self.stats, False),
             (p.read, self._read, False), (p.retire, self._retire, False),
+            (p.epoch_region, self._epoch_bulk.to_bytes, False),
             (p.write_inline, self._write_inline, False),
         ):
             self.engine.register(decl, impl, provider_id=p.NODE_PROVIDER, blocking=blocking)
@@ -100,7 +104,8 @@ class NodeService:
         """Join the master (from a thread other than the one that will serve)."""
         hello = self.master.register_node(self.uri, self.segment.to_bytes(), self.capacity,
                                           self.page_size, self.name)
-        self.node_id, self.heartbeat_s = hello.node_id, hello.heartbeat_s
+        self._set_node_id(hello.node_id)
+        self.heartbeat_s = hello.heartbeat_s
         self._thread = threading.Thread(target=self._beat, name="petasus-store-heartbeat",
                                         daemon=True)
         self._thread.start()
@@ -125,12 +130,17 @@ class NodeService:
             handle.close()
             buf.close()
         self._staged.clear()
+        self._epoch_bulk.close()
         self.segment.close()
         self.engine.close()
         self.view.release()
         self.arena.close()
         if self._temporary:
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def _set_node_id(self, node_id: int) -> None:
+        self.node_id = node_id
+        p.EPOCH.pack_into(self._epoch, 0, node_id, self._retires)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -143,10 +153,10 @@ class NodeService:
                     # The master dropped us and may hand our pages to new objects as soon as
                     # we join again: refuse every read through a location of the old
                     # registration before that.
-                    self.node_id = 0
+                    self._set_node_id(0)
                     hello = self.master.register_node(self.uri, self.segment.to_bytes(),
                                                       self.capacity, self.page_size, self.name)
-                    self.node_id = hello.node_id
+                    self._set_node_id(hello.node_id)
                     log.warning("node %s re-registered with the master as %d", self.name,
                                 self.node_id)
             except (hg.RPCError, hg.PeerError) as exc:
@@ -395,6 +405,8 @@ class NodeService:
             self._retired = retired = {k: v for k, v in retired.items() if v[1] > now}
             self._sweep_at = now + 1.0
         until = now + ttl_ms / 1000
+        self._retires += 1
+        p.EPOCH.pack_into(self._epoch, 0, self.node_id, self._retires)
         for key, gen in zip(keys, gens):
             old = retired.get(key)
             retired[key] = (max(gen, old[0]) if old is not None and old[1] > now else gen, until)

@@ -9,6 +9,7 @@ Errors travel as a status code and a message and are raised on the client as the
 from __future__ import annotations
 
 import dataclasses
+import struct
 from typing import Any
 
 from petasus import bulk, hg
@@ -260,5 +261,18 @@ def retire(keys: list[str], gens: list[int], ttl_ms: hg.uint32) -> None: ...
 def write_inline(runs: list[list[tuple[int, int]]], data: list[bytes]) -> None: ...
 
 
+# The node's *epoch*: 16 bytes it registers read-only, [u64 registration id, u64 count of
+# ``retire`` calls], little-endian, changed before each ``retire`` or re-registration is
+# acknowledged. A client that read the epoch before a ``locate`` may later read the object
+# one-sided from that location and then the epoch again: the same 16 bytes mean no retire and
+# no new registration came in between, so the bytes it read were current (docs/store.md).
+EPOCH = struct.Struct("<QQ")
+
+
+@hg.declare
+def epoch_region() -> bytes: ...  # the serialized bulk handle of the node's epoch
+
+
 NODE_RPCS = (offload, disk_push, disk_stage, disk_release, disk_delete, node_stats, read,
+             epoch_region,
              retire, write_inline)

@@ -249,6 +249,26 @@ def test_a_cached_location_never_gives_an_overwritten_or_removed_value(scheme: s
             writer.put(keys[2], b"newer", overwrite=True)
             assert reader.get_into(keys[2], out) == 5 and out[:5] == b"newer"
             assert reader.get_many(keys[3:]) == values[3:]
+            # Objects read one-sided: cached from their second read (the node's epoch read
+            # before it locates), then read one-sided and checked against the epoch.
+            big = pattern("c/big", 300 * KiB + 5)
+            writer.put("c/big", big)
+            out = bytearray(400 * KiB)
+            for _ in range(3):
+                assert reader.get("c/big") == big
+                assert reader.get_into("c/big", out) == len(big) and out[: len(big)] == big
+            assert "c/big" in reader._far
+            hits = reader.c["cache_hits"]
+            assert reader.get("c/big") == big
+            assert reader.c["cache_hits"] == hits + 1
+            writer.put("c/big", b"small now", overwrite=True)
+            assert reader.get("c/big") == b"small now"
+            bigger = pattern("c/big2", 1 * MiB)
+            writer.put("c/big", bigger, overwrite=True)
+            assert reader.get("c/big") == bigger
+            writer.remove("c/big")
+            with pytest.raises(NotFound):
+                reader.get_into("c/big", out)
         finally:
             writer.close()
             reader.close()
