@@ -77,7 +77,7 @@ def seeds() -> list[bytes]:
         "cluster_stats": {"nodes": 2, "used": [1, 2]}, "register_blocks": 2,
         "match_blocks": {"n": [1, 2]}, "offload": p.Status(0, ""),
         "disk_stage": p.Staged(4, segment), "node_stats": {"x": 1.0},
-        "read": [b"data", None], "exists": [True, False],
+        "read": b"\x01\x00data", "exists": [True, False],
     }
     out = []
     for i, rpc in enumerate(RPCS):

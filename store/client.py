@@ -596,13 +596,24 @@ class DistributedStore(Store):
         out: dict[int, bytes | None] = {}
         for idx, fut in calls:
             try:
-                values = fut.result()
+                answer = fut.result()
             except (hg.RPCError, hg.PeerError):
-                values = None
-            if type(values) is not list or len(values) != len(idx):
-                values = [None] * len(idx)
-            for (i, size), value in zip(idx, values):
-                out[i] = value if type(value) is bytes and len(value) == size else None
+                answer = b""
+            count = len(idx)
+            flags = answer[:count]
+            if len(flags) != count or len(answer) != count + sum(
+                    size for (_, size), flag in zip(idx, flags) if flag == 1) or \
+                    any(flag > 1 for flag in flags):
+                for i, _ in idx:  # failed, or an answer that does not add up
+                    out[i] = None
+                continue
+            pos = count
+            for (i, size), flag in zip(idx, flags):
+                if flag:
+                    out[i] = answer[pos : pos + size]
+                    pos += size
+                else:
+                    out[i] = None
         return out
 
     def _fetch(self, pending: list[tuple[int, p.Location, memoryview, Any]],

@@ -285,12 +285,12 @@ def test_the_node_refuses_a_retired_generation_or_another_registration(scheme: s
             rep = loc.replicas[0]
             item = ["r/k", loc.gen, *[x for run in rep.runs for x in run]]
             node = kv._node(rep.uri)
-            assert node.read.call(rep.node_id, True, [item], timeout=DEADLINE) == [b"first"]
-            assert node.read.call(rep.node_id + 1, True, [item], timeout=DEADLINE) == [None]
+            assert node.read.call(rep.node_id, True, [item], timeout=DEADLINE) == b"\x01first"
+            assert node.read.call(rep.node_id + 1, True, [item], timeout=DEADLINE) == b"\x00"
             kv.put("r/k", b"second", overwrite=True)
-            assert node.read.call(rep.node_id, True, [item], timeout=DEADLINE) == [None]
+            assert node.read.call(rep.node_id, True, [item, item], timeout=DEADLINE) == b"\0\0"
             # Read under the lease the master gave for this read: the generation it named.
-            assert node.read.call(rep.node_id, False, [item], timeout=DEADLINE) == [b"first"]
+            assert node.read.call(rep.node_id, False, [item], timeout=DEADLINE) == b"\x01first"
             with pytest.raises(hg.RemoteError):
                 node.read.call(rep.node_id, True, [["r/other", 1, -4096, 1]], timeout=DEADLINE)
             assert kv.get("r/k") == b"second"
