@@ -123,7 +123,11 @@ class DistributedStore(Store):
         """Per-key results pre-filled with each invalid key's error, and the valid indexes."""
         results: list[Any] = [None] * len(keys)
         valid = []
+        cache = self._cache or {}
         for i, key in enumerate(keys):
+            if type(key) is str and key in cache:  # checked when it was cached
+                valid.append(i)
+                continue
             try:
                 validate_key(key, self.max_key_bytes)
                 valid.append(i)
