@@ -1,7 +1,7 @@
 """Store benchmark: the embedded scheme's puts, gets, batches and disk offload, beside memcpy
 and raw os.pwrite / os.pread of the same sizes, in one run.
 
-    python bench/store.py [--json] [--quick] [--embedded]
+    python bench/store.py [--json] [--quick] [--embedded | --distributed]
 
 Single objects at 4 KiB, 64 KiB, 1 MiB and 16 MiB: put (a copy of bytes), put_from (a numpy
 array read in place), get (a new bytes object), get_into (into a buffer already touched), and
@@ -16,7 +16,8 @@ The distributed scheme (a master and a node in processes, the client here) over 
 the same single-object and batch rows, gets through the node RPC against one-sided per size
 (the inline crossover), and push against pull reads of disk-only objects; Redis (Debian's
 redis-server, persistence off, redis-py with hiredis) GET/SET and MGET/MSET beside them; and
-the raw loopback socket stream. ``--embedded`` leaves the distributed rows out.
+the raw loopback socket stream. ``--embedded`` leaves the distributed rows out, ``--distributed``
+the embedded ones.
 
 Records: {"bench": "store", "scheme": "embedded" | "tcp" | "sm" | "redis" | "raw", "op",
 "size" (bytes per object),
@@ -283,6 +284,7 @@ def disk_store(scratch: Path, src: np.ndarray) -> store.Store:
 # -- the distributed scheme, Redis, and the raw socket stream ------------------------------------
 NET = {"tcp": "tcp://127.0.0.1:0", "sm": "sm://"}
 EMBEDDED_ONLY = "--embedded" in sys.argv
+DISTRIBUTED_ONLY = "--distributed" in sys.argv
 CROSSOVER = [1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB]
 
 
@@ -307,6 +309,20 @@ def distributed(src: np.ndarray, dst: memoryview) -> None:
             disk_reads(scheme, label, src, dst, 64 * KiB, emit, rate)
 
 
+def embedded(scratch: Path, src: np.ndarray, src_view: memoryview, dst: memoryview) -> None:
+    disk_kv = disk_store(scratch, src)
+    stores = offload_stores(scratch, src)
+    with store.connect(f"embedded://{scratch / 'dram'}", dram_bytes=256 * MiB) as kv:
+        for round_ in range(ROUNDS):
+            raw(scratch, src_view, dst)
+            singles(kv, disk_kv, src, dst)
+            batches(kv, src)
+            offload(stores, src, round_)
+    disk_kv.close()
+    for kv in stores.values():
+        kv.close()
+
+
 def main() -> None:
     global QUIET
     logging.disable(logging.WARNING)
@@ -316,17 +332,8 @@ def main() -> None:
     src_view, dst = memoryview(touched(64 * MiB)), memoryview(touched(64 * MiB))
     src_view[:] = src.data
     try:
-        disk_kv = disk_store(scratch, src)
-        stores = offload_stores(scratch, src)
-        with store.connect(f"embedded://{scratch / 'dram'}", dram_bytes=256 * MiB) as kv:
-            for round_ in range(ROUNDS):
-                raw(scratch, src_view, dst)
-                singles(kv, disk_kv, src, dst)
-                batches(kv, src)
-                offload(stores, src, round_)
-        disk_kv.close()
-        for kv in stores.values():
-            kv.close()
+        if not DISTRIBUTED_ONLY:
+            embedded(scratch, src, src_view, dst)
         if not EMBEDDED_ONLY:
             distributed(src, dst)
     finally:

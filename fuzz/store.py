@@ -63,8 +63,9 @@ def seeds() -> list[bytes]:
         "cluster_stats": (), "register_blocks": ("n", [1, 2], "dram"),
         "revoke_blocks": ("n", [3], "disk"), "revoke_tier": ("n", "disk"),
         "match_blocks": ([1, 2, 3],), "offload": ("k", 2, [(0, 4)], 4),
-        "disk_push": ("k", 2, dest), "disk_stage": ("k", 1), "disk_release": (5,),
-        "disk_delete": ("k", 1), "node_stats": (), "read_inline": ([[(0, 4)], []],),
+        "disk_push": ("k", 2, True, dest), "disk_stage": ("k", 1, False), "disk_release": (5,),
+        "disk_delete": ("k", 1), "node_stats": (), "read": (3, True, [["k", 1, 0, 4]]),
+        "retire": (["k"], [1], 6000),
         "write_inline": ([[(0, 4)]], [b"data"]),
     }
     outputs: dict[str, Any] = {
@@ -76,7 +77,7 @@ def seeds() -> list[bytes]:
         "cluster_stats": {"nodes": 2, "used": [1, 2]}, "register_blocks": 2,
         "match_blocks": {"n": [1, 2]}, "offload": p.Status(0, ""),
         "disk_stage": p.Staged(4, segment), "node_stats": {"x": 1.0},
-        "read_inline": [b"data", b""], "exists": [True, False],
+        "read": b"\x01\x00data", "exists": [True, False],
     }
     out = []
     for i, rpc in enumerate(RPCS):

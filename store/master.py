@@ -50,8 +50,8 @@ class MasterService:
         self.phases = {"allocate": Histogram(), "release": Histogram()}
         handlers = {
             p.register_node: self._register_node, p.heartbeat: self._heartbeat,
-            p.put_start: self._put_start, p.put_end: self._put_end,
-            p.put_abort: self._put_abort, p.locate: self._locate, p.remove: self._remove,
+            p.put_start: self._put_start,
+            p.put_abort: self._put_abort, p.locate: self._locate,
             p.exists: self._exists, p.pin: self._pin, p.cluster_stats: self.stats,
             p.register_blocks: self._register_blocks, p.revoke_blocks: self._revoke_blocks,
             p.revoke_tier: self._revoke_tier, p.match_blocks: self._match_blocks,
@@ -59,6 +59,8 @@ class MasterService:
         for decl, impl in handlers.items():
             self.engine.register(decl, self._timed(decl.name, impl),
                                  provider_id=p.MASTER_PROVIDER)
+        for decl, impl in ((p.put_end, self._put_end), (p.remove, self._remove)):
+            self._register_retiring(decl, impl)
         self.engine.register(p.flush, self._flush, provider_id=p.MASTER_PROVIDER, blocking=True)
         self._thread = threading.Thread(target=self._maintain, name="petasus-store-maintain",
                                         daemon=True)
@@ -75,6 +77,41 @@ class MasterService:
             finally:
                 hist.observe(time.perf_counter() - started)
         return timed
+
+    def _register_retiring(self, decl: Any, impl: Any) -> None:
+        """Serve an RPC that may retire leased copies (an overwrite, a remove): ``impl``
+        returns its answer and the retired copies per node; the answer goes out once every
+        such node has acknowledged ``retire``, so that no client reads the old generation
+        through a location it cached after the caller saw its overwrite or remove done. The
+        handler answers later without blocking the progress thread."""
+        hist = self.latency[decl.name] = Histogram()
+        rpc = hg.RPC(decl.name, decl.in_proc, decl.out_proc, provider_id=p.MASTER_PROVIDER)
+        ttl_ms = int(self.state.lease_ttl * 1000) + 1000
+        timeout = min(self.state.node_ttl, self.engine.timeout)
+
+        def handler(handle: hg.TargetHandle) -> None:
+            started = time.perf_counter()
+            value, retired = impl(*handle.args)
+            left = [len(retired) + 1]
+
+            def done(_call: Any = None) -> None:
+                # A node that does not answer is one no client reaches either (or one the
+                # master drops after its TTL): the answer goes out regardless.
+                left[0] -= 1
+                if not left[0]:
+                    hist.observe(time.perf_counter() - started)
+                    handle.respond(value)
+            for node, (keys, gens) in retired.items():
+                method = self._node(node).retire
+                try:
+                    self.engine.forward(method.addr, method.rpc, (keys, gens, ttl_ms), timeout,
+                                        done)
+                except (hg.RPCError, hg.PeerError, OSError) as exc:
+                    log.warning("retire on node %s: %s", node.name, exc)
+                    done()
+            done()
+        rpc.handler = handler
+        self.engine.hg.register(rpc)
 
     @property
     def uri(self) -> str:
@@ -134,12 +171,13 @@ class MasterService:
             return exc
         return None
 
-    def _put_end(self, tokens: list[int], atomic: bool) -> list[p.Status]:
+    def _put_end(self, tokens: list[int], atomic: bool) -> tuple[list[p.Status], Any]:
         with self.lock:
             errors = self.state.put_end(tokens, atomic, self.clock())
+            retired = self.state.take_retired()
         self._wake.set()
         return [p.Status(p.OK, "") if e is None else p.Status(p.code_of(e), str(e))
-                for e in errors]
+                for e in errors], retired
 
     def _put_abort(self, tokens: list[int]) -> None:
         with self.lock:
@@ -173,7 +211,7 @@ class MasterService:
                 locs.append([p.OK, "", obj.size, obj.gen, lease_ms, reps, disk])
         return p.pack_locations(nodes, locs)
 
-    def _remove(self, keys: list[str]) -> list[p.Status]:
+    def _remove(self, keys: list[str]) -> tuple[list[p.Status], Any]:
         out = []
         with self.lock:
             for key in keys:
@@ -182,8 +220,9 @@ class MasterService:
                     out.append(p.Status(p.OK, ""))
                 except StoreError as exc:
                     out.append(p.Status(p.code_of(exc), str(exc)))
+            retired = self.state.take_retired()
         self._wake.set()
-        return out
+        return out, retired
 
     def _exists(self, keys: list[str]) -> list[bool]:
         with self.lock:

@@ -93,6 +93,9 @@ class MasterState:
         self.finished: OrderedDict[int, None] = OrderedDict()  # recent tokens: idempotent end
         self.held: list[tuple[float, Copy]] = []  # freed copies whose pages a lease still holds
         self.actions: list[tuple[Any, ...]] = []
+        # (node, key, gen) of leased copies retired by an overwrite or a remove: the service
+        # tells their nodes (``retire``) before it answers (``take_retired``).
+        self.retired: list[tuple[Node, str, int]] = []
         self.offloads_in_flight = 0
         self._ids = itertools.count(1)
         self._gens = itertools.count(1)
@@ -306,6 +309,11 @@ class MasterState:
         obj.pin = mode
 
     def _retire(self, obj: MObject, now: float) -> None:
+        if obj.lease_until > now and obj.state == READY:
+            # A client may hold this location in its cache until the lease ends: its nodes
+            # must refuse this generation before the overwrite or remove is answered.
+            for node in [c.node for c in obj.copies] + obj.disk:
+                self.retired.append((node, obj.key, obj.gen))
         obj.state = LOST if obj.state == LOST else "retired"
         self._free_copies(obj, obj.lease_until if obj.lease_until > now else 0.0)
         for node in obj.disk:
@@ -449,6 +457,17 @@ class MasterState:
             self._drop_copy(obj, copy)
         if not obj.offloading:
             obj.evict_after = False
+
+    def take_retired(self) -> dict[Node, tuple[list[str], list[int]]]:
+        """The retired leased copies since the last call, per live node."""
+        out: dict[Node, tuple[list[str], list[int]]] = {}
+        for node, key, gen in self.retired:
+            if node.node_id in self.nodes:
+                keys, gens = out.setdefault(node, ([], []))
+                keys.append(key)
+                gens.append(gen)
+        self.retired = []
+        return out
 
     def take_actions(self) -> list[tuple[Any, ...]]:
         out, self.actions = self.actions, []

@@ -24,7 +24,7 @@ import pytest
 from store_cluster import DEADLINE, TRANSPORTS, Cluster, KiB, MiB, wait_for
 from store_kit import check_error, pattern
 
-from petasus import bulk
+from petasus import bulk, hg
 from petasus.store import NotFound, ObjectLost, StoreError, StoreFull
 from petasus.store import protocol as p
 from petasus.store.client import DistributedStore
@@ -220,6 +220,82 @@ def test_a_forged_segment_key_is_refused_and_the_node_keeps_serving(shared: Shar
         assert other.get("forge/other") == pattern("forge/other", 40 * KiB)
     finally:
         other.close()
+
+
+@pytest.mark.parametrize("scheme", FAST)
+def test_a_cached_location_never_gives_an_overwritten_or_removed_value(scheme: str,
+                                                                        tmp_path: Path) -> None:
+    """A client reads a key it read before through its node alone (the location cached with
+    its lease); an overwrite or a remove by another client is refused by the node from the
+    moment it is answered, and the reader falls back to the master: never the old bytes."""
+    with Cluster(TRANSPORTS[scheme], tmp_path, master={"lease_ttl": 30}) as cluster:
+        writer = cluster.client(timeout=10.0)
+        reader = cluster.client(timeout=10.0)
+        try:
+            values = [pattern(f"c/{i}", 100 + 997 * i) for i in range(8)]
+            keys = [f"c/{i}" for i in range(8)]
+            writer.put_many(list(zip(keys, values)))
+            assert reader.get_many(keys) == values
+            hits = reader.c["cache_hits"]
+            assert reader.get_many(keys) == values
+            assert reader.get(keys[0]) == values[0]
+            assert reader.c["cache_hits"] == hits + 9, "a second read asked the master again"
+            writer.put(keys[0], b"new bytes", overwrite=True)
+            assert reader.get(keys[0]) == b"new bytes"
+            writer.remove(keys[1])
+            with pytest.raises(NotFound):
+                reader.get(keys[1])
+            out = bytearray(16 * KiB)
+            writer.put(keys[2], b"newer", overwrite=True)
+            assert reader.get_into(keys[2], out) == 5 and out[:5] == b"newer"
+            assert reader.get_many(keys[3:]) == values[3:]
+            # Objects read one-sided: cached from their second read (the node's epoch read
+            # before it locates), then read one-sided and checked against the epoch.
+            big = pattern("c/big", 300 * KiB + 5)
+            writer.put("c/big", big)
+            out = bytearray(400 * KiB)
+            for _ in range(3):
+                assert reader.get("c/big") == big
+                assert reader.get_into("c/big", out) == len(big) and out[: len(big)] == big
+            assert "c/big" in reader._far
+            hits = reader.c["cache_hits"]
+            assert reader.get("c/big") == big
+            assert reader.c["cache_hits"] == hits + 1
+            writer.put("c/big", b"small now", overwrite=True)
+            assert reader.get("c/big") == b"small now"
+            bigger = pattern("c/big2", 1 * MiB)
+            writer.put("c/big", bigger, overwrite=True)
+            assert reader.get("c/big") == bigger
+            writer.remove("c/big")
+            with pytest.raises(NotFound):
+                reader.get_into("c/big", out)
+        finally:
+            writer.close()
+            reader.close()
+
+
+@pytest.mark.parametrize("scheme", FAST)
+def test_the_node_refuses_a_retired_generation_or_another_registration(scheme: str,
+                                                                        tmp_path: Path) -> None:
+    with Cluster(TRANSPORTS[scheme], tmp_path, master={"lease_ttl": 30}) as cluster:
+        kv = cluster.client(timeout=10.0)
+        try:
+            kv.put("r/k", b"first", overwrite=True)
+            loc = locate(kv, ["r/k"])[0]
+            rep = loc.replicas[0]
+            item = ["r/k", loc.gen, *[x for run in rep.runs for x in run]]
+            node = kv._node(rep.uri)
+            assert node.read.call(rep.node_id, True, [item], timeout=DEADLINE) == b"\x01first"
+            assert node.read.call(rep.node_id + 1, True, [item], timeout=DEADLINE) == b"\x00"
+            kv.put("r/k", b"second", overwrite=True)
+            assert node.read.call(rep.node_id, True, [item, item], timeout=DEADLINE) == b"\0\0"
+            # Read under the lease the master gave for this read: the generation it named.
+            assert node.read.call(rep.node_id, False, [item], timeout=DEADLINE) == b"\x01first"
+            with pytest.raises(hg.RemoteError):
+                node.read.call(rep.node_id, True, [["r/other", 1, -4096, 1]], timeout=DEADLINE)
+            assert kv.get("r/k") == b"second"
+        finally:
+            kv.close()
 
 
 def _disk_only(kv: DistributedStore, keys: list[str]) -> list[str]:

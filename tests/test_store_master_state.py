@@ -437,3 +437,35 @@ def test_a_dropped_node_leaves_the_block_index() -> None:
     state.heartbeat(n1.node_id, 0, 9.0)
     state.tick(10.0)
     assert state.blocks.match([1, 2]) == {"nodes": {"n1": {"disk": [2]}}, "distinct": 1}
+
+
+# -- retires: what cached locations must be refused -----------------------------------------------
+def test_an_overwrite_or_remove_under_a_lease_retires_every_copy() -> None:
+    state, (n0, n1) = master(lease_ttl=5.0)
+    put(state, "k", 100, 0.0, replicas=2)
+    gen = state.objects["k"].gen
+    assert state.take_retired() == {}
+    state.locate("k", "", 1.0)  # a lease until 6.0: a client may cache the location
+    put(state, "k", 200, 2.0, overwrite=True, replicas=2)
+    assert state.take_retired() == {n0: (["k"], [gen]), n1: (["k"], [gen])}
+    assert state.take_retired() == {}
+    gen2 = state.objects["k"].gen
+    state.locate("k", "", 3.0)
+    state.remove("k", 4.0)
+    assert state.take_retired() == {n0: (["k"], [gen2]),
+                                    n1: (["k"], [gen2])}
+
+
+def test_no_retire_once_the_lease_ended_or_for_a_dropped_node() -> None:
+    state, (_n0, n1) = master(lease_ttl=5.0)
+    put(state, "a", 100, 0.0, preferred="n0")
+    put(state, "b", 100, 0.0, preferred="n1")
+    state.locate("a", "", 1.0)
+    state.locate("b", "", 1.0)
+    put(state, "a", 100, 7.0, overwrite=True)  # the lease ended at 6.0: no client caches it
+    assert state.take_retired() == {}
+    gen_b = state.objects["b"].gen
+    state.locate("b", "", 8.0)
+    state.drop_node(n1, "test")  # b's only copy was there: lost, and its node is gone
+    put(state, "b", 100, 9.0, overwrite=True)
+    assert state.take_retired() == {}, f"a retire for a dropped node (gen {gen_b})"
