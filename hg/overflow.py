@@ -149,19 +149,22 @@ class Budget:
         self.peers: dict[Hashable, int] = {}  # bytes held per peer, only while nonzero
         self._lock = threading.Lock()
 
-    def reserve(self, size: int, peer: Hashable = "") -> str | None:
-        """Count ``size`` bytes against the budget and ``peer``'s share, or say why not."""
+    def reserve(self, size: int, peer: Hashable = "", *, lone: bool = False) -> str | None:
+        """Count ``size`` bytes against the budget and ``peer``'s share, or say why not.
+        With ``lone``, a peer that holds nothing may take more than its share (the budget
+        still applies): one result at a time whatever its size, up to ``max_overflow``."""
         with self._lock:
+            mine = self.peers.get(peer, 0)
+            shared = not (lone and mine == 0)
             if size > self.budget:
                 return f"exceeds the limit of {self.budget} B (max_overflow)"
-            if size > self.per_peer:
+            if shared and size > self.per_peer:
                 return (f"exceeds the share of {self.per_peer} B one peer may hold "
                         "(max_overflow_per_peer)")
             if self.held + size > self.budget:
                 return (f"does not fit: {self.held} B of other overflowing calls are held, "
                         f"the limit is {self.budget} B (max_overflow)")
-            mine = self.peers.get(peer, 0)
-            if mine + size > self.per_peer:
+            if shared and mine + size > self.per_peer:
                 return (f"does not fit in the share of {self.per_peer} B one peer may hold "
                         f"(max_overflow_per_peer): {mine} B of its other calls are held")
             self.held += size

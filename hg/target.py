@@ -242,11 +242,12 @@ class Target:
 
         Results held for a peer that has not pulled them count against ``max_overflow`` and
         the peer's share of it, as inputs do (a separate account): a peer that calls for
-        large results and never takes them holds at most its share, for at most
-        ``overflow_timeout``, and is then told its result does not fit."""
+        large results and never takes them holds at most its share (or one result, if that
+        is larger), for at most ``overflow_timeout``, and is then told its result does not
+        fit. The handler has run by then: the refusal loses its result, not its effects."""
         size = sum(map(len, parts))
         budget = self.ctx.exposed
-        refused = budget.reserve(size, source)
+        refused = budget.reserve(size, source, lone=True)
         if refused is not None:
             self.reply_error(source, tag, hd.OVERFLOW, "OverflowError",
                              f"{rpc.name}: the {size} B result is not sent: it {refused}, "

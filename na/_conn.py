@@ -118,6 +118,11 @@ class Conn:
         route(self, tag, payload)
 
     def frame_header(self, kind: int, flags: int, length: int, tag: int) -> memoryview | None:
+        if self.addr is None or kind not in self.routes:
+            # Not a frame this connection takes now (before the handshake, or while a
+            # dialler waits for its peer's proof): its payload is discarded, never landed
+            # in anyone's memory, and ``frame`` then refuses it.
+            return None
         return self.landing(self, kind, length, tag)
 
     def __repr__(self) -> str:

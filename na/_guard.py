@@ -146,19 +146,20 @@ class ConnGuard:
             if not conn.closed:
                 conn.reader.shrink()
         if quiet:
-            self.check_total(quiet)
+            self.check_total(quiet, now)
         return min(self.policy.due(), self._accept_resume)
 
-    def check_total(self, quiet: list[Conn]) -> None:
+    def check_total(self, quiet: list[Conn], now: float) -> None:
         """At a sweep: while the bytes queued to all accepted peers exceed
-        ``max_queued_total``, close the ``quiet`` ones (no traffic since the last sweep)
+        ``max_queued_total``, close the ``quiet`` ones with no traffic for two sweeps
         holding the most. Never from inside a send."""
         total = sum(conn.queued for conn in self.plugin._conns if conn.accepted and conn.writing)
         limit = self.limits.max_queued_total
         if total <= limit:
             return
-        stalled = [(conn, conn.queued) for conn in quiet
-                   if conn.accepted and conn.writing and not conn.closed]
+        stale = now - 2 * self.policy.sweep
+        stalled = [(conn, conn.queued) for conn in quiet if conn.accepted and conn.writing
+                   and not conn.closed and conn.last <= stale]
         for conn in over_total(total, stalled, limit):
             self._close(conn, BACKLOG, f"{conn.queued} B queued to it unread while all peers "
                         f"together had more than {limit} B queued (max_queued_total)")

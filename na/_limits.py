@@ -18,10 +18,12 @@ Rules:
   accepted connection to close so a new peer can be served: the oldest still handshaking, or
   else the one quiet the longest with nothing pending. None means refuse the newcomer;
 - backlog: bytes queued to all accepted peers together past ``max_queued_total``
-  (``over_total``): the stalled peers (nothing read from or written to them for a whole sweep)
-  holding the most are closed, largest first, until the rest fit. ``max_queued_bytes`` bounds
-  each peer; this bounds how many such peers add up. A peer whose queue moves is never
-  closed for it: many clients pulling large registrations at once queue a lot, zero-copy.
+  (``over_total``): the stalled peers (nothing read from or written to them for two whole
+  sweeps) holding the most are closed, largest first, until the rest fit.
+  ``max_queued_bytes`` bounds each peer; this bounds how many such peers add up. A peer
+  whose queue moves is never closed for it: many clients pulling large registrations at
+  once queue a lot, zero-copy. A peer that reads just enough to stay active is not caught
+  (each is still capped by ``max_queued_bytes``).
 """
 
 from __future__ import annotations
@@ -143,6 +145,11 @@ class ConnPolicy:
     def closed(self, conn: Any) -> None:
         self._conns.pop(conn, None)
         self._handshaking.pop(conn, None)
+
+    @property
+    def sweep(self) -> float:
+        """Seconds between sweeps (how stale "last seen" may be)."""
+        return self._sweep
 
     def due(self) -> float:
         """When ``expire`` next has something to do (never, without connections: a plugin

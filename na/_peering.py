@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import struct
 from collections.abc import Callable
 from typing import Protocol
 
@@ -98,18 +100,29 @@ class Peering:
         # (say, the owner of a bulk handle a third party forwards) reaches them over their
         # live connection.
         self.anon: dict[str, Addr] = {}
+        # The nonces of our own keyed HELLOs still waiting for the listener's proof: one
+        # coming back to us in a HELLO is a reflection (see ``_on_hello``).
+        self.outstanding: dict[bytes, Conn] = {}
         plugin.stats.update(auth_failures=0, unproven_claims=0)
 
     # -- addresses -----------------------------------------------------------------------------
-    def lookup(self, uri: str, canonical: Callable[[str], str]) -> Addr:
-        anon = self.anon.get(uri) if uri not in self.peers else None
-        if anon is not None:
-            return anon
-        uri = canonical(uri)
-        addr = self.peers.get(uri)
+    def known(self, uri: str) -> Addr | None:
+        """A proven peer that does not listen, by the URI it gave (it cannot be dialled)."""
+        return self.anon.get(uri) if uri not in self.peers else None
+
+    def lookup(self, canonical: str) -> Addr:
+        """The address of the listener at ``canonical`` (``Transport.canonical``, which may
+        resolve a host name: the caller runs it outside the plugin's lock)."""
+        addr = self.peers.get(canonical)
         if addr is None:
-            addr = self.peers[uri] = Addr(uri, True)
+            addr = self.peers[canonical] = Addr(canonical, True)
         return addr
+
+    def closed(self, conn: Conn) -> None:
+        """``conn`` is gone: its handshake, if any, with it."""
+        shake = conn.shake
+        if shake is not None and self.outstanding.get(shake.client_nonce) is conn:
+            del self.outstanding[shake.client_nonce]
 
     def lost(self, addr: Addr) -> None:
         """``addr``'s connection is gone; a peer that does not listen is gone with it."""
@@ -128,6 +141,7 @@ class Peering:
         nonce = auth.new_nonce(self.random)
         self._send(conn, fr.HELLO, flags | AUTH, nonce + me)
         conn.shake = Shake(nonce)
+        self.outstanding[nonce] = conn
         conn.held = []
         # Until the listener has proven itself, its challenge is all we read from it.
         conn.routes = {fr.AUTH_CHALLENGE: self.on_challenge}
@@ -153,6 +167,7 @@ class Peering:
         if self.key is None or not auth.verify(self.key, auth.SERVER, shake.client_nonce,
                                                server_nonce, me, mac):
             self._refuse(conn, BAD_PROOF, "the peer could not prove it holds the auth_key")
+        self.outstanding.pop(shake.client_nonce, None)
         held, conn.held, conn.shake = conn.held, None, None
         conn.routes = self.plugin._routing.table
         self._send(conn, fr.AUTH_PROOF, 0, auth.proof(
@@ -198,6 +213,14 @@ class Peering:
         else:
             # The kernel's word on an sm claim is checked before any proof is computed.
             self._vouched(conn, uri)
+            own = self.outstanding.get(nonce)
+            if own is not None and not _same_connection(own.sock, conn.sock):
+                # Our own challenge, sent back on another connection: the proof we would
+                # answer it with is the one our dialler waits for from its peer (the
+                # proofs bind the nonces, the roles and the dialler's URI, all of which a
+                # relay can copy). Only the other end of that very connection may use it.
+                self._refuse(conn, BAD_PROOF, "the peer sent our own challenge back "
+                             "(a reflection)")
             server_nonce = auth.new_nonce(self.random)
             conn.shake = Shake(nonce, server_nonce, uri, flags)
             self._send(conn, fr.AUTH_CHALLENGE, 0, bytes((OK,)) + server_nonce + auth.proof(
@@ -266,3 +289,15 @@ class Peering:
 class AuthFailed(ProtocolError):
     """The handshake's key check failed: the connection closes, logged once, not as a bug."""
 
+
+def _same_connection(dialled: socket.socket, accepted: socket.socket) -> bool:
+    """Whether ``accepted`` is the far end of our own ``dialled`` (a plugin that sends to
+    itself): the same address pair over IP, our own pid over a Unix socket."""
+    try:
+        if accepted.family == socket.AF_UNIX:
+            cred = accepted.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                       struct.calcsize("3i"))
+            return struct.unpack("3i", cred)[0] == os.getpid()
+        return bool(dialled.getsockname() == accepted.getpeername())
+    except OSError:
+        return False

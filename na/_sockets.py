@@ -140,7 +140,12 @@ class SocketPlugin(PluginCore):
     def addr_lookup(self, uri: str) -> Addr:
         self._check_open("addr_lookup")
         with self._lock:
-            return self._peering.lookup(uri, self.transport.canonical)
+            anon = self._peering.known(uri)
+        if anon is not None:
+            return anon
+        canonical = self.transport.canonical(uri)  # may resolve a name: not under the lock
+        with self._lock:
+            return self._peering.lookup(canonical)
 
     def addr_to_string(self, addr: Addr) -> str:
         return addr.uri
@@ -383,9 +388,15 @@ class SocketPlugin(PluginCore):
         first (a refusal of our handshake), in bytes still unread: a connection that is read
         fails from the read path, which runs next (epoll reports the hang-up at once), so its
         ops fail with the peer's reason; one whose reads are paused, or that never
-        connected, fails now."""
-        if conn.paused or conn.connecting:
-            self._conn_failed(conn, cause)
+        connected, or that has nothing to read (a peer that shut down only its reading
+        side, a send error that leaves the socket open) fails now."""
+        if not (conn.paused or conn.connecting or conn.closed):
+            try:
+                conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                return  # bytes, or the end of the stream: the read path reports them
+            except OSError:
+                pass  # nothing to read (EAGAIN), or the error itself (a reset)
+        self._conn_failed(conn, cause)
 
     def _conn_failed(self, conn: Conn, cause: str, closing: bool = False) -> None:
         if conn.closed:
@@ -393,6 +404,7 @@ class SocketPlugin(PluginCore):
         conn.closed = True
         self._conns.discard(conn)
         self._guard.closed(conn)
+        self._peering.closed(conn)
         self._paused.discard(conn)
         self._loop.remove(conn.fd)
         conn.sock.close()

@@ -71,6 +71,9 @@ class TcpTransport:
         return format_tcp_uri(host, sock.getsockname()[1]), sock
 
     def canonical(self, uri: str) -> str:
+        if uri.startswith("tcp://anonymous-"):
+            raise ValueError(f"{uri!r} names a peer that does not listen: it can be reached "
+                             "only over its own connection, while it is open")
         host, port, _family = parse_tcp_uri(uri)
         return format_tcp_uri(host, port)
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
+from collections.abc import Callable
 
 import pytest
 from conftest import SOCKET_SPECS, TIMEOUT, Spec
 from served import Served, add, take, wait_for
 
 from petasus import hg, na
+from petasus.hg import header as hd
 from petasus.na import auth
 from petasus.na import framing as fr
 from petasus.na import sm as sm_plugin
@@ -82,13 +85,15 @@ def test_a_pre_claimed_listener_uri_does_not_receive_its_owners_replies(spec: Sp
             before = served.stats()["unproven_claims"]
             with _raw_connect(served.uri) as raw:
                 raw.sendall(_hello(honest.uri))
+                # The claim is in before the honest client connects (the race the old code
+                # lost: first come owned the URI).
+                wait_for(lambda: served.stats()["unproven_claims"] > before, "the claim")
                 remote = honest.lookup(served.uri)
                 assert remote.add.call(40, 2, timeout=TIMEOUT) == 42
                 assert remote.take.call(bytes(300_000), timeout=TIMEOUT) == 300_000
                 raw.setblocking(False)
                 with pytest.raises(BlockingIOError):  # nothing meant for honest came here
                     raw.recv(1)
-            assert served.stats()["unproven_claims"] >= before + 1
             # The server's own lookup of the URI dials it; it is not the impostor's connection.
             assert served.engine.na.addr_lookup(honest.uri).conn is None
     finally:
@@ -225,18 +230,26 @@ def test_frames_before_the_proof_close_the_connection_unread(sock_spec: Spec) ->
         served.close()
 
 
-def test_a_proven_listener_is_called_back_over_its_own_connection(sock_spec: Spec) -> None:
-    """With the key (or the kernel's word on sm), a listener's claim is believed: the server's
-    lookup of it reuses the connection the listener opened."""
-    served = Served(sock_spec.uri, KEY, **sock_spec.options)
+@pytest.mark.parametrize("key", [None, KEY], ids=["no key", "key"])
+def test_a_listener_is_called_back_over_its_own_connection_once_proven(
+        sock_spec: Spec, key: bytes | None) -> None:
+    """B calls A, then A calls B back. With the key, or on sm (the kernel's word on the pid),
+    B's claim is believed and A answers over the connection B opened; an unproven tcp claim
+    is not, and A dials B's URI itself (a second connection)."""
+    a = Served(sock_spec.uri, key, **sock_spec.options)
+    b = Served(sock_spec.uri, key, **sock_spec.options)
     try:
-        with hg.Engine(sock_spec.uri, listen=True, auth_key=KEY, **sock_spec.options) as peer:
-            peer.declare(add)
-            assert peer.lookup(served.uri).add.call(1, 2, timeout=TIMEOUT) == 3
-            addr = served.engine.na.addr_lookup(peer.uri)
-            assert addr.conn is not None and addr.listening
+        b.engine.declare(add)
+        a.engine.declare(add)
+        assert b.engine.lookup(a.uri).add.call(1, 2, timeout=TIMEOUT) == 3
+        opened = b.stats()["connections"]
+        assert a.engine.lookup(b.uri).add.call(3, 4, timeout=TIMEOUT) == 7
+        proven = key is not None or sock_spec.uri.startswith("sm")
+        assert b.stats()["connections"] == opened + (0 if proven else 1)
+        assert a.calls == 1 and b.calls == 1
     finally:
-        served.close()
+        b.close()
+        a.close()
 
 
 def test_auth_keys_are_checked_at_initialize() -> None:
@@ -245,3 +258,103 @@ def test_auth_keys_are_checked_at_initialize() -> None:
     with pytest.raises(TypeError, match="bytes or str"):
         na.initialize("sm://", auth_key=1234)
 
+
+
+def _pump(plugin: na.Plugin, until: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not until():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        plugin.progress(0.002)
+        plugin.trigger()
+
+
+def test_a_challenge_sent_back_on_another_connection_is_refused() -> None:
+    """A dials B's address, where an attacker listens. The attacker opens a second connection
+    to A whose keyed HELLO carries A's own nonce and claims A's URI: A's answer as listener
+    would be exactly the proof A's dialler waits for, and A's proof would then get the
+    attacker past A's listener (found in review). A refuses its own nonce from anywhere but
+    the far end of that very connection."""
+    with na.initialize("tcp://127.0.0.1:0", listen=True, auth_key=KEY) as a, \
+            socket.create_server(("127.0.0.1", 0)) as attacker:
+        attacker.setblocking(False)
+        b_uri = f"tcp://127.0.0.1:{attacker.getsockname()[1]}"
+        send = a.msg_send_unexpected(a.addr_lookup(b_uri), b"for B only", tag=1)
+        accepted: list[socket.socket] = []
+
+        def accept() -> bool:
+            try:
+                accepted.append(attacker.accept()[0])
+            except BlockingIOError:
+                return False
+            return True
+
+        _pump(a, accept, "A to dial B")
+        first = accepted[0]
+        first.setblocking(False)
+        data = bytearray()
+
+        def hello_in() -> bool:
+            try:
+                data.extend(first.recv(4096))
+            except BlockingIOError:
+                pass
+            return len(data) >= fr.HEADER_SIZE and \
+                len(data) >= fr.HEADER_SIZE + fr.HEADER.unpack_from(data)[3]
+
+        _pump(a, hello_in, "A's HELLO")
+        _magic, kind, flags, length, _tag = fr.HEADER.unpack_from(data)
+        hello = bytes(data[fr.HEADER_SIZE:fr.HEADER_SIZE + length])
+        assert kind == fr.HELLO and flags & 2
+        nonce = hello[:auth.NONCE_SIZE]
+        with _raw_connect(a.addr_self().uri) as second:
+            second.sendall(_hello(a.addr_self().uri, 1 | 2, nonce))
+            second.setblocking(False)
+            buf = bytearray()
+
+            def answered() -> bool:
+                try:
+                    chunk = second.recv(65536)
+                except BlockingIOError:
+                    return False
+                except ConnectionResetError:
+                    return True
+                buf.extend(chunk)
+                return not chunk  # until A closes it
+
+            _pump(a, answered, "A to answer the reflected HELLO and close")
+        got = []
+        while len(buf) >= fr.HEADER_SIZE:
+            length = fr.HEADER.unpack_from(buf)[3]
+            got.append((buf[1], bytes(buf[fr.HEADER_SIZE:fr.HEADER_SIZE + length])))
+            del buf[:fr.HEADER_SIZE + length]
+        assert got == [(fr.AUTH_CHALLENGE, bytes((3,)))]  # a refusal, not a proof
+        assert a.statistics()["auth_failures"] >= 1
+        first.close()
+        _pump(a, lambda: send.done, "the held send to fail")
+        assert isinstance(send.error, na.PeerError)
+
+
+def test_a_peer_that_stops_reading_fails_its_connection_instead_of_piling_up() -> None:
+    """sm: a peer that shuts down only its reading side makes our sends fail (EPIPE) with no
+    hang-up to read; the connection must fail at once, not keep queueing unsent replies
+    outside every limit (found in review)."""
+    spec = next(s for s in SPECS if s.id == "sm")
+    served = Served(spec.uri, **spec.options)
+    try:
+        with _raw_connect(served.uri) as raw:
+            raw.sendall(_hello(f"sm://{os.getpid()}/778", 0))
+            raw.shutdown(socket.SHUT_RD)
+            before = served.stats()["peer_failures"]
+            request = (hd.encode_request(hd.rpc_id(take.name))
+                       + take.in_proc.dumps((bytes(3000),)))
+            try:
+                for tag in range(1, 50):
+                    raw.sendall(fr.encode_header(fr.UNEXPECTED, len(request), tag) + request)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server already closed it: what the test waits for
+            wait_for(lambda: served.stats()["peer_failures"] > before,
+                     "the server to fail the connection")
+            assert served.stats()["open_connections"] == 0
+        assert _call(spec, served.uri, None) == 42
+    finally:
+        served.close()
