@@ -32,6 +32,8 @@ Time comes in as arguments (seconds, the caller's clock); tested with made-up wa
 
 from __future__ import annotations
 
+import os
+
 PROBE_MIN = 2
 PROBE_MAX = 256
 WEIGHT = 1 / 8  # of each new wait in its average
@@ -41,17 +43,21 @@ WEIGHT = 1 / 8  # of each new wait in its average
 # averaged 1.8x the blocking waits) and did 25.5K/s where always spinning did 34.9K/s; with a
 # busy process on the CPU, spins averaged 2.3-10x.
 SLACK = 2.0
+# PETASUS_SPIN_ADAPT=0: the fixed budget of before (spin the whole limit after every event),
+# for comparison and for machines where the heuristic guesses wrong.
+ADAPT = os.environ.get("PETASUS_SPIN_ADAPT", "1") != "0"
 
 
 class SpinPolicy:
     """The spin budget (seconds) of one progress loop, and what moves it."""
 
-    __slots__ = ("block_avg", "budget", "cap", "floor", "hits", "late", "limit", "misses",
-                 "probe_after", "probes", "probing", "quick", "spin_avg")
+    __slots__ = ("adapt", "block_avg", "budget", "cap", "floor", "hits", "late", "limit",
+                 "misses", "probe_after", "probes", "probing", "quick", "spin_avg")
 
-    def __init__(self, limit: float) -> None:
+    def __init__(self, limit: float, adapt: bool = ADAPT) -> None:
         if limit < 0:
             raise ValueError(f"spin limit must be >= 0 seconds, not {limit!r}")
+        self.adapt = adapt
         self.limit = limit
         self.floor = limit / 8
         self.cap = 4 * limit
@@ -78,6 +84,9 @@ class SpinPolicy:
 
     def caught(self, waited: float) -> None:
         """A spin found an event ``waited`` seconds after it began."""
+        if not self.adapt:
+            self.hits += 1
+            return
         probing, self.probing = self.probing, False
         # A probe is fresh news after a stretch of blocking: it counts for half the average.
         self.spin_avg += (min(waited, self.cap) - self.spin_avg) * (0.5 if probing else WEIGHT)
@@ -101,6 +110,9 @@ class SpinPolicy:
 
     def missed(self) -> None:
         """A spin used its whole budget and found nothing."""
+        if not self.adapt:
+            self.misses += 1
+            return
         self.misses += 1
         if self.probing:
             self.probing = False
@@ -111,7 +123,7 @@ class SpinPolicy:
 
     def woke(self, waited: float) -> None:
         """A wait that blocked from the start ended with an event after ``waited`` seconds."""
-        if self.budget or not self.limit:
+        if self.budget or not self.limit or not self.adapt:
             return
         self.block_avg += (min(waited, self.cap) - self.block_avg) * WEIGHT
         if waited <= self.limit:
@@ -132,3 +144,4 @@ class SpinPolicy:
     def _halve(self) -> None:
         budget = self.budget / 2
         self.budget = budget if budget >= self.floor else 0.0
+

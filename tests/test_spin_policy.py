@@ -179,3 +179,14 @@ def test_spinning_stays_while_spins_do_within_slack_of_blocking() -> None:
             policy.woke(150 * US)
     assert policy.spin_avg <= SLACK * policy.block_avg
     assert policy.budget > 0
+
+
+def test_a_fixed_policy_keeps_its_budget_whatever_the_waits() -> None:
+    """PETASUS_SPIN_ADAPT=0: the budget of before, for comparison (bench/handle_rpc.py)."""
+    policy = SpinPolicy(LIMIT, adapt=False)
+    for _ in range(10):
+        policy.missed()
+        policy.caught(10 * LIMIT)
+        policy.woke(LIMIT / 10)
+    assert policy.budget == LIMIT
+    assert policy.statistics()["spin_misses"] == 10 and policy.statistics()["spin_hits"] == 10
