@@ -1,10 +1,10 @@
 """A keyed (or not) Engine serving ``add`` and ``take`` on a thread, counting every handler it
-runs: the server of the auth_key tests of every plugin (test_identity, test_hostile_ofi)."""
+runs: the server of the auth_key tests of every plugin (test_identity, test_hostile_ofi), and
+``wait_for`` a condition on its state."""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,16 +46,14 @@ class Served:
     def stats(self) -> dict[str, Any]:
         return self.engine.na.statistics()
 
+    def wait_for(self, condition: Callable[[], bool], what: str) -> None:
+        """Wait for state the serving thread changes: the engine wakes its waiters after each
+        progress pass of that thread, so this waits on the condition, not on time."""
+        assert self.engine.wait_until(condition, TIMEOUT), \
+            f"timed out after {TIMEOUT} s waiting for {what}"
+
     def close(self) -> None:
         self.engine.shutdown()
         self.thread.join(TIMEOUT)
         assert not self.thread.is_alive()
 
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    """Wait for state that the serving thread changes; polls, yielding the CPU to it (2 cores
-    here). Nothing is assumed to have happened after any amount of time."""
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {TIMEOUT} s waiting for {what}"
-        time.sleep(0.001)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import TIMEOUT
-from served import Served, add, take, wait_for
+from served import Served, add, take
 
 from petasus import hg, na
 
@@ -325,7 +325,7 @@ def test_a_peer_without_the_key_reaches_no_handler(keyed: Served, key: bytes | N
     with pytest.raises(hg.PeerError, match="authentication failed"):
         _call(keyed.engine.uri, key)
     assert keyed.calls == 0
-    wait_for(lambda: keyed.stats()["auth_failures"] >= 1, "the server to count the failure")
+    keyed.wait_for(lambda: keyed.stats()["auth_failures"] >= 1, "the server to count the failure")
     assert _call(keyed.engine.uri, KEY) == 42  # good clients are still served
     assert keyed.calls == 1
 
@@ -354,8 +354,8 @@ def test_unauthenticated_raw_messages_are_dropped_before_the_matcher(keyed: Serv
         before = keyed.stats()["unverified_dropped"]
         request = hd.REQUEST.pack(hd.IDENTIFIER, hd.PROTOCOL, hd.rpc_id(add.name), 0, 0)
         raw.send(dest, UNEXP | 3, header(raw.name) + request + bytes(8), raw.poll)
-        wait_for(lambda: keyed.stats()["unverified_dropped"] > before or raw.poll() is not None,
-                 "the server to drop the request")
+        keyed.wait_for(lambda: keyed.stats()["unverified_dropped"] > before
+                       or raw.poll() is not None, "the server to drop the request")
         assert keyed.calls == 0
         assert _call(keyed.engine.uri, KEY) == 42
     finally:

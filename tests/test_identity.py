@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 from conftest import SOCKET_SPECS, TIMEOUT, Spec
-from served import Served, add, take, wait_for
+from served import Served, add, take
 
 from petasus import hg, na
 from petasus.hg import header as hd
@@ -87,7 +87,7 @@ def test_a_pre_claimed_listener_uri_does_not_receive_its_owners_replies(spec: Sp
                 raw.sendall(_hello(honest.uri))
                 # The claim is in before the honest client connects (the race the old code
                 # lost: first come owned the URI).
-                wait_for(lambda: served.stats()["unproven_claims"] > before, "the claim")
+                served.wait_for(lambda: served.stats()["unproven_claims"] > before, "the claim")
                 remote = honest.lookup(served.uri)
                 assert remote.add.call(40, 2, timeout=TIMEOUT) == 42
                 assert remote.take.call(bytes(300_000), timeout=TIMEOUT) == 300_000
@@ -194,7 +194,7 @@ def test_a_peer_without_the_key_reaches_no_handler(sock_spec: Spec, key: bytes |
         with pytest.raises(hg.PeerError, match="authentication failed"):
             _call(sock_spec, served.uri, key, big=True, listen=True)
         assert served.calls == 0
-        wait_for(lambda: served.stats()["auth_failures"] == 2, "the server to count both")
+        served.wait_for(lambda: served.stats()["auth_failures"] == 2, "the server to count both")
         assert _call(sock_spec, served.uri, KEY) == 42  # good clients are still served
         assert served.calls == 1
     finally:
@@ -207,7 +207,7 @@ def test_a_keyed_client_refuses_a_server_without_the_key(sock_spec: Spec) -> Non
         with pytest.raises(hg.PeerError, match="authentication failed: the peer has no auth_key"):
             _call(sock_spec, served.uri, KEY)
         assert served.calls == 0
-        wait_for(lambda: served.stats()["auth_failures"] == 1, "the server to count it")
+        served.wait_for(lambda: served.stats()["auth_failures"] == 1, "the server to count it")
     finally:
         served.close()
 
@@ -352,7 +352,7 @@ def test_a_peer_that_stops_reading_fails_its_connection_instead_of_piling_up() -
                     raw.sendall(fr.encode_header(fr.UNEXPECTED, len(request), tag) + request)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the server already closed it: what the test waits for
-            wait_for(lambda: served.stats()["peer_failures"] > before,
+            served.wait_for(lambda: served.stats()["peer_failures"] > before,
                      "the server to fail the connection")
             assert served.stats()["open_connections"] == 0
         assert _call(spec, served.uri, None) == 42
