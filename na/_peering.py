@@ -30,14 +30,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import struct
 from collections.abc import Callable
 from typing import Protocol
 
 from . import auth
 from . import framing as fr
 from ._conn import Conn, Outbox, Routing
-from ._transport import Transport
+from ._transport import Transport, peer_pid
 from .errors import ProtocolError
 from .types import Addr
 
@@ -53,7 +52,6 @@ REFUSALS = {
     BAD_PROOF: "the peer refused our proof of the auth_key",
 }
 _CHALLENGE_SIZE = 1 + auth.NONCE_SIZE + auth.MAC_SIZE
-_HDR, _MAGIC = fr.HEADER, fr.MAGIC
 
 
 class Peered(Protocol):
@@ -266,15 +264,14 @@ class Peering:
 
     # -- plumbing ------------------------------------------------------------------------------
     def _send(self, conn: Conn, kind: int, flags: int, payload: bytes) -> None:
-        self.plugin._outbox.enqueue(conn, [_HDR.pack(_MAGIC, kind, flags, len(payload), 0),
+        self.plugin._outbox.enqueue(conn, [fr.encode_header(kind, len(payload), 0, flags),
                                            payload], None)
 
     def _refuse(self, conn: Conn, status: int, cause: str) -> None:
         """Tell the peer why (one frame, sent before the connection closes), and close. The
         frame goes straight to the socket's queue: a dialler's held frames stay held (they
         fail with the connection)."""
-        conn.sendq.append([_HDR.pack(_MAGIC, fr.AUTH_CHALLENGE, 0, 1, 0) + bytes((status,)),
-                           None])
+        conn.sendq.append([fr.encode_header(fr.AUTH_CHALLENGE, 1) + bytes((status,)), None])
         self.plugin._outbox.flush(conn)
         self._failed(conn, cause)
 
@@ -295,9 +292,7 @@ def _same_connection(dialled: socket.socket, accepted: socket.socket) -> bool:
     itself): the same address pair over IP, our own pid over a Unix socket."""
     try:
         if accepted.family == socket.AF_UNIX:
-            cred = accepted.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                       struct.calcsize("3i"))
-            return struct.unpack("3i", cred)[0] == os.getpid()
+            return peer_pid(accepted) == os.getpid()
         return bool(dialled.getsockname() == accepted.getpeername())
     except OSError:
         return False

@@ -258,17 +258,12 @@ class SocketPlugin(PluginCore):
 
     # -- completion, cancel, progress -----------------------------------------------------------
     def trigger(self, max_count: int = 1 << 30) -> int:
-        outbox = self._outbox
-        outbox.in_pass += 1
+        # What the callbacks of this pass send leaves together, at its end.
+        self._loop.hold()
         try:
-            n = self._cq.trigger(max_count)
+            return self._cq.trigger(max_count)
         finally:
-            outbox.in_pass -= 1
-        if outbox.dirty and not outbox.in_pass:
-            # What the callbacks of this pass sent leaves together, now.
-            with self._lock:
-                outbox.flush_dirty()
-        return n
+            self._loop.release()
 
     def _cancel_transfer(self, op: Op) -> bool:
         conn = op.addr.conn if op.addr is not None else None

@@ -7,7 +7,15 @@ socket plugin (``na/_sockets.py``) does everything else the same way over either
 from __future__ import annotations
 
 import socket
+import struct
 from typing import Protocol
+
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process on the other end of a Unix socket, as the kernel says."""
+    return _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))[0]
 
 
 class Transport(Protocol):

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 
 from . import _pvm
 from ._sockets import SocketPlugin
+from ._transport import peer_pid
 from .core import NAK_KEY, REFUSALS, canceled, detached, refusal
 from .errors import AccessError, NAError, PeerError
 from .types import Access, Addr, MemHandle, Op, OpKind
@@ -170,8 +171,7 @@ class UnixTransport:
         match = _URI.match(uri)
         if match is None:
             raise ValueError(f"{uri!r} is not an sm address")
-        cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid = struct.unpack("3i", cred)[0]
+        pid = peer_pid(sock)
         if pid != int(match.group(1)):
             raise ValueError(f"the peer claims {uri} but the kernel says it is pid {pid}")
         return True
