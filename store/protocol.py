@@ -151,6 +151,9 @@ def unpack_locations(wire: Any, count: int) -> list[Location]:
         for code, message, size, gen, lease_ms, reps, disk in locs_w:
             replicas = []
             for rep in reps:
+                if type(rep) is not list or not rep or type(rep[0]) is not int or \
+                        not 0 <= rep[0] < len(nodes):
+                    raise ValueError("a replica names no node of the answer")
                 nid, uri, seg = nodes[rep[0]]
                 flat = rep[1:]
                 if len(flat) % 2 or any(type(x) is not int or x < 0 for x in flat):

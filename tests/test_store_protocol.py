@@ -58,3 +58,13 @@ def test_a_malformed_answer_is_a_store_error(wire: Any) -> None:
 def test_a_short_answer_is_a_store_error() -> None:
     with pytest.raises(StoreError, match="1 locations for 2 keys"):
         p.unpack_locations([[], [[0, "", 0, 0, 0, [], []]]], 2)
+
+
+@pytest.mark.parametrize("rep", [{0: 1}, [-1, 0, 4096], [True, 0, 4096], [5, 0, 4096], []],
+                         ids=["a map", "a negative index", "a bool", "out of range", "empty"])
+def test_a_replica_naming_no_node_of_the_answer_is_a_store_error(rep: object) -> None:
+    """Found by the store fuzz harness: a replica given as a map raised KeyError, and a
+    negative index would have named the last node."""
+    wire = [[[1, "tcp://127.0.0.1:1", b"seg"]], [[0, "", 4096, 1, 1000, [rep], []]]]
+    with pytest.raises(StoreError, match="malformed answer"):
+        p.unpack_locations(wire, 1)
