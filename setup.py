@@ -50,6 +50,6 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6", "ruff", "numpy", *FUZZ],
         "fuzz": FUZZ,
         "bench": ["grpcio", "pyzmq", "msgpack", "Pyro5", "redis", "hiredis", "aio-msgpack-rpc",
-                  "matplotlib", "uvloop"],
+                  "matplotlib", "uvloop", "py-spy"],
     },
 )
