@@ -7,6 +7,7 @@ Types for annotations: ``int8`` .. ``uint64``, ``float32``, ``float64``; plain `
 your own.
 """
 
+from .adopt import fresh as fresh_bytes
 from .context import Context
 from .declarations import Declaration, declare
 from .engine import Engine
@@ -44,7 +45,7 @@ from .target import TargetHandle
 __all__ = [
     "RPC", "Canceled", "Class", "Context", "Declaration", "DecodeError", "EncodeError", "Engine",
     "Handle", "NoSuchRPC", "PeerError", "Proc", "RPCError", "RPCTimeout", "Remote",
-    "RemoteError", "RemoteMethod", "TargetHandle", "declare", "float32", "float64", "gen_proc",
-    "int8", "int16", "int32", "int64", "proc_for", "register_proc", "uint8", "uint16", "uint32",
-    "uint64",
+    "RemoteError", "RemoteMethod", "TargetHandle", "declare", "float32", "float64",
+    "fresh_bytes", "gen_proc", "int8", "int16", "int32", "int64", "proc_for", "register_proc",
+    "uint8", "uint16", "uint32", "uint64",
 ]

@@ -78,6 +78,21 @@ def writable(obj: bytes) -> memoryview:
     return memoryview(array).cast("B")
 
 
+def fresh(size: int) -> tuple[bytes, memoryview] | None:
+    """A new, uninitialized ``bytes`` of ``size`` and a writable view of it, for a transfer
+    to land in: how a layer above returns bytes it pulled without copying them once more
+    (the store's one-sided gets). The object must stay unshared (unhashed, unseen) until
+    every write through the view is done. None where the layout check failed or
+    ``PETASUS_ADOPT=0``, or memory is short: the caller lands elsewhere and copies."""
+    if _API is None:
+        return None
+    try:
+        obj = _API[0](None, size)
+    except MemoryError:
+        return None
+    return obj, writable(obj)
+
+
 class Pool:
     """The bytes objects overflows landed in: bounded in number (``POOL_SLOTS``) and bytes
     (``limit``), each let go ``POOL_IDLE`` s after it was last lent, and all at ``close``.

@@ -121,6 +121,14 @@ class Engine:
                 "overflow_peers": landing.by_uri(),
                 "overflow_exposed": self.context.exposed.held, "na": self.na.statistics()}
 
+    @property
+    def rma_ordered(self) -> bool:
+        """Whether pulls from one peer read its memory in the order they started, each after
+        the pushes started before it (``na.Plugin.rma_ordered``): then a read that validates
+        another may start at once behind it instead of after it completes, a round trip
+        sooner."""
+        return bool(getattr(self.na, "rma_ordered", False))
+
     def bulk(self, buffers: Any, access: na.Access, *, eager: bool | None = None) -> Bulk:
         """Expose ``buffers`` (one buffer or a list) for transfers driven by this engine."""
         return Bulk(self, buffers, access, eager=eager)

@@ -54,6 +54,10 @@ class SocketPlugin(PluginCore):
     """
 
     log = logging.getLogger("petasus.na")
+    # One connection per peer, whose RMA requests the peer serves in arrival order: a put's
+    # bytes land as they arrive, and a get's answer leaves (its bytes read from memory as
+    # they are sent) behind the answers before it (na._rma; na.interface.Plugin).
+    rma_ordered = True
 
     def __init__(self, transport: Transport, listen: bool, *, max_msg_size: int = MAX_MSG_SIZE,
                  spin_us: int = SPIN_US, rma_chunk: int = RMA_CHUNK,

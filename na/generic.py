@@ -37,6 +37,7 @@ class PluginCore:
     _matcher: Matcher
     _max_msg: int
     stats: dict[str, int]
+    rma_ordered = False  # na.interface.Plugin: nothing promised unless a transport says so
 
     def _send(self, op: Op, view: memoryview | bytes, expected: bool) -> None:
         raise NotImplementedError  # each plugin's transport; PluginCore is never used alone

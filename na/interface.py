@@ -22,6 +22,13 @@ from .types import Access, Addr, Callback, MemHandle, Op
 @runtime_checkable
 class Plugin(Protocol):
     scheme: str
+    # True when gets to one peer read its memory in the order they were started, each after
+    # every put started before it (libfabric's FI_ORDER_RAR | FI_ORDER_RAW), so a caller may
+    # start a read and, without waiting, a second read that validates the first (a seqlock's
+    # epoch). A put started behind a get may still land before that get's bytes are read.
+    # False promises nothing: wait for one op before starting the next. Plugins without the
+    # attribute are taken as False.
+    rma_ordered: bool
 
     # addresses
     def addr_self(self) -> Addr: ...

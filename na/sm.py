@@ -286,7 +286,8 @@ class SmPlugin(SocketPlugin):
         """Queue the copy for the next progress pass, as every other op completes: the call
         never blocks, and a cancel before progress withdraws it. The wake-up eventfd makes
         ``poll_fd()`` readable so an event loop runs that pass."""
-        if self._mode == "copy" or op.addr in self._copy_peers:
+        if self._mode == "copy" or (op.addr in self._copy_peers and not self._copies):
+            # (behind queued copies, even a peer now emulated waits its turn: rma_ordered)
             self._emulate_rma(op)
             return
         self._copies.append(op)
@@ -325,6 +326,9 @@ class SmPlugin(SocketPlugin):
     def _copy(self, op: Op) -> None:
         """One process_vm_readv/writev, checked against the target's table first."""
         addr = op.addr
+        if addr in self._copy_peers:  # denied since this copy was queued
+            self._emulate_rma(op)
+            return
         name = "put" if op.kind == OpKind.PUT else "get"
         remote = op.remote
         try:

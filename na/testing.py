@@ -209,6 +209,47 @@ def check_rma(open_plugin: Opener) -> None:
         server.mem_deregister(exposed)
 
 
+def check_rma_order_as_promised(open_plugin: Opener) -> None:
+    """A plugin that sets ``rma_ordered`` keeps its promise: a get started right behind a put
+    (neither waited for) reads what the put wrote, and gets complete in the order they were
+    started, a large one before the small one behind it. A plugin that promises nothing is
+    not checked."""
+    with pair(open_plugin) as (server, client):
+        if not getattr(client, "rma_ordered", False):
+            return
+        addr = client.addr_lookup(server.addr_self().uri)
+        size = 1 << 20  # several sends' worth on a socket, so an overtaking op would show
+        target = bytearray(size)
+        exposed = server.mem_register(target, Access.READ_WRITE)
+        remote = client.mem_handle_deserialize(server.mem_handle_serialize(exposed))
+        for round_ in range(1, 4):
+            new = bytes([round_]) * size
+            source, seen, tail = bytearray(new), bytearray(size), bytearray(8)
+            handles = [client.mem_register(source, Access.READ_ONLY),
+                       client.mem_register(seen, Access.WRITE_ONLY),
+                       client.mem_register(tail, Access.WRITE_ONLY)]
+            src, large, small = handles
+            ops = [client.put(src, 0, remote, 0, size, addr),  # none waited for
+                   client.get(large, 0, remote, 0, size, addr),
+                   client.get(small, 0, remote, size - 8, 8, addr)]
+            overtaken: list[bool] = []
+
+            def settled(ops: list[Op] = ops, overtaken: list[bool] = overtaken) -> bool:
+                if ops[2].done and not ops[1].done:
+                    overtaken.append(True)
+                return all(op.done for op in ops)
+
+            drive((server, client), settled, what="put, get, get")
+            for op in ops:
+                op.result()
+            _expect(seen == new, f"round {round_}: a get overtook the put ahead of it")
+            _expect(not overtaken, f"round {round_}: a small get completed before the large "
+                    "get ahead of it")
+            for handle in handles:
+                client.mem_deregister(handle)
+        server.mem_deregister(exposed)
+
+
 def check_rma_is_checked_by_the_target(open_plugin: Opener) -> None:
     """A forged key, a claim past the end and rights the registration lacks are refused with
     AccessError: the target's table decides, never the handle's claims."""
@@ -265,6 +306,7 @@ CHECKS: tuple[Callable[[Opener], None], ...] = (
     check_a_receive_that_is_too_small_fails,
     check_cancel_and_close,
     check_rma,
+    check_rma_order_as_promised,
     check_rma_is_checked_by_the_target,
     check_hostile_handles_are_refused,
 )

@@ -33,6 +33,12 @@ LEASE_MARGIN_S = 0.05  # a cached location is used until this long before its le
 STAGING_MAX = 64 << 20
 
 
+# From this size a one-sided get lands in the bytes object it returns (``hg.fresh_bytes``)
+# rather than in the staging buffer and a copy of it: a registration per get against a
+# copy of the object (memcpy here: ~8-15 GB/s, so ~100 us per MiB).
+FRESH_MIN = 256 << 10
+
+
 class Reads:
     """The read half of ``DistributedStore`` (a mixin: the attributes it uses are made in
     ``DistributedStore.__init__``)."""
@@ -91,8 +97,11 @@ class Reads:
                 cache.pop(key, None)  # type: ignore[union-attr]
                 far.pop(key, None)
 
-    def _epoch_of(self, uri: str) -> bytes | None:
-        """The node's epoch (protocol.EPOCH), read one-sided; None if it cannot be read."""
+    def _epoch_of(self, uri: str, behind: Sequence[bulk.Transfer] = ()) -> bytes | None:
+        """The node's epoch (protocol.EPOCH), read one-sided once the reads ``behind`` have
+        read the node's memory; None if it cannot be read. Where transfers reach a peer in
+        order (``Engine.rma_ordered``) the epoch read starts at once behind them, and its
+        answer follows theirs instead of costing a round trip of its own."""
         try:
             region = self._epochs.get(uri)
             if region is None:
@@ -104,7 +113,16 @@ class Reads:
                     self._epoch_local = (buf, self.engine.bulk(buf, bulk.WRITE_ONLY,
                                                                eager=False))
                 buf, handle = self._epoch_local
-                handle.pull_from(region, p.EPOCH.size).wait(self.timeout)
+                if not self.engine.rma_ordered:
+                    for t in behind:
+                        t.wait(self.timeout)
+                    behind = ()
+                epoch = handle.pull_from(region, p.EPOCH.size)
+                try:
+                    for t in behind:
+                        t.wait(self.timeout)
+                finally:
+                    epoch.wait(self.timeout)  # the buffer is free again before anyone reuses it
                 return bytes(buf)
         except (hg.RPCError, hg.PeerError, bulk.NAError, TimeoutError, ValueError, TypeError):
             self._epochs.pop(uri, None)  # a node that restarted has a new region
@@ -122,26 +140,29 @@ class Reads:
             return None
         value: bytes | int | None = None
         transfers: list[tuple[int, bulk.Transfer]] = []
+        fresh = hg.fresh_bytes(size) if dst is None and size >= FRESH_MIN else None
         try:
-            if dst is None:
+            if dst is None and fresh is None:
                 if not self._staging_lock.acquire(blocking=False):
                     return None
                 try:
                     view, handle = self._staging_for(size)
                     self._move(0, handle, 0, rep, bulk.WRITE_ONLY, transfers)
-                    for _, t in transfers:
-                        t.wait(self.timeout)
-                    if self._epoch_of(uri) == before and time.monotonic() < until:
+                    if self._epoch_of(uri, [t for _, t in transfers]) == before and \
+                            time.monotonic() < until:
                         value = bytes(view[:size])
                 finally:
                     self._staging_lock.release()
             else:
-                with self.engine.bulk(dst[:size], bulk.WRITE_ONLY, eager=False) as handle:
+                # A get of a large object lands in the bytes it returns (no copy out of the
+                # staging buffer); the view is never released by hand: a transfer that is
+                # still in flight after an error keeps the memory it writes alive.
+                land = dst[:size] if fresh is None else fresh[1]  # type: ignore[index]
+                with self.engine.bulk(land, bulk.WRITE_ONLY, eager=False) as handle:
                     self._move(0, handle, 0, rep, bulk.WRITE_ONLY, transfers)
-                    for _, t in transfers:
-                        t.wait(self.timeout)
-                if self._epoch_of(uri) == before and time.monotonic() < until:
-                    value = size
+                    current = self._epoch_of(uri, [t for _, t in transfers])
+                if current == before and time.monotonic() < until:
+                    value = size if fresh is None else fresh[0]
         except (bulk.NAError, TimeoutError, ValueError):
             value = None
         if value is None:

@@ -14,7 +14,14 @@ from petasus.na import testing
 @pytest.mark.parametrize("check", testing.CHECKS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.id if isinstance(s, Spec) else str(s))
 def test_the_kit(spec: Spec, check: Callable[[testing.Opener], None]) -> None:
-    check(lambda listen: na.initialize(spec.uri, listen=listen, **spec.options))
+    def open_plugin(listen: bool) -> na.Plugin:
+        return na.initialize(spec.uri, listen=listen, **spec.options)
+
+    if check is testing.check_rma_order_as_promised:
+        with open_plugin(False) as plugin:
+            if not getattr(plugin, "rma_ordered", False):
+                pytest.skip(f"{spec.id} promises no RMA order (rma_ordered is False)")
+    check(open_plugin)
 
 
 def test_the_kit_catches_a_plugin_that_accepts_a_bad_tag() -> None:
@@ -33,3 +40,54 @@ def test_the_kit_catches_a_plugin_that_accepts_a_bad_tag() -> None:
     with pytest.raises(testing.ConformanceError, match=r"msg_recv_expected\(tag=-1\): accepted"):
         testing.check_tags_outside_u32_are_refused(
             lambda listen: lenient(na.initialize("tcp://127.0.0.1:0", listen=listen)))
+
+
+def test_the_kit_catches_a_plugin_that_breaks_its_rma_order() -> None:
+    # An sm plugin that holds each put back until the op after it has started, while still
+    # claiming rma_ordered, is caught: the order check can fail. (sm, whose copies read
+    # memory when they run: a tcp get's answer is read as it leaves, so a put that
+    # overtook it would often still be seen.)
+    def overtaking(plugin: na.Plugin) -> na.Plugin:
+        put, get = plugin.put, plugin.get
+        held: list[Callable[[], na.Op]] = []
+        ops: list[na.Op] = []
+
+        def late_put(*args: object, **kw: object) -> na.Op:
+            op = put(*args, **kw)  # type: ignore[arg-type]
+            ops.append(op)
+            return op
+
+        def early_get(*args: object, **kw: object) -> na.Op:
+            return get(*args, **kw)  # type: ignore[arg-type]
+
+        def reordering_put(*args: object, **kw: object) -> na.Op:
+            held.append(lambda: late_put(*args, **kw))
+            return _Later(ops, len(held) - 1)  # type: ignore[return-value]
+
+        def reordering_get(*args: object, **kw: object) -> na.Op:
+            op = early_get(*args, **kw)
+            while held:
+                held.pop(0)()
+            return op
+
+        plugin.put = reordering_put  # type: ignore[method-assign]
+        plugin.get = reordering_get  # type: ignore[method-assign]
+        return plugin
+
+    with pytest.raises(testing.ConformanceError, match="overtook the put ahead of it"):
+        testing.check_rma_order_as_promised(
+            lambda listen: overtaking(na.initialize("sm://", listen=listen)))
+
+
+class _Later:
+    """The op of a put started later, once it exists (for the reordering plugin above)."""
+
+    def __init__(self, ops: list[na.Op], index: int) -> None:
+        self._ops, self._index = ops, index
+
+    @property
+    def done(self) -> bool:
+        return len(self._ops) > self._index and self._ops[self._index].done
+
+    def result(self) -> object:
+        return self._ops[self._index].result()

@@ -251,16 +251,22 @@ def test_a_cached_location_never_gives_an_overwritten_or_removed_value(scheme: s
             assert reader.get_many(keys[3:]) == values[3:]
             # Objects read one-sided: cached from their second read (the node's epoch read
             # before it locates), then read one-sided and checked against the epoch.
+            # (c/big lands in the bytes it returns; c/mid in the staging buffer, and a copy)
             big = pattern("c/big", 300 * KiB + 5)
-            writer.put("c/big", big)
+            mid = pattern("c/mid", 128 * KiB + 3)
+            writer.put_many([("c/big", big), ("c/mid", mid)])
             out = bytearray(400 * KiB)
             for _ in range(3):
                 assert reader.get("c/big") == big
                 assert reader.get_into("c/big", out) == len(big) and out[: len(big)] == big
-            assert "c/big" in reader._far
+                assert reader.get("c/mid") == mid
+            assert "c/big" in reader._far and "c/mid" in reader._far
             hits = reader.c["cache_hits"]
             assert reader.get("c/big") == big
-            assert reader.c["cache_hits"] == hits + 1
+            assert reader.get("c/mid") == mid
+            assert reader.c["cache_hits"] == hits + 2
+            writer.put("c/mid", b"mid no more", overwrite=True)
+            assert reader.get("c/mid") == b"mid no more"
             writer.put("c/big", b"small now", overwrite=True)
             assert reader.get("c/big") == b"small now"
             bigger = pattern("c/big2", 1 * MiB)
