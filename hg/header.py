@@ -11,6 +11,7 @@ The NA tag of the request carries the call's identity: the response comes back o
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 IDENTIFIER = 0xD7
 PROTOCOL = 1
@@ -18,6 +19,20 @@ REQUEST = struct.Struct("!BBQBB")
 RESPONSE = struct.Struct("!BBBBI")
 
 # Request flags.
+# From this size a message goes to NA as its header and the value's encoded parts (a gather:
+# na.interface), not joined into one bytes first; below it the join costs less than the
+# longer iovec (memcpy ~10 GB/s here: ~1.6 us for 16 KiB). Only parts that are ``bytes``
+# are gathered: a part viewing the caller's memory is copied at the call, as a join does.
+GATHER_MIN = 16 << 10
+
+
+def gather(head: bytes, parts: list[Any], size: int) -> bytes | list[Any]:
+    """``head`` and ``parts`` as one message of ``size`` bytes: joined, or gathered."""
+    if size < GATHER_MIN or any(type(part) is not bytes for part in parts):
+        return b"".join([head, *parts])
+    return [head, *parts]
+
+
 MORE_DATA = 0x01  # the input continues in a bulk region (overflow)
 NO_RESPONSE = 0x02  # one-way: the target sends nothing back
 

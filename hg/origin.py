@@ -108,10 +108,11 @@ class Handle:
                 payload = fused.pack(_ID, _PROTO, rpc.id, flags, 0, *args)
             else:
                 parts = rpc.in_proc.parts(args)
-                if sum(map(len, parts)) + _REQ.size > ctx.max_unexpected:
+                size = sum(map(len, parts)) + _REQ.size
+                if size > ctx.max_unexpected:
                     payload = self._expose_input(parts, flags)
                 else:
-                    payload = b"".join([_REQ.pack(_ID, _PROTO, rpc.id, flags, 0), *parts])
+                    payload = hd.gather(_REQ.pack(_ID, _PROTO, rpc.id, flags, 0), parts, size)
         except (struct.error, TypeError) as exc:
             raise EncodeError(f"{rpc.name}: cannot encode the arguments: {exc}") from None
         self.state = new  # type: ignore[assignment]

@@ -328,8 +328,9 @@ class Target:
             else:
                 parts = rpc.out_proc.parts(value)
                 payload = None
-                if sum(map(len, parts)) + _RESP.size <= self.max_expected:
-                    payload = b"".join([_RESP.pack(_ID, _PROTO, 0, 0, 0), *parts])
+                size = sum(map(len, parts)) + _RESP.size
+                if size <= self.max_expected:
+                    payload = hd.gather(_RESP.pack(_ID, _PROTO, 0, 0, 0), parts, size)
         except Exception as exc:  # whatever the result's proc raises: answer, don't die
             self.handler_failed(rpc, source, tag, 0, EncodeError(
                 f"{rpc.name}: cannot encode the result {_short(value)}: {exc}"))

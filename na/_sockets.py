@@ -58,6 +58,7 @@ class SocketPlugin(PluginCore):
     # bytes land as they arrive, and a get's answer leaves (its bytes read from memory as
     # they are sent) behind the answers before it (na._rma; na.interface.Plugin).
     rma_ordered = True
+    _gathers = True  # a message's parts go into one sendmsg as they are
 
     def __init__(self, transport: Transport, listen: bool, *, max_msg_size: int = MAX_MSG_SIZE,
                  spin_us: int = SPIN_US, rma_chunk: int = RMA_CHUNK,
@@ -164,8 +165,8 @@ class SocketPlugin(PluginCore):
         return known if known is not None else self.addr_lookup(uri)
 
     # -- messages (matching is the core's) ------------------------------------------------------
-    def _send(self, op: Op, view: memoryview | bytes, expected: bool) -> None:
-        n = len(view)
+    def _send(self, op: Op, view: Any, expected: bool) -> None:
+        n = len(view) if type(view) is not list else sum(map(len, view))
         with self._lock:
             if self._closed:
                 self._check_open(op.kind.name.lower())
@@ -177,7 +178,9 @@ class SocketPlugin(PluginCore):
                 self.stats["msgs_sent"] += 1
                 self.stats["bytes_sent"] += n
                 kind = fr.EXPECTED if expected else fr.UNEXPECTED
-                self._outbox.enqueue(conn, [_HDR.pack(_MAGIC, kind, 0, n, op.tag), view], op)
+                header = _HDR.pack(_MAGIC, kind, 0, n, op.tag)
+                self._outbox.enqueue(conn, [header, view] if type(view) is not list else
+                                     [header, *view], op)
 
     def _on_unexpected(self, conn: Conn, tag: int, payload: memoryview | None) -> None:
         if tag > MAX_TAG:

@@ -53,13 +53,19 @@ def check_tag(name: str, tag: int) -> None:
         raise ValueError(f"{name}: tag {tag} is not a u32")
 
 
-def message_view(kind: OpKind, buf: Any, tag: int, max_size: int) -> memoryview | bytes:
-    """The bytes of a message to send, once its size and tag are checked."""
+def message_view(kind: OpKind, buf: Any, tag: int,
+                 max_size: int) -> memoryview | bytes | list[memoryview | bytes]:
+    """The bytes of a message to send, once its size and tag are checked: one buffer, or a
+    list of them sent as one message (gathered: the parts of an encoded value, never joined
+    where the transport takes an iovec)."""
     if type(buf) is bytes or (type(buf) is memoryview and buf.format == "B" and buf.ndim == 1):
         view = buf
+    elif type(buf) is list:
+        view = [part if type(part) is bytes else as_byte_view(part, kind.name.lower())
+                for part in buf]
     else:
         view = as_byte_view(buf, kind.name.lower())
-    n = len(view)
+    n = len(view) if type(view) is not list else sum(map(len, view))
     if n > max_size:
         raise ValueError(f"{kind.name.lower()}: message of {n} B exceeds the maximum of "
                          f"{max_size} B")

@@ -37,6 +37,9 @@ class PluginCore:
     _matcher: Matcher
     _max_msg: int
     stats: dict[str, int]
+    # Whether ``_send`` takes a list of buffers as one message (an iovec); else PluginCore
+    # joins a gathered message before handing it over.
+    _gathers = False
     rma_ordered = False  # na.interface.Plugin: nothing promised unless a transport says so
 
     def _send(self, op: Op, view: memoryview | bytes, expected: bool) -> None:
@@ -77,12 +80,16 @@ class PluginCore:
     def msg_get_max_expected_size(self) -> int:
         return self._max_msg
 
+    def _gathered(self, kind: OpKind, buf: Any, tag: int) -> Any:
+        view = message_view(kind, buf, tag, self._max_msg)
+        return b"".join(view) if type(view) is list and not self._gathers else view
+
     # The message calls are the per-message hot path: the common case (a flat byte buffer, a
     # u32 tag, an open plugin) is checked inline, the rest in the shared helpers.
     def msg_send_unexpected(self, addr: Addr, buf: Any, tag: int,
                             callback: Callback | None = None) -> Op:
         view = buf if type(buf) is bytes and len(buf) <= self._max_msg and \
-            0 <= tag <= MAX_TAG else message_view(OpKind.SEND_UNEXPECTED, buf, tag, self._max_msg)
+            0 <= tag <= MAX_TAG else self._gathered(OpKind.SEND_UNEXPECTED, buf, tag)
         op = Op(OpKind.SEND_UNEXPECTED, callback, view, addr, tag)
         self._send(op, view, False)
         return op
@@ -90,7 +97,7 @@ class PluginCore:
     def msg_send_expected(self, addr: Addr, buf: Any, tag: int,
                           callback: Callback | None = None) -> Op:
         view = buf if type(buf) is bytes and len(buf) <= self._max_msg and \
-            0 <= tag <= MAX_TAG else message_view(OpKind.SEND_EXPECTED, buf, tag, self._max_msg)
+            0 <= tag <= MAX_TAG else self._gathered(OpKind.SEND_EXPECTED, buf, tag)
         op = Op(OpKind.SEND_EXPECTED, callback, view, addr, tag)
         self._send(op, view, True)
         return op

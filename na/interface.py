@@ -6,6 +6,10 @@ without a callback has nothing to run: it is marked ``done`` as it completes. ``
 moves bytes; ``poll_fd()`` becomes readable when progress has something to do, so a selector or
 an asyncio loop can wait on it.
 
+A message to send is one buffer, or a list of buffers sent as one message (what arrives is
+their concatenation): a transport with an iovec sends the parts as they are, so a layer above
+need not join a large encoded value to its header.
+
 Unexpected messages that arrive before a receive is posted are queued (bounded; past the bound
 the plugin stops reading that peer). Expected messages must be pre-posted, as in Mercury: one
 that finds no matching receive is a late reply and is dropped (counted in ``statistics()`` as

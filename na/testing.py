@@ -105,6 +105,36 @@ def round_trip(server: Plugin, client: Plugin) -> None:
     _expect(bytes(back[:reply_recv.size]) == b"world", "the expected reply differs")
 
 
+def check_gathered_messages(open_plugin: Opener) -> None:
+    """A message given as a list of buffers arrives as their concatenation, both kinds, at
+    the largest size allowed; a list over that size is refused with ValueError at the call."""
+    with pair(open_plugin) as (server, client):
+        addr = client.addr_lookup(server.addr_self().uri)
+        limit = min(server.msg_get_max_unexpected_size(), client.msg_get_max_expected_size())
+        parts = [b"head", memoryview(bytes(range(256)) * 3), bytearray(b"mid"), b""]
+        parts.append(bytes(limit - sum(map(len, parts))))
+        whole = b"".join(parts)
+        inbox = bytearray(limit)
+        recv = server.msg_recv_unexpected(inbox)
+        send = client.msg_send_unexpected(addr, parts, 3)
+        drive((server, client), lambda: recv.done and send.done, what="a gathered message")
+        send.result()
+        recv.result()
+        _expect(bytes(inbox[:recv.size]) == whole, "a gathered unexpected message arrived "
+                f"as {recv.size} B that differ from the {len(whole)} B sent")
+        back = bytearray(limit)
+        reply_recv = client.msg_recv_expected(addr, back, 3)
+        reply = server.msg_send_expected(recv.source, parts, 3)  # type: ignore[arg-type]
+        drive((server, client), lambda: reply_recv.done and reply.done,
+              what="a gathered expected message")
+        reply.result()
+        reply_recv.result()
+        _expect(bytes(back[:reply_recv.size]) == whole, "a gathered expected message differs")
+        _raises(ValueError, "a gathered message over the maximum size",
+                lambda: client.msg_send_unexpected(addr, [*parts, b"x"], 3))
+        round_trip(server, client)
+
+
 def check_tags_outside_u32_are_refused(open_plugin: Opener) -> None:
     """Every tagged call refuses a tag outside 0..2**32-1 with ValueError, posting nothing."""
     with pair(open_plugin) as (server, client):
@@ -300,6 +330,7 @@ def check_hostile_handles_are_refused(open_plugin: Opener) -> None:
 
 CHECKS: tuple[Callable[[Opener], None], ...] = (
     check_messages,
+    check_gathered_messages,
     check_tags_outside_u32_are_refused,
     check_local_misuse_raises_at_the_call,
     check_unexpected_messages_queue,
