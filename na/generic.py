@@ -1,11 +1,12 @@
 """The generic half of every NA plugin: the operations all plugins implement alike, over the
-shared core (``na/core.py``). A plugin adds only its transport (``_send``, ``_start_op``,
+shared core (``na/core.py``). A plugin adds only its transport (``_send``, ``_start_transfer``,
 ``_cancel_transfer``): Mercury's generic NA functions over ``struct na_class_ops``.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sized
 from typing import Any, TypeVar
 
 from .core import (
@@ -19,16 +20,18 @@ from .core import (
     recv_view,
     rma_op,
 )
+from .errors import PeerError
 from .types import Addr, Callback, MemHandle, Op, OpKind, OpState
 
 _P = TypeVar("_P", bound="PluginCore")
 
 
 class PluginCore:
-    """The generic half of a plugin: messages posted to the matcher, argument checks of put
-    and get, trigger, cancel of receives. A plugin creates ``_lock``, ``_closed``, ``_cq``,
-    ``_matcher``, ``_max_msg`` and ``stats``, and supplies its transport in three methods:
-    ``_send`` (submit a checked message), ``_start_op`` (a checked put or get) and
+    """The generic half of a plugin: messages posted to the matcher, argument checks and
+    accounting of put and get, trigger, cancel of receives, statistics. A plugin creates
+    ``_lock``, ``_closed``, ``_cq``, ``_matcher``, ``_max_msg``, ``_regs``, ``_self_addr``,
+    ``_spin`` and ``stats``, and supplies its transport in three methods: ``_send`` (submit a
+    checked message), ``_start_transfer`` (move a checked, non-empty put or get) and
     ``_cancel_transfer`` (withdraw a send or RMA)."""
 
     _lock: Any
@@ -36,6 +39,9 @@ class PluginCore:
     _cq: CompletionQueue
     _matcher: Matcher
     _max_msg: int
+    _regs: Sized  # the local registrations
+    _self_addr: Addr
+    _spin: float  # seconds progress spins after an event (the configured limit)
     stats: dict[str, int]
 
     def _send(self, op: Op, view: memoryview | bytes, expected: bool) -> None:
@@ -45,9 +51,41 @@ class PluginCore:
         """Withdraw a send or RMA (lock held); True if it will finish later, as canceled."""
         raise NotImplementedError
 
-    def _start_op(self, op: Op) -> Op:
-        """Start a checked put or get (``rma_op``); return it."""
+    def _start_transfer(self, op: Op) -> None:
+        """Move a checked put or get of at least one byte to a peer not known dead (lock
+        held); its completion, or its failure, is posted to the completion queue."""
         raise NotImplementedError
+
+    def _start_op(self, op: Op) -> Op:
+        """Start a checked put or get (``rma_op``). A peer known dead fails it at once, on
+        every plugin alike, and an empty one completes without touching the transport."""
+        addr = op.addr
+        with self._lock:
+            if self._closed:
+                check_open(True, op.kind.name.lower(), self)
+            self.stats["rma_ops"] += 1
+            self.stats["rma_bytes"] += op.length
+            if addr.dead:  # type: ignore[union-attr]
+                self._cq.fail(op, PeerError(op.kind.name.lower(), addr.uri, addr.dead))  # type: ignore[union-attr]
+            elif op.length == 0:
+                self._cq.post(op)
+            else:
+                self._start_transfer(op)
+        return op
+
+    def statistics(self) -> dict[str, Any]:
+        """The counters, what every plugin reports of its state, then its transport's own
+        (``_statistics``): one set of names whatever the plugin (STYLE 14)."""
+        out: dict[str, Any] = dict(self.stats)
+        out.update(uri=self._self_addr.uri, registrations=len(self._regs),
+                   queued_bytes=self._matcher.queued, spin_us=int(self._spin * 1e6),
+                   callback_errors=self._cq.callback_errors)
+        out.update(self._statistics())
+        return out
+
+    def _statistics(self) -> dict[str, Any]:
+        """What the transport adds to ``statistics()``."""
+        return {}
 
     def _check_open(self, name: str) -> None:
         check_open(self._closed, name, self)
