@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 from functools import partial
 from typing import Any
 
@@ -30,8 +29,6 @@ from .core import (
     MAX_QUEUED_PEER,
     MAX_TAG,
     SPIN_US,
-    CompletionQueue,
-    Matcher,
     Registrations,
     pack_handle,
     register_view,
@@ -68,18 +65,9 @@ class SocketPlugin(PluginCore):
         self.transport = transport
         self.scheme = transport.scheme
         key = auth.check_key(auth_key)
-        self._max_msg = max_msg_size
         self._rma_chunk = rma_chunk
-        self._spin = max(spin_us, 0) / 1e6
-        self._lock = threading.Lock()
-        self._closed = False
-        self.stats = dict.fromkeys(
-            ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
-             "rma_bytes", "rma_served", "rma_refused", "connections", "peer_failures",
-             "protocol_errors", "canceled", "expected_dropped"), 0)
-        self._cq = CompletionQueue()
-        self._matcher = Matcher(self._cq, self.stats, self.log, max_queued, self._resume,
-                                min(max_queued_peer, max_queued))
+        self._open_core(max_msg_size, spin_us, ("connections",), self.log, max_queued,
+                        self._resume, min(max_queued_peer, max_queued))
         self._regs = Registrations()
         self._outbox = Outbox(self._cq.complete, self._send_failed, self._rearm, self._cq,
                               high=self._limits.max_queued_bytes)

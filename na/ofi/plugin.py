@@ -86,7 +86,6 @@ import re
 import secrets
 import select
 import socket
-import threading
 from collections import deque
 from typing import Any
 
@@ -149,11 +148,11 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PolledPlugin):
         self._auth_key = auth.check_key(auth_key)
         if handshake_timeout <= 0:
             raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout}")
-        self._max_msg = max_msg_size
-        self._spin = max(spin_us, 0) / 1e6
+        self._open_core(max_msg_size, spin_us,
+                        ("probes", "eagain", "unverified_dropped", "refused_names",
+                         "handshake_failures", "auth_failures"),
+                        log, max_queued, self._repost_held)
         self._probe_interval = probe_interval
-        self._lock = threading.Lock()
-        self._closed = False
         self._fids: list[Any] = []  # opened libfabric objects, closed in reverse order
         self._info: Any = None
         self._ep_fd: Any = None
@@ -161,15 +160,8 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PolledPlugin):
         self._bell: socket.socket | None = None  # shm: see _doorbell
         self._bells: dict[Addr, bytes] = {}
         self._wait_fd = -1
-        self.stats = dict.fromkeys(
-            ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
-             "rma_bytes", "peer_failures", "protocol_errors", "canceled", "expected_dropped",
-             "probes", "eagain", "rma_served", "rma_refused", "unverified_dropped",
-             "refused_names", "handshake_failures", "auth_failures"), 0)
         self._poll_set = select.epoll()
-        self._cq = core.CompletionQueue()
         self._poll_set.register(self._cq.wake_fd, select.EPOLLIN)
-        self._matcher = core.Matcher(self._cq, self.stats, log, max_queued, self._repost_held)
         self._reqs: dict[int, _Req] = {}
         self._backlog: deque[_Req] = deque()
         self._blocked: dict[Addr | None, int] = {}  # peers with requests in the backlog

@@ -38,7 +38,6 @@ import itertools
 import mmap
 import select
 import socket
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,20 +85,11 @@ class VerbsPlugin(Progress, Links, PolledPlugin):
         if parts.host in ("0.0.0.0", "::"):
             raise ValueError(f"{uri!r}: name the address peers reach this one at, not "
                              f"{parts.host}")
-        self._max_msg = max_msg_size
+        self._open_core(max_msg_size, spin_us, ("rma_two_sided", "connections", "retired"), log,
+                        max_queued, lambda: self._withhold(False))
         self._two_sided = min(two_sided_max, max_msg_size)
         self._slot_body = max(max_msg_size, self._two_sided)
         self._slot = w.HEADER_SIZE + w.RMA_REQ.size + self._slot_body
-        self._spin = max(spin_us, 0) / 1e6
-        self._lock = threading.Lock()
-        self._closed = False
-        self.stats = dict.fromkeys(
-            ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
-             "rma_bytes", "rma_two_sided", "rma_served", "rma_refused", "peer_failures",
-             "protocol_errors", "canceled", "expected_dropped", "connections", "retired"), 0)
-        self._cq = core.CompletionQueue()
-        self._matcher = core.Matcher(self._cq, self.stats, log, max_queued,
-                                     lambda: self._withhold(False))
         self._poll_set = select.epoll()
         self._fds: dict[int, Any] = {}
         self._conns: list[Any] = []
