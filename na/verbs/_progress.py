@@ -134,6 +134,8 @@ class Progress:
                 return got
 
     def _may_block(self, wait: float) -> float | None:
+        """Sleep only once the CQ is armed and the poll after arming found nothing: a
+        completion that came before the arm makes no event on the channel."""
         return None if self._arm() else wait
 
     def _leave(self) -> None:
