@@ -23,7 +23,7 @@ from .overflow import ACK_BIT, TAG_MASK, Landing, segments
 from .procs import proc_for
 from .registry import RPC
 from .scalars import bound_to
-from .target import Target
+from .target import Target, pull_refusal
 
 log = logging.getLogger("petasus.hg.rpc")
 
@@ -250,14 +250,7 @@ class Handle:
         """The result did not fit in a message: pull it, acknowledge, then decode it."""
         ctx, rpc, tag = self.context, self.rpc, self.tag
         size = remote.size
-        try:
-            remote.bind(self.addr)  # the result is the server's own memory, nobody else's
-            remote.resolve(ctx.na, "pull the result", None)
-            refused = None
-            if not remote.access & na.Access.READ_ONLY:
-                refused = f"comes with a {remote.access.name} handle, which cannot be pulled"
-        except (ValueError, na.NAError) as exc:
-            refused = getattr(exc, "cause", None) or str(exc)
+        refused = pull_refusal(remote, self.addr, ctx.na, "pull the result")
         flow = self._flow = ov.Overflow(ov.ORIGIN, ctx.landing)
         if ov.Action.PULL not in flow.begin(size, refused, peer=self.addr):
             ctx.target.send_ack(self.addr, tag | ACK_BIT)

@@ -147,14 +147,7 @@ class Target:
         anything is allocated; the pull comes in chunks so that a stall is told from a slow
         link, and is given up after ``overflow_timeout`` s without a chunk landing."""
         size, clock = remote.size, self.clock
-        try:
-            remote.bind(source)  # only the peer that sent the request: never a third party
-            remote.resolve(self.na, "pull the input", None)
-            refused = None
-            if not remote.access & na.Access.READ_ONLY:
-                refused = f"comes with a {remote.access.name} handle, which cannot be pulled"
-        except (ValueError, na.NAError) as exc:
-            refused = getattr(exc, "cause", None) or str(exc)
+        refused = pull_refusal(remote, source, self.na, "pull the input")
         flow = ov.Overflow(ov.TARGET_ONE_WAY if one_way else ov.TARGET, self.landing,
                            self.overflow_timeout)
         if ov.Action.PULL not in flow.begin(size, refused, peer=source, now=clock()):
@@ -348,6 +341,23 @@ class Target:
         self.stats["errors"] += 1
         body = _STR.encode(kind[:200]) + _STR.encode(message[:2000])
         self.na.msg_send_expected(source, _RESP.pack(_ID, _PROTO, ret, 0, 0) + body, tag)
+
+
+def pull_refusal(remote: RemoteBulk, peer: na.Addr, plugin: na.Plugin, what: str) -> str | None:
+    """Why the overflow ``peer`` sent as ``remote`` cannot be pulled, or None: the handle is
+    bound to ``peer`` (never a third party's memory), resolved, and must be readable.
+
+    Both directions check the same way (a target pulling an input, an origin a result), and
+    say why in the words the overflow's refusal carries to the peer.
+    """
+    try:
+        remote.bind(peer)
+        remote.resolve(plugin, what, None)
+        if not remote.access & na.Access.READ_ONLY:
+            return f"comes with a {remote.access.name} handle, which cannot be pulled"
+    except (ValueError, na.NAError) as exc:
+        return getattr(exc, "cause", None) or str(exc)
+    return None
 
 
 def _short(value: Any) -> str:

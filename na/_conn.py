@@ -15,6 +15,7 @@ import select
 import socket
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import framing as fr
@@ -129,6 +130,7 @@ class Conn:
         return f"<Conn {self.name}{' closed' if self.closed else ''}>"
 
 
+@dataclass(eq=False, slots=True)
 class Outbox:
     """The send queues: whole frames in, ``sendmsg`` scatter-gather out, coalesced per pass.
 
@@ -144,21 +146,18 @@ class Outbox:
     nothing for it; the count starts from the queue itself when a send first falls short.
     """
 
-    __slots__ = ("backlog", "dirty", "failed", "high", "in_pass", "low", "rearm", "sent",
-                 "waking")
+    sent: Callable[[Op], None]
+    failed: Callable[[Conn, str], None]
+    rearm: Callable[[Conn], None]
+    waking: Any
+    high: int = 1 << 62
+    low: int = field(init=False)
+    backlog: Callable[[Conn], None] | None = field(default=None, init=False)  # set by ConnGuard
+    dirty: list[Conn] = field(default_factory=list, init=False)
+    in_pass: int = field(default=0, init=False)  # >0 while progress dispatches or trigger runs
 
-    def __init__(self, sent: Callable[[Op], None], failed: Callable[[Conn, str], None],
-                 rearm: Callable[[Conn], None], waking: Any,
-                 backlog: Callable[[Conn], None] | None = None, high: int = 1 << 62) -> None:
-        self.sent = sent
-        self.failed = failed
-        self.rearm = rearm
-        self.waking = waking
-        self.backlog = backlog
-        self.high = high
-        self.low = high // 2
-        self.dirty: list[Conn] = []
-        self.in_pass = 0  # >0 while progress dispatches or trigger runs callbacks (nesting)
+    def __post_init__(self) -> None:
+        self.low = self.high // 2
 
     def enqueue(self, conn: Conn, bufs: list[Any], op: Op | None) -> None:
         """Queue whole frames for ``conn`` and send them now, or at the end of the pass.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 from functools import partial
 from typing import Any
 
@@ -30,8 +29,6 @@ from .core import (
     MAX_QUEUED_PEER,
     MAX_TAG,
     SPIN_US,
-    CompletionQueue,
-    Matcher,
     Registrations,
     pack_handle,
     register_view,
@@ -73,21 +70,13 @@ class SocketPlugin(PluginCore):
         self.transport = transport
         self.scheme = transport.scheme
         key = auth.check_key(auth_key)
-        self._max_msg = max_msg_size
         self._rma_chunk = rma_chunk
-        self._lock = threading.Lock()
-        self._closed = False
-        self.stats = dict.fromkeys(
-            ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
-             "rma_bytes", "rma_served", "rma_refused", "connections", "peer_failures",
-             "protocol_errors", "canceled", "expected_dropped"), 0)
-        self._cq = CompletionQueue()
-        self._matcher = Matcher(self._cq, self.stats, self.log, max_queued, self._resume,
-                                min(max_queued_peer, max_queued))
+        self._open_core(max_msg_size, spin_us, ("connections",), self.log, max_queued,
+                        self._resume, min(max_queued_peer, max_queued))
         self._regs = Registrations()
         self._outbox = Outbox(self._cq.complete, self._send_failed, self._rearm, self._cq,
                               high=self._limits.max_queued_bytes)
-        self._loop = EventLoop(self._cq, self._outbox, self._lock, max(spin_us, 0) / 1e6)
+        self._loop = EventLoop(self._cq, self._outbox, self._lock, self._spin)
         self._conns: set[Conn] = set()
         self._guard = ConnGuard(self, self._limits)
         self._rma = EmulatedRma(self._cq, self._regs, self._outbox, self.stats, self.log,
@@ -121,15 +110,10 @@ class SocketPlugin(PluginCore):
         uri = self._self_addr.uri if hasattr(self, "_self_addr") else self.scheme
         return f"<{type(self).__name__} {uri} {state}>"
 
-    def statistics(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.stats)
-        out.update(uri=self._self_addr.uri, open_connections=len(self._conns),
-                   max_connections=self._limits.max_connections,
-                   reads_paused_now=self._guard.paused(),
-                   registrations=len(self._regs), queued_bytes=self._matcher.queued,
-                   spin_us=int(self._loop.spin * 1e6),
-                   callback_errors=self._cq.callback_errors, **self._loop.policy.statistics())
-        return out
+    def _statistics(self) -> dict[str, Any]:
+        return {"open_connections": len(self._conns),
+                "max_connections": self._limits.max_connections,
+                "reads_paused_now": self._guard.paused(), **self._loop.policy.statistics()}
 
     def hold_sends(self) -> None:
         """Queue what is sent until ``release_sends()`` (then one ``sendmsg`` per peer)."""
@@ -243,18 +227,7 @@ class SocketPlugin(PluginCore):
         access, key, length, tail = unpack_handle(data, self.scheme, self._TAIL_SIZE)
         return MemHandle(None, length, access, key, False, self._parse_handle_tail(tail))
 
-    def _start_op(self, op: Op) -> Op:
-        with self._lock:
-            self._check_open(op.kind.name.lower())
-            self.stats["rma_ops"] += 1
-            self.stats["rma_bytes"] += op.length
-            if op.length == 0:
-                self._cq.post(op)
-            else:
-                self._start_rma(op)
-        return op
-
-    def _start_rma(self, op: Op) -> None:
+    def _start_transfer(self, op: Op) -> None:
         """Emulated RMA over the peer's stream; sm's process_vm path overrides it."""
         self._emulate_rma(op)
 
@@ -456,7 +429,6 @@ class SocketPlugin(PluginCore):
 
     def _on_close(self) -> None:
         """Release plugin-specific resources."""
-
 
 
 def _refuse_peer_tag(conn: Conn, tag: int) -> None:

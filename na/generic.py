@@ -1,11 +1,14 @@
 """The generic half of every NA plugin: the operations all plugins implement alike, over the
-shared core (``na/core.py``). A plugin adds only its transport (``_send``, ``_start_op``,
+shared core (``na/core.py``). A plugin adds only its transport (``_send``, ``_start_transfer``,
 ``_cancel_transfer``): Mercury's generic NA functions over ``struct na_class_ops``.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import warnings
+from collections.abc import Callable, Sized
 from typing import Any, TypeVar
 
 from .core import (
@@ -19,28 +22,72 @@ from .core import (
     recv_view,
     rma_op,
 )
+from .errors import PeerError
 from .types import Addr, Callback, MemHandle, Op, OpKind, OpState
 
 _P = TypeVar("_P", bound="PluginCore")
 
+# What the core and this half count, under the same names on every plugin (statistics()).
+COUNTERS = ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops", "rma_bytes",
+            "rma_served", "rma_refused", "peer_failures", "protocol_errors", "canceled",
+            "expected_dropped")
+
+
+def _sender(kind: OpKind) -> Callable[..., Op]:
+    """``msg_send_unexpected`` or ``msg_send_expected`` (``kind``): the two differ only in
+    the kind, bound here, so one body serves both without a second call per message."""
+    expected = kind == OpKind.SEND_EXPECTED
+
+    def send(self: PluginCore, addr: Addr, buf: Any, tag: int,
+             callback: Callback | None = None) -> Op:
+        max_msg = self._max_msg
+        view = buf if type(buf) is bytes and len(buf) <= max_msg and 0 <= tag <= MAX_TAG \
+            else self._gathered(kind, buf, tag)
+        op = Op(kind, callback, view, addr, tag)
+        self._send(op, view, expected)
+        return op
+
+    send.__name__ = f"msg_{kind.name.lower()}"
+    send.__qualname__ = f"PluginCore.{send.__name__}"
+    send.__doc__ = (f"Send ``buf`` to ``addr`` as an {'' if expected else 'un'}expected message "
+                    "with ``tag``; ``callback(op)`` runs in trigger() once it has left.")
+    return send
+
 
 class PluginCore:
-    """The generic half of a plugin: messages posted to the matcher, argument checks of put
-    and get, trigger, cancel of receives. A plugin creates ``_lock``, ``_closed``, ``_cq``,
-    ``_matcher``, ``_max_msg`` and ``stats``, and supplies its transport in three methods:
-    ``_send`` (submit a checked message), ``_start_op`` (a checked put or get) and
-    ``_cancel_transfer`` (withdraw a send or RMA)."""
+    """The generic half of a plugin: messages posted to the matcher, argument checks and
+    accounting of put and get, trigger, cancel of receives, statistics. A plugin calls
+    ``_open_core`` and creates ``_regs`` and ``_self_addr``, and supplies its transport in
+    three methods: ``_send`` (submit a checked message), ``_start_transfer`` (move a checked,
+    non-empty put or get) and ``_cancel_transfer`` (withdraw a send or RMA)."""
 
     _lock: Any
     _closed: bool
     _cq: CompletionQueue
     _matcher: Matcher
     _max_msg: int
+    _regs: Sized  # the local registrations
+    _self_addr: Addr
+    _spin: float  # seconds progress spins after an event (the configured limit)
     stats: dict[str, int]
     # Whether ``_send`` takes a list of buffers as one message (an iovec); else PluginCore
     # joins a gathered message before handing it over.
     _gathers = False
     rma_ordered = False  # na.interface.Plugin: nothing promised unless a transport says so
+
+    def _open_core(self, max_msg_size: int, spin_us: int, counters: tuple[str, ...],
+                   log: logging.Logger, max_queued: int, on_drained: Callable[[], None],
+                   max_peer: int | None = None) -> None:
+        """Create the state this half works on: first in a plugin's ``__init__``, once its
+        arguments are checked. ``counters`` are the plugin's own, besides ``COUNTERS``;
+        ``max_queued``, ``on_drained`` and ``max_peer`` are the matcher's back-pressure."""
+        self._max_msg = max_msg_size
+        self._spin = max(spin_us, 0) / 1e6
+        self._lock = threading.Lock()
+        self._closed = False
+        self.stats = dict.fromkeys(COUNTERS + counters, 0)
+        self._cq = CompletionQueue()
+        self._matcher = Matcher(self._cq, self.stats, log, max_queued, on_drained, max_peer)
 
     def _send(self, op: Op, view: memoryview | bytes, expected: bool) -> None:
         raise NotImplementedError  # each plugin's transport; PluginCore is never used alone
@@ -49,9 +96,41 @@ class PluginCore:
         """Withdraw a send or RMA (lock held); True if it will finish later, as canceled."""
         raise NotImplementedError
 
-    def _start_op(self, op: Op) -> Op:
-        """Start a checked put or get (``rma_op``); return it."""
+    def _start_transfer(self, op: Op) -> None:
+        """Move a checked put or get of at least one byte to a peer not known dead (lock
+        held); its completion, or its failure, is posted to the completion queue."""
         raise NotImplementedError
+
+    def _start_op(self, op: Op) -> Op:
+        """Start a checked put or get (``rma_op``). A peer known dead fails it at once, on
+        every plugin alike, and an empty one completes without touching the transport."""
+        addr = op.addr
+        with self._lock:
+            if self._closed:
+                check_open(True, op.kind.name.lower(), self)
+            self.stats["rma_ops"] += 1
+            self.stats["rma_bytes"] += op.length
+            if addr.dead:  # type: ignore[union-attr]
+                self._cq.fail(op, PeerError(op.kind.name.lower(), addr.uri, addr.dead))  # type: ignore[union-attr]
+            elif op.length == 0:
+                self._cq.post(op)
+            else:
+                self._start_transfer(op)
+        return op
+
+    def statistics(self) -> dict[str, Any]:
+        """The counters, what every plugin reports of its state, then its transport's own
+        (``_statistics``): one set of names whatever the plugin (STYLE 14)."""
+        out: dict[str, Any] = dict(self.stats)
+        out.update(uri=self._self_addr.uri, registrations=len(self._regs),
+                   queued_bytes=self._matcher.queued, spin_us=int(self._spin * 1e6),
+                   callback_errors=self._cq.callback_errors)
+        out.update(self._statistics())
+        return out
+
+    def _statistics(self) -> dict[str, Any]:
+        """What the transport adds to ``statistics()``."""
+        return {}
 
     def _check_open(self, name: str) -> None:
         check_open(self._closed, name, self)
@@ -86,21 +165,8 @@ class PluginCore:
 
     # The message calls are the per-message hot path: the common case (a flat byte buffer, a
     # u32 tag, an open plugin) is checked inline, the rest in the shared helpers.
-    def msg_send_unexpected(self, addr: Addr, buf: Any, tag: int,
-                            callback: Callback | None = None) -> Op:
-        view = buf if type(buf) is bytes and len(buf) <= self._max_msg and \
-            0 <= tag <= MAX_TAG else self._gathered(OpKind.SEND_UNEXPECTED, buf, tag)
-        op = Op(OpKind.SEND_UNEXPECTED, callback, view, addr, tag)
-        self._send(op, view, False)
-        return op
-
-    def msg_send_expected(self, addr: Addr, buf: Any, tag: int,
-                          callback: Callback | None = None) -> Op:
-        view = buf if type(buf) is bytes and len(buf) <= self._max_msg and \
-            0 <= tag <= MAX_TAG else self._gathered(OpKind.SEND_EXPECTED, buf, tag)
-        op = Op(OpKind.SEND_EXPECTED, callback, view, addr, tag)
-        self._send(op, view, True)
-        return op
+    msg_send_unexpected = _sender(OpKind.SEND_UNEXPECTED)
+    msg_send_expected = _sender(OpKind.SEND_EXPECTED)
 
     def msg_recv_unexpected(self, buf: Any, callback: Callback | None = None) -> Op:
         view = buf if type(buf) is memoryview and buf.format == "B" and buf.ndim == 1 and \

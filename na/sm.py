@@ -282,7 +282,7 @@ class SmPlugin(SocketPlugin):
         return SmRegion(*_EXTRA.unpack(tail))
 
     # -- one-sided RMA --------------------------------------------------------------------------
-    def _start_rma(self, op: Op) -> None:
+    def _start_transfer(self, op: Op) -> None:
         """Queue the copy for the next progress pass, as every other op completes: the call
         never blocks, and a cancel before progress withdraws it. The wake-up eventfd makes
         ``poll_fd()`` readable so an event loop runs that pass."""

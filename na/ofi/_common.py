@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from .._pinning import pin
 from ..types import Addr, Op
 from ._fabric import ffi, lib
 
@@ -95,28 +96,12 @@ class _Remote(NamedTuple):
 
 
 def _pin(view: memoryview) -> tuple[Any, Any]:
-    """(owner, char *) for ``view``'s bytes, where ``owner`` holds the view's exporter.
-
-    Never keep a cffi from_buffer() of a *memoryview*: that object is GC-tracked and holds an
-    export of the view, and when both fall into a garbage cycle (a plugin, its registrations
-    and the callbacks that refer back to it), CPython 3.11's GC clears the still-exported view
-    (memory_clear leaves its mbuf NULL) and deallocating it later dereferences NULL: the
-    SIGSEGV "in the GC" of the ofi-shm runs (valgrind: _memory_release reading address 0x18).
-    Pinning the exporter itself (bytearray, mmap, numpy array...) keeps memoryviews out of it.
-    """
-    probe = ffi.from_buffer(view)
-    addr = int(ffi.cast("uintptr_t", probe))
-    ffi.release(probe)
-    try:
-        owner = ffi.from_buffer(view.obj)
-    except (TypeError, ValueError, BufferError):
-        owner = None
+    """(owner, char *) for ``view``'s bytes, where ``owner`` holds the view's exporter
+    (``na._pinning`` says why the exporter and not the view)."""
+    owner, addr = pin(ffi, view)
     if owner is not None:
-        base = int(ffi.cast("uintptr_t", owner))
-        if base <= addr and addr + len(view) <= base + len(owner):
-            return owner, ffi.cast("char *", owner) + (addr - base)
-        ffi.release(owner)
-    # An exporter that cannot be pinned as bytes: copy-free, but the GC caveat above applies.
+        return owner, ffi.cast("char *", addr)
+    # An exporter that cannot be pinned as bytes: copy-free, but the GC caveat applies.
     owner = ffi.from_buffer(view)
     return owner, owner
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 
 from .. import auth
 from ..types import Addr
@@ -72,35 +73,35 @@ def transcript(client_name: bytes, server_name: bytes) -> bytes:
     return len(client_name).to_bytes(2, "big") + client_name + server_name
 
 
+@dataclass(eq=False, repr=False)  # no repr: it would show the key
 class Handshake:
     """Both roles for one endpoint. ``send(addr, kind, body)`` posts a handshake message,
     ``established(addr, ours, theirs)`` opens the peer both ways (``ours``: the token its
     messages to us carry; ``theirs``: the one ours to it carry), ``failed(addr, cause, role)``
-    ends the handshake and ``auth_failed(addr, cause)`` counts a failed proof."""
+    ends the handshake and ``auth_failed(addr, cause)`` counts a failed proof. ``kinds`` are
+    the message kinds, by name; ``clock`` and ``random`` are injected for the tests."""
 
-    def __init__(self, key: bytes | None, self_name: bytes, kinds: dict[str, int],
-                 send: Callable[[Addr, int, bytes], None],
-                 established: Callable[[Addr, bytes, bytes], None],
-                 failed: Callable[[Addr, str, str], None],
-                 auth_failed: Callable[[Addr, str], None], *, timeout: float = TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic,
-                 random: Callable[[int], bytes] = os.urandom) -> None:
-        if timeout <= 0:
-            raise ValueError(f"handshake_timeout must be positive, got {timeout}")
-        self.key = key
-        self.self_name = self_name
-        self.k = kinds
-        self.send = send
-        self.established = established
-        self.failed = failed
-        self.auth_failed = auth_failed
-        self.timeout = timeout
-        self.clock = clock
-        self.random = random
-        self.initiating: dict[Addr, Shake] = {}
-        self.responding: dict[Addr, Shake] = {}
-        self._table = {kinds["CHALLENGE"]: self._on_challenge, kinds["RESPONSE"]: self._on_response,
-                       kinds["WELCOME"]: self._on_welcome, kinds["REFUSE"]: self._on_refuse}
+    key: bytes | None
+    self_name: bytes
+    kinds: dict[str, int]
+    send: Callable[[Addr, int, bytes], None]
+    established: Callable[[Addr, bytes, bytes], None]
+    failed: Callable[[Addr, str, str], None]
+    auth_failed: Callable[[Addr, str], None]
+    _: KW_ONLY
+    timeout: float = TIMEOUT
+    clock: Callable[[], float] = time.monotonic
+    random: Callable[[int], bytes] = os.urandom
+    initiating: dict[Addr, Shake] = field(default_factory=dict, init=False)
+    responding: dict[Addr, Shake] = field(default_factory=dict, init=False)
+    _table: dict[int, Callable[[Addr, bytes], bool]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0:
+            raise ValueError(f"handshake_timeout must be positive, got {self.timeout}")
+        k = self.kinds
+        self._table = {k["CHALLENGE"]: self._on_challenge, k["RESPONSE"]: self._on_response,
+                       k["WELCOME"]: self._on_welcome, k["REFUSE"]: self._on_refuse}
 
     def busy(self, addr: Addr) -> bool:
         return addr in self.initiating or addr in self.responding
@@ -111,7 +112,7 @@ class Handshake:
         self.initiating[addr] = Shake(AWAIT_CHALLENGE, self.clock() + self.timeout, nonce,
                                       transcript(self.self_name, peer_name))
         flags = AUTH if self.key is not None else 0
-        self.send(addr, self.k["HELLO"], bytes((flags,)) + nonce)
+        self.send(addr, self.kinds["HELLO"], bytes((flags,)) + nonce)
 
     def hello(self, addr: Addr, claimed: bytes, body: bytes) -> bool:
         """A HELLO whose claimed name the plugin has checked and inserted as ``addr``; False
@@ -134,7 +135,7 @@ class Handshake:
         if self.key is not None:
             body += auth.proof(self.key, auth.SERVER, client_nonce, shake.server_nonce,
                                shake.transcript)
-        self.send(addr, self.k["CHALLENGE"], body)
+        self.send(addr, self.kinds["CHALLENGE"], body)
         return True
 
     def message(self, addr: Addr, kind: int, body: bytes) -> bool:
@@ -162,7 +163,7 @@ class Handshake:
             cause = "the peer could not prove it holds the auth_key"
         if cause:
             del self.initiating[addr]
-            self.send(addr, self.k["REFUSE"], server_nonce + bytes((REFUSED_AUTH,)))
+            self.send(addr, self.kinds["REFUSE"], server_nonce + bytes((REFUSED_AUTH,)))
             self.auth_failed(addr, cause)
             self.failed(addr, f"authentication failed: {cause}", INITIATOR)
             return True
@@ -173,7 +174,7 @@ class Handshake:
         if self.key is not None:
             body += auth.proof(self.key, auth.CLIENT, shake.client_nonce, server_nonce,
                                shake.transcript)
-        self.send(addr, self.k["RESPONSE"], body)
+        self.send(addr, self.kinds["RESPONSE"], body)
         return True
 
     def _on_welcome(self, addr: Addr, body: bytes) -> bool:
@@ -199,11 +200,11 @@ class Handshake:
             cause = "the peer could not prove it holds the auth_key"
             self.auth_failed(addr, cause)
         if cause:
-            self.send(addr, self.k["REFUSE"], shake.client_nonce + bytes((REFUSED_AUTH,)))
+            self.send(addr, self.kinds["REFUSE"], shake.client_nonce + bytes((REFUSED_AUTH,)))
             self.failed(addr, f"authentication failed: {cause}", RESPONDER)
             return True
         token = self.random(TOKEN_SIZE)
-        self.send(addr, self.k["WELCOME"], shake.client_nonce + token)
+        self.send(addr, self.kinds["WELCOME"], shake.client_nonce + token)
         self.established(addr, token, body[N:N + TOKEN_SIZE])
         return True
 
@@ -243,7 +244,7 @@ class Handshake:
     def unsolicited(self, addr: Addr, body: bytes) -> None:
         """A CHALLENGE from a peer we said no hello to: someone claimed our name there."""
         if len(body) >= 1 + 2 * N and addr not in self.initiating:
-            self.send(addr, self.k["REFUSE"], body[1 + N:1 + 2 * N] + bytes((NO_HELLO,)))
+            self.send(addr, self.kinds["REFUSE"], body[1 + N:1 + 2 * N] + bytes((NO_HELLO,)))
 
     def forget(self, addr: Addr) -> None:
         self.initiating.pop(addr, None)

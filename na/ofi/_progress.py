@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from ..core import NAK_PROTOCOL
@@ -267,73 +267,44 @@ class Progress:
                 self.stats["probes"] += 1
                 self._start(self._send_req(_PROBE_REQ, None, addr, b"", _PROBE))
 
-    # -- progress -------------------------------------------------------------------------------
-    def poll_fd(self) -> int:
-        return self._ep_poll.fileno()
+    # -- progress (the loop is na._polled's) ----------------------------------------------------
+    def _pass(self, now: float) -> int:
+        """Retry the FI_EAGAIN backlog, read the CQ dry, and probe the peers when due."""
+        if self._backlog:
+            self._retry_backlog()
+        got = n = self._read_cq()
+        while n == CQ_BATCH:
+            n = self._read_cq()
+            got += n
+        if now >= self._next_probe:
+            self._next_probe = now + self._probe_interval
+            self._check_peers()
+        return got
 
-    def progress(self, timeout: float = 0.0) -> bool:
-        """Drive libfabric for up to ``timeout`` seconds; True once completions are ready.
+    def _may_block(self, wait: float) -> float | None:
+        """Sleep at most until the next probe is due; on the CQ's wait descriptor once
+        fi_trywait allows it (not when something is ready, or the provider wants progress),
+        or, on shm, which has none, in ticks."""
+        wait = min(wait, self._probe_interval)
+        if self._wait_fd < 0:
+            return min(wait, SHM_TICK_US / 1e6)
+        return wait if lib.fi_trywait(self._fabric, self._cq_fids, 1) == 0 else None
 
-        Spins (CQ polls with ``sched_yield`` in between) for ``spin_us`` after any event, then
-        blocks on the CQ's wait descriptor (guarded by fi_trywait), or on shm in 1 ms slices.
-        """
-        self._check_open("progress")
-        cqueue, lock = self._cq, self._lock
-        cq = cqueue.ops
-        if cq:
-            return True
-        done = cqueue.completed
-        now = time.monotonic()
-        deadline = now + timeout
-        spin_end = now + self._spin
-        while True:
-            with lock:
-                if self._closed:
-                    return bool(cq)
-                if self._backlog:
-                    self._retry_backlog()
-                got = self._read_cq()
-                while got == CQ_BATCH:
-                    got = self._read_cq()
-                now = time.monotonic()
-                if now >= self._next_probe:
-                    self._next_probe = now + self._probe_interval
-                    self._check_peers()
-            if cq or cqueue.completed != done:
-                return True
-            if got:
-                spin_end = now + self._spin
-            if now >= deadline:
-                return False
-            if now < spin_end:
-                os.sched_yield()
-                continue
-            wait = min(deadline - now, self._probe_interval)
-            if self._wait_fd >= 0:
-                with lock:
-                    if self._closed:
-                        return False
-                    rc = lib.fi_trywait(self._fabric, self._cq_fids, 1)
-                if rc != 0:
-                    continue  # something is ready to read (or the provider wants progress)
-            else:
-                wait = min(wait, SHM_TICK_US / 1e6)
-            cqueue.polling += 1
-            try:
-                if cq or cqueue.completed != done:
-                    continue
-                events = self._ep_poll.poll(wait)
-            finally:
-                cqueue.polling -= 1
-            for fd, _ev in events:
-                if fd in (cqueue.wake_fd, self._timer_fd):
-                    try:
-                        os.read(fd, 8)
-                    except (BlockingIOError, OSError):
-                        pass
-                elif self._bell is not None and fd == self._bell.fileno():
-                    self._drain_bell()
-            spin_end = time.monotonic() + self._spin
+    def _on_events(self, events: list[tuple[int, int]]) -> None:
+        for fd, _ev in events:
+            if fd in (self._cq.wake_fd, self._timer_fd):
+                try:
+                    os.read(fd, 8)
+                except OSError:
+                    pass
+            elif self._bell is not None and fd == self._bell.fileno():
+                self._drain_bell()
+
+    def _pending(self) -> Iterator[Op | None]:
+        for req in itertools.chain(self._reqs.values(), self._backlog):
+            yield req.op
+        for op, _start in itertools.chain(*self._held.values()):
+            yield op
 
     def _drain_bell(self) -> None:
         for _ in range(256):

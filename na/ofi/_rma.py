@@ -111,23 +111,14 @@ class Rma:
         return MemHandle(None, length, access, key, False, _Remote(*_BASE.unpack(tail)))
 
     # -- RMA ------------------------------------------------------------------------------------
-    def _start_op(self, op: Op) -> Op:
-        name, addr, length = op.kind.name.lower(), op.addr, op.length
-        with self._lock:
-            self._check_open(name)
-            self.stats["rma_ops"] += 1
-            self.stats["rma_bytes"] += length
-            if addr.dead or addr.fabric_addr is None:
-                self._cq.fail(op, PeerError(name, addr.uri, addr.dead or "unusable address"))
-                return op
-            if length == 0:
-                self._cq.post(op)
-                return op
-            if addr not in self._ready:
-                self._hold(op, lambda: self._start_pieces(op))
-                return op
+    def _start_transfer(self, op: Op) -> None:
+        addr = op.addr
+        if addr.fabric_addr is None:
+            self._cq.fail(op, PeerError(op.kind.name.lower(), addr.uri, "unusable address"))
+        elif addr not in self._ready:
+            self._hold(op, lambda: self._start_pieces(op))
+        else:
             self._start_pieces(op)
-        return op
 
     def _start_pieces(self, op: Op) -> None:
         chunk, length = self._rma_chunk, op.length

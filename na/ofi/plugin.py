@@ -86,14 +86,12 @@ import re
 import secrets
 import select
 import socket
-import threading
 from collections import deque
 from typing import Any
 
 from .. import auth, core
-from ..errors import Canceled
-from ..generic import PluginCore
-from ..types import Addr, MemHandle, OpState
+from .._polled import PolledPlugin
+from ..types import Addr, MemHandle
 from ._addressing import Addressing
 from ._common import (
     CQ_BATCH,
@@ -110,7 +108,6 @@ from ._common import (
     _s,
     _shm_region_exists,
     _strdup,
-    _uri,
     log,
 )
 from ._fabric import ffi, lib
@@ -128,7 +125,7 @@ from .errors import FabricError, check_rc, error_for
 os.environ.setdefault("FI_SHM_RX_SIZE", str(SHM_RX_SIZE))
 
 
-class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
+class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PolledPlugin):
     """One endpoint, its CQ and AV, a posted receive pool, and Python-side matching."""
 
     def __init__(self, uri: str, listen: bool = False, *, max_msg_size: int = core.MAX_MSG_SIZE,
@@ -151,11 +148,11 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
         self._auth_key = auth.check_key(auth_key)
         if handshake_timeout <= 0:
             raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout}")
-        self._max_msg = max_msg_size
-        self._spin = max(spin_us, 0) / 1e6
+        self._open_core(max_msg_size, spin_us,
+                        ("probes", "eagain", "unverified_dropped", "refused_names",
+                         "handshake_failures", "auth_failures"),
+                        log, max_queued, self._repost_held)
         self._probe_interval = probe_interval
-        self._lock = threading.Lock()
-        self._closed = False
         self._fids: list[Any] = []  # opened libfabric objects, closed in reverse order
         self._info: Any = None
         self._ep_fd: Any = None
@@ -163,15 +160,8 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
         self._bell: socket.socket | None = None  # shm: see _doorbell
         self._bells: dict[Addr, bytes] = {}
         self._wait_fd = -1
-        self.stats = dict.fromkeys(
-            ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
-             "rma_bytes", "peer_failures", "protocol_errors", "canceled", "expected_dropped",
-             "probes", "eagain", "rma_served", "rma_refused", "unverified_dropped",
-             "refused_names", "handshake_failures", "auth_failures"), 0)
-        self._ep_poll = select.epoll()
-        self._cq = core.CompletionQueue()
-        self._ep_poll.register(self._cq.wake_fd, select.EPOLLIN)
-        self._matcher = core.Matcher(self._cq, self.stats, log, max_queued, self._repost_held)
+        self._poll_set = select.epoll()
+        self._poll_set.register(self._cq.wake_fd, select.EPOLLIN)
         self._reqs: dict[int, _Req] = {}
         self._backlog: deque[_Req] = deque()
         self._blocked: dict[Addr | None, int] = {}  # peers with requests in the backlog
@@ -285,7 +275,7 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
                                 timeout=self._shake_timeout)
         if self._timer_fd >= 0 and self.transport == "shm":
             self._bell = _doorbell(self._name)
-            self._ep_poll.register(self._bell.fileno(), select.EPOLLIN)
+            self._poll_set.register(self._bell.fileno(), select.EPOLLIN)
         self._self_addr = Addr(self._uri_of(self._name), listen)
         self._peers[self._self_addr.uri] = self._self_addr
         self._by_name[self._name] = self._self_addr
@@ -346,12 +336,12 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
             rc = lib.fi_control(_fid(self._cq_fid), lib.FI_GETWAIT, fd)
             if rc == 0 and fd[0] >= 0:
                 self._wait_fd = fd[0]
-                self._ep_poll.register(self._wait_fd, select.EPOLLIN)
+                self._poll_set.register(self._wait_fd, select.EPOLLIN)
                 return
         self._timer_fd = lib.petasus_timerfd(SHM_TICK_US)
         if self._timer_fd < 0:
             raise OSError(ffi.errno, f"timerfd_create: {os.strerror(ffi.errno)}")
-        self._ep_poll.register(self._timer_fd, select.EPOLLIN)
+        self._poll_set.register(self._timer_fd, select.EPOLLIN)
 
     def _open_rx_pool(self, n: int) -> None:
         self._slot = self._max_msg + 1 + 256
@@ -385,7 +375,7 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
         if self._info is not None:
             lib.fi_freeinfo(self._info)
             self._info = None
-        self._ep_poll.close()
+        self._poll_set.close()
         self._cq.close()
         if self._bell is not None:
             self._bell.close()
@@ -397,34 +387,12 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PluginCore):
         self._blocked.clear()
         self._held.clear()
 
-    def close(self) -> None:
-        """Close the endpoint; pending operations complete as canceled (run trigger())."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            reason = "the plugin was closed"
-            self._matcher.close(reason)
-            for req in itertools.chain(self._reqs.values(), self._backlog):
-                if req.op is not None:
-                    self._cq.fail(req.op, Canceled(req.op.kind.name.lower(), _uri(req.addr),
-                                                reason))
-            for op, _start in itertools.chain(*self._held.values()):
-                if op.state != OpState.FINISHED:
-                    self._cq.fail(op, Canceled(op.kind.name.lower(), _uri(op.addr), reason))
-            self._release()
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._by_name)} peers"
         uri = self._self_addr.uri if hasattr(self, "_self_addr") else self.scheme
         return f"<OfiPlugin {uri} provider={getattr(self, 'provider', '?')} {state}>"
 
-    def statistics(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.stats)
-        out.update(uri=self._self_addr.uri, provider=self.provider,
-                   open_connections=len(self._by_name), registrations=len(self._regs),
-                   queued_bytes=self._matcher.queued, spin_us=int(self._spin * 1e6),
-                   wait="fd" if self._wait_fd >= 0 else "spin+timer", mr_mode=self._mr_mode,
-                   in_flight=len(self._reqs) - len(self._rx) // self._slot,
-                   callback_errors=self._cq.callback_errors)
-        return out
+    def _statistics(self) -> dict[str, Any]:
+        return {"provider": self.provider, "open_connections": len(self._by_name),
+                "wait": "fd" if self._wait_fd >= 0 else "spin+timer", "mr_mode": self._mr_mode,
+                "in_flight": len(self._reqs) - len(self._rx) // self._slot}

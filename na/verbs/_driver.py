@@ -27,6 +27,7 @@ from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
 from pyverbs.srq import SRQ, SrqAttr, SrqInitAttr
 from pyverbs.wr import SGE, RecvWR, SendWR
 
+from .._pinning import pin as _pinned
 from ..errors import NAError
 from . import _protocol as p
 from ._wire import Hello, gid_from_bytes, gid_to_bytes
@@ -78,24 +79,11 @@ def _check_abi() -> None:
 
 
 def pin(view: memoryview) -> tuple[Any, int]:
-    """(holder, address) of ``view``'s bytes; the holder keeps the memory alive.
-
-    The holder is a cffi view of the buffer's exporter (bytearray, mmap, numpy array), never
-    of the memoryview: a from_buffer of a memoryview that falls into a garbage cycle can be
-    cleared by the GC while exported (the SIGSEGV the ofi plugin measured, na/ofi/_common.py).
-    """
-    probe = _ffi.from_buffer(view)
-    addr = int(_ffi.cast("uintptr_t", probe))
-    _ffi.release(probe)
-    try:
-        owner = _ffi.from_buffer(view.obj)
-    except (TypeError, ValueError, BufferError):
-        owner = None
-    if owner is not None:
-        base = int(_ffi.cast("uintptr_t", owner))
-        if base <= addr and addr + len(view) <= base + len(owner):
-            return (owner, view.obj), addr
-    return view, addr  # an exporter cffi cannot view: the view itself (no cycle through cffi)
+    """(holder, address) of ``view``'s bytes; the holder keeps the memory alive: a cffi view
+    of the buffer's exporter (``na._pinning``), or the view itself for an exporter cffi cannot
+    view (no cycle through cffi then)."""
+    owner, addr = _pinned(_ffi, view)
+    return (view if owner is None else owner), addr
 
 
 def _comp_channel(ctx: Context) -> tuple[CompChannel, int]:

@@ -81,7 +81,7 @@ class Links:
             self._peer_failed(addr, f"could not connect to {parts.host}:{parts.tcp_port}: "
                                     f"{errno.errorcode.get(rc, rc)}")
             return conn
-        self._ep.register(sock.fileno(), select.EPOLLOUT)
+        self._poll_set.register(sock.fileno(), select.EPOLLOUT)
         return conn
 
     def _accept(self) -> None:
@@ -95,7 +95,7 @@ class Links:
             conn = Conn(None, sock, ACCEPTING, False)
             self._conns.append(conn)
             self._fds[sock.fileno()] = conn
-            self._ep.register(sock.fileno(), select.EPOLLIN)
+            self._poll_set.register(sock.fileno(), select.EPOLLIN)
 
     def _my_hello(self, conn: Conn, status: int = w.ACCEPT, reason: str = "") -> bytes:
         dev = self._dev
@@ -169,7 +169,7 @@ class Links:
             self._peer_failed(addr, f"no room for a connection here: {exc}")  # type: ignore[arg-type]
             return
         conn.state = WAITING
-        self._ep.modify(sock.fileno(), select.EPOLLIN)  # type: ignore[union-attr]
+        self._poll_set.modify(sock.fileno(), select.EPOLLIN)  # type: ignore[union-attr]
         self._write(conn, self._my_hello(conn))
 
     def _on_hello(self, conn: Conn, hello: w.Hello) -> None:
@@ -235,7 +235,7 @@ class Links:
             return  # the read side reports the failure
         conn.out = conn.out[n:]
         mask = select.EPOLLIN | (select.EPOLLOUT if conn.out else 0)
-        self._ep.modify(sock.fileno(), mask)
+        self._poll_set.modify(sock.fileno(), mask)
 
     # -- ending connections ---------------------------------------------------------------------
     def _socket_closed(self, conn: Conn, cause: str) -> None:
@@ -262,7 +262,7 @@ class Links:
         if conn.sock is not None:
             self._fds.pop(conn.sock.fileno(), None)
             try:
-                self._ep.unregister(conn.sock.fileno())
+                self._poll_set.unregister(conn.sock.fileno())
             except (OSError, ValueError):
                 pass
             conn.sock.close()

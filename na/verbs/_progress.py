@@ -9,8 +9,7 @@ event), so neither ``progress()`` nor an asyncio loop waiting on ``poll_fd()`` m
 
 from __future__ import annotations
 
-import os
-import time
+from collections.abc import Iterator
 from typing import Any
 
 from ..core import NAK_KEY, REFUSALS, refusal
@@ -27,10 +26,7 @@ CQ_BATCH = 64
 class Progress:
     """Mixin of ``VerbsPlugin`` (its state is created in ``VerbsPlugin.__init__``)."""
 
-    # -- progress -------------------------------------------------------------------------------
-    def poll_fd(self) -> int:
-        return self._ep.fileno()
-
+    # -- progress (the loop is na._polled's) ----------------------------------------------------
     def _poll_cq(self) -> int:
         """Read and handle completions until the CQ is empty (caller holds the lock)."""
         total = 0
@@ -117,10 +113,10 @@ class Progress:
                 if conn is not None:
                     self._on_socket(conn, ev)
 
-    def _pass(self) -> int:
-        """One non-blocking pass over the CQ and the sockets (caller holds the lock)."""
+    def _pass(self, now: float) -> int:
+        """One non-blocking pass over the CQ and the sockets."""
         got = self._poll_cq()
-        events = self._ep.poll(0)
+        events = self._poll_set.poll(0)
         if events:
             self._on_events(events)
             got += len(events) + self._poll_cq()
@@ -137,46 +133,22 @@ class Progress:
             if not n:
                 return got
 
-    def progress(self, timeout: float = 0.0) -> bool:
-        """Drive the device for up to ``timeout`` seconds; True once completions are ready."""
-        self._check_open("progress")
-        cqueue, lock = self._cq, self._lock
-        ops = cqueue.ops
-        if ops:
-            return True
-        done = cqueue.completed
-        now = time.monotonic()
-        deadline = now + timeout
-        spin_end = now + self._spin
-        while True:
-            with lock:
-                if self._closed:
-                    return bool(ops)
-                got = self._pass()
-                now = time.monotonic()
-                if ops or cqueue.completed != done or now >= deadline:
-                    self._arm()  # whoever waits on poll_fd() next must be woken
-                    return bool(ops) or cqueue.completed != done
-            if got:
-                spin_end = now + self._spin
-            if now < spin_end:
-                os.sched_yield()
-                continue
-            with lock:
-                if self._closed:
-                    return False
-                if self._arm():
-                    continue
-            cqueue.polling += 1
-            try:
-                events = self._ep.poll(max(0.0, deadline - now))
-            finally:
-                cqueue.polling -= 1
-            with lock:
-                if self._closed:
-                    return bool(ops)
-                self._on_events(events)
-            spin_end = time.monotonic() + self._spin
+    def _may_block(self, wait: float) -> float | None:
+        """Sleep only once the CQ is armed and the poll after arming found nothing: a
+        completion that came before the arm makes no event on the channel."""
+        return None if self._arm() else wait
+
+    def _leave(self) -> None:
+        self._arm()  # whoever waits on poll_fd() next must be woken
+
+    def _pending(self) -> Iterator[Op | None]:
+        for conn in self._conns:
+            for out in conn.sq.queue:
+                yield out.op
+        for _conn, out, _slot in self._work.values():
+            yield out.op
+        for op, _addr in self._rma_wait.values():
+            yield op
 
     # -- receiving ------------------------------------------------------------------------------
     def _on_frame(self, conn: Conn, data: memoryview) -> None:

@@ -38,13 +38,12 @@ import itertools
 import mmap
 import select
 import socket
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 from .. import core
-from ..errors import Canceled, PeerError
-from ..generic import PluginCore
+from .._polled import PolledPlugin
+from ..errors import PeerError
 from ..types import Access, Addr, MemHandle, Op, OpKind, OpState
 from . import _protocol as p
 from . import _wire as w
@@ -71,7 +70,7 @@ class Region:
     holder: Any
 
 
-class VerbsPlugin(Progress, Links, PluginCore):
+class VerbsPlugin(Progress, Links, PolledPlugin):
     """An RDMA device port, its SRQ and CQ, an out-of-band listener, and RC connections."""
 
     scheme = "verbs"
@@ -86,21 +85,12 @@ class VerbsPlugin(Progress, Links, PluginCore):
         if parts.host in ("0.0.0.0", "::"):
             raise ValueError(f"{uri!r}: name the address peers reach this one at, not "
                              f"{parts.host}")
-        self._max_msg = max_msg_size
+        self._open_core(max_msg_size, spin_us, ("rma_two_sided", "connections", "retired"), log,
+                        max_queued, lambda: self._withhold(False))
         self._two_sided = min(two_sided_max, max_msg_size)
         self._slot_body = max(max_msg_size, self._two_sided)
         self._slot = w.HEADER_SIZE + w.RMA_REQ.size + self._slot_body
-        self._spin = max(spin_us, 0) / 1e6
-        self._lock = threading.Lock()
-        self._closed = False
-        self.stats = dict.fromkeys(
-            ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops",
-             "rma_bytes", "rma_two_sided", "rma_served", "rma_refused", "peer_failures",
-             "protocol_errors", "canceled", "expected_dropped", "connections", "retired"), 0)
-        self._cq = core.CompletionQueue()
-        self._matcher = core.Matcher(self._cq, self.stats, log, max_queued,
-                                     lambda: self._withhold(False))
-        self._ep = select.epoll()
+        self._poll_set = select.epoll()
         self._fds: dict[int, Any] = {}
         self._conns: list[Any] = []
         self._by_qpn: dict[int, Any] = {}
@@ -136,7 +126,7 @@ class VerbsPlugin(Progress, Links, PluginCore):
             self._budget = p.ReceiveBudget(self._dev.srq_size)
             self._rma_chunk = min(rma_chunk, self._dev.limits.port_max_msg)
             for fd in (self._cq.wake_fd, self._dev.fd, self._listener.fileno()):
-                self._ep.register(fd, select.EPOLLIN)
+                self._poll_set.register(fd, select.EPOLLIN)
         except BaseException:
             self._release()
             raise
@@ -196,6 +186,8 @@ class VerbsPlugin(Progress, Links, PluginCore):
 
     def _release(self) -> None:
         """Close what was opened, newest first; safe on a half-opened instance."""
+        self._work.clear()
+        self._rma_wait.clear()
         for conn in list(self._conns):
             self._close_socket(conn)
             if conn.qp is not None and self._dev is not None:
@@ -217,45 +209,21 @@ class VerbsPlugin(Progress, Links, PluginCore):
         for view in self._recv_views:
             view.release()
         self._recv_views.clear()
-        self._ep.close()
+        self._poll_set.close()
         self._listener.close()
         self._cq.close()
-
-    def close(self) -> None:
-        """Close the plugin; pending operations complete as canceled (run trigger())."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            reason = "the plugin was closed"
-            self._matcher.close(reason)
-            pending = [out.op for conn in self._conns for out in conn.sq.queue]
-            pending += [out.op for _c, out, _s in self._work.values()]
-            pending += [op for op, _a in self._rma_wait.values()]
-            for op in pending:
-                if op is not None and op.state != OpState.FINISHED:
-                    self._cq.fail(op, Canceled(op.kind.name.lower(),
-                                               op.addr.uri if op.addr else None, reason))
-            self._work.clear()
-            self._rma_wait.clear()
-            self._release()
 
     def __repr__(self) -> str:
         uri = self._self_addr.uri if hasattr(self, "_self_addr") else self.scheme
         state = "closed" if self._closed else f"{len(self._conns)} connections"
         return f"<VerbsPlugin {uri} {state}>"
 
-    def statistics(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.stats)
-        out.update(uri=self._self_addr.uri, registrations=len(self._regs),
-                   regions=len(self._cache) if self._dev else 0,
-                   cache_hits=self._cache.hits if self._dev else 0,
-                   queued_bytes=self._matcher.queued, spin_us=int(self._spin * 1e6),
-                   two_sided_max=self._two_sided, rma_chunk=self._rma_chunk,
-                   in_flight=len(self._work), send_slots=self._send_pool.total,
-                   receive_slots=self._recv_pool.total,
-                   callback_errors=self._cq.callback_errors)
-        return out
+    def _statistics(self) -> dict[str, Any]:
+        return {"regions": len(self._cache) if self._dev else 0,
+                "cache_hits": self._cache.hits if self._dev else 0,
+                "two_sided_max": self._two_sided, "rma_chunk": self._rma_chunk,
+                "in_flight": len(self._work), "send_slots": self._send_pool.total,
+                "receive_slots": self._recv_pool.total}
 
     # -- addresses ------------------------------------------------------------------------------
     def _lookup(self, uri: str) -> Addr:
@@ -340,38 +308,28 @@ class VerbsPlugin(Progress, Links, PluginCore):
             conn.sq.push(p.Out(w.EXPECTED if expected else w.UNEXPECTED, op, view))
             self._flush(conn)
 
-    def _start_op(self, op: Op) -> Op:
-        name, addr, length = op.kind.name.lower(), op.addr, op.length
-        with self._lock:
-            self._check_open(name)
-            self.stats["rma_ops"] += 1
-            self.stats["rma_bytes"] += length
-            if addr.dead:  # type: ignore[union-attr]
-                self._cq.fail(op, PeerError(name, addr.uri, addr.dead))  # type: ignore[union-attr]
-                return op
-            if length == 0:
-                self._cq.post(op)
-                return op
-            conn = self._conn_for(addr)  # type: ignore[arg-type]
-            if addr.dead:  # type: ignore[union-attr]
-                self._cq.fail(op, PeerError(name, addr.uri, addr.dead))  # type: ignore[union-attr]
-                return op
-            if p.two_sided(length, self._two_sided):
-                self.stats["rma_two_sided"] += 1
-                rma_id = next(self._rma_ids)
-                self._rma_wait[rma_id] = (op, addr)  # type: ignore[assignment]
-                if op.kind == OpKind.GET:
-                    conn.sq.push(p.Out(w.GET_REQ, op, None, extra=rma_id))
-                else:
-                    data = op.local.view[op.local_off:op.local_off + length]
-                    conn.sq.push(p.Out(w.PUT_REQ, op, data, extra=rma_id))
+    def _start_transfer(self, op: Op) -> None:
+        addr: Addr = op.addr  # type: ignore[assignment]
+        length = op.length
+        conn = self._conn_for(addr)
+        if addr.dead:  # the dial failed at once
+            self._cq.fail(op, PeerError(op.kind.name.lower(), addr.uri, addr.dead))
+            return
+        if p.two_sided(length, self._two_sided):
+            self.stats["rma_two_sided"] += 1
+            rma_id = next(self._rma_ids)
+            self._rma_wait[rma_id] = (op, addr)
+            if op.kind == OpKind.GET:
+                conn.sq.push(p.Out(w.GET_REQ, op, None, extra=rma_id))
             else:
-                pieces = p.split(length, self._rma_chunk)
-                op.remaining = len(pieces)
-                for piece in pieces:
-                    conn.sq.push(p.Out(0, op, piece=piece))
-            self._flush(conn)
-        return op
+                data = op.local.view[op.local_off:op.local_off + length]  # type: ignore[union-attr]
+                conn.sq.push(p.Out(w.PUT_REQ, op, data, extra=rma_id))
+        else:
+            pieces = p.split(length, self._rma_chunk)
+            op.remaining = len(pieces)
+            for piece in pieces:
+                conn.sq.push(p.Out(0, op, piece=piece))
+        self._flush(conn)
 
     def _cancel_transfer(self, op: Op) -> bool:
         """Withdraw what is queued of ``op``; True if the NIC still holds its memory.
