@@ -1,7 +1,7 @@
 """One small RPC carrying a bulk handle that the server pulls (``take(handle)``): the call
 rate at 4 KiB, 64 KiB and 1 MiB, over tcp and sm, one call at a time.
 
-    python bench/handle_rpc.py [--json] [--seconds S] [tcp] [sm]
+    python bench/handle_rpc.py [--json] [--seconds S] [--sizes N,N] [tcp] [sm]
 
 The server runs in a child process (``--serve URI``) with a handler that pulls the handle into
 memory it already owns. This is the path of bulk.py's "rma-take" rows without the rest of
@@ -50,7 +50,8 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(name: str, seconds: float) -> dict[int, tuple[float, float, float]]:
+def measure(name: str, seconds: float,
+            sizes: tuple[int, ...] = SIZES) -> dict[int, tuple[float, float, float]]:
     uri = URIS[name]
     server = subprocess.Popen([sys.executable, __file__, "--serve", uri],
                               stdout=subprocess.PIPE, text=True)
@@ -60,7 +61,7 @@ def measure(name: str, seconds: float) -> dict[int, tuple[float, float, float]]:
         with hg.Engine(uri) as client:
             client.declare(take)
             remote = client.lookup(target)
-            for size in SIZES:
+            for size in sizes:
                 with client.bulk(bytearray(size), bulk.READ_ONLY, eager=False) as handle:
                     for _ in range(200):
                         remote.take(handle)
@@ -84,6 +85,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="per size (default 1)")
     parser.add_argument("plugins", nargs="*", metavar="PLUGIN",
                         help=f"plugins to measure, of {', '.join(URIS)} (default: all)")
+    parser.add_argument("--sizes", type=lambda v: tuple(int(x) for x in v.split(",")),
+                        default=SIZES, help="comma-separated sizes in bytes (default: "
+                        f"{','.join(map(str, SIZES))})")
     parser.add_argument("--serve", metavar="URI", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.serve:
@@ -93,7 +97,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown plugins: {', '.join(sorted(unknown))}")
     for name in opts.plugins or URIS:
-        for size, (rate, client_us, server_us) in measure(name, opts.seconds).items():
+        for size, (rate, client_us, server_us) in measure(name, opts.seconds, opts.sizes).items():
             row = {"bench": "handle_rpc", "plugin": name, "op": "take", "size": size,
                    "value": round(rate, 1), "unit": "ops/s",
                    "client_cpu_us": round(client_us, 1), "server_cpu_us": round(server_us, 1)}

@@ -18,7 +18,8 @@ worse than blocking:
   more than ``SLACK`` times the blocking waits the budget drops to zero; a late catch also
   halves it;
 - a spin that runs out (a *miss*) means the peer is slow rather than that spinning is: it
-  does not touch the averages, but halves the budget (below ``limit / 8``: zero), so an idle
+  does not touch the averages; the second in a row halves the budget (below ``limit / 8``:
+  zero; a lone miss among hits is a slow call, not an idle peer), so an idle
   loop stops burning CPU, and a hit restores it;
 - while the budget is zero, a blocking wait that ended within ``limit`` is one a spin could
   have caught: if spins average well enough, the budget is back to ``limit`` at once; otherwise,
@@ -43,6 +44,11 @@ WEIGHT = 1 / 8  # of each new wait in its average
 # averaged 1.8x the blocking waits) and did 25.5K/s where always spinning did 34.9K/s; with a
 # busy process on the CPU, spins averaged 2.3-10x.
 SLACK = 2.0
+# Spins in a row that must run out before the budget halves. One miss among hits is a call
+# that took longer than most (a handler that pulls, a page fault), not an idle peer: halving
+# on it cost three more misses or blocking waits before the budget came back, and made
+# handle RPCs over sm, both ends pinned apart, 0.5-0.7x the fixed budget (bench/handle_rpc.py).
+MISS_RUN = 2
 # PETASUS_SPIN_ADAPT=0: the fixed budget of before (spin the whole limit after every event),
 # for comparison and for machines where the heuristic guesses wrong.
 ADAPT = os.environ.get("PETASUS_SPIN_ADAPT", "1") != "0"
@@ -52,7 +58,7 @@ class SpinPolicy:
     """The spin budget (seconds) of one progress loop, and what moves it."""
 
     __slots__ = ("adapt", "block_avg", "budget", "cap", "floor", "hits", "late", "limit",
-                 "misses", "probe_after", "probes", "probing", "quick", "spin_avg")
+                 "miss_run", "misses", "probe_after", "probes", "probing", "quick", "spin_avg")
 
     def __init__(self, limit: float, adapt: bool = ADAPT) -> None:
         if limit < 0:
@@ -69,6 +75,7 @@ class SpinPolicy:
         self.probe_after = PROBE_MIN
         self.probing = False
         self.quick = 0  # blocking waits in a row that a spin could have caught
+        self.miss_run = 0  # spins in a row that ran out
         self.hits = self.late = self.misses = self.probes = 0
 
     def __repr__(self) -> str:
@@ -88,6 +95,7 @@ class SpinPolicy:
             self.hits += 1
             return
         probing, self.probing = self.probing, False
+        self.miss_run = 0
         # A probe is fresh news after a stretch of blocking: it counts for half the average.
         self.spin_avg += (min(waited, self.cap) - self.spin_avg) * (0.5 if probing else WEIGHT)
         if self.spin_avg > SLACK * self.block_avg:
@@ -114,11 +122,12 @@ class SpinPolicy:
             self.misses += 1
             return
         self.misses += 1
+        self.miss_run += 1
         if self.probing:
             self.probing = False
             self.probe_after = min(PROBE_MAX, self.probe_after * 2)
             self.budget = 0.0
-        else:
+        elif self.miss_run >= MISS_RUN:
             self._halve()
 
     def woke(self, waited: float) -> None:

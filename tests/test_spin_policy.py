@@ -49,17 +49,28 @@ def test_a_hit_after_one_late_catch_restores_the_budget() -> None:
     assert policy.budget == LIMIT
 
 
-def test_misses_halve_the_budget_to_zero_without_touching_the_averages() -> None:
+def test_misses_in_a_row_halve_the_budget_to_zero_without_touching_the_averages() -> None:
     policy = SpinPolicy(LIMIT)
     policy.caught(40 * US)
     average = policy.spin_avg
     budgets = []
-    for _ in range(4):
+    for _ in range(5):
         policy.missed()
         budgets.append(policy.budget)
-    assert budgets == [LIMIT / 2, LIMIT / 4, LIMIT / 8, 0]
+    assert budgets == [LIMIT, LIMIT / 2, LIMIT / 4, LIMIT / 8, 0]
     assert policy.spin_avg == average
-    assert policy.misses == 4
+    assert policy.misses == 5
+
+
+def test_a_lone_miss_among_hits_keeps_the_budget() -> None:
+    # A call slower than most (a handler that pulls) is not an idle peer.
+    policy = SpinPolicy(LIMIT)
+    for _ in range(50):
+        policy.caught(40 * US)
+        policy.caught(40 * US)
+        policy.missed()
+        assert policy.budget == LIMIT
+    assert policy.misses == 50
 
 
 def _to_zero_by_late_catches(policy: SpinPolicy) -> None:
@@ -151,8 +162,9 @@ def test_statistics_report_the_counters() -> None:
     policy = SpinPolicy(LIMIT)
     policy.caught(10 * US)
     policy.missed()
+    policy.missed()
     stats = policy.statistics()
-    assert stats["spin_hits"] == 1 and stats["spin_misses"] == 1
+    assert stats["spin_hits"] == 1 and stats["spin_misses"] == 2
     assert stats["spin_budget_us"] == 100
     assert "budget=100us" in repr(policy)
 
