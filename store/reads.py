@@ -350,43 +350,54 @@ class Reads:
         for w in wanted:
             group = groups.get((w[3], w[2]))
             if group is None:
-                group = groups[(w[3], w[2])] = []
-            group.append(w)
+                groups[(w[3], w[2])] = [w]
+            else:
+                group.append(w)
+        limit, timeout = self._read_batch, self.timeout
         calls = []
         for (uri, nid), group in groups.items():
             read = self._node(uri).read
-            idx: list[tuple[int, int]] = []
-            items: list[list[Any]] = []
-            total = 0
-            for i, item, _nid, _uri, size in group:
-                if idx and total + size + 1 > self._read_batch:
-                    calls.append((idx, read.future(nid, cached, items, timeout=self.timeout)))
-                    idx, items, total = [], [], 0
-                idx.append((i, size))
-                items.append(item)
-                total += size + 1  # its flag byte
-            calls.append((idx, read.future(nid, cached, items, timeout=self.timeout)))
+            start = total = 0
+            for k, w in enumerate(group):
+                size = w[4] + 1  # its flag byte
+                if total and total + size > limit:
+                    part = group[start:k]
+                    calls.append((part, read.future(nid, cached, [x[1] for x in part],
+                                                    timeout=timeout)))
+                    start, total = k, 0
+                total += size
+            part = group[start:]
+            calls.append((part, read.future(nid, cached, [x[1] for x in part],
+                                            timeout=timeout)))
         out: dict[int, bytes | None] = {}
-        for idx, fut in calls:
+        for part, fut in calls:
             try:
                 answer = fut.result()
             except (hg.RPCError, hg.PeerError):
                 answer = b""
-            count = len(idx)
+            count = len(part)
             flags = answer[:count]
-            if len(flags) != count or len(answer) != count + sum(
-                    size for (_, size), flag in zip(idx, flags) if flag == 1) or \
-                    any(flag > 1 for flag in flags):
-                for i, _ in idx:  # failed, or an answer that does not add up
-                    out[i] = None
+            if len(flags) == count and flags.count(1) == count:  # every item read: the rule
+                pos = count
+                for w in part:
+                    end = pos + w[4]
+                    out[w[0]] = answer[pos:end]
+                    pos = end
+                if pos == len(answer):
+                    continue
+            elif len(flags) == count and flags.count(0) + flags.count(1) == count and \
+                    len(answer) == count + sum(w[4] for w, flag in zip(part, flags) if flag):
+                pos = count
+                for w, flag in zip(part, flags):
+                    if flag:
+                        end = pos + w[4]
+                        out[w[0]] = answer[pos:end]
+                        pos = end
+                    else:
+                        out[w[0]] = None
                 continue
-            pos = count
-            for (i, size), flag in zip(idx, flags):
-                if flag:
-                    out[i] = answer[pos : pos + size]
-                    pos += size
-                else:
-                    out[i] = None
+            for w in part:  # failed, or an answer that does not add up
+                out[w[0]] = None
         return out
 
     def _fetch(self, pending: list[tuple[int, p.Location, memoryview, Any]],

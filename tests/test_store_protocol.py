@@ -68,3 +68,66 @@ def test_a_replica_naming_no_node_of_the_answer_is_a_store_error(rep: object) ->
     wire = [[[1, "tcp://127.0.0.1:1", b"seg"]], [[0, "", 4096, 1, 1000, [rep], []]]]
     with pytest.raises(StoreError, match="malformed answer"):
         p.unpack_locations(wire, 1)
+
+
+class _Answer:
+    def __init__(self, answer: bytes | BaseException) -> None:
+        self.answer = answer
+
+    def result(self) -> bytes:
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+class _Node:
+    """A node whose ``read`` answers are scripted; records the items of each call."""
+
+    def __init__(self, answers: list[bytes | BaseException]) -> None:
+        self.answers = answers
+        self.calls: list[list[Any]] = []
+        self.read = self
+
+    def future(self, nid: int, cached: bool, items: list[Any], timeout: float) -> _Answer:
+        self.calls.append(items)
+        return _Answer(self.answers.pop(0))
+
+
+def _node_reads(answers: list[bytes | BaseException], sizes: list[int],
+                batch: int = 1 << 16) -> tuple[dict[int, bytes | None], _Node]:
+    from petasus.store.reads import Reads
+
+    node = _Node(answers)
+    reads = Reads()
+    reads._read_batch = batch
+    reads.timeout = 1.0  # type: ignore[attr-defined]
+    reads._node = lambda uri: node  # type: ignore[attr-defined]
+    wanted = [(i, [f"k{i}", 1, 0, size], 7, "tcp://node", size) for i, size in enumerate(sizes)]
+    return reads._node_reads(wanted, True), node
+
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    (b"\x01\x01abcde", {0: b"ab", 1: b"cde"}),
+    (b"\x01\x00ab", {0: b"ab", 1: None}),
+    (b"\x00\x01cde", {0: None, 1: b"cde"}),
+    (b"\x00\x00", {0: None, 1: None}),
+    (b"\x02\x01abcde", {0: None, 1: None}),  # a flag that is neither 0 nor 1
+    (b"\x01\x01abcdef", {0: None, 1: None}),  # a byte too many
+    (b"\x01\x01abcd", {0: None, 1: None}),  # a byte too few
+    (b"\x01\x00abcde", {0: None, 1: None}),  # a refused item's bytes sent anyway
+    (b"\x01", {0: None, 1: None}),  # flags cut short
+    (b"", {0: None, 1: None}),
+])
+def test_a_node_read_answer_that_does_not_add_up_reads_nothing(
+        answer: bytes, expected: dict[int, bytes | None]) -> None:
+    out, _node = _node_reads([answer], [2, 3])
+    assert out == expected
+
+
+def test_a_failed_node_read_reads_nothing_and_batches_split_at_the_message_size() -> None:
+    from petasus import hg
+
+    out, node = _node_reads([hg.RPCTimeout("read", "tcp://node", "no response"),
+                             b"\x01cde"], [2, 3], batch=4)
+    assert [len(items) for items in node.calls] == [1, 1]
+    assert out == {0: None, 1: b"cde"}
