@@ -144,28 +144,28 @@ def redis_rows(client: Any, sizes: list[int], src: Any, batch: int, small: int,
     client.delete(*keys)
 
 
-def crossover(kv: Any, label: str, src: Any, dst: memoryview, sizes: list[int],
+def crossover(uri: str, label: str, src: Any, dst: memoryview, sizes: list[int],
               emit: Callable[..., Any], rate: Callable[[Callable[[], int]], float]) -> None:
-    """Gets of each size through the node RPC (inline) and one-sided, same objects."""
-    for size in sizes:
-        keys = [f"x/{size}/{i}" for i in range(4)]
-        for key in keys:
-            kv.put(key, src[:size].tobytes(), overwrite=True)
-        turn = [0]
+    """Gets of each size through the node RPC (inline) and one-sided, same objects; each mode
+    from a client of its own, whose location cache holds only that mode's reads."""
+    with store.connect(uri) as writer:
+        for size in sizes:
+            for i in range(4):
+                writer.put(f"x/{size}/{i}", src[:size].tobytes(), overwrite=True)
+    for mode, limit in (("inline", 1 << 62), ("one_sided", -1)):
+        with store.connect(uri, inline_bytes=limit) as kv:
+            for size in sizes:
+                keys = [f"x/{size}/{i}" for i in range(4)]
+                turn = [0]
 
-        def get(keys: list[str] = keys, turn: list[int] = turn, size: int = size) -> int:
-            turn[0] += 1
-            kv.get_into(keys[turn[0] % 4], dst)
-            return 1
+                def get(keys: list[str] = keys, turn: list[int] = turn) -> int:
+                    turn[0] += 1
+                    kv.get_into(keys[turn[0] % 4], dst)
+                    return 1
 
-        saved = kv.inline_bytes
-        for mode, limit in (("inline", 1 << 62), ("one_sided", -1)):
-            kv.inline_bytes = limit
-            ops = rate(get)
-            emit(label, f"get_into_{mode}", size, 1, ops, "ops/s",
-                 us=round(1e6 / ops, 1), gb_s=round(ops * size / 1e9, 3))
-        kv.inline_bytes = saved
-        kv.remove_many(keys)
+                ops = rate(get)
+                emit(label, f"get_into_{mode}", size, 1, ops, "ops/s",
+                     us=round(1e6 / ops, 1), gb_s=round(ops * size / 1e9, 3))
 
 
 def disk_reads(scheme: str, label: str, src: Any, dst: memoryview, size: int,

@@ -285,7 +285,7 @@ def disk_store(scratch: Path, src: np.ndarray) -> store.Store:
 NET = {"tcp": "tcp://127.0.0.1:0", "sm": "sm://"}
 EMBEDDED_ONLY = "--embedded" in sys.argv
 DISTRIBUTED_ONLY = "--distributed" in sys.argv
-CROSSOVER = [1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB]
+CROSSOVER = [1 * KiB, 4 * KiB, 16 * KiB, 32 * KiB, 48 * KiB, 64 * KiB, 256 * KiB]
 
 
 def distributed(src: np.ndarray, dst: memoryview) -> None:
@@ -305,7 +305,7 @@ def distributed(src: np.ndarray, dst: memoryview) -> None:
             with cluster(scheme, dram=256 * MiB) as uri, store.connect(uri) as kv:
                 singles(kv, None, src, dst, label)
                 batches(kv, src, label)
-                crossover(kv, label, src, dst, CROSSOVER, emit, rate)
+                crossover(uri, label, src, dst, CROSSOVER, emit, rate)
             disk_reads(scheme, label, src, dst, 64 * KiB, emit, rate)
 
 

@@ -33,14 +33,20 @@ from .metrics import merge_histograms
 from .reads import READ_SLACK, Reads
 
 # Objects up to this size are read and written through a node RPC rather than one-sided:
-# below it the RPC's copy costs less than a bulk round trip (bench/store.py, "crossover").
-INLINE_BYTES = 16 << 10
+# below it the RPC's copy costs less than a bulk round trip. Per transport, from
+# bench/store.py's crossover rows (a cached get_into, each mode from a client of its own): over
+# tcp the RPC was faster up to 60 KiB (48 KiB: 86-90 us against 109-112 us one-sided), over sm
+# up to 24-32 KiB (32 KiB: 75-95 against 82-86 us; 48 KiB even). Other transports, unmeasured:
+# INLINE_DEFAULT. Every one stays under a message (``_read_batch``), past which a read
+# answer would take the overflow path (64 KiB: 370 us).
+INLINE_BYTES = {"tcp": 48 << 10, "sm": 32 << 10}
+INLINE_DEFAULT = 16 << 10
 RETRY_S = 0.005  # first back-off of a put that found no room; doubles up to 0.1 s
 
 
 class DistributedStore(Reads, Store):
     def __init__(self, uri: str, *, timeout: float = 30.0, put_timeout: float = 10.0,
-                 replicas: int = 1, disk_read: str = "push", inline_bytes: int = INLINE_BYTES,
+                 replicas: int = 1, disk_read: str = "push", inline_bytes: int | None = None,
                  preferred: str = "", max_key_bytes: int = 4096,
                  max_value_bytes: int = 1 << 30, cache_locations: bool = True,
                  **engine_options: Any) -> None:
@@ -49,10 +55,14 @@ class DistributedStore(Reads, Store):
         self.uri = uri
         self.timeout, self.put_timeout = timeout, put_timeout
         self.replicas, self.disk_read = replicas, disk_read
-        self.inline_bytes, self.preferred = inline_bytes, preferred
+        self.preferred = preferred
         self.max_key_bytes, self.max_value_bytes = max_key_bytes, max_value_bytes
         self.engine = hg.Engine(uri, timeout=timeout, **engine_options)
         self._read_batch = max(self.engine.na.msg_get_max_expected_size() - READ_SLACK, 1)
+        if inline_bytes is None:
+            inline_bytes = min(INLINE_BYTES.get(uri.split("://", 1)[0], INLINE_DEFAULT),
+                               self._read_batch - 1)
+        self.inline_bytes = inline_bytes
         self.engine.declare(p.MASTER_RPCS, p.NODE_RPCS)
         self.master = self.engine.lookup(uri, provider_id=p.MASTER_PROVIDER)
         self.client_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
