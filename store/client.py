@@ -36,10 +36,11 @@ from .reads import READ_SLACK, Reads
 # below it the RPC's copy costs less than a bulk round trip. Per transport, from
 # bench/store.py's crossover rows (a cached get_into, each mode from a client of its own): over
 # tcp the RPC was faster up to 60 KiB (48 KiB: 86-90 us against 109-112 us one-sided), over sm
-# up to 24-32 KiB (32 KiB: 75-95 against 82-86 us; 48 KiB even). Other transports, unmeasured:
+# up to 24 KiB (73-85 against 84-92 us; at 32 KiB one run each way: 75-95 against 82-86 us,
+# then 120 against 89 us). Other transports, unmeasured:
 # INLINE_DEFAULT. Every one stays under a message (``_read_batch``), past which a read
 # answer would take the overflow path (64 KiB: 370 us).
-INLINE_BYTES = {"tcp": 48 << 10, "sm": 32 << 10}
+INLINE_BYTES = {"tcp": 48 << 10, "sm": 24 << 10}
 INLINE_DEFAULT = 16 << 10
 RETRY_S = 0.005  # first back-off of a put that found no room; doubles up to 0.1 s
 
