@@ -152,8 +152,8 @@ class EventLoop:
                 spin_end = time.monotonic() + policy.budget
 
     def hold(self) -> None:
-        """Queue sends until ``release()``, as during a trigger pass: what a batch of asyncio
-        tasks sends in one turn of their loop leaves in one ``sendmsg`` (na/driver.py)."""
+        """Queue sends until ``release()``: what a trigger pass's callbacks send leaves at its
+        end, one ``sendmsg`` per peer."""
         self.outbox.in_pass += 1
 
     def release(self) -> None:
