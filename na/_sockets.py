@@ -24,11 +24,11 @@ from ._peering import AuthFailed, Peering
 from ._rma import EmulatedRma
 from ._transport import Transport
 from .core import (
+    ADAPTIVE_SPIN_US,
     MAX_MSG_SIZE,
     MAX_QUEUED,
     MAX_QUEUED_PEER,
     MAX_TAG,
-    SPIN_US,
     Registrations,
     pack_handle,
     register_view,
@@ -58,7 +58,7 @@ class SocketPlugin(PluginCore):
     _gathers = True  # a message's parts go into one sendmsg as they are
 
     def __init__(self, transport: Transport, listen: bool, *, max_msg_size: int = MAX_MSG_SIZE,
-                 spin_us: int = SPIN_US, rma_chunk: int = RMA_CHUNK,
+                 spin_us: int = ADAPTIVE_SPIN_US, rma_chunk: int = RMA_CHUNK,
                  max_queued: int = MAX_QUEUED, max_queued_peer: int = MAX_QUEUED_PEER,
                  auth_key: bytes | str | None = None, **limits: Any) -> None:
         if max_msg_size < 1 or rma_chunk < 1:

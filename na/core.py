@@ -36,6 +36,12 @@ MAX_QUEUED_PEER = 1024 * 1024
 # requests would have been 3 million entries.
 _QUEUED_COST = 160
 SPIN_US = int(os.environ.get("PETASUS_SPIN_US", "200"))  # DESIGN: ~70 us wake-up vs ~6 us poll
+# The limit of the socket plugins' adaptive spin (na/_spin.py), which stops spinning where it
+# does not pay and so can afford a longer one: a wait just past the limit pays a wake-up on
+# top. An RPC whose handler pulls 1 MiB over sm waited ~210 us and ran at 0.73-0.82x the old
+# fixed 200 us spin (whose handler was quicker); at 400 us, 1.06x (1 MiB over tcp: 1.17x),
+# small calls unchanged (bench/handle_rpc.py, five alternations against ad4be3a).
+ADAPTIVE_SPIN_US = int(os.environ.get("PETASUS_SPIN_US", "400"))
 
 # Why a target refused an RMA request; the codes travel in the refusal (one byte).
 NAK_KEY, NAK_BOUNDS, NAK_ACCESS, NAK_PROTOCOL = 1, 2, 3, 4
