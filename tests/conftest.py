@@ -10,7 +10,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,17 @@ from na_peer import Peer  # noqa: E402
 from rpc_peer import start_in_thread  # noqa: E402
 
 TIMEOUT = 20.0
+
+
+def pump(until: Callable[[], bool], *parties: Any, timeout: float = TIMEOUT) -> None:
+    """Drive ``parties`` (contexts or plugins: progress(0), then trigger) from this thread until
+    ``until()``; fail after ``timeout`` s. For tests that hold every end in one thread."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "the condition never came true"
+        for party in parties:
+            party.progress(0)
+            party.trigger()
 
 
 def _ipv6() -> bool:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import rpc_api as api
-from conftest import TIMEOUT, RpcPeer, Spec
+from conftest import TIMEOUT, RpcPeer, Spec, pump
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rpc_peer import start_in_thread
@@ -375,18 +375,9 @@ def test_kept_objects_are_let_go_when_idle(spec: Spec) -> None:
         server.register(api.echo_bytes, lambda data: data)
         client.declare(api)
         engines = (server.context, client.context)
-
-        def pump(until: Callable[[], bool]) -> None:
-            deadline = time.monotonic() + TIMEOUT
-            while not until():
-                assert time.monotonic() < deadline, "the condition never came true"
-                for party in engines:
-                    party.progress(0)
-                    party.trigger()
-
         data = api.pattern(36, 2 * MiB)
         call = client.lookup(server.uri).echo_bytes.future(data)
-        pump(lambda: call.done and server.statistics()["overflows"] == 2)
+        pump(lambda: call.done and server.statistics()["overflows"] == 2, *engines)
         assert client.wait(call) == data
         kept = [e.statistics()["overflow_kept"] for e in (server, client)]
         assert kept == ([2 * MiB, 2 * MiB] if adopt.ENABLED else [0, 0])
@@ -396,7 +387,7 @@ def test_kept_objects_are_let_go_when_idle(spec: Spec) -> None:
         assert [e.statistics()["overflow_kept"] for e in (server, client)] == kept
         clock.now += adopt.POOL_IDLE / 2
         pump(lambda: server.statistics()["overflow_kept"] ==
-             client.statistics()["overflow_kept"] == 0)
+             client.statistics()["overflow_kept"] == 0, *engines)
 
 
 def test_a_landing_that_cannot_be_registered_keeps_nothing(spec: Spec,
@@ -669,14 +660,6 @@ def test_overflow_memory_is_budgeted_and_stalled_pulls_time_out(spec: Spec) -> N
         remote = client.lookup(server.uri)
         engines = (server.context, client.context)
 
-        def pump(until: Callable[[], bool], *plugins: na.Plugin) -> None:
-            deadline = time.monotonic() + TIMEOUT
-            while not until():
-                assert time.monotonic() < deadline, "the condition never came true"
-                for party in (*engines, *plugins):
-                    party.progress(0)
-                    party.trigger()
-
         memory = bytearray(3 * MiB)
         handle = staller.mem_register(memory, na.Access.READ_ONLY)
         wire = layout.Wire(1, staller.addr_serialize(staller.addr_self()), (3 * MiB,),
@@ -685,26 +668,26 @@ def test_overflow_memory_is_budgeted_and_stalled_pulls_time_out(spec: Spec) -> N
         # A first exchange sets the path up (ofi makes first contact in both progress loops).
         hello = staller.msg_recv_expected(addr, bytearray(4096), 9)
         staller.msg_send_unexpected(addr, hd.encode_request(hd.rpc_id("nothing")), 9)
-        pump(lambda: hello.done, staller)
+        pump(lambda: hello.done, *engines, staller)
         # From here the staller runs no progress: the server's pull of its input stalls.
         reply = bytearray(4096)
         answer = staller.msg_recv_expected(addr, reply, 1)
         staller.msg_send_unexpected(addr, _more_data("digest", wire), 1)
-        pump(lambda: server.context.landing.held == 3 * MiB)
+        pump(lambda: server.context.landing.held == 3 * MiB, *engines)
         refused = remote.digest.future(bytes(2 * MiB))
-        pump(lambda: refused.done)
+        pump(lambda: refused.done, *engines)
         with pytest.raises(hg.RPCError, match="does not fit"):
             client.wait(refused)
         assert server.context.landing.held == 3 * MiB
         # overflow_timeout without a byte landing, the stalled pull is given up (canceled),
         # the staller is told so, and the budget is back.
         clock.now += 2.0
-        pump(lambda: server.statistics()["overflow_timeouts"] == 1)
-        pump(lambda: answer.done and server.context.landing.held == 0, staller)
+        pump(lambda: server.statistics()["overflow_timeouts"] == 1, *engines)
+        pump(lambda: answer.done and server.context.landing.held == 0, *engines, staller)
         assert reply[2] == hd.OVERFLOW and b"no bytes moved for 2 s" in reply[:answer.size]
         data = api.pattern(4, 3 * MiB)
         fine = remote.digest.future(data)
-        pump(lambda: fine.done)
+        pump(lambda: fine.done, *engines)
         assert client.wait(fine) == sha(data)
 
 

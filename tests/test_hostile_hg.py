@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import SPECS, TIMEOUT, Spec
+from conftest import SPECS, TIMEOUT, Spec, pump
 from store_cluster import wait_for
 from test_hg_core import FakeClock
 
@@ -386,14 +386,6 @@ def test_a_large_sm_pull_does_not_hold_another_clients_call_until_it_ends(spec: 
         server.register(take, len)
         good.declare(add)
         remote = good.lookup(server.uri)
-
-        def pump(until: Callable[[], bool], *parties: hg.Context) -> None:
-            deadline = time.monotonic() + TIMEOUT
-            while not until():
-                assert time.monotonic() < deadline, "the condition never came true"
-                for party in parties:
-                    party.progress(0)
-                    party.trigger()
 
         warm = remote.add.future(1, 1)  # the good client's connection, set up
         pump(lambda: warm.done, server.context, good.context)
