@@ -21,6 +21,13 @@ def add(x: hg.int32, y: hg.int32) -> hg.int32: ...
 def take(data: bytes) -> hg.uint64: ...
 
 
+def wait_served(engine: hg.Engine, condition: Callable[[], bool], what: str) -> None:
+    """Wait for state that the thread serving ``engine`` changes: the engine wakes its
+    waiters after each progress pass of that thread, so this waits on the condition, not on
+    time."""
+    assert engine.wait_until(condition, TIMEOUT), f"timed out after {TIMEOUT} s waiting for {what}"
+
+
 class Served:
     def __init__(self, uri: str, key: bytes | None = None, **options: Any) -> None:
         self.calls = 0
@@ -47,10 +54,7 @@ class Served:
         return self.engine.na.statistics()
 
     def wait_for(self, condition: Callable[[], bool], what: str) -> None:
-        """Wait for state the serving thread changes: the engine wakes its waiters after each
-        progress pass of that thread, so this waits on the condition, not on time."""
-        assert self.engine.wait_until(condition, TIMEOUT), \
-            f"timed out after {TIMEOUT} s waiting for {what}"
+        wait_served(self.engine, condition, what)
 
     def close(self) -> None:
         self.engine.shutdown()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import SPECS, TIMEOUT, Spec, pump
-from store_cluster import wait_for
+from served import wait_served
 from test_hg_core import FakeClock
 
 from petasus import bulk, hg, na
@@ -213,8 +213,8 @@ def test_a_peer_declaring_a_huge_input_cannot_refuse_another_clients_large_call(
             assert ret == hd.OVERFLOW and b"max_overflow_per_peer" in body
             stalled = hostile.declare(hostile.handle(16 * MiB))  # no progress from here
             if _stalls(spec):
-                wait_for(lambda: server.statistics()["overflow_held"] == 16 * MiB,
-                         "the hostile share to be held")
+                wait_served(server, lambda: server.statistics()["overflow_held"] == 16 * MiB,
+                            "the hostile share to be held")
             with hg.Engine(spec.uri, timeout=TIMEOUT, **spec.options) as good:
                 good.declare(add, take)
                 remote = good.lookup(server.uri)
@@ -228,7 +228,8 @@ def test_a_peer_declaring_a_huge_input_cannot_refuse_another_clients_large_call(
         finally:
             if hostile is not None:
                 hostile.close()  # its pull fails at once, and gives its share back
-        wait_for(lambda: server.statistics()["overflow_held"] == 0, "the share to come back")
+        wait_served(server, lambda: server.statistics()["overflow_held"] == 0,
+                    "the share to come back")
 
 
 # -- 3. a huge declared size costs no memory and no stall ------------------------------------------
@@ -247,8 +248,8 @@ def test_a_huge_declared_input_takes_no_memory_while_the_server_serves(spec: Spe
             wire = hostile.handle(1 << 30)
             before = _rss()
             stalled = hostile.declare(wire)
-            wait_for(lambda: server.statistics()["overflow_held"] == 1 << 30,
-                     "the pull to begin")
+            wait_served(server, lambda: server.statistics()["overflow_held"] == 1 << 30,
+                        "the pull to begin")
             with hg.Engine(spec.uri, timeout=TIMEOUT, **spec.options) as good:
                 good.declare(add, take)
                 assert good.lookup(server.uri).add(40, 2) == 42
@@ -259,7 +260,8 @@ def test_a_huge_declared_input_takes_no_memory_while_the_server_serves(spec: Spe
         finally:
             if hostile is not None:
                 hostile.close()
-        wait_for(lambda: server.statistics()["overflow_landings"] == 0, "the landing's unmap")
+        wait_served(server, lambda: server.statistics()["overflow_landings"] == 0,
+                    "the landing's unmap")
 
 
 # -- 4. a slow input that keeps moving is not cut off ----------------------------------------------
@@ -365,7 +367,7 @@ def test_a_failed_overflow_pull_unmaps_its_landing_at_once(spec: Spec) -> None:
                 assert ret == hd.OVERFLOW and b"could not be pulled" in body
             # The last reply goes out just before the pull's completion gives the landing
             # back; the progress pass after it unmaps what the completion still viewed.
-            wait_for(lambda: server.statistics()["overflow_landings"] == 0, "the unmaps")
+            wait_served(server, lambda: server.statistics()["overflow_landings"] == 0, "the unmaps")
             stats = server.statistics()
             assert stats["overflow_pinned"] == 0 and stats["overflow_held"] == 0
         finally:
@@ -442,5 +444,5 @@ def test_results_a_peer_never_takes_hold_at_most_its_share(spec: Spec) -> None:
             if hostile is not None:
                 hostile.close()
         # The hostile peer's result goes once its connection does (the ack fails).
-        wait_for(lambda: server.statistics()["overflow_exposed"] == 0,
-                 "the exposed result to be released")
+        wait_served(server, lambda: server.statistics()["overflow_exposed"] == 0,
+                    "the exposed result to be released")
