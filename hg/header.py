@@ -18,7 +18,6 @@ PROTOCOL = 1
 REQUEST = struct.Struct("!BBQBB")
 RESPONSE = struct.Struct("!BBBBI")
 
-# Request flags.
 # From this size a message goes to NA as its header and the value's encoded parts (a gather:
 # na.interface), not joined into one bytes first; below it the join costs less than the
 # longer iovec (memcpy ~10 GB/s here: ~1.6 us for 16 KiB). Only parts that are ``bytes``
@@ -33,6 +32,7 @@ def gather(head: bytes, parts: list[Any], size: int) -> bytes | list[Any]:
     return [head, *parts]
 
 
+# Request flags.
 MORE_DATA = 0x01  # the input continues in a bulk region (overflow)
 NO_RESPONSE = 0x02  # one-way: the target sends nothing back
 

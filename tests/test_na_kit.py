@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from conftest import SPECS, Spec
@@ -49,25 +50,18 @@ def test_the_kit_catches_a_plugin_that_breaks_its_rma_order() -> None:
     # overtook it would often still be seen.)
     def overtaking(plugin: na.Plugin) -> na.Plugin:
         put, get = plugin.put, plugin.get
-        held: list[Callable[[], na.Op]] = []
-        ops: list[na.Op] = []
+        held: list[tuple[_Later, tuple[Any, ...]]] = []
 
-        def late_put(*args: object, **kw: object) -> na.Op:
-            op = put(*args, **kw)  # type: ignore[arg-type]
-            ops.append(op)
-            return op
+        def reordering_put(*args: Any) -> na.Op:
+            later = _Later()
+            held.append((later, args))
+            return later  # type: ignore[return-value]
 
-        def early_get(*args: object, **kw: object) -> na.Op:
-            return get(*args, **kw)  # type: ignore[arg-type]
-
-        def reordering_put(*args: object, **kw: object) -> na.Op:
-            held.append(lambda: late_put(*args, **kw))
-            return _Later(ops, len(held) - 1)  # type: ignore[return-value]
-
-        def reordering_get(*args: object, **kw: object) -> na.Op:
-            op = early_get(*args, **kw)
-            while held:
-                held.pop(0)()
+        def reordering_get(*args: Any) -> na.Op:
+            op = get(*args)
+            for later, put_args in held:
+                later.op = put(*put_args)
+            held.clear()
             return op
 
         plugin.put = reordering_put  # type: ignore[method-assign]
@@ -80,14 +74,14 @@ def test_the_kit_catches_a_plugin_that_breaks_its_rma_order() -> None:
 
 
 class _Later:
-    """The op of a put started later, once it exists (for the reordering plugin above)."""
+    """A put's op, for the reordering plugin above: the put starts only after the next get."""
 
-    def __init__(self, ops: list[na.Op], index: int) -> None:
-        self._ops, self._index = ops, index
+    op: na.Op | None = None
 
     @property
     def done(self) -> bool:
-        return len(self._ops) > self._index and self._ops[self._index].done
+        return self.op is not None and self.op.done
 
     def result(self) -> object:
-        return self._ops[self._index].result()
+        assert self.op is not None, "the put never started"
+        return self.op.result()
