@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import os
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 from petasus import na
-from petasus.na.types import as_byte_view
+from petasus.na.types import access_of, as_byte_view
 
 from . import layout as lo
 from .transfer import Driver, Transfer, driver_for
 
 READ_ONLY = na.Access.READ_ONLY
 WRITE_ONLY = na.Access.WRITE_ONLY
+# The rights as plain ints, for checks on the transfer path: IntFlag's own & (and int & IntFlag,
+# through its __rand__) builds a member, ~1 us each.
+_READ, _WRITE = int(READ_ONLY), int(WRITE_ONLY)
 READ_WRITE = na.Access.READ_WRITE
 
 
@@ -57,10 +59,10 @@ class Bulk:
                  eager: bool | None = None) -> None:
         self._driver: Driver = driver_for(owner)
         self.na: na.Plugin = self._driver.na
-        self.access = na.Access(access)
+        self.access = access_of(access)
         segments = list(buffers) if isinstance(buffers, list | tuple) else [buffers]
         views = [as_byte_view(b, "Bulk") for b in segments]
-        if self.access & WRITE_ONLY:
+        if int(self.access) & _WRITE:
             for i, v in enumerate(views):
                 if v.readonly:
                     raise ValueError(f"Bulk: segment {i} is read-only and cannot take remote "
@@ -74,7 +76,7 @@ class Bulk:
             eager = self.access == READ_ONLY and self.size <= eager_limit(self.na)
         self.eager = bool(eager)
         self._handles: list[na.MemHandle | None] | None = None
-        self._transfers: weakref.WeakSet[Transfer] = weakref.WeakSet()
+        self._transfers: list[Transfer] = []  # those that may still be moving (see close)
         self._closed = False
         if not self.eager:
             self._register()
@@ -116,9 +118,10 @@ class Bulk:
         if self._closed:
             return
         self._closed = True
-        for t in list(self._transfers):
+        for t in self._transfers:
             if not t.done:
                 t.cancel()
+        self._transfers = []
         handles, self._handles = self._handles, None
         for h in handles or ():
             if h is not None:
@@ -231,7 +234,7 @@ class RemoteBulk:
 
     @property
     def access(self) -> na.Access:
-        return na.Access(self.wire.access)
+        return access_of(self.wire.access)
 
     @property
     def eager(self) -> bool:
@@ -354,8 +357,7 @@ def _transfer(what: str, local_obj: Any, local_offset: int, remote_obj: Any, rem
     if size > lavail:
         raise ValueError(f"{what}: {size} B at local offset {local_offset} exceed the "
                          f"{lavail + local_offset} B local range")
-    need = READ_ONLY if pull else WRITE_ONLY
-    if not remote.access & need:
+    if not int(remote.access) & (_READ if pull else _WRITE):
         raise na.AccessError(what, None, f"the remote handle is {remote.access.name}: peers "
                              f"may not {'read' if pull else 'write'} it")
     rsizes = remote.layout.sizes if isinstance(remote, Bulk) else remote.wire.sizes
@@ -394,7 +396,12 @@ def _transfer(what: str, local_obj: Any, local_offset: int, remote_obj: Any, rem
         transfer._complete()
         return transfer
     transfer.remaining = len(pieces)
-    local._transfers.add(transfer)
+    moving = local._transfers
+    if moving:
+        # Only those still moving are kept: a WeakSet did this at ~2 us per pull (its
+        # creation, add, iteration and callbacks), and a long-lived Bulk must not grow.
+        moving[:] = [t for t in moving if not t.done]
+    moving.append(transfer)
     post = plugin.get if pull else plugin.put
     on_op = transfer._on_op
     for i, (li, lo_, ri, ro, n) in enumerate(pieces):

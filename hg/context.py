@@ -109,8 +109,8 @@ class Context:
     def create(self, addr: na.Addr, rpc: RPC) -> Handle:
         return Handle(self, addr, rpc)
 
-    def _arm(self, entry: Handle | Deadline, deadline: float) -> None:
-        self.timers.arm(entry, deadline)
+    def _arm(self, entry: Handle | Deadline, deadline: float, span: float | None = None) -> None:
+        self.timers.arm(entry, deadline, span)
 
     def _take_buffer(self) -> memoryview:
         bufs = self._bufs

@@ -233,26 +233,14 @@ class Engine:
             if handle.error is not None:
                 raise handle.error
             return handle.value
-        future = loop.create_future()
-        thread = aio.thread
-
-        def settle(h: Handle) -> None:
-            # Runs from trigger(): on the loop's thread, or on one driving a blocking wait.
-            if _get_ident() != thread:
-                if not loop.is_closed():
-                    loop.call_soon_threadsafe(_settle, future, h)
-            elif not future.done():
-                if h.error is not None:
-                    future.set_exception(h.error)
-                else:
-                    future.set_result(h.value)
-        handle.callback = settle
+        future = handle.waiter = loop.create_future()
+        handle.callback = self._wake
         if handle.state != _FORWARDED:
             _settle(future, handle)  # finished by another thread driving progress meanwhile
         else:
             if handle.deadline:
                 # Its deadline reaches the loop's timer through the context's timer hook.
-                self.context.timers.arm(handle, handle.deadline)
+                self.context.timers.arm(handle, handle.deadline, handle.timeout)
             aio.kick()
         self._awaiting += 1
         try:
@@ -262,6 +250,18 @@ class Engine:
             raise
         finally:
             self._awaiting -= 1
+
+    def _wake(self, handle: Handle) -> None:
+        """Settle the future of a call awaited through one (``acall``): run from trigger(),
+        on the loop's thread or on one driving a blocking wait. One method, not a closure per
+        call."""
+        future = handle.waiter
+        if _get_ident() != self._aio.thread:
+            loop = future.get_loop()
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_settle, future, handle)
+        else:
+            _settle(future, handle)
 
     async def serve_async(self) -> None:
         """Serve until ``shutdown()``, as a task of the running loop."""

@@ -52,14 +52,15 @@ class Context(Protocol):
 
     def _take_buffer(self) -> memoryview: ...
 
-    def _arm(self, entry: Any, deadline: float) -> None: ...
+    def _arm(self, entry: Any, deadline: float, span: float | None = None) -> None: ...
 
 
 class Handle:
     """One call from the origin. Forward, then wait (``result()``), or get a callback."""
 
     __slots__ = ("_exposure", "_flow", "_overflow", "_pull", "_recv", "addr", "callback",
-                 "context", "deadline", "error", "rpc", "state", "tag", "timeout", "value")
+                 "context", "deadline", "error", "rpc", "state", "tag", "timeout", "value",
+                 "waiter")
 
     def __init__(self, context: Context, addr: na.Addr, rpc: RPC) -> None:
         self.context = context
@@ -77,6 +78,7 @@ class Handle:
         self._exposure: ov.Overflow | None = None  # its state: the answer is its ack
         self._pull: Transfer | None = None  # the target's output, being pulled
         self._flow: ov.Overflow | None = None  # that pull's state
+        self.waiter: Any = None  # the future an asyncio caller awaits (engine.acall)
 
     def __repr__(self) -> str:
         return f"<Handle {self.rpc.name} to {self.addr.uri} {st.NAMES[self.state]}>"
@@ -129,7 +131,7 @@ class Handle:
             self.timeout = timeout
             self.deadline = ctx.clock() + timeout
             if arm:
-                ctx._arm(self, self.deadline)
+                ctx._arm(self, self.deadline, timeout)
         ctx.stats["sent"] += 1
         # A two-way call learns of a failed send from its receive, which NA fails along with
         # every other operation to a peer it cannot reach; only one-way calls watch the send.

@@ -370,7 +370,7 @@ class SmPlugin(SocketPlugin):
         if t_key != key or t_base != base:
             raise AccessError(name, peer, REFUSALS[NAK_KEY])
         need = Access.WRITE_ONLY if kind == OpKind.PUT else Access.READ_ONLY
-        nak = refusal(t_len, Access(t_access & 3), off, length, need)
+        nak = refusal(t_len, t_access & 3, off, length, need)
         if nak:
             raise AccessError(name, peer, REFUSALS[nak])
         return t_base + off
