@@ -96,7 +96,7 @@ def test_fires_exactly_the_live_entries_that_are_due(
     for e, finishes in entries:
         if finishes:
             e.live = False
-    for now in sorted(checks) + [100]:
+    for now in [*sorted(checks), 100]:
         timers.expire(float(now))
         for e, finishes in entries:
             want = [] if finishes or e.deadline > now else [e.deadline]
