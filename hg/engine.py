@@ -72,7 +72,10 @@ class Engine:
                                max_overflow_per_peer=max_overflow_per_peer,
                                overflow_timeout=overflow_timeout, bulk_peers=bulk_peers)
         spin = self.na.statistics().get("spin_us", 200) / 1e6
-        self._aio = na.AsyncioDriver(self.context, clock, spin)
+        hold = getattr(self.na, "hold_sends", None)
+        release = getattr(self.na, "release_sends", None)
+        self._aio = na.AsyncioDriver(self.context, clock, spin, batch=(
+            (hold, release) if hold is not None and release is not None else None))
         self.context.timer_hook = self._aio.deadline_armed
         # An attached loop also drives progress, without the blocking driver's lock.
         self._driver = self.context.driver

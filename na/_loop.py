@@ -152,8 +152,9 @@ class EventLoop:
                 spin_end = time.monotonic() + policy.budget
 
     def hold(self) -> None:
-        """Queue sends until ``release()``: what a trigger pass's callbacks send leaves at its
-        end, one ``sendmsg`` per peer."""
+        """Queue sends until ``release()``, as during a trigger pass: what a batch of asyncio
+        tasks sends in one turn of their loop leaves in a few ``sendmsg`` (every ``_FLUSH_AT``
+        items, na/_conn.py) instead of one per message (na/driver.py)."""
         self.outbox.in_pass += 1
 
     def release(self) -> None:

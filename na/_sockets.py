@@ -115,6 +115,14 @@ class SocketPlugin(PluginCore):
                 "max_connections": self._limits.max_connections,
                 "reads_paused_now": self._guard.paused(), **self._loop.policy.statistics()}
 
+    def hold_sends(self) -> None:
+        """Queue what is sent until ``release_sends()``, flushed every few frames meanwhile
+        (an optional NA operation: na/interface.py)."""
+        self._loop.hold()
+
+    def release_sends(self) -> None:
+        self._loop.release()
+
     # -- addresses ------------------------------------------------------------------------------
     def addr_self(self) -> Addr:
         return self._self_addr

@@ -7,6 +7,8 @@ import os
 import threading
 import time
 
+from conftest import TIMEOUT, Spec
+
 from petasus import na
 
 
@@ -222,3 +224,95 @@ def test_inline_never_waits_on_a_loop_without_a_ready_queue() -> None:
 
     asyncio.run(main())
     source.close()
+
+
+class Batch:
+    """A plugin's hold_sends/release_sends, counted."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.releases = 0
+
+    def hold(self) -> None:
+        self.held += 1
+
+    def release(self) -> None:
+        self.held -= 1
+        self.releases += 1
+
+
+def test_a_poll_that_wakes_tasks_holds_sends_until_they_have_run() -> None:
+    source = FakeSource()
+    batch = Batch()
+    driver = na.AsyncioDriver(source, source.clock, spin=0.0, batch=(batch.hold, batch.release))
+    seen: list[int] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        driver.attach(loop)
+        driver.poll()  # nothing completed: nothing held
+        assert batch.held == 0
+        woken = loop.create_future()
+        original = source.trigger
+
+        def trigger(max_count: int = 1 << 30) -> int:
+            n = original(max_count)
+            if n and not woken.done():
+                woken.set_result(None)  # a completion wakes a task, as _settle does
+            return n
+        source.trigger = trigger  # type: ignore[method-assign]
+
+        async def task() -> None:
+            await woken
+            seen.append(batch.held)  # the woken task runs (and sends) while held
+
+        waiting = asyncio.ensure_future(task())
+        await asyncio.sleep(0)
+        source.ready = 1
+        driver.poll()
+        assert batch.held == 1
+        await waiting
+        await asyncio.sleep(0)
+        assert seen == [1] and batch.held == 0 and batch.releases == 1
+        # A task about to wait inline releases what the woken tasks sent at once (here the
+        # woken task is the caller itself: only our release waits its turn on the loop).
+        source.ready = 1
+        driver.poll()
+        assert batch.held == 1 and batch.releases == 1
+        driver.inline_turn = 1e9
+        assert driver.inline(lambda: True)
+        assert batch.held == 0 and batch.releases == 2
+        await asyncio.sleep(0)  # the scheduled release, cancelled, releases nothing more
+        assert batch.releases == 2
+        # Held when the loop goes away: detaching releases.
+        source.ready = 1
+        source.trigger = original  # type: ignore[method-assign]
+        driver.poll()
+        assert batch.held == 1
+        driver.detach()
+        assert batch.held == 0
+
+    asyncio.run(main())
+    source.close()
+
+
+def test_held_sends_leave_together_at_release(socket_spec: Spec) -> None:
+    spec = socket_spec
+    with na.initialize(spec.uri, listen=True, **spec.options) as server, \
+            na.initialize(spec.uri, **spec.options) as client:
+        addr = client.addr_lookup(server.addr_self().uri)
+        na.wait(client, client.msg_send_unexpected(addr, b"\x00", 0), timeout=TIMEOUT)  # connected
+        client.hold_sends()
+        sends = [client.msg_send_unexpected(addr, bytes([i]), i) for i in range(1, 4)]
+        client.trigger()
+        assert not any(op.done for op in sends)  # still ours: not handed to the kernel
+        client.release_sends()
+        for op in sends:
+            na.wait(client, op, timeout=TIMEOUT)
+        got = []
+        for _ in range(4):
+            buf = bytearray(4)
+            op = server.msg_recv_unexpected(buf)
+            na.wait(server, op, timeout=TIMEOUT)
+            got.append((op.tag, bytes(buf[: op.size])))
+        assert got == [(i, bytes([i])) for i in range(4)]
