@@ -1,10 +1,12 @@
 """The one interface every NA plugin implements, close to Mercury's ``struct na_class_ops``.
 
-Operations never block and never call back from inside the call: each completes by posting its
+Operations never wait and never call back from inside the call: each completes by posting its
 ``Op`` to the plugin's completion queue, and ``trigger()`` runs the callbacks. An op posted
 without a callback has nothing to run: it is marked ``done`` as it completes. ``progress()``
 moves bytes; ``poll_fd()`` becomes readable when progress has something to do, so a selector or
-an asyncio loop can wait on it.
+an asyncio loop can wait on it. Work bounded by the call itself may be done inside it: sm makes
+a process_vm copy of up to 1 MiB in ``get``/``put`` (na/sm.py), as Mercury's na+sm does, and
+the op then completes through the queue like any other.
 
 A message to send is one buffer, or a list of buffers sent as one message (what arrives is
 their concatenation): a transport with an iovec sends the parts as they are, so a layer above

@@ -5,8 +5,10 @@ a private runtime directory (``$PETASUS_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/p
 ``/tmp/petasus-<uid>``), are removed on close, and those left by dead processes are reclaimed.
 
 RMA, as Mercury's na+sm does it: the initiator moves the bytes with one ``process_vm_readv`` or
-``process_vm_writev``; the target's CPU is not involved. ``put``/``get`` queue the copy and
-the next ``progress()`` makes it, so the op completes through the queue like any other (and
+``process_vm_writev``; the target's CPU is not involved. A copy of at most 1 MiB is made
+inside ``put``/``get``, as na+sm makes every copy (its completion still goes through the
+queue: callbacks run from ``trigger()``), up to 4 MiB of them between two progress passes; a
+larger one, or one behind a queued copy, is queued and made by the next ``progress()`` (and
 can be canceled until then). Unlike na+sm, the target still decides
 what may be touched: it publishes each registration (key, base, length, rights) in a table file
 that peers map read-only, and the initiator checks the table, not the handle it was given, so a
@@ -51,6 +53,13 @@ _EXTRA = struct.Struct("<iIIQ")  # pid, instance, slot, base address
 # Copies one progress pass runs before it serves the sockets again: one 4 MiB chunk of a pull
 # (bulk.Stream) takes ~1-3 ms here, so that is what another peer's call may wait behind.
 _PASS_BYTES = 4 << 20
+# Copies up to this size are made inside the call. Queued, each cost more than the syscall
+# itself (an eventfd write, a progress pass, and a slower copy: bench/bulk.py's sm pull at one
+# in flight ran at 0.80-0.89x, 4 KiB to 1 MiB, ~6 us more per op at 64 KiB and ~11 us at
+# 1 MiB); a copy this size is bounded work (~100 us), not a wait on the peer. The inline bytes
+# between two progress passes are capped at _PASS_BYTES, so a pull in small chunks started
+# from completion callbacks still lets the sockets be served.
+_INLINE_MAX = 1 << 20
 _instances = itertools.count()
 PTRACE_HINT = ("the kernel denied cross-process memory access (EPERM). Run with CAP_SYS_PTRACE, "
                "lower /proc/sys/kernel/yama/ptrace_scope, have the target call "
@@ -193,6 +202,7 @@ class SmPlugin(SocketPlugin):
         self._slots = table_slots
         self._copy_peers: set[Addr] = set()
         self._copies: deque[Op] = deque()  # process_vm copies waiting for progress
+        self._inline_left = _PASS_BYTES  # bytes copies may still make inline before a pass
         self._denied = False
         self._tables: dict[tuple[int, int], mmap.mmap] = {}
         self._free_slots: list[int] = []
@@ -283,17 +293,23 @@ class SmPlugin(SocketPlugin):
 
     # -- one-sided RMA --------------------------------------------------------------------------
     def _start_transfer(self, op: Op) -> None:
-        """Queue the copy for the next progress pass, as every other op completes: the call
-        never blocks, and a cancel before progress withdraws it. The wake-up eventfd makes
-        ``poll_fd()`` readable so an event loop runs that pass."""
+        """Make a small copy now (``_INLINE_MAX``), or queue it for the next progress pass,
+        where a cancel before progress withdraws it. The wake-up eventfd makes ``poll_fd()``
+        readable so an event loop runs that pass."""
         if self._mode == "copy" or (op.addr in self._copy_peers and not self._copies):
             # (behind queued copies, even a peer now emulated waits its turn: rma_ordered)
             self._emulate_rma(op)
+            return
+        n = op.length
+        if n <= _INLINE_MAX and n <= self._inline_left and not self._copies:
+            self._inline_left -= n
+            self._copy(op)  # completes it: its callback runs from trigger()
             return
         self._copies.append(op)
         os.eventfd_write(self._cq.wake_fd, 1)
 
     def progress(self, timeout: float = 0.0) -> bool:
+        self._inline_left = _PASS_BYTES
         if not self._copies:
             return super().progress(timeout)
         self._check_open("progress")

@@ -463,6 +463,39 @@ def test_files_of_sm_are_private_removed_and_reclaimed(tmp_path: Path,
         assert not (directory / f"{dead}-0.sock").exists()
 
 
+def test_sm_copies_small_ranges_in_the_call_and_queues_large_ones() -> None:
+    """Up to 1 MiB a process_vm copy is made inside ``get`` (its callback still waits for
+    trigger()); a larger one, and anything behind it, waits for progress and can be canceled
+    until then; past 4 MiB of inline copies between two passes, copies queue too."""
+    seen: list[na.Op] = []
+    with na.initialize("sm://", listen=True, rma="process_vm") as plugin:
+        me = plugin.addr_lookup(plugin.addr_self().uri)
+        data = pattern(5, 3 * MiB)
+        src = plugin.mem_handle_deserialize(plugin.mem_handle_serialize(
+            plugin.mem_register(data, na.Access.READ_ONLY)))
+        out = bytearray(len(data))
+        dst = plugin.mem_register(out, na.Access.READ_WRITE)
+        small = plugin.get(dst, 0, src, 0, MiB, me, seen.append)
+        assert out[:MiB] == data[:MiB] and not small.done and seen == []  # copied, not called
+        plugin.trigger()
+        assert seen == [small] and small.error is None
+        large = plugin.get(dst, MiB, src, MiB, MiB + 1, me)
+        behind = plugin.get(dst, 2 * MiB + 1, src, 2 * MiB + 1, 16, me)  # in order: queued
+        plugin.cancel(large)
+        assert out[MiB:] == bytes(2 * MiB)
+        na.wait(plugin, large, behind, timeout=TIMEOUT)
+        with pytest.raises(na.Canceled):
+            large.result()
+        assert out[2 * MiB + 1: 2 * MiB + 17] == data[2 * MiB + 1: 2 * MiB + 17]
+        plugin.progress(0)  # a pass: the inline budget starts again
+        wide = bytearray(5 * MiB)
+        dst5 = plugin.mem_register(wide, na.Access.READ_WRITE)
+        ops = [plugin.get(dst5, k * MiB, src, 0, MiB, me) for k in range(5)]
+        assert [wide[k * MiB] == data[0] for k in range(5)] == [True] * 4 + [False]
+        na.wait(plugin, *ops, timeout=TIMEOUT)
+        assert wide[4 * MiB:] == data[:MiB]
+
+
 def test_sm_falls_back_to_the_copy_path_when_the_kernel_denies_access(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Root with CAP_SYS_PTRACE cannot be denied for real here, so the kernel's EPERM is
