@@ -163,11 +163,12 @@ class Outbox:
     def __post_init__(self) -> None:
         self.low = self.high // 2
 
-    def enqueue(self, conn: Conn, bufs: list[Any], op: Op | None) -> None:
+    def enqueue(self, conn: Conn, bufs: list[Any], op: Op | None, size: int = -1) -> None:
         """Queue whole frames for ``conn`` and send them now, or at the end of the pass.
 
         A trigger pass that answers 16 requests makes one syscall, not 16. Outside a pass, or
         while another thread sleeps in epoll (nobody would flush soon), they leave at once.
+        ``size``: the bytes of ``bufs`` in all, when the caller has counted them already.
         """
         if conn.held is not None:
             conn.held.append((bufs, op))  # until the peer has proven it holds the key
@@ -188,7 +189,7 @@ class Outbox:
                 self.failed(conn, f"send failed: {exc}")
                 return
             conn.active = True
-            if n == sum(map(len, bufs)):
+            if n == (size if size >= 0 else sum(map(len, bufs))):
                 if op is not None:
                     self.sent(op)
                 return

@@ -165,7 +165,7 @@ class SocketPlugin(PluginCore):
                 kind = fr.EXPECTED if expected else fr.UNEXPECTED
                 header = _HDR.pack(_MAGIC, kind, 0, n, op.tag)
                 self._outbox.enqueue(conn, [header, view] if type(view) is not list else
-                                     [header, *view], op)
+                                     [header, *view], op, n + _HDR.size)
 
     def _on_unexpected(self, conn: Conn, tag: int, payload: memoryview | None) -> None:
         if tag > MAX_TAG:

@@ -264,7 +264,9 @@ class Matcher:
         self.on_drained = on_drained
         self.unexp_posted: deque[Op] = deque()
         self.unexp_queue: deque[tuple[Addr, int, bytes]] = deque()
-        self.exp_posted: dict[tuple[Addr, int], deque[Op]] = {}
+        # The receive posted for a (peer, tag), or a deque of them when several are (rare: a
+        # deque per call cost its allocation and two calls on the per-reply path).
+        self.exp_posted: dict[tuple[Addr, int], Op | deque[Op]] = {}
         self.queued = 0  # their bytes (statistics()["queued_bytes"])
         self.held = 0  # what they cost, bounded by max_queued
         self.throttled = False
@@ -294,7 +296,15 @@ class Matcher:
         if addr.dead:  # type: ignore[union-attr]
             self.cq.fail(op, PeerError("msg_recv_expected", addr.uri, addr.dead))  # type: ignore[union-attr]
         else:
-            self.exp_posted.setdefault((addr, op.tag), deque()).append(op)  # type: ignore[arg-type]
+            key = (addr, op.tag)
+            posted = self.exp_posted
+            waiting = posted.get(key)  # type: ignore[arg-type]
+            if waiting is None:
+                posted[key] = op  # type: ignore[index]
+            elif type(waiting) is Op:
+                posted[key] = deque((waiting, op))  # type: ignore[index]
+            else:
+                waiting.append(op)  # type: ignore[union-attr]
 
     def deliver_unexpected(self, addr: Addr, tag: int, payload: Any) -> bool:
         """Match or queue a message; True when the plugin should stop taking more."""
@@ -319,13 +329,15 @@ class Matcher:
     def deliver_expected(self, addr: Addr, tag: int, payload: Any) -> None:
         self.stats["msgs_received"] += 1
         key = (addr, tag)
-        waiting = self.exp_posted.get(key)
-        if waiting:
-            op = waiting.popleft()
-            if not waiting:
-                del self.exp_posted[key]
-            self._fill(op, addr, tag, payload)
-            self.cq.post(op)
+        posted = self.exp_posted
+        op = posted.pop(key, None)
+        if op is not None:
+            if type(op) is not Op:
+                waiting, op = op, op.popleft()  # type: ignore[union-attr]
+                if waiting:
+                    posted[key] = waiting if len(waiting) > 1 else waiting[0]
+            self._fill(op, addr, tag, payload)  # type: ignore[arg-type]
+            self.cq.post(op)  # type: ignore[arg-type]
         else:
             # A late reply to something canceled or timed out; holding it would let such
             # replies pile up until they stall the connection.
@@ -350,10 +362,15 @@ class Matcher:
             self.unexp_posted.remove(op)
         elif op.kind == OpKind.RECV_EXPECTED:
             key = (op.addr, op.tag)
-            waiting = self.exp_posted[key]  # type: ignore[index]
-            waiting.remove(op)
-            if not waiting:
-                del self.exp_posted[key]  # type: ignore[arg-type]
+            posted = self.exp_posted
+            waiting = posted.get(key)  # type: ignore[arg-type]
+            if waiting is op:
+                del posted[key]  # type: ignore[arg-type]
+            elif type(waiting) is deque and op in waiting:
+                waiting.remove(op)
+                posted[key] = waiting if len(waiting) > 1 else waiting[0]  # type: ignore[index]
+            else:
+                return False  # not posted (any more)
         else:
             return False
         return True
@@ -364,7 +381,7 @@ class Matcher:
     def fail_expected(self, addr: Addr, error: Callable[[Op], BaseException]) -> None:
         """Fail the receives posted for replies from ``addr``: none will come."""
         for key in [k for k in self.exp_posted if k[0] is addr]:
-            for op in self.exp_posted.pop(key):
+            for op in _each(self.exp_posted.pop(key)):
                 self.cq.fail(op, error(op))
 
     def close(self, reason: str) -> None:
@@ -372,9 +389,14 @@ class Matcher:
             self.cq.fail(op, Canceled(op.kind.name.lower(), None, reason))
         self.unexp_posted.clear()
         for ops in self.exp_posted.values():
-            for op in ops:
+            for op in _each(ops):
                 self.cq.fail(op, canceled(op, reason))
         self.exp_posted.clear()
+
+
+def _each(posted: Op | deque[Op]) -> tuple[Op, ...] | deque[Op]:
+    """The receives of one ``Matcher.exp_posted`` entry."""
+    return (posted,) if type(posted) is Op else posted  # type: ignore[return-value]
 
 
 # -- registrations -------------------------------------------------------------------------------
