@@ -71,17 +71,32 @@ class BlockingDriver:
         call ``expire`` if given. Returns ``done()``."""
         me = threading.get_ident()
         while not done():
-            if self.owner == me or self.lock.acquire(blocking=False):
+            owner = self.owner
+            if owner == me or self.lock.acquire(blocking=False):
                 # Ours already (a handler calling out from serve()) or free: drive it here.
-                nested = self.owner == me
                 self.owner = me
                 try:
-                    self._drive(done, deadline, expire)
+                    # Inline, not a method: this is every blocking call's path.
+                    source, clock = self.source, self.clock
+                    most = 0.01 if self.shared() else 1.0
+                    while True:
+                        left = deadline - clock()
+                        if left <= 0:
+                            if expire is not None:
+                                expire()
+                            break
+                        source.progress(left if left < most else most)
+                        source.trigger()
+                        if self._waiters:
+                            self.notify()
+                        if done():
+                            return True
                 finally:
-                    if not nested:
+                    if owner != me:
                         self.owner = None
                         self.lock.release()
-                self.notify()
+                    if self._waiters:
+                        self.notify()
                 return done()
             if deadline <= self.clock():
                 if expire is not None:
@@ -94,21 +109,6 @@ class BlockingDriver:
                 finally:
                     self._waiters -= 1
         return True
-
-    def _drive(self, done: Callable[[], bool], deadline: float,
-               expire: Callable[[], None] | None) -> None:
-        source, clock = self.source, self.clock
-        most = 0.01 if self.shared() else 1.0
-        while not done():
-            left = deadline - clock()
-            if left <= 0:
-                if expire is not None:
-                    expire()
-                return
-            source.progress(left if left < most else most)
-            source.trigger()
-            if self._waiters:
-                self.notify()
 
     def notify(self) -> None:
         if self._waiters:
