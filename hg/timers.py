@@ -92,7 +92,9 @@ class Timers:
                 # Entries of calls that finished stay until their deadline; those at the head
                 # go as the next are armed, the rest in bulk past ``_trim_at``, so a high call
                 # rate with long timeouts cannot grow a lane unbounded.
-                while lane and not lane[0][1].live:
+                # The last one stays: its deadline is the wake-up already armed, so a new one
+                # behind it is not the earliest (no scan of the lanes for every call).
+                while len(lane) > 1 and not lane[0][1].live:
                     lane.popleft()
                 earliest = not lane and self._before(deadline)
                 lane.append((deadline, entry))
