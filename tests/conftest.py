@@ -41,6 +41,17 @@ def pump(until: Callable[[], bool], *parties: Any, timeout: float = TIMEOUT) -> 
             party.trigger()
 
 
+def receive(plugin: na.Plugin, count: int, size: int) -> list[tuple[int, bytes]]:
+    """(tag, bytes) of the next ``count`` unexpected messages of ``plugin``, in order."""
+    got = []
+    for _ in range(count):
+        buf = bytearray(size)
+        op = plugin.msg_recv_unexpected(buf)
+        na.wait(plugin, op, timeout=TIMEOUT)
+        got.append((op.tag, bytes(buf[: op.size])))
+    return got
+
+
 def _ipv6() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 
-from conftest import TIMEOUT, Spec
+from conftest import TIMEOUT, Spec, receive
 
 from petasus import na
 
@@ -309,10 +309,4 @@ def test_held_sends_leave_together_at_release(socket_spec: Spec) -> None:
         client.release_sends()
         for op in sends:
             na.wait(client, op, timeout=TIMEOUT)
-        got = []
-        for _ in range(4):
-            buf = bytearray(4)
-            op = server.msg_recv_unexpected(buf)
-            na.wait(server, op, timeout=TIMEOUT)
-            got.append((op.tag, bytes(buf[: op.size])))
-        assert got == [(i, bytes([i])) for i in range(4)]
+        assert receive(server, 4, 4) == [(i, bytes([i])) for i in range(4)]

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, RemotePeer, Spec
+from conftest import TIMEOUT, RemotePeer, Spec, receive
 from na_peer import digest, pattern
 
 from petasus import na
@@ -97,13 +97,7 @@ def test_unexpected_messages_queue_until_a_receive_is_posted(spec: Spec) -> None
             client.progress(0.01)
             client.trigger()
             server.progress(0.01)
-        got = []
-        for _ in range(5):
-            buf = bytearray(16)
-            op = server.msg_recv_unexpected(buf)
-            na.wait(server, op, timeout=TIMEOUT)
-            got.append((op.tag, bytes(buf[: op.size])))
-        assert got == [(i, bytes([i]) * i) for i in range(1, 6)]
+        assert receive(server, 5, 16) == [(i, bytes([i]) * i) for i in range(1, 6)]
         assert server.statistics()["queued_bytes"] == 0
 
 
