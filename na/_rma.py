@@ -18,7 +18,8 @@ from typing import Any
 
 from . import framing as fr
 from ._conn import Conn, Outbox
-from .core import NAK_KEY, NAK_PROTOCOL, REFUSALS, CompletionQueue, Registrations, canceled
+from ._regs import NAK_KEY, NAK_PROTOCOL, REFUSALS, Registrations
+from .core import CompletionQueue, canceled
 from .errors import AccessError, ProtocolError
 from .types import Access, MemHandle, Op, OpKind, OpState
 

@@ -21,19 +21,10 @@ from ._guard import ConnGuard
 from ._limits import Limits
 from ._loop import EventLoop
 from ._peering import AuthFailed, Peering
+from ._regs import Registrations, pack_handle, register_view, unpack_handle
 from ._rma import EmulatedRma
 from ._transport import Transport
-from .core import (
-    ADAPTIVE_SPIN_US,
-    MAX_MSG_SIZE,
-    MAX_QUEUED,
-    MAX_QUEUED_PEER,
-    MAX_TAG,
-    Registrations,
-    pack_handle,
-    register_view,
-    unpack_handle,
-)
+from .core import ADAPTIVE_SPIN_US, MAX_MSG_SIZE, MAX_QUEUED, MAX_QUEUED_PEER, MAX_TAG
 from .errors import Canceled, PeerError, ProtocolError
 from .generic import PluginCore
 from .types import Access, Addr, MemHandle, Op, OpKind, OpState

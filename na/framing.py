@@ -41,7 +41,7 @@ GET_RESP = 5  # payload: the data (direct)
 PUT_REQ = 6  # payload: RMA descriptor; the next frame on the stream is its PUT_DATA
 PUT_DATA = 7  # payload: the data (direct)
 RMA_ACK = 8
-RMA_NAK = 9  # payload: u8 reason (na.core.NAK_*)
+RMA_NAK = 9  # payload: u8 reason (na._regs.NAK_*)
 AUTH_CHALLENGE = 10  # payload: u8 status, then the listener's nonce and proof (na._peering)
 AUTH_PROOF = 11  # payload: the dialler's proof (na._peering)
 

@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import _pvm
+from ._regs import NAK_KEY, REFUSALS, refusal
 from ._sockets import SocketPlugin
 from ._transport import peer_pid
-from .core import NAK_KEY, REFUSALS, canceled, detached, refusal
+from .core import canceled, detached
 from .errors import AccessError, NAError, PeerError
 from .types import Access, Addr, MemHandle, Op, OpKind
 

@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from ..core import NAK_PROTOCOL
+from .._regs import NAK_PROTOCOL
 from ..errors import Canceled, PeerError
 from ..types import Addr, Op, OpKind, OpState
 from ._common import (

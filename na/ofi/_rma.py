@@ -7,14 +7,8 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from ..core import (
-    MAX_TAG,
-    NAK_PROTOCOL,
-    REFUSALS,
-    pack_handle,
-    register_view,
-    unpack_handle,
-)
+from .._regs import NAK_PROTOCOL, REFUSALS, pack_handle, register_view, unpack_handle
+from ..core import MAX_TAG
 from ..errors import AccessError, Canceled, PeerError
 from ..types import Access, Addr, MemHandle, Op, OpKind, OpState
 from ._common import (

@@ -89,7 +89,7 @@ import socket
 from collections import deque
 from typing import Any
 
-from .. import auth, core
+from .. import _regs, auth, core
 from .._polled import PolledPlugin
 from ..types import Addr, MemHandle
 from ._addressing import Addressing
@@ -172,7 +172,7 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PolledPlugin):
         self._probing: set[Addr] = set()
         self._next_probe = 0.0
         self._regs: dict[int, MemHandle] = {}
-        self._keys = core.Registrations()  # checked mode: our keys, checked per request
+        self._keys = _regs.Registrations()  # checked mode: our keys, checked per request
         self._rma_wait: dict[int, _Req] = {}  # RMA id -> the request its answer completes
         self._rma_ids = itertools.count(1)
         self._salt = secrets.randbits(16) << 44

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from ..core import NAK_KEY, REFUSALS, refusal
+from .._regs import NAK_KEY, REFUSALS, refusal
 from ..errors import AccessError, NAError, PeerError, ProtocolError
 from ..types import Access, Addr, Op, OpState
 from . import _protocol as p

@@ -28,7 +28,7 @@ VERSION = 1
 HEADER = struct.Struct("<BBHIII")
 HEADER_SIZE = HEADER.size
 RMA_REQ = struct.Struct("<QQQI")  # rma id, key (the target's rkey), offset, length
-RMA_REP = struct.Struct("<QB")  # rma id, status (0, or na.core.NAK_*)
+RMA_REP = struct.Struct("<QB")  # rma id, status (0, or na._regs.NAK_*)
 HANDLE_TAIL = struct.Struct("<Q")  # the registration's virtual address in its owner
 MASK32 = 0xFFFFFFFF
 

@@ -41,7 +41,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from .. import core
+from .. import _regs, core
 from .._polled import PolledPlugin
 from ..errors import PeerError
 from ..types import Access, Addr, MemHandle, Op, OpKind, OpState
@@ -255,7 +255,7 @@ class VerbsPlugin(Progress, Links, PolledPlugin):
 
     # -- memory ---------------------------------------------------------------------------------
     def mem_register(self, buffer: Any, access: Access) -> MemHandle:
-        view, access = core.register_view(buffer, access)
+        view, access = _regs.register_view(buffer, access)
         # Zero bytes still need a region: one byte of a private buffer stands in.
         target = view if len(view) else memoryview(bytearray(1))
         holder, addr = pin(target)
@@ -285,10 +285,10 @@ class VerbsPlugin(Progress, Links, PolledPlugin):
 
     def mem_handle_serialize(self, handle: MemHandle) -> bytes:
         base = handle.record.addr if handle.local else handle.record  # type: ignore[union-attr]
-        return core.pack_handle(handle, w.HANDLE_TAIL.pack(base))
+        return _regs.pack_handle(handle, w.HANDLE_TAIL.pack(base))
 
     def mem_handle_deserialize(self, data: bytes) -> MemHandle:
-        access, key, length, tail = core.unpack_handle(data, self.scheme, w.HANDLE_TAIL.size)
+        access, key, length, tail = _regs.unpack_handle(data, self.scheme, w.HANDLE_TAIL.size)
         return MemHandle(None, length, access, key, False, w.HANDLE_TAIL.unpack(tail)[0])
 
     # -- messages and RMA -----------------------------------------------------------------------
