@@ -13,6 +13,7 @@ again against its own registrations, never against what the wire claims.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -77,6 +78,7 @@ class Bulk:
         self.eager = bool(eager)
         self._handles: list[na.MemHandle | None] | None = None
         self._transfers: list[Transfer] = []  # those that may still be moving (see close)
+        self._moving = threading.Lock()  # pulls on one handle from several threads
         self._closed = False
         if not self.eager:
             self._register()
@@ -118,10 +120,11 @@ class Bulk:
         if self._closed:
             return
         self._closed = True
-        for t in self._transfers:
+        with self._moving:
+            moving, self._transfers = self._transfers, []
+        for t in moving:
             if not t.done:
                 t.cancel()
-        self._transfers = []
         handles, self._handles = self._handles, None
         for h in handles or ():
             if h is not None:
@@ -396,12 +399,13 @@ def _transfer(what: str, local_obj: Any, local_offset: int, remote_obj: Any, rem
         transfer._complete()
         return transfer
     transfer.remaining = len(pieces)
-    moving = local._transfers
-    if moving:
-        # Only those still moving are kept: a WeakSet did this at ~2 us per pull (its
-        # creation, add, iteration and callbacks), and a long-lived Bulk must not grow.
-        moving[:] = [t for t in moving if not t.done]
-    moving.append(transfer)
+    with local._moving:
+        moving = local._transfers
+        if moving:
+            # Only those still moving are kept: a WeakSet did this at ~2 us per pull (its
+            # creation, add, iteration and callbacks), and a long-lived Bulk must not grow.
+            moving[:] = [t for t in moving if not t.done]
+        moving.append(transfer)
     post = plugin.get if pull else plugin.put
     on_op = transfer._on_op
     for i, (li, lo_, ri, ro, n) in enumerate(pieces):

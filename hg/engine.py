@@ -259,10 +259,11 @@ class Engine:
         on the loop's thread or on one driving a blocking wait. One method, not a closure per
         call."""
         future = handle.waiter
-        if _get_ident() != self._aio.thread:
-            loop = future.get_loop()
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(_settle, future, handle)
+        loop = future.get_loop()
+        if loop.is_closed():
+            return  # its loop is gone, and nobody awaits it any more
+        if _get_ident() != self._aio.thread or loop is not self._aio.loop:
+            loop.call_soon_threadsafe(_settle, future, handle)
         else:
             _settle(future, handle)
 

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 # Finished entries a heap or lane may hold before it drops them in bulk.
 _TRIM_AT = 4096
-# Lanes at most (one per timeout in use; a program computing its timeouts uses the heap).
+# Lanes at most: one per timeout in use, kept for good (next_deadline looks at each); past
+# them, deadlines of other spans (a program computing its timeouts) go in the heap.
 _LANES = 8
 
 
@@ -65,15 +66,20 @@ class Timers:
         self.hook: Callable[[float], Any] | None = None
         self._heap: list[tuple[float, int, Timed]] = []
         self._lanes: dict[float, deque[tuple[float, Timed]]] = {}
-        self._trim_at = _TRIM_AT  # the length at which a lane next drops its finished entries
+        self._trim_at: dict[float, int] = {}  # a lane's length past which it drops finished ones
         self._seq = itertools.count()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._heap) + sum(map(len, self._lanes.values()))
+        with self._lock:
+            return len(self._heap) + sum(map(len, self._lanes.values()))
 
     def next_deadline(self) -> float | None:
         """The earliest armed deadline (perhaps of an entry that finished meanwhile)."""
+        with self._lock:  # threads arm and expire while a loop asks (a lane may be added)
+            return self._first()
+
+    def _first(self) -> float | None:
         heap = self._heap
         first = heap[0][0] if heap else None
         for lane in self._lanes.values():
@@ -98,8 +104,8 @@ class Timers:
                     lane.popleft()
                 earliest = not lane and self._before(deadline)
                 lane.append((deadline, entry))
-                if len(lane) > self._trim_at:
-                    self._trim(lane)
+                if len(lane) > self._trim_at.get(span, _TRIM_AT):  # type: ignore[arg-type]
+                    self._trim(span, lane)  # type: ignore[arg-type]
             else:
                 earliest = self._before(deadline)
                 heap = self._heap
@@ -114,14 +120,15 @@ class Timers:
             hook(deadline)
 
     def _before(self, deadline: float) -> bool:
-        first = self.next_deadline()
+        first = self._first()
         return first is None or deadline < first
 
-    def _trim(self, lane: deque[tuple[float, Timed]]) -> None:
+    def _trim(self, span: float, lane: deque[tuple[float, Timed]]) -> None:
         kept = [t for t in lane if t[1].live and t[1].deadline == t[0]]
         lane.clear()
         lane.extend(kept)
-        self._trim_at = max(_TRIM_AT, 2 * len(kept))
+        # Past twice what is live, not at every call while many are: each lane its own.
+        self._trim_at[span] = max(_TRIM_AT, 2 * len(kept))
 
     def expire(self, now: float) -> None:
         """Fire every live entry whose deadline is ``now`` or earlier."""

@@ -166,7 +166,8 @@ class Outbox:
     def enqueue(self, conn: Conn, bufs: list[Any], op: Op | None, size: int = -1) -> None:
         """Queue whole frames for ``conn`` and send them now, or at the end of the pass.
 
-        A trigger pass that answers 16 requests makes one syscall, not 16. Outside a pass, or
+        A trigger pass that answers 16 requests makes two syscalls (one per ``_FLUSH_AT``
+        items), not 16. Outside a pass, or
         while another thread sleeps in epoll (nobody would flush soon), they leave at once.
         ``size``: the bytes of ``bufs`` in all, when the caller has counted them already.
         """

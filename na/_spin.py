@@ -95,7 +95,7 @@ class SpinPolicy:
             self.hits += 1
             return
         # Once per event of a busy loop: each attribute read once (sm, one call in flight:
-        # 40.2K -> 41.7K/s against reading them as it went).
+        # 40.2K -> 41.7K/s with the blocking driver's loop inlined in the same change).
         probing = self.probing
         if probing:
             self.probing = False

@@ -143,10 +143,14 @@ class AsyncioDriver:
                  batch: tuple[Callable[[], None], Callable[[], None]] | None = None) -> None:
         """``batch``: (hold, release) of the plugin's sends (``hold_sends``,
         ``release_sends``), if it has them: a poll that completes calls holds the sends until
-        the tasks it woke have run, so that their next calls leave in one ``sendmsg``."""
+        the tasks it woke have run, so that their next calls leave together (a ``sendmsg``
+        every few frames, not one per call)."""
         self.source = source
         self.batch = batch
         self._held: asyncio.Handle | None = None  # the scheduled release of held sends
+        # detach() (from close(), on any thread) and the loop's scheduled release race for
+        # the one release a hold needs.
+        self._held_lock = threading.Lock()
         self.clock = clock
         self.spin = spin
         self.keep = keep
@@ -220,9 +224,10 @@ class AsyncioDriver:
         self.poll()
 
     def _release(self) -> None:
-        if self._held is not None:
-            self._held.cancel()  # a no-op when it is the handle running now
-            self._held = None
+        with self._held_lock:
+            held, self._held = self._held, None
+        if held is not None:
+            held.cancel()  # a no-op when it is the handle running now
             self.batch[1]()  # type: ignore[index]
 
     def turn_due(self) -> bool:
@@ -278,15 +283,17 @@ class AsyncioDriver:
         woke = source.trigger()
         if woke or busy:
             self._spin_until = time.monotonic() + self.spin
-            if woke and self.batch is not None and self._held is None and \
-                    self.loop is not None:
+            loop = self.loop  # (read once: close() may detach from another thread)
+            if woke and self.batch is not None and self._held is None and loop is not None:
                 # The completions woke tasks (their wake-ups are queued on the loop ahead of
                 # this): hold the sends of their next calls until they have all run, as a
                 # trigger pass does, which flushes every few frames (na/_conn.py _FLUSH_AT)
                 # so that the peer starts on the first while the rest are made. x16, tcp:
-                # 76K/s sending each at once, 86K/s held.
+                # 76K/s sending each at once, 86K/s held. A loop stopped before the release
+                # runs leaves them held until the next progress pass, which sends what is
+                # queued first (or attach, detach or close).
                 self.batch[0]()
-                self._held = self.loop.call_soon(self._release)
+                self._held = loop.call_soon(self._release)
         else:
             left = self._spin_until - time.monotonic()
             if left > 0 and self._loop_idle():

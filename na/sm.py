@@ -57,7 +57,8 @@ _PASS_BYTES = 4 << 20
 # Copies up to this size are made inside the call. Queued, each cost more than the syscall
 # itself (an eventfd write, a progress pass, and a slower copy: bench/bulk.py's sm pull at one
 # in flight ran at 0.80-0.89x, 4 KiB to 1 MiB, ~6 us more per op at 64 KiB and ~11 us at
-# 1 MiB); a copy this size is bounded work (~100 us), not a wait on the peer. The inline bytes
+# 1 MiB); a copy this size is bounded work (105-120 us per 1 MiB get in that loop), not a wait
+# on the peer. The inline bytes
 # between two progress passes are capped at _PASS_BYTES, so a pull in small chunks started
 # from completion callbacks still lets the sockets be served.
 _INLINE_MAX = 1 << 20

@@ -248,11 +248,13 @@ def check_rma_order_as_promised(open_plugin: Opener) -> None:
         if not getattr(client, "rma_ordered", False):
             return
         addr = client.addr_lookup(server.addr_self().uri)
-        size = 1 << 20  # several sends' worth on a socket, so an overtaking op would show
-        target = bytearray(size)
+        # Several sends' worth on a socket, so an overtaking op would show; sizes either side
+        # of a plugin's own thresholds (sm copies up to 1 MiB inside the call, queues above).
+        sizes = (1 << 20, (2 << 20) + 3, 1 << 20)
+        target = bytearray(max(sizes))
         exposed = server.mem_register(target, Access.READ_WRITE)
         remote = client.mem_handle_deserialize(server.mem_handle_serialize(exposed))
-        for round_ in range(1, 4):
+        for round_, size in enumerate(sizes, 1):
             new = bytes([round_]) * size
             source, seen, tail = bytearray(new), bytearray(size), bytearray(8)
             handles = [client.mem_register(source, Access.READ_ONLY),

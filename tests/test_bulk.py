@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import hashlib
 import itertools
+import signal
 import socket
 import threading
 import time
@@ -213,10 +214,13 @@ def test_cancel_before_progress(rpc: RpcPeer, spec: Spec) -> None:
 def test_peer_killed_mid_transfer(fresh_rpc: RpcPeer, spec: Spec) -> None:
     remote = fresh_rpc.remote.expose(32 * MiB, 16, int(RO), 1, False)
     with fresh_rpc.engine.bulk(bytearray(32 * MiB), WO) as local:
+        # Stopped first, so that it cannot serve the pull before it dies: killed mid-transfer
+        # on every plugin, however loaded the machine (a loaded CI once let ofi+tcp finish).
+        fresh_rpc.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
         t = local.pull_from(remote)
         fresh_rpc.kill()
-        # sm's process_vm copy waits for progress like every other op: the target is gone
-        # by then, on every plugin.
+        # sm's process_vm copy of more than 1 MiB waits for progress like every other op:
+        # the target is gone by then, on every plugin.
         with pytest.raises(na.PeerError, match="pull_from"):
             t.wait()
 

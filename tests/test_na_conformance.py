@@ -303,9 +303,9 @@ def test_cancel_posted_receives(peer: RemotePeer) -> None:
 
 def test_cancel_transfer_in_flight(fresh_peer: RemotePeer, spec: Spec) -> None:
     if spec.options.get("rma") == "process_vm":
-        pytest.skip("a process_vm copy is one syscall in the first progress pass; after it "
-                    "nothing is in flight (canceled before progress: test_bulk's "
-                    "test_cancel_before_progress)")
+        pytest.skip("a process_vm copy is one syscall, made inside get up to 1 MiB or in the "
+                    "first progress pass above: nothing is ever in flight (canceled before "
+                    "progress: test_bulk's test_cancel_before_progress)")
     client = fresh_peer.na
     _index, remote = fresh_peer.register(MiB, na.Access.READ_WRITE, seed=4)
     buf = bytearray(MiB)

@@ -101,3 +101,69 @@ def test_fires_exactly_the_live_entries_that_are_due(
         for e, finishes in entries:
             want = [] if finishes or e.deadline > now else [e.deadline]
             assert e.fired == want
+
+
+class Loop:
+    """An event loop as the asyncio driver is one: a timer set by the hook at the earliest
+    deadline it hears of; when it fires, the loop expires what is due and sets the timer at
+    the next deadline. The only other time it expires anything is never."""
+
+    def __init__(self, timers: Timers) -> None:
+        self.timers = timers
+        self.at: float | None = None
+        timers.hook = self.heard
+
+    def heard(self, deadline: float) -> None:
+        if self.at is None or deadline < self.at:
+            self.at = deadline
+
+    def advance(self, now: float) -> None:
+        while self.at is not None and self.at <= now:
+            self.timers.expire(now)
+            self.at = self.timers.next_deadline()
+            if self.at is not None and self.at <= now:
+                self.at = None  # only entries that finished remain due: none left to fire
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("arm"), st.sampled_from([None, 1.0, 3.0])),
+    st.tuples(st.just("finish"), st.integers(0, 40)),
+    st.tuples(st.just("rearm"), st.integers(0, 40)),
+    st.tuples(st.just("advance"), st.sampled_from([0.5, 1.0, 2.5])),
+    st.tuples(st.just("back"), st.just(0.7)),  # the clock set back a little
+), max_size=80)
+
+
+@given(ops)
+def test_a_loop_woken_only_by_the_hook_misses_no_deadline_and_fires_none_early(
+        script: list[tuple[str, object]]) -> None:
+    timers = Timers()
+    loop = Loop(timers)
+    now = high = 100.0
+    entries: list[tuple[Entry, float | None]] = []
+    for op, arg in script:
+        if op == "arm":
+            span = arg if arg is not None else 2.0
+            e = Entry(now + span)  # type: ignore[operator]
+            timers.arm(e, e.deadline, span=arg)  # type: ignore[arg-type]
+            entries.append((e, arg))  # type: ignore[arg-type]
+        elif op == "finish" and entries:
+            entries[arg % len(entries)][0].live = False  # type: ignore[operator]
+        elif op == "rearm" and entries:
+            e, span = entries[arg % len(entries)]  # type: ignore[operator]
+            if e.live:
+                e.deadline = now + (span if span is not None else 2.0)
+                timers.arm(e, e.deadline, span=span)
+        elif op == "advance":
+            now += arg  # type: ignore[operator]
+            high = max(high, now)
+            loop.advance(now)
+        elif op == "back":
+            now -= arg  # type: ignore[operator]
+        for e, _span in entries:
+            assert all(d <= high for d in e.fired)  # nothing before its time
+            if e.live:
+                assert not e.fired
+                # A live entry is due only once the loop's timer says so, never later.
+                assert loop.at is not None and loop.at <= e.deadline
+
