@@ -21,7 +21,7 @@ from petasus.bulk import RemoteBulk
 from petasus.bulk import layout as lo
 
 # sm and tcp are imported here, not on first use, so that atheris instruments them.
-from petasus.na import core, sm, tcp  # noqa: F401
+from petasus.na import _regs, core, sm, tcp  # noqa: F401
 
 from ._kit import Harness, check, peak_bytes
 
@@ -87,7 +87,7 @@ def seeds() -> list[bytes]:
         lo.Wire(1, b"", (), ()),
     ]
     def key(size: int, tail: bytes) -> bytes:
-        return core.pack_handle(na.MemHandle(None, size, na.Access.READ_WRITE, 77, False), tail)
+        return _regs.pack_handle(na.MemHandle(None, size, na.Access.READ_WRITE, 77, False), tail)
 
     tcp_wire = lo.Wire(3, b"tcp://127.0.0.1:1", (10, 0, 5), (key(10, b""), b"", key(5, b"")))
     sm_wire = lo.Wire(1, b"sm://1/2", (8,), (key(8, bytes(20)),))

@@ -21,7 +21,7 @@ from typing import Any
 from petasus import na
 
 # sm and tcp are imported here, not on first use, so that atheris instruments them.
-from petasus.na import core, sm, tcp  # noqa: F401
+from petasus.na import _regs, core, sm, tcp  # noqa: F401
 from petasus.na import framing as fr
 from petasus.na._peering import REFUSALS
 from petasus.na.errors import ProtocolError
@@ -150,7 +150,7 @@ def _check_replies(replies: bytes) -> None:
                                            (len(payload) == 1 + 2 * 16 + 16 and not payload[0])),
                   f"challenge {payload!r}")
         if kind == fr.RMA_NAK:
-            check(payload is not None and len(payload) == 1 and payload[0] in core.REFUSALS,
+            check(payload is not None and len(payload) == 1 and payload[0] in _regs.REFUSALS,
                   f"refusal {payload!r}")
 
 

@@ -1,5 +1,5 @@
 """NA memory handles as a peer sends them (inside every bulk handle): ``mem_handle_deserialize``
-of each plugin, which is ``na.core.unpack_handle`` and the plugin's own tail parse (tcp: none;
+of each plugin, which is ``na._regs.unpack_handle`` and the plugin's own tail parse (tcp: none;
 sm: pid, instance, slot, base; ofi and verbs: the base address).
 
 Contract (``unpack_handle``'s docstring; ``RemoteBulk.resolve`` turns it into the transfer's
@@ -20,7 +20,7 @@ from typing import Any
 from petasus import na
 
 # sm and tcp are imported here, not on first use, so that atheris instruments them.
-from petasus.na import core, sm, tcp  # noqa: F401
+from petasus.na import _regs, core, sm, tcp  # noqa: F401
 from petasus.na.verbs.plugin import VerbsPlugin
 
 try:
@@ -82,7 +82,7 @@ def seeds() -> list[bytes]:
     for index, tail in enumerate(tails):
         for access in (na.Access.READ_ONLY, na.Access.WRITE_ONLY, na.Access.READ_WRITE):
             h = na.MemHandle(None, 4096, access, 0x0123456789ABCDEF, False)
-            out.append(bytes((index,)) + core.pack_handle(h, tail))
+            out.append(bytes((index,)) + _regs.pack_handle(h, tail))
     return out
 
 

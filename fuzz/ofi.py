@@ -24,7 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from petasus import na
-from petasus.na import core
+from petasus.na import _regs
 from petasus.na.ofi import _addressing, _common
 from petasus.na.ofi import plugin as _plugin_module  # noqa: F401 -- for atheris to instrument
 from petasus.na.ofi._fabric import lib
@@ -142,7 +142,7 @@ def _check_posted(plugin: Any, req: Any) -> None:
         data = req.args[1] if fn is lib.fi_tinject else bytes(req.keep[0])
         hdr = len(plugin._hdr)
         if req.args[-1] & _common._KIND_MASK == _common._RMA_NAK:
-            check(len(data) == hdr + 3 and data[hdr + 2] in core.REFUSALS,
+            check(len(data) == hdr + 3 and data[hdr + 2] in _regs.REFUSALS,
                   f"a refusal {data[hdr:].hex()}")
     elif req.kind == _common._PUT_SINK:
         check(req.args[2] <= SIZE, f"a put sink of {req.args[2]} B (the chunk is {SIZE} B)")
