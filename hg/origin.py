@@ -260,7 +260,8 @@ class Handle:
                                                  f"result of {size} B {flow.reason}"))
             return
         ctx.stats["overflows"] += 1
-        lease = ctx.landing.take(size, remote.wire.sizes, ctx.clock())
+        lease = ctx.landing.take(size, remote.wire.sizes if self.rpc.out_proc.adopts else (),
+                                 ctx.clock())
 
         def give_up(why: str) -> None:
             """Refused before a byte moved: keep nothing, tell the target it may let go."""

@@ -64,7 +64,8 @@ def optional(inner: Proc) -> Proc:
         if value is not None:
             inner.free(value)
 
-    return Proc(f"Optional[{inner.name}]", encode, decode, free, handles=inner.handles)
+    return Proc(f"Optional[{inner.name}]", encode, decode, free, handles=inner.handles,
+                adopts=inner.adopts)
 
 
 def _count(name: str, buf: Any, pos: int, item_size: int) -> tuple[int, int]:
@@ -95,7 +96,7 @@ def sequence(inner: Proc, kind: type = list) -> Proc:
             n, pos = _count(name, buf, pos, size)
             return kind(struct.unpack_from(f"!{n}{code}", buf, pos)), pos + n * size
 
-        return Proc(name, encode, decode, handles=False)
+        return Proc(name, encode, decode, handles=False, adopts=False)
 
     def encode_items(value: Any) -> bytes:
         try:
@@ -117,7 +118,8 @@ def sequence(inner: Proc, kind: type = list) -> Proc:
         for item in value:
             inner.free(item)
 
-    return Proc(name, encode_items, decode_items, free, handles=inner.handles)
+    return Proc(name, encode_items, decode_items, free, handles=inner.handles,
+                adopts=inner.adopts)
 
 
 def mapping(key: Proc, val: Proc) -> Proc:
@@ -154,7 +156,8 @@ def mapping(key: Proc, val: Proc) -> Proc:
             key.free(k)
             val.free(v)
 
-    return Proc(name, encode, decode, free, handles=key.handles or val.handles)
+    return Proc(name, encode, decode, free, handles=key.handles or val.handles,
+                adopts=key.adopts or val.adopts)
 
 
 def record(name: str, fields: list[Proc], build: Callable[[tuple[Any, ...]], Any],
@@ -179,7 +182,7 @@ def record(name: str, fields: list[Proc], build: Callable[[tuple[Any, ...]], Any
                                   f"{len(buf) - pos} left")
             return build(packer.unpack_from(buf, pos)), pos + size
 
-        return Proc(name, encode, decode, fmt=fmt, flat=True, handles=False)
+        return Proc(name, encode, decode, fmt=fmt, flat=True, handles=False, adopts=False)
 
     def encode_fields(value: Any) -> bytes:
         values = split(value)
@@ -208,7 +211,7 @@ def record(name: str, fields: list[Proc], build: Callable[[tuple[Any, ...]], Any
             f.free(v)
 
     return Proc(name, encode_fields, decode_fields, free, parts=parts_of_fields,
-                handles=any(f.handles for f in fields))
+                handles=any(f.handles for f in fields), adopts=any(f.adopts for f in fields))
 
 
 def _dataclass(cls: type) -> Proc:

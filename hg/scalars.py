@@ -44,18 +44,25 @@ def _no_free(value: Any) -> None:
 class Proc:
     """How one type crosses the wire. ``fmt`` is its struct code when it has a fixed size."""
 
-    __slots__ = ("decode", "encode", "flat", "fmt", "free", "handles", "name", "parts", "scalar",
-                 "struct")
+    __slots__ = ("adopts", "decode", "encode", "flat", "fmt", "free", "handles", "name", "parts",
+                 "scalar", "struct")
 
     def __init__(self, name: str, encode: Encode, decode: Decode,
                  free: Callable[[Any], None] = _no_free, fmt: str | None = None,
                  scalar: bool = False, flat: bool = False,
-                 parts: Callable[[Any], list[Any]] | None = None, handles: bool = True) -> None:
+                 parts: Callable[[Any], list[Any]] | None = None, handles: bool = True,
+                 adopts: bool = True) -> None:
         self.name = name
         # Whether a decoded value may hold bulk handles, which are then bound to the peer that
         # sent them (``bound_to``). A proc of unknown content (a custom one) may: only the
         # procs that certainly hold none skip the binding, and its cost.
         self.handles = handles
+        # Whether a decoded value may be a large ``bytes`` taken as is from the object an
+        # overflow landed it in (hg/adopt.py). Where none can be, an overflow lands in plain
+        # memory: a segment landed in an object no value takes is copied out and decoded
+        # again (an RPC carrying a 1 MiB eager bulk handle over ofi: ~200 us a call). A
+        # custom proc may build on the bytes proc, so it may.
+        self.adopts = adopts
         self.encode = encode
         # The encoding as a list of buffers whose concatenation is ``encode(value)``: large
         # values appear as views of themselves, so an overflowing call exposes the caller's
@@ -97,7 +104,7 @@ def _fixed(name: str, code: str, check: Callable[[Any], Any]) -> Proc:
             raise DecodeError(f"{name}: needs {size} B at offset {pos}, {len(buf) - pos} left")
         return packer.unpack_from(buf, pos)[0], pos + size
 
-    return Proc(name, encode, decode, fmt=code, scalar=True, handles=False)
+    return Proc(name, encode, decode, fmt=code, scalar=True, handles=False, adopts=False)
 
 
 def _int(value: Any) -> int:
@@ -191,7 +198,7 @@ def _var_bytes(name: str, to_bytes: Callable[[Any], bytes], build: Callable[[Any
                 return [_U32.pack(view.nbytes), view]  # no copy of the caller's buffer
         return [encode(value)]
 
-    return Proc(name, encode, decode, parts=parts, handles=False)
+    return Proc(name, encode, decode, parts=parts, handles=False, adopts=adopts)
 
 
 def _to_bytes(value: Any) -> bytes:
@@ -256,7 +263,7 @@ def _bulk() -> Proc:
             handle.bind(peer, _DECODING.allow)
         return handle, end
 
-    return Proc("bulk", encode, decode)
+    return Proc("bulk", encode, decode, adopts=False)
 
 
 PROCS[Bulk] = PROCS[RemoteBulk] = _bulk()
@@ -272,7 +279,7 @@ def _void() -> Proc:
             raise EncodeError(f"None: the RPC returns nothing, got {value!r}")
         return b""
 
-    return Proc("None", encode, lambda buf, pos: (None, pos), handles=False)
+    return Proc("None", encode, lambda buf, pos: (None, pos), handles=False, adopts=False)
 
 
 VOID = _void()
@@ -300,7 +307,7 @@ def _any() -> Proc:
             raise DecodeError(f"any (msgpack): {type(exc).__name__}: {exc}") from None
         return value, end
 
-    return Proc("any", encode, decode, handles=False)
+    return Proc("any", encode, decode, handles=False, adopts=False)
 
 
 ANY = _any()

@@ -155,7 +155,7 @@ class Target:
                              f"{rpc.name}: input of {size} B {flow.reason}")
             return
         self.stats["overflows"] += 1
-        lease = self.landing.take(size, remote.wire.sizes, clock())
+        lease = self.landing.take(size, remote.wire.sizes if rpc.in_proc.adopts else (), clock())
         try:
             local = Bulk(self.na, lease.segments, WRITE_ONLY, eager=False)
         except Exception as exc:  # the landing could not be registered: say so, keep nothing

@@ -370,6 +370,20 @@ def test_large_bytes_values_land_in_objects_reused_once_let_go(spec: Spec) -> No
         assert client.statistics()["overflow_kept"] == 0  # what closing the engine does
 
 
+def test_an_overflow_no_bytes_value_can_take_lands_in_plain_memory(spec: Spec) -> None:
+    """Only a call whose input (or result) may hold a ``bytes`` value lands large segments in
+    objects of their own: the same 2 MiB through the msgpack proc, which builds its own
+    values, keeps nothing on either side."""
+    with thread_server(spec) as (server, client):
+        remote = client.lookup(server.uri)
+        data = api.pattern(37, 2 * MiB)
+        assert remote.echo_any(data) == data
+        assert [e.statistics()["overflow_kept"] for e in (server, client)] == [0, 0]
+        assert remote.echo_bytes(data) == data
+        kept = [e.statistics()["overflow_kept"] for e in (server, client)]
+        assert kept == ([2 * MiB, 2 * MiB] if adopt.ENABLED else [0, 0])
+
+
 def test_kept_objects_are_let_go_when_idle(spec: Spec) -> None:
     """The pool's objects go ``POOL_IDLE`` s (fake) after their last use, on each side,
     through the context's timers; not before."""

@@ -192,3 +192,28 @@ def test_large_buffers_are_sent_as_views_of_themselves(tp: Any) -> None:
     assert b"".join(parts) == record.encode(("name", data, 7))
     with pytest.raises(hg.EncodeError):
         proc_for(str).parts(b"x" * (1 << 17))  # a str parameter never takes bytes, large or not
+
+
+def test_procs_say_whether_a_value_may_be_a_landed_bytes_object() -> None:
+    """``adopts``: only values that may be a ``bytes`` decoded by the bytes proc let an
+    overflow land in objects of their own (hg/adopt.py); a custom proc may build on it."""
+    from petasus import bulk
+    from petasus.hg.procs import record, register_proc
+
+    @dataclasses.dataclass
+    class Blob:
+        name: str
+        data: bytes
+
+    yes = [bytes, list[bytes], dict[str, bytes], bytes | None, Blob]
+    no = [str, int, hg.int32, float, bytearray, list[int], dict[str, float], bulk.Bulk, ANY,
+          None]
+    assert [proc_for(t).adopts for t in yes] == [True] * len(yes)
+    assert [proc_for(t).adopts for t in no] == [False] * len(no)
+    assert record("r", [proc_for(str), proc_for(bulk.Bulk)], tuple, tuple).adopts is False
+
+    class Custom:
+        pass
+
+    assert register_proc(Custom, encode=lambda v: b"", decode=lambda b, p: (Custom(), p)).adopts
+
