@@ -206,7 +206,7 @@ def test_procs_say_whether_a_value_may_be_a_landed_bytes_object() -> None:
         data: bytes
 
     yes = [bytes, list[bytes], dict[str, bytes], bytes | None, Blob]
-    no = [str, int, hg.int32, float, bytearray, list[int], dict[str, float], bulk.Bulk, ANY,
+    no = [str, int, hg.int32, float, bytearray, list[int], dict[str, float], bulk.Bulk, Any,
           None]
     assert [proc_for(t).adopts for t in yes] == [True] * len(yes)
     assert [proc_for(t).adopts for t in no] == [False] * len(no)
