@@ -5,11 +5,13 @@ Objects: key -> size, generation, state, DRAM copies (node, page runs), the node
 disk copy, pin, read lease. Pages: one ``PageAllocator`` per node segment. Puts are two-phase
 (pending until ``put_end``; a writer that never finishes is reclaimed after ``put_ttl``);
 reads take a lease during which the copy's pages are neither freed nor reused.
+
+The records are in ``master_records.py``; eviction and offload, a part of ``MasterState``, in
+``master_evict.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import random
@@ -19,65 +21,16 @@ from typing import Any
 from .blocks import BlockIndex
 from .config import Offload, Pin, StoreConfig
 from .errors import AlreadyExists, NeverFits, NotFound, ObjectLost, StoreError, StoreFull
-from .pages import Allocation, PageAllocator
+from .master_evict import Eviction
+from .master_records import LOST, PENDING, READY, Copy, Grant, MObject, Node
+from .pages import PageAllocator
 
 log = logging.getLogger("petasus.store.master")
 
-PENDING, READY, LOST = "pending", "ready", "lost"
 STRATEGIES = ("most_free", "random")
 
 
-@dataclasses.dataclass(eq=False)
-class Node:
-    node_id: int
-    name: str
-    uri: str
-    segment: bytes
-    page_size: int
-    pages: PageAllocator
-    last_seen: float
-    disk_used: int = 0
-
-    def runs(self, alloc: Allocation, size: int) -> list[tuple[int, int]]:
-        out, left = [], size
-        for start, count in alloc.runs:
-            take = min(count * self.page_size, left)
-            out.append((start * self.page_size, take))
-            left -= take
-        return out
-
-
-@dataclasses.dataclass(eq=False)
-class Copy:
-    node: Node
-    alloc: Allocation
-
-
-@dataclasses.dataclass(eq=False)
-class MObject:
-    key: str
-    size: int
-    gen: int
-    state: str
-    copies: list[Copy]
-    overwrite: bool = False
-    pin: Pin = Pin.NONE
-    disk: list[Node] = dataclasses.field(default_factory=list)  # complete disk copies
-    lease_until: float = 0.0
-    token: int = 0
-    deadline: float = 0.0
-    offloading: list[Copy] = dataclasses.field(default_factory=list)  # copies being written
-    evict_after: bool = False
-    replicas: int = 1
-
-
-@dataclasses.dataclass
-class Grant:
-    token: int
-    replicas: list[tuple[Node, list[tuple[int, int]]]]
-
-
-class MasterState:
+class MasterState(Eviction):
     def __init__(self, config: StoreConfig, *, lease_ttl: float = 5.0, node_ttl: float = 10.0,
                  put_ttl: float = 30.0, strategy: str = "most_free",
                  rng: random.Random | None = None) -> None:
@@ -351,112 +304,6 @@ class MasterState:
         # Eviction is driven by puts (put_start when pages run out, put_end past the high
         # watermark), as in the embedded scheme: a timer-driven cycle would race a reader
         # right after its put and drop what it just wrote under offload="off".
-
-    def watermarks(self, now: float, spare: set[str] | frozenset[str] = frozenset()) -> None:
-        high, low = self.config.high_watermark, self.config.low_watermark
-        for node in self.nodes.values():
-            pages = node.pages
-            if pages.used_pages > high * pages.total:
-                self._evict(node, pages.used_pages - int(low * pages.total), now, spare)
-
-    # --- eviction and offload ---------------------------------------------------------------
-    def _evict(self, node: Node, need: int, now: float,
-               spare: set[str] | frozenset[str] = frozenset()) -> None:
-        # Pages of removed objects that a read lease still holds come back by themselves
-        # when it lapses: evicting live objects for them would lose the wrong data.
-        got = sum(c.alloc.pages for _, c in self.held if c.node is node)
-        deferred = dropped = 0
-        for soft_pass in (False, True):
-            for obj in list(self.objects.values()):
-                if got >= need:
-                    break
-                copy = next((c for c in obj.copies if c.node is node), None)
-                if copy is None or obj.state != READY or obj.key in spare:
-                    continue
-                if obj.pin is Pin.HARD or (obj.pin is Pin.SOFT) != soft_pass:
-                    continue
-                if obj.lease_until > now:
-                    continue
-                pages = copy.alloc.pages
-                others = len(obj.copies) > 1
-                if copy in obj.offloading:
-                    obj.evict_after = True  # freed when its disk copy completes
-                    got += pages
-                elif node in obj.disk or len(obj.disk) >= obj.replicas:
-                    self._drop_copy(obj, copy)  # enough disk copies: this one may go
-                    got += pages
-                elif self.config.offload is Offload.OFF or (
-                        self.config.force_evict and not self._offload(obj, copy)):
-                    if others:
-                        self._drop_copy(obj, copy)
-                    else:
-                        self._drop_object(obj, now)
-                        if self.config.offload is Offload.OFF:
-                            self.c["dropped"] += 1
-                        else:
-                            dropped += 1
-                    got += pages
-                elif self.config.force_evict or self._offload(obj, copy):
-                    # Every replica gets its own disk copy on its own node, so replicas=N
-                    # survives N-1 node losses in either tier; each DRAM copy goes as soon as
-                    # its disk copy is complete.
-                    obj.evict_after = True
-                    got += pages
-                else:
-                    deferred += 1
-            if got >= need:
-                break
-        self.c["deferred"] += deferred
-        if dropped:
-            self.c["force_dropped"] += dropped
-            log.warning("force_evict dropped %d objects without a disk copy from node %s this "
-                        "cycle", dropped, node.name)
-
-    def _drop_copy(self, obj: MObject, copy: Copy) -> None:
-        obj.copies.remove(copy)
-        copy.node.pages.free(copy.alloc)
-        self.c["evictions"] += 1
-
-    def _drop_object(self, obj: MObject, now: float) -> None:
-        del self.objects[obj.key]
-        self._retire(obj, now)
-
-    def _offload(self, obj: MObject, copy: Copy) -> bool:
-        """Queue the disk copy of one replica on its own node (False: the queue is full)."""
-        if copy in obj.offloading or copy.node in obj.disk:
-            return True
-        if self.offloads_in_flight >= self.config.offload_queue:
-            return False
-        obj.offloading.append(copy)
-        self.offloads_in_flight += 1
-        self.actions.append(("offload", copy.node, obj.key, obj.gen,
-                             copy.node.runs(copy.alloc, obj.size), obj.size))
-        return True
-
-    def offload_done(self, key: str, gen: int, node: Node, ok: bool, now: float) -> None:
-        self.offloads_in_flight -= 1
-        obj = self.objects.get(key)
-        if obj is None or obj.gen != gen or obj.state != READY:
-            if ok:
-                self.actions.append(("delete", node, key, gen))
-            return
-        copy = next((c for c in obj.offloading if c.node is node), None)
-        if copy is not None:
-            obj.offloading.remove(copy)
-        if not ok:
-            if not obj.offloading:
-                obj.evict_after = False
-            self.c["offload_failed"] += 1
-            return
-        self.c["offloads"] += 1
-        self.c["disk_bytes_in"] += obj.size
-        if node.node_id in self.nodes and node not in obj.disk:
-            obj.disk.append(node)
-        if (obj.evict_after and copy is not None and copy in obj.copies
-                and obj.lease_until <= now):
-            self._drop_copy(obj, copy)
-        if not obj.offloading:
-            obj.evict_after = False
 
     def take_retired(self) -> dict[Node, tuple[list[str], list[int]]]:
         """The retired leased copies since the last call, per live node."""
