@@ -142,7 +142,8 @@ class SocketPlugin(PluginCore):
 
     # -- messages (matching is the core's) ------------------------------------------------------
     def _send(self, op: Op, view: Any, expected: bool) -> None:
-        n = len(view) if type(view) is not list else sum(map(len, view))
+        gathered = type(view) is list
+        n = sum(map(len, view)) if gathered else len(view)
         with self._lock:
             if self._closed:
                 self._check_open(op.kind.name.lower())
@@ -155,8 +156,8 @@ class SocketPlugin(PluginCore):
                 self.stats["bytes_sent"] += n
                 kind = fr.EXPECTED if expected else fr.UNEXPECTED
                 header = _HDR.pack(_MAGIC, kind, 0, n, op.tag)
-                self._outbox.enqueue(conn, [header, view] if type(view) is not list else
-                                     [header, *view], op, n + _HDR.size)
+                self._outbox.enqueue(conn, [header, *view] if gathered else [header, view], op,
+                                     n + _HDR.size)
 
     def _on_unexpected(self, conn: Conn, tag: int, payload: memoryview | None) -> None:
         if tag > MAX_TAG:

@@ -50,7 +50,6 @@ SPIN_US = int(os.environ.get("PETASUS_SPIN_US", "200"))  # DESIGN: ~70 us wake-u
 ADAPTIVE_SPIN_US = int(os.environ.get("PETASUS_SPIN_US", "400"))
 
 
-
 # -- argument checks (local misuse: ValueError before anything is posted) ------------------------
 def check_tag(name: str, tag: int) -> None:
     if not 0 <= tag <= MAX_TAG:
@@ -323,7 +322,7 @@ class Matcher:
             if type(op) is not Op:
                 waiting, op = op, op.popleft()  # type: ignore[union-attr]
                 if waiting:
-                    posted[key] = waiting if len(waiting) > 1 else waiting[0]
+                    posted[key] = _one_or_all(waiting)
             self._fill(op, addr, tag, payload)  # type: ignore[arg-type]
             self.cq.post(op)  # type: ignore[arg-type]
         else:
@@ -356,7 +355,7 @@ class Matcher:
                 del posted[key]  # type: ignore[arg-type]
             elif type(waiting) is deque and op in waiting:
                 waiting.remove(op)
-                posted[key] = waiting if len(waiting) > 1 else waiting[0]  # type: ignore[index]
+                posted[key] = _one_or_all(waiting)  # type: ignore[index]
             else:
                 return False  # not posted (any more)
         else:
@@ -380,6 +379,12 @@ class Matcher:
             for op in _each(ops):
                 self.cq.fail(op, canceled(op, reason))
         self.exp_posted.clear()
+
+
+def _one_or_all(waiting: deque[Op]) -> Op | deque[Op]:
+    """What ``Matcher.exp_posted`` holds for receives still posted (at least one): a lone
+    one as itself."""
+    return waiting if len(waiting) > 1 else waiting[0]
 
 
 def _each(posted: Op | deque[Op]) -> tuple[Op, ...] | deque[Op]:
