@@ -155,6 +155,9 @@ class Bulk:
 
     def to_bytes(self) -> bytes:
         """The serialized handle (what the bulk proc puts on the wire)."""
+        if self.eager and not self._closed:
+            return lo.encode_eager(int(self.access), self.na.addr_serialize(self.na.addr_self()),
+                                   self.views)
         return lo.encode(self.wire())
 
     def remote(self) -> RemoteBulk:

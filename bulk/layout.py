@@ -13,6 +13,7 @@ import itertools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 MAGIC = 0xB7
 VERSION = 1
@@ -92,12 +93,25 @@ class Wire:
         return len(self.data) if self.data is not None else sum(self.sizes)
 
 
+def encode_eager(access: int, owner: bytes, parts: Sequence[Any]) -> bytes:
+    """An eager handle whose bytes are ``parts`` (buffers), in one copy of them.
+
+    Joining the parts first and the header on after made two copies, and for a large handle
+    two fresh buffers a call: past glibc's trim threshold their pages went back to the OS at
+    each free and faulted in again at each call (an RPC carrying a 256 KiB eager handle over
+    tcp: 96 page faults and ~390 us a call on the client; in one copy none, ~180-230 us)."""
+    if len(owner) > 0xFFFF:
+        raise ValueError(f"bulk handle: owner address of {len(owner)} B is too long")
+    total = sum(memoryview(p).nbytes for p in parts)
+    return b"".join([HEADER.pack(MAGIC, VERSION, EAGER, access, 0, total, len(owner)), owner,
+                     *parts])
+
+
 def encode(wire: Wire) -> bytes:
+    if wire.data is not None:
+        return encode_eager(wire.access, wire.owner, (wire.data,))
     if len(wire.owner) > 0xFFFF:
         raise ValueError(f"bulk handle: owner address of {len(wire.owner)} B is too long")
-    if wire.data is not None:
-        return HEADER.pack(MAGIC, VERSION, EAGER, wire.access, 0, len(wire.data),
-                           len(wire.owner)) + wire.owner + wire.data
     if len(wire.sizes) > MAX_SEGMENTS:
         raise ValueError(f"bulk handle: {len(wire.sizes)} segments exceed {MAX_SEGMENTS}")
     parts = [HEADER.pack(MAGIC, VERSION, 0, wire.access, len(wire.sizes), sum(wire.sizes),

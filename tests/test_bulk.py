@@ -54,6 +54,15 @@ def test_eager_handles_carry_their_bytes(rpc: RpcPeer) -> None:
     with rpc.engine.bulk(api.split(data, 3), RO) as handle:
         assert handle.eager and len(handle.to_bytes()) > len(data)
         assert rpc.remote.pull(handle, 10, 2000) == sha(data[10:2010])
+    # Serialized in one copy of the segments (to_bytes) or through the decoded form (wire):
+    # the same bytes, taken when serialized.
+    segments = [bytearray(api.pattern(i, 1000 + i)) for i in range(3)]
+    with bulk.Bulk(rpc.engine, segments, RO, eager=True) as handle:
+        first = handle.to_bytes()
+        assert first == bulk.layout.encode(handle.wire())
+        segments[1][:4] = b"XXXX"
+        again = bulk.RemoteBulk.from_bytes(handle.to_bytes())
+        assert again.wire.data == b"".join(segments) != bulk.RemoteBulk.from_bytes(first).wire.data
     with rpc.engine.bulk(bytes(bulk.eager_limit(rpc.engine.na) + 1), RO) as big:
         assert not big.eager, "above the threshold a handle is registered instead"
     with pytest.raises(ValueError, match="only a READ_ONLY handle"):
