@@ -159,6 +159,9 @@ class Outbox:
     backlog: Callable[[Conn], None] | None = field(default=None, init=False)  # set by ConnGuard
     dirty: list[Conn] = field(default_factory=list, init=False)
     in_pass: int = field(default=0, init=False)  # >0 while progress dispatches or trigger runs
+    # A small trigger pass's first message leaves at once (``EventLoop.hold``): set when the
+    # pass begins, cleared by the first message sent directly.
+    lead: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.low = self.high // 2
@@ -167,7 +170,7 @@ class Outbox:
         """Queue whole frames for ``conn`` and send them now, or at the end of the pass.
 
         A trigger pass that answers 16 requests makes two syscalls (one per ``_FLUSH_AT``
-        items), not 16. Outside a pass, or
+        items), not 16; a pass of a few sends its first at once (``lead``). Outside a pass, or
         while another thread sleeps in epoll (nobody would flush soon), they leave at once.
         ``size``: the bytes of ``bufs`` in all, when the caller has counted them already.
         """
@@ -176,7 +179,7 @@ class Outbox:
             return
         q = conn.sendq
         if not q and not self.dirty and not conn.writing and not conn.connecting and \
-                (not self.in_pass or self.waking.polling):
+                (not self.in_pass or self.lead or self.waking.polling):
             # Nothing ahead of these frames and nothing to coalesce them with: one sendmsg,
             # no queue entries (the per-message path of a blocking call).
             try:
@@ -190,6 +193,7 @@ class Outbox:
                 self.failed(conn, f"send failed: {exc}")
                 return
             conn.active = True
+            self.lead = False
             if n == (size if size >= 0 else sum(map(len, bufs))):
                 if op is not None:
                     self.sent(op)

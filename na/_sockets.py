@@ -19,7 +19,7 @@ from . import framing as fr
 from ._conn import EPOLLIN, EPOLLOUT, EPOLLRD, PAUSE_MATCHER, Conn, Outbox, Routing
 from ._guard import ConnGuard
 from ._limits import Limits
-from ._loop import EventLoop
+from ._loop import LEAD_MAX, EventLoop
 from ._peering import AuthFailed, Peering
 from ._regs import Registrations, pack_handle, register_view, unpack_handle
 from ._rma import EmulatedRma
@@ -231,8 +231,9 @@ class SocketPlugin(PluginCore):
 
     # -- completion, cancel, progress -----------------------------------------------------------
     def trigger(self, max_count: int = 1 << 30) -> int:
-        # What the callbacks of this pass send leaves together, at its end.
-        self._loop.hold()
+        # What the callbacks of this pass send leaves together, at its end (a small pass's
+        # first message at once).
+        self._loop.hold(len(self._cq.ops) <= LEAD_MAX)
         try:
             return self._cq.trigger(max_count)
         finally:

@@ -7,9 +7,11 @@ import os
 import threading
 import time
 
+import pytest
 from conftest import TIMEOUT, Spec, receive
 
 from petasus import na
+from petasus.na._loop import LEAD_MAX
 
 
 class FakeSource:
@@ -310,3 +312,37 @@ def test_held_sends_leave_together_at_release(socket_spec: Spec) -> None:
         for op in sends:
             na.wait(client, op, timeout=TIMEOUT)
         assert receive(server, 4, 4) == [(i, bytes([i])) for i in range(4)]
+
+
+@pytest.mark.parametrize("completions", [1, LEAD_MAX + 1])
+def test_a_small_trigger_pass_sends_its_first_message_at_once(socket_spec: Spec,
+                                                               completions: int) -> None:
+    """A pass of a few completions hands its first send to the kernel at once (so that the
+    peer starts on it while the pass goes on) and holds the rest to its end; a larger pass
+    holds them all."""
+    spec = socket_spec
+    with na.initialize(spec.uri, listen=True, **spec.options) as server, \
+            na.initialize(spec.uri, **spec.options) as client:
+        addr = client.addr_lookup(server.addr_self().uri)
+        na.wait(client, client.msg_send_unexpected(addr, b"\x00", 0), timeout=TIMEOUT)
+        seen: list[list[bool]] = []
+        sends: list[na.Op] = []
+
+        def sent(_op: na.Op) -> None:
+            if seen:
+                return
+            ops = [client.msg_send_unexpected(addr, bytes([i]), i) for i in range(1, 4)]
+            sends.extend(ops)
+            seen.append([op.done for op in ops])
+
+        first = [client.msg_send_unexpected(addr, b"\x00", 0, sent) for _ in range(completions)]
+        deadline = time.monotonic() + TIMEOUT
+        while len(client._cq.ops) < completions:  # completed, not yet triggered
+            assert time.monotonic() < deadline, "the sends did not complete"
+            client.progress(0.01)
+        client.trigger()
+        assert seen == [[completions <= LEAD_MAX, False, False]]
+        for op in first + sends:
+            na.wait(client, op, timeout=TIMEOUT)
+        got = receive(server, 1 + completions + 3, 4)
+        assert got[-3:] == [(i, bytes([i])) for i in range(1, 4)]
