@@ -11,6 +11,8 @@ each pattern (a baseline that flatters us would be a defect):
   queued on the socket and sends one as each reply is read (replies come back in order). One
   frame per message (the REQ-style empty delimiter frame halved its rate at 16 in flight),
   copying receives on the server (zero-copy frames pay off above ~10 KB only);
+  pyzmq-ipc is the same over a Unix socket (``ipc://``), ZeroMQ's fastest transport between
+  processes of one host: the peer of the sm plugin;
 - grpcio blocking: one channel, a generic bytes method (no protobuf codegen), ``stub(...)`` at
   one in flight and ``stub.future(...)`` beyond, waited on oldest first; grpc.aio: N tasks
   awaiting calls on one channel (window) or N calls gathered (burst). Both clients run against
@@ -154,14 +156,17 @@ def bench_grpc_aio(points: list[Point], seconds: float, placement: str,
 
 
 # -- ZeroMQ -----------------------------------------------------------------------------------
-def bench_zmq(points: list[Point], seconds: float, placement: str, cpu: int | None) -> None:
-    with child("_rpc_peer_baselines.py", "zmq", cpu=cpu) as (proc, addr):
+def bench_zmq(points: list[Point], seconds: float, placement: str, cpu: int | None,
+              transport: str = "tcp") -> None:
+    """``transport="ipc"``: over a Unix socket, reported as ``pyzmq-ipc``."""
+    kind, name = ("zmq-ipc", "pyzmq-ipc") if transport == "ipc" else ("zmq", "pyzmq")
+    with child("_rpc_peer_baselines.py", kind, cpu=cpu) as (proc, endpoint):
         ctx = zmq.Context()
         sock: Any = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVTIMEO, int(TIMEOUT * 1000))  # zmq.Again instead of a hang
         sock.setsockopt(zmq.SNDTIMEO, int(TIMEOUT * 1000))
-        sock.connect(f"tcp://{addr}")
+        sock.connect(endpoint)
         pack, unpack = msgpack.packb, msgpack.unpackb
         try:
             # One frame per message, no REQ-style empty delimiter: a DEALER needs none, and
@@ -178,7 +183,7 @@ def bench_zmq(points: list[Point], seconds: float, placement: str, cpu: int | No
                 wait(None, i)
 
             def emit_point(pattern: str, conc: int, sample: Sample) -> None:
-                report("pyzmq", "blocking", "DEALER send/recv", pattern, conc, placement, sample)
+                report(name, "blocking", "DEALER send/recv", pattern, conc, placement, sample)
 
             run_blocking(proc.pid, points, seconds, one, send, wait, emit_point)
         finally:
@@ -269,7 +274,8 @@ def baselines(every_server: bool) -> dict[str, Callable[..., None]]:
     """Each peer's runner; grpcio's two clients against its own kind of server, and with
     ``every_server`` against the other kind too (which pair is faster varies on this VM)."""
     out: dict[str, Callable[..., None]] = {
-        "pyzmq": bench_zmq, "grpcio-blocking": bench_grpc_sync,
+        "pyzmq": bench_zmq, "pyzmq-ipc": functools.partial(bench_zmq, transport="ipc"),
+        "grpcio-blocking": bench_grpc_sync,
         "grpcio-asyncio": bench_grpc_aio, "Pyro5": bench_pyro5,
         "aio-msgpack-rpc": bench_aio_msgpack_rpc}
     if every_server:

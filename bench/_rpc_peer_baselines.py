@@ -12,8 +12,10 @@ First stdout line: ``127.0.0.1:PORT``. Serves until stdin reaches EOF, then exit
 from __future__ import annotations
 
 import asyncio
+import shutil
 import struct
 import sys
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -104,15 +106,22 @@ async def grpc_aio() -> None:
     await server.stop(None)
 
 
-def zmq_router() -> None:
+def zmq_router(transport: str) -> None:
+    """``transport``: "tcp" (loopback), or "ipc" (a Unix socket: ZeroMQ's fastest between
+    processes of one host, the peer the sm plugin is measured against)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     # A bounded blocking receive rather than a poller: no extra syscall per message, and the
     # loop still notices the stop event within 100 ms when idle.
     sock.setsockopt(zmq.RCVTIMEO, 100)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    print(f"127.0.0.1:{port}", flush=True)
+    if transport == "ipc":
+        where = tempfile.mkdtemp(prefix="bench-zmq-")
+        endpoint = f"ipc://{where}/router"
+        sock.bind(endpoint)
+    else:
+        endpoint = f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
+    print(endpoint, flush=True)
     stop = stdin_closed()
     pack, unpack = msgpack.packb, msgpack.unpackb
     while not stop.is_set():
@@ -128,6 +137,8 @@ def zmq_router() -> None:
         sock.send_multipart(frames)
     sock.close()
     ctx.term()
+    if transport == "ipc":
+        shutil.rmtree(where, ignore_errors=True)
 
 
 PYRO_OBJECT = "bench.sum"
@@ -192,8 +203,8 @@ if __name__ == "__main__":
         grpc_sync()
     elif kind == "grpc-aio":
         asyncio.run(grpc_aio())
-    elif kind == "zmq":
-        zmq_router()
+    elif kind in ("zmq", "zmq-ipc"):
+        zmq_router("ipc" if kind == "zmq-ipc" else "tcp")
     elif kind == "grpc-bytes":
         grpc_bytes()
     elif kind == "pyro5":

@@ -254,6 +254,16 @@ def verdict(placements: list[str]) -> None:
                       placement=placement, spin_us=200)
             ratio(B, f"tcp-uvloop-vs-blocking[{placement}]", uv, blk, 1.0,
                   mine=describe(uv) if uv else None, peer=describe(blk) if blk else None)
+        for conc in SWEEP:
+            # Same host: sm against every peer, pyzmq over a Unix socket included (issue 13:
+            # 1.5x the best at 16 in flight).
+            mine = best(rows, plugin="sm", concurrency=conc, placement=placement)
+            peers = [p for p in (best(rows, plugin=name, concurrency=conc, placement=placement)
+                                 for name in (*PEERS, "pyzmq-ipc")) if p is not None]
+            if mine is not None and peers:
+                top = max(peers, key=lambda r: r["value"])
+                ratio(B, f"sm-best-vs-best-peer[{placement}]", mine, top,
+                      1.5 if conc == 16 else 1.0, mine=describe(mine), peer=describe(top))
     for conc in (1, 16):
         # Issue 5: small-RPC rate over ofi+tcp at least the tcp plugin's.
         ofi = best(rows, plugin="ofi-tcp", api="blocking", concurrency=conc,
