@@ -231,9 +231,12 @@ class SocketPlugin(PluginCore):
 
     # -- completion, cancel, progress -----------------------------------------------------------
     def trigger(self, max_count: int = 1 << 30) -> int:
+        ready = len(self._cq.ops)
+        if not ready:
+            return 0  # (an asyncio loop's every poll asks)
         # What the callbacks of this pass send leaves together, at its end (a small pass's
         # first message at once).
-        self._loop.hold(len(self._cq.ops) <= LEAD_MAX)
+        self._loop.hold(ready <= LEAD_MAX)
         try:
             return self._cq.trigger(max_count)
         finally:
