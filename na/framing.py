@@ -78,6 +78,7 @@ class FrameReader:
         "_dest_pos",
         "_discard",
         "_end",
+        "_filled",
         "_handler",
         "_max_direct",
         "_max_msg",
@@ -98,6 +99,10 @@ class FrameReader:
         # most once per frame.
         self._cap = max(bufsize, 2 * (HEADER_SIZE + max_msg))
         self._size = min(SMALL, self._cap)
+        # The last read filled the buffer: grow it at the next get_buffer, even if the frames
+        # it held are consumed by then (a data frame just larger than the buffer lands the
+        # rest of its payload directly, and would take two reads every time).
+        self._filled = False
         self._buf = bytearray(self._size)
         self._view = memoryview(self._buf)
         self._start = 0
@@ -138,8 +143,9 @@ class FrameReader:
             return self._scratch[: min(self._discard, _SCRATCH)]
         start, end = self._start, self._end
         size = self._size
-        if end == size and size < self._cap:
+        if (end == size or self._filled) and size < self._cap:
             # The last read filled the buffer: more is waiting, or the frame is larger.
+            self._filled = False
             self._resize(min(2 * size, self._cap))
         elif start == end:
             self._start = self._end = 0
@@ -160,6 +166,7 @@ class FrameReader:
         connection has been quiet, never per read."""
         if not self._discard:
             self._scratch = None
+        self._filled = False
         held = self._end - self._start
         size = SMALL
         while size < held:
@@ -186,7 +193,9 @@ class FrameReader:
             if not self._discard:
                 self._finish_direct()
             return
-        self._end += nbytes
+        end = self._end = self._end + nbytes
+        if end == self._size:
+            self._filled = True
         self._parse()
 
     def _finish_direct(self) -> None:

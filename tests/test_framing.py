@@ -170,3 +170,28 @@ def test_handle_truncations_fail(tcp_plugin: TcpPlugin) -> None:
                 plugin.mem_handle_deserialize(wire[:cut])
         if plugin is not tcp_plugin:
             plugin.close()
+
+
+def test_a_data_frame_larger_than_the_buffer_grows_it_for_the_next() -> None:
+    """A 4 KiB pull's answer is a little larger than the reader's first buffer: the read that
+    filled the buffer makes it grow, so that the next such frame comes in one read, not in
+    two plus the rest of its payload landed directly (bench/bulk.py pull of 4 KiB over tcp:
+    three reads a pull, 0.9x the old fixed buffer)."""
+    rec = Recorder()
+    reader = fr.FrameReader(rec, MAX_MSG, 1 << 16)
+    frame = encode([(fr.GET_RESP, 0, bytes(range(256)) * 16)])
+    assert len(reader.get_buffer()) == fr.SMALL < len(frame)
+    reads = []
+    for _ in range(2):
+        pos = 0
+        while pos < len(frame):
+            buf = reader.get_buffer()
+            n = min(len(buf), len(frame) - pos)
+            buf[:n] = frame[pos:pos + n]
+            reader.buffer_updated(n)
+            pos += n
+            reads.append(n)
+    assert reads == [fr.SMALL, len(frame) - fr.SMALL, len(frame)]
+    assert [f[3] for f in rec.frames] == [bytes(range(256)) * 16] * 2
+    reader.shrink()  # quiet: back to the small buffer
+    assert len(reader.get_buffer()) == fr.SMALL
