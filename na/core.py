@@ -178,15 +178,7 @@ class CompletionQueue:
         """The transport is done with ``op``: success, or Canceled if a cancel was waiting."""
         state = op.state
         if state == _PENDING:
-            # ``post``, inline: once per message sent.
-            op.state = _FINISHED
-            if op.callback is None:
-                op.done = True
-                self.completed += 1
-            else:
-                self.ops.append(op)
-            if self.polling:
-                os.eventfd_write(self.wake_fd, 1)
+            self.post(op)
         elif state == OpState.CANCELING:
             op.error = canceled(op)
             self.post(op)
