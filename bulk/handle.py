@@ -141,13 +141,15 @@ class Bulk:
                 pass  # a view of it is still in use elsewhere; it goes with its last user
 
     # -- what peers receive -----------------------------------------------------------------------
-    def wire(self) -> lo.Wire:
+    def _owner(self) -> bytes:
         if self._closed:
             raise ValueError(f"serialize: {self!r} is closed")
-        owner = self.na.addr_serialize(self.na.addr_self())
+        return self.na.addr_serialize(self.na.addr_self())
+
+    def wire(self) -> lo.Wire:
+        owner = self._owner()
         if self.eager:
-            return lo.Wire(int(self.access), owner, (self.size,), (),
-                           b"".join(bytes(v) for v in self.views))
+            return lo.Wire(int(self.access), owner, (self.size,), (), b"".join(self.views))
         handles = self._register()
         return lo.Wire(int(self.access), owner, tuple(self.layout.sizes),
                        tuple(self.na.mem_handle_serialize(h) if h is not None else b""
@@ -155,9 +157,8 @@ class Bulk:
 
     def to_bytes(self) -> bytes:
         """The serialized handle (what the bulk proc puts on the wire)."""
-        if self.eager and not self._closed:
-            return lo.encode_eager(int(self.access), self.na.addr_serialize(self.na.addr_self()),
-                                   self.views)
+        if self.eager:
+            return lo.encode_eager(int(self.access), self._owner(), self.views)
         return lo.encode(self.wire())
 
     def remote(self) -> RemoteBulk:

@@ -30,7 +30,6 @@ log = logging.getLogger("petasus.hg.rpc")
 
 _REQ, _RESP = hd.REQUEST, hd.RESPONSE
 _ID, _PROTO = hd.IDENTIFIER, hd.PROTOCOL
-_REQ_SIZE = _REQ.size
 _STR = proc_for(str)
 _ACK = hd.RESPONSE.pack(hd.IDENTIFIER, hd.PROTOCOL, hd.SUCCESS, 0, 0)
 
@@ -73,12 +72,7 @@ class Target:
         self.stats["received"] += 1
         rpc, answer, one_way, more, args, failure = None, True, 0, 0, (), None
         try:
-            if n >= _REQ_SIZE:  # hd.decode_request, inline: once per request
-                ident, proto, rid, flags, _cookie = _REQ.unpack_from(buf)
-                if ident != _ID or proto != _PROTO:
-                    hd.decode_request(buf, n)  # raises, saying why
-            else:
-                rid, flags, _cookie = hd.decode_request(buf, n)
+            rid, flags, _cookie = hd.decode_request(buf, n)
             one_way, more = flags & hd.NO_RESPONSE, flags & hd.MORE_DATA
             answer = not one_way or more  # an overflowing one-way call waits for an ack
             rpc = self.rpcs.get(rid)

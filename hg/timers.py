@@ -92,15 +92,6 @@ class Timers:
         ``span``: the deadline is the clock's now plus this, as the lane's others are."""
         with self._lock:
             lane = self._lanes.get(span)  # type: ignore[arg-type]
-            if lane and lane[-1][0] <= deadline:
-                # The common case, a call's deadline behind those of its lane, first and in
-                # short (once per call): not the earliest, the lane's last entry stays.
-                while len(lane) > 1 and not lane[0][1].live:
-                    lane.popleft()
-                lane.append((deadline, entry))
-                if len(lane) > self._trim_at.get(span, _TRIM_AT):  # type: ignore[arg-type]
-                    self._trim(span, lane)  # type: ignore[arg-type]
-                return
             if lane is None and span is not None and len(self._lanes) < _LANES:
                 lane = self._lanes[span] = deque()
             if lane is not None and (not lane or lane[-1][0] <= deadline):

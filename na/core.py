@@ -41,7 +41,7 @@ MAX_QUEUED_PEER = 1024 * 1024
 # tag, the bytes object) costs memory too; counted at its bytes alone, 64 MiB of 20-byte
 # requests would have been 3 million entries.
 _QUEUED_COST = 160
-_FINISHED, _PENDING = OpState.FINISHED, OpState.PENDING
+_PENDING = OpState.PENDING
 SPIN_US = int(os.environ.get("PETASUS_SPIN_US", "200"))  # DESIGN: ~70 us wake-up vs ~6 us poll
 # The limit of the socket plugins' adaptive spin (na/_spin.py), which stops spinning where it
 # does not pay and so can afford a longer one: a wait just past the limit pays a wake-up on
@@ -301,16 +301,6 @@ class Matcher:
         posted = self.unexp_posted
         if posted:
             op = posted.popleft()
-            n = len(payload)
-            if n <= len(op.buffer) and op.callback is not None:
-                # ``_fill`` and ``CompletionQueue.post`` inline: once per message.
-                op.buffer[:n] = payload
-                op.size, op.source, op.tag, op.state = n, addr, tag, _FINISHED
-                cq = self.cq
-                cq.ops.append(op)
-                if cq.polling:
-                    os.eventfd_write(cq.wake_fd, 1)
-                return False
             self._fill(op, addr, tag, payload)
             self.cq.post(op)
             return False
@@ -335,16 +325,6 @@ class Matcher:
                 waiting, op = op, op.popleft()  # type: ignore[union-attr]
                 if waiting:
                     posted[key] = _one_or_all(waiting)
-            n = len(payload)
-            if n <= len(op.buffer) and op.callback is not None:  # type: ignore[union-attr]
-                # ``_fill`` and ``CompletionQueue.post`` inline: once per reply.
-                op.buffer[:n] = payload  # type: ignore[union-attr]
-                op.size, op.source, op.state = n, addr, _FINISHED  # type: ignore[union-attr]
-                cq = self.cq
-                cq.ops.append(op)  # type: ignore[arg-type]
-                if cq.polling:
-                    os.eventfd_write(cq.wake_fd, 1)
-                return
             self._fill(op, addr, tag, payload)  # type: ignore[arg-type]
             self.cq.post(op)  # type: ignore[arg-type]
         else:

@@ -175,11 +175,7 @@ class PluginCore:
         with self._lock:
             if self._closed:
                 check_open(True, "msg_recv_unexpected", self)
-            matcher = self._matcher
-            if matcher.unexp_queue:
-                matcher.post_unexpected(op)  # a message is waiting for it
-            else:
-                matcher.unexp_posted.append(op)  # (a server's every request reposts one)
+            self._matcher.post_unexpected(op)
         return op
 
     def msg_recv_expected(self, addr: Addr, buf: Any, tag: int,
