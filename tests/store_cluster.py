@@ -92,9 +92,12 @@ def _flags(options: dict[str, Any]) -> list[str]:
 
 def wait_for(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
     """Wait for ``condition`` or fail naming it. The conditions are other processes' state
-    (the master's node list, a reclaimed page count), so this polls; the short sleep between
-    polls gives the CPU to those processes on this 2-core machine, where a busy poll would
-    starve them. Nothing is assumed to have happened after any amount of time."""
+    read over RPC or HTTP (the master's node list, a reclaimed page count), which nothing
+    here is told of when it changes, so this polls; the short sleep between polls gives the
+    CPU to those processes on this 2-core machine, where a busy poll of RPCs would starve
+    them. Nothing is assumed to have happened after any amount of time. (A process's first
+    line is waited for as an event: ``Proc.wait_listening``. Doing the same here needs a
+    master RPC that answers when its state changes.)"""
     end = time.monotonic() + deadline
     while not condition():
         if time.monotonic() > end:
@@ -110,12 +113,32 @@ class Proc:
         self.role = role
         self.out = root / f"{role}.out"
         self.err = root / f"{role}.log"
-        with self.out.open("wb") as out, self.err.open("wb") as err:
+        with self.err.open("wb") as err:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "petasus.store.cli", *args], stdout=out, stderr=err,
-                stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                [sys.executable, "-m", "petasus.store.cli", *args], stdout=subprocess.PIPE,
+                stderr=err, stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                 preexec_fn=_die_with_parent)  # noqa: PLW1509 (started from the main thread)
         self.uri = ""
+        # Its first line (or b"" if it exited without one), set by the thread that copies its
+        # stdout to ``out`` (so that nothing blocks on a full pipe): what wait_listening
+        # waits for, rather than polling the file.
+        self._first: bytes | None = None
+        self._said = threading.Event()
+        threading.Thread(target=self._copy_stdout, name=f"{role}-stdout", daemon=True).start()
+
+    def _copy_stdout(self) -> None:
+        pipe = self.popen.stdout
+        assert pipe is not None
+        with pipe, self.out.open("wb") as out:
+            for line in pipe:
+                out.write(line)
+                out.flush()
+                if self._first is None:
+                    self._first = line
+                    self._said.set()
+        if self._first is None:
+            self._first = b""  # the end of its stdout: it exited before saying anything
+        self._said.set()
 
     def __repr__(self) -> str:
         state = "running" if self.alive else f"exited {self.popen.returncode}"
@@ -133,20 +156,17 @@ class Proc:
 
     def wait_listening(self, deadline: float = DEADLINE) -> str:
         """The URI of the first line (``listening on URI``), once it is written."""
-        def listening() -> bool:
-            first = self.out.read_bytes().split(b"\n", 1)
-            if len(first) == 2:
-                line = first[0].decode()
-                if not line.startswith("listening on "):
-                    raise RuntimeError(f"{self.role} printed {line!r}, not its address")
-                self.uri = line.split()[-1]
-                return True
-            if not self.alive:
-                raise RuntimeError(f"{self.role} exited ({self.popen.returncode}) before "
-                                   f"listening:\n{self.log()}")
-            return False
-
-        wait_for(listening, f"{self.role} to listen")
+        if not self._said.wait(deadline):
+            raise AssertionError(f"timed out after {deadline} s waiting for {self.role} "
+                                 "to listen")
+        line = (self._first or b"").decode(errors="replace").rstrip("\n")
+        if not line:
+            self.popen.wait(STOP_TIMEOUT)
+            raise RuntimeError(f"{self.role} exited ({self.popen.returncode}) before "
+                               f"listening:\n{self.log()}")
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"{self.role} printed {line!r}, not its address")
+        self.uri = line.split()[-1]
         return self.uri
 
     def kill(self) -> None:
