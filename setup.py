@@ -9,11 +9,15 @@ The ofi plugin's cffi extension is built only where libfabric's headers are inst
 what is missing when an ``ofi+`` URI is opened.
 """
 
+import glob
+import importlib.util
 import os
 import shutil
 import subprocess
+from types import ModuleType
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 LAYERS = ("na", "hg", "bulk", "store")
 # atheris: coverage-guided fuzzing (docs/fuzzing.md); it ships wheels for CPython on Linux only,
@@ -30,6 +34,79 @@ def _have_libfabric() -> bool:
     return subprocess.run(["pkg-config", "--exists", "libfabric"], check=False).returncode == 0
 
 
+
+
+def _load_accel() -> ModuleType:
+    """na/accel.py, read from the tree: which modules are compiled, and their manifest, are
+    said once there (it imports nothing but the standard library)."""
+    spec = importlib.util.spec_from_file_location("_petasus_accel", "na/accel.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+accel = _load_accel()
+
+
+def _compiled_modules() -> list[tuple[str, str]]:
+    """(layer, module) pairs that Cython compiles from their unchanged sources, unless
+    PETASUS_PUREPYTHON is set or Cython is missing (the build system requires it; a plain
+    ``setup.py`` run without it installs the sources only)."""
+    if accel.pure_python():
+        return []
+    try:
+        import Cython  # noqa: F401
+    except ImportError:
+        return []
+    found = []
+    for layer in accel.LAYERS:
+        for path in sorted(glob.glob(f"{layer}/*.py")):
+            name = os.path.basename(path)[:-3]
+            if name not in accel.NOT_COMPILED:
+                found.append((layer, name))
+    return found
+
+
+def _extensions() -> list[Extension]:
+    modules = _compiled_modules()
+    if not modules:
+        return []
+    from Cython.Build import cythonize
+
+    exts = [Extension(f"petasus.{layer}.{name}", [f"{layer}/{name}.py"])
+            for layer, name in modules]
+    # annotation_typing off: the sources are plain Python, and their annotations are for
+    # readers and type checkers, not C types (Cython would otherwise check ``int`` arguments).
+    return cythonize(exts, build_dir="build/cython", quiet=True, nthreads=os.cpu_count() or 1,
+                     compiler_directives={"language_level": 3, "binding": True,
+                                          "annotation_typing": False})
+
+
+class BuildExt(build_ext):
+    """Builds in parallel, then writes each layer's manifest of the sources it compiled."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
+
+    def run(self) -> None:
+        super().run()
+        manifests: dict[str, list[str]] = {}
+        for ext in self.extensions:
+            parts = ext.name.split(".")
+            if len(parts) != 3 or parts[1] not in accel.LAYERS or \
+                    parts[2] in accel.NOT_COMPILED:
+                continue
+            with open(f"{parts[1]}/{parts[2]}.py", "rb") as f:
+                digest = accel.source_hash(f.read())
+            folder = os.path.dirname(self.get_ext_fullpath(ext.name))
+            manifests.setdefault(folder, []).append(f"{parts[2]} {digest}")
+        for folder, lines in manifests.items():
+            with open(os.path.join(folder, accel.MANIFEST), "w", encoding="ascii") as f:
+                f.write("\n".join(sorted(lines)) + "\n")
+
+
 setup(
     name="petasus",
     version="0.1.0",
@@ -44,12 +121,16 @@ setup(
                       "prometheus-client>=0.17"],
     entry_points={"console_scripts": ["petasus-store=petasus.store.cli:main"]},
     cffi_modules=["na/ofi/_build.py:ffibuilder"] if _have_libfabric() else [],
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExt},
     extras_require={
         # The tests run fuzz/'s harnesses for a bounded time (tests/test_fuzz.py), so the test
         # tools include the fuzzer; "fuzz" alone is for a machine that only fuzzes.
-        "test": ["pytest>=7", "hypothesis>=6", "ruff", "numpy", *FUZZ],
+        # Cython: scripts/setup.sh compiles the edited modules again in place (na/accel.py).
+        "test": ["pytest>=7", "hypothesis>=6", "ruff", "numpy", "Cython>=3.0", *FUZZ],
         "fuzz": FUZZ,
-        "bench": ["grpcio", "pyzmq", "msgpack", "Pyro5", "redis", "hiredis", "aio-msgpack-rpc",
+        "bench": ["Cython>=3.0", "grpcio", "pyzmq", "msgpack", "Pyro5", "redis", "hiredis",
+                  "aio-msgpack-rpc",
                   "matplotlib", "uvloop", "py-spy"],
     },
 )

@@ -7,6 +7,9 @@ Types for annotations: ``int8`` .. ``uint64``, ``float32``, ``float64``; plain `
 your own.
 """
 
+# First: it installs the choice between compiled modules and their sources (na/accel.py).
+import petasus.na  # noqa: F401
+
 from .adopt import fresh as fresh_bytes
 from .context import Context
 from .declarations import Declaration, declare

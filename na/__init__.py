@@ -10,6 +10,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+# First: importing it installs the finder that chooses between each compiled module and its
+# source (na/accel.py), before any of them is imported here or by hg and bulk.
+from . import accel
 from .driver import AsyncioDriver, BlockingDriver, PluginSource, Source
 from .errors import AccessError, Canceled, NAError, PeerError, ProtocolError
 from .interface import Plugin
@@ -18,7 +21,8 @@ from .types import Access, Addr, MemHandle, Op, OpKind
 __all__ = [
     "Access", "AccessError", "Addr", "AsyncioDriver", "BlockingDriver", "Canceled",
     "MemHandle", "NAError", "Op", "OpKind", "PeerError", "Plugin", "PluginSource",
-    "ProtocolError", "Source", "available_plugins", "initialize", "register_plugin", "wait",
+    "ProtocolError", "Source", "accel", "available_plugins", "initialize", "register_plugin",
+    "wait",
 ]
 
 _PLUGINS: dict[str, Callable[..., Plugin]] = {}

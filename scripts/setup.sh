@@ -26,6 +26,7 @@ fi
 # (an editable install follows the Python sources by itself), or when the extension is missing.
 stamp=".venv/.petasus-$(cat setup.py pyproject.toml na/ofi/_cdefs.h na/ofi/_glue.c \
     na/ofi/_build.py | sha256sum | cut -c1-16)-${EXTRAS:-test}"
+sources=$(cat na/*.py hg/*.py bulk/*.py | sha256sum | cut -c1-16)
 built() { [ ! -e /usr/include/rdma/fabric.h ] || compgen -G "na/ofi/_fabric*.so" >/dev/null; }
 if [ ! -e "$stamp" ] || ! built; then
     log=$(mktemp)
@@ -33,8 +34,20 @@ if [ ! -e "$stamp" ] || ! built; then
            .venv/bin/python -m pip install -q -e ".[${EXTRAS:-test}]"; } >"$log" 2>&1; then
         cat "$log"; rm -f "$log"; exit 1
     fi
-    rm -f "$log" .venv/.petasus-*
-    touch "$stamp"
+    rm -f "$log" .venv/.petasus-* .venv/.compiled-*
+    touch "$stamp" ".venv/.compiled-$sources"
+fi
+
+# The modules compiled with Cython (na/accel.py) follow their sources only when rebuilt: build
+# again, in place and only what changed, whenever a source in na/, hg/ or bulk/ has. (Without
+# this an edit runs as source, with a warning, never as stale compiled code.)
+if [ ! -e ".venv/.compiled-$sources" ] && .venv/bin/python -c "import Cython" 2>/dev/null; then
+    log=$(mktemp)
+    if ! .venv/bin/python setup.py -q build_ext --inplace >"$log" 2>&1; then
+        cat "$log"; rm -f "$log"; exit 1
+    fi
+    rm -f "$log" .venv/.compiled-*
+    touch ".venv/.compiled-$sources"
 fi
 
 # Debian's pyverbs is built for Debian's python3.11 and installed in its dist-packages; PyPI's
