@@ -59,6 +59,9 @@ def _child(name: str, workdir: str, seconds: float, seed: int) -> int:
         import atheris
     except ImportError:
         return _mutate(load(name), workdir, seconds, seed)
+    # atheris sees coverage only in bytecode it instrumented: the compiled twins of petasus's
+    # modules (na/accel.py) would leave it blind, so this process loads their sources.
+    os.environ["PETASUS_PUREPYTHON"] = "1"
     with atheris.instrument_imports(include=["petasus"]):
         harness = load(name)
     one = harness.one_input
