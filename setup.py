@@ -78,9 +78,19 @@ def _extensions() -> list[Extension]:
     exts = [Extension(f"petasus.{layer}.{name}", [f"{layer}/{name}.py"],
                       extra_compile_args=["-g0"])
             for layer, name in modules]
+    # Cython finds the .pxd that declares a module's C types (na/core.pxd beside na/core.py)
+    # by the module's full name, petasus/na/core.pxd; the tree maps petasus.na to na/, so a
+    # folder of links under build/ gives it that layout.
+    include = os.path.join("build", "cython-include")
+    os.makedirs(os.path.join(include, "petasus"), exist_ok=True)
+    for layer in accel.LAYERS:
+        link = os.path.join(include, "petasus", layer)
+        if not os.path.islink(link):
+            os.symlink(os.path.abspath(layer), link)
     # annotation_typing off: the sources are plain Python, and their annotations are for
     # readers and type checkers, not C types (Cython would otherwise check ``int`` arguments).
-    return cythonize(exts, build_dir="build/cython", quiet=True, nthreads=os.cpu_count() or 1,
+    return cythonize(exts, build_dir="build/cython", include_path=[include], quiet=True,
+                     nthreads=os.cpu_count() or 1,
                      compiler_directives={"language_level": 3, "binding": True,
                                           "annotation_typing": False})
 

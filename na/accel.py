@@ -1,10 +1,12 @@
 """Compiled modules and their pure-Python twins: which one an import loads.
 
-setup.py compiles the per-message modules of na/, hg/ and bulk/ with Cython from their own,
-unchanged sources (``COMPILED`` says which), and writes beside them a manifest, ``_compiled.txt``,
-of each source's hash as it was compiled. The ``.py`` file stays the twin: the same code, run by
-the interpreter. Where both exist Python would load the compiled one; the finder installed here
-chooses instead:
+setup.py compiles the modules of na/, hg/ and bulk/ (all but ``NOT_COMPILED``) with Cython from
+their own, unchanged sources, and writes beside them a manifest, ``_compiled.txt``, of each
+source's hash as it was compiled. The ``.py`` file stays the twin: the same code, run by the
+interpreter. A ``.pxd`` beside a few of them (``na/core.pxd``) declares their per-message classes
+as C types, whose fields are a struct's; the ``.py`` stays plain Python all the same.
+
+Where both exist Python would load the compiled module; the finder installed here chooses:
 
 - ``PETASUS_PUREPYTHON=1``: every module from its source (profilers see every line; CI runs the
   suite both ways, as msgpack's ``MSGPACK_PUREPYTHON`` does).

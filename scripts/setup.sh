@@ -26,7 +26,8 @@ fi
 # (an editable install follows the Python sources by itself), or when the extension is missing.
 stamp=".venv/.petasus-$(cat setup.py pyproject.toml na/ofi/_cdefs.h na/ofi/_glue.c \
     na/ofi/_build.py | sha256sum | cut -c1-16)-${EXTRAS:-test}"
-sources=$(cat na/*.py hg/*.py bulk/*.py | sha256sum | cut -c1-16)
+sources=$(find na hg bulk -maxdepth 1 \( -name "*.py" -o -name "*.pxd" \) | sort | xargs cat |
+    sha256sum | cut -c1-16)
 built() { [ ! -e /usr/include/rdma/fabric.h ] || compgen -G "na/ofi/_fabric*.so" >/dev/null; }
 if [ ! -e "$stamp" ] || ! built; then
     log=$(mktemp)
@@ -39,8 +40,9 @@ if [ ! -e "$stamp" ] || ! built; then
 fi
 
 # The modules compiled with Cython (na/accel.py) follow their sources only when rebuilt: build
-# again, in place and only what changed, whenever a source in na/, hg/ or bulk/ has. (Without
-# this an edit runs as source, with a warning, never as stale compiled code.)
+# again, in place and only what changed, whenever a source in na/, hg/ or bulk/ has, or a .pxd
+# that declares C types for one. (Without this an edit runs as source, with a warning, never as
+# stale compiled code.)
 if [ ! -e ".venv/.compiled-$sources" ] && .venv/bin/python -c "import Cython" 2>/dev/null; then
     log=$(mktemp)
     if ! .venv/bin/python setup.py -q build_ext --inplace >"$log" 2>&1; then
