@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -75,3 +76,58 @@ def test_an_edited_source_runs_as_source_with_a_warning(tmp_path: Path) -> None:
     assert loaded["petasus.na.core"] == "source"
     assert loaded["petasus.na.framing"] == "compiled"
     assert "core.py changed since it was compiled" in stderr
+
+
+def _pxd_classes(path: Path) -> dict[str, set[str]]:
+    """class -> the fields a .pxd declares for it (``cdef ... a, b`` lines under
+    ``cdef class X:``)."""
+    classes: dict[str, set[str]] = {}
+    current: set[str] | None = None
+    for line in path.read_text().splitlines():
+        code = line.split("#", 1)[0].rstrip()
+        if code.startswith("cdef class "):
+            current = classes.setdefault(code[len("cdef class "):].rstrip(":").strip(), set())
+        elif code.startswith("    cdef ") and current is not None:
+            words = code.split(None, 1)[1].replace(",", " ").split()
+            current.update(w for w in words if w not in ("public", "readonly", "object", "dict"))
+    return classes
+
+
+def _py_class(path: Path, name: str) -> tuple[set[str] | None, set[str]]:
+    """(its __slots__, or None; every ``self.x`` it assigns) for class ``name`` in ``path``."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            slots = None
+            assigned = set()
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Assign) and any(
+                        isinstance(t, ast.Name) and t.id == "__slots__" for t in sub.targets):
+                    slots = set(ast.literal_eval(sub.value))
+                targets = sub.targets if isinstance(sub, ast.Assign) else \
+                    [sub.target] if isinstance(sub, (ast.AnnAssign, ast.AugAssign)) else []
+                for target in targets:
+                    for e in ast.walk(target):
+                        if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) \
+                                and e.value.id == "self":
+                            assigned.add(e.attr)
+            return slots, assigned
+    raise AssertionError(f"{path.name} defines no class {name}")
+
+
+PXDS = sorted(p for layer in accel.LAYERS for p in (ROOT / layer).glob("*.pxd"))
+
+
+@pytest.mark.parametrize("pxd", PXDS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_a_pxd_declares_exactly_the_fields_its_class_has(pxd: Path) -> None:
+    """A field the source gains but its .pxd lacks would fail only where compiled; a class
+    declared with a __dict__ (one without __slots__ in its source) still takes any field, but
+    its .pxd lists every one its methods set, so that they are the struct's."""
+    source = pxd.with_suffix(".py")
+    for name, fields in _pxd_classes(pxd).items():
+        slots, assigned = _py_class(source, name)
+        if slots is not None:
+            assert fields == slots, f"{pxd.name} {name}: {sorted(fields ^ slots)}"
+        else:
+            assert {"__dict__", "__weakref__"} <= fields, f"{pxd.name} {name}"
+            missing = assigned - fields
+            assert not missing, f"{pxd.name} {name} does not declare {sorted(missing)}"
