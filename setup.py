@@ -67,6 +67,16 @@ def _compiled_modules() -> list[tuple[str, str]]:
     return found
 
 
+# The sources' hashes as they were when cythonize read them: BuildExt writes these, so that an
+# edit made while the build runs is not vouched for as compiled.
+_DIGESTS: dict[str, str] = {}
+DIRECTIVES = {
+    # annotation_typing off: the sources are plain Python, and their annotations are for readers
+    # and type checkers, not C types (Cython would otherwise check ``int`` arguments).
+    "language_level": 3, "binding": True, "annotation_typing": False,
+}
+
+
 def _extensions() -> list[Extension]:
     modules = _compiled_modules()
     if not modules:
@@ -85,14 +95,30 @@ def _extensions() -> list[Extension]:
     os.makedirs(os.path.join(include, "petasus"), exist_ok=True)
     for layer in accel.LAYERS:
         link = os.path.join(include, "petasus", layer)
+        if os.path.islink(link) and os.readlink(link) != os.path.abspath(layer):
+            os.unlink(link)  # a link into another checkout (this one was moved or copied)
         if not os.path.islink(link):
             os.symlink(os.path.abspath(layer), link)
-    # annotation_typing off: the sources are plain Python, and their annotations are for
-    # readers and type checkers, not C types (Cython would otherwise check ``int`` arguments).
-    return cythonize(exts, build_dir="build/cython", include_path=[include], quiet=True,
-                     nthreads=os.cpu_count() or 1,
-                     compiler_directives={"language_level": 3, "binding": True,
-                                          "annotation_typing": False})
+    for layer, name in modules:
+        with open(f"{layer}/{name}.py", "rb") as f:
+            _DIGESTS[f"petasus.{layer}.{name}"] = accel.source_hash(f.read())
+    # Cython regenerates a module's C file when its source or a .pxd it sees is newer, but not
+    # when a .pxd is deleted or the directives change: then every module is generated again.
+    pxds = sorted(p for layer in accel.LAYERS for p in glob.glob(f"{layer}/*.pxd"))
+    signature = repr((pxds, sorted(DIRECTIVES.items())))
+    stamp = os.path.join("build", "cython", "signature")
+    os.makedirs(os.path.dirname(stamp), exist_ok=True)
+    try:
+        with open(stamp, encoding="utf-8") as f:
+            force = f.read() != signature
+    except OSError:
+        force = True
+    built = cythonize(exts, build_dir="build/cython", include_path=[include], quiet=True,
+                      nthreads=os.cpu_count() or 1, force=force,
+                      compiler_directives=DIRECTIVES)
+    with open(stamp, "w", encoding="utf-8") as f:
+        f.write(signature)
+    return built
 
 
 class BuildExt(build_ext):
@@ -111,10 +137,8 @@ class BuildExt(build_ext):
             if len(parts) != 3 or parts[1] not in accel.LAYERS or \
                     parts[2] in accel.NOT_COMPILED:
                 continue
-            with open(f"{parts[1]}/{parts[2]}.py", "rb") as f:
-                digest = accel.source_hash(f.read())
             folder = os.path.dirname(self.get_ext_fullpath(ext.name))
-            manifests.setdefault(folder, []).append(f"{parts[2]} {digest}")
+            manifests.setdefault(folder, []).append(f"{parts[2]} {_DIGESTS[ext.name]}")
         for folder, lines in manifests.items():
             with open(os.path.join(folder, accel.MANIFEST), "w", encoding="ascii") as f:
                 f.write("\n".join(sorted(lines)) + "\n")

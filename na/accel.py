@@ -64,13 +64,14 @@ def read_manifest(folder: str) -> dict[str, str]:
 
 
 def choose(source: bytes | None, compiled_from: str | None, pure: bool) -> str:
-    """``"compiled"`` or ``"source"``: what to load for a module, given its current source
-    (None if missing), the hash its compiled twin was built from (None if none was) and
-    whether pure Python was asked for."""
+    """``"compiled"``, ``"source"`` or ``"gone"``: what to load for a module, given its current
+    source (None if missing), the hash its compiled twin was built from (None if none was) and
+    whether pure Python was asked for. Every install ships the sources beside the compiled
+    modules, so a compiled module without one is left over from a source since deleted."""
     if compiled_from is None:
         return "source"
     if source is None:
-        return "compiled"  # an install that ships compiled modules without sources
+        return "gone"
     if pure or source_hash(source) != compiled_from:
         return "source"
     return "compiled"
@@ -81,7 +82,7 @@ class _Finder:
 
     def __init__(self) -> None:
         self.manifests: dict[str, dict[str, str]] = {}
-        self.chosen: dict[str, str] = {}  # full module name -> "compiled" | "source"
+        self.chosen: dict[str, str] = {}  # full module name -> what choose() said
         self.stale: list[str] = []
 
     def find_spec(self, fullname: str, path: Sequence[str] | None = None,
@@ -106,6 +107,10 @@ class _Finder:
         kind = self.chosen[fullname] = choose(source, compiled_from, pure)
         if kind == "compiled":
             return None  # the ordinary finders prefer the extension module beside the source
+        if kind == "gone":
+            raise ModuleNotFoundError(f"No module named {fullname!r} (its source is gone; "
+                                      "only a compiled module left over from it remains)",
+                                      name=fullname)
         if not pure:
             self.stale.append(fullname)
             warnings.warn(f"petasus: {filename} changed since it was compiled; running its "
@@ -119,11 +124,18 @@ _finder = _Finder()
 
 
 def install() -> None:
-    """Put the finder first on ``sys.meta_path`` (once). Importing this module does it:
-    ``petasus.na`` imports it first, and hg and bulk import ``petasus.na`` before any module
-    of their own."""
-    if _finder not in sys.meta_path:
-        sys.meta_path.insert(0, _finder)
+    """Put the finder on ``sys.meta_path`` (once), just ahead of the path-based finder whose
+    choice it refines, and behind any hook installed before it (atheris wraps what the finders
+    after its own return: the fuzzer instruments the sources this one hands out). Importing
+    this module does it: ``petasus.na`` imports it first, and hg and bulk import ``petasus.na``
+    before any module of their own."""
+    if _finder in sys.meta_path:
+        return
+    for i, finder in enumerate(sys.meta_path):
+        if finder is importlib.machinery.PathFinder:
+            sys.meta_path.insert(i, _finder)
+            return
+    sys.meta_path.insert(0, _finder)
 
 
 def loaded() -> dict[str, str]:
@@ -132,7 +144,8 @@ def loaded() -> dict[str, str]:
     out = {}
     for name, module in list(sys.modules.items()):
         parts = name.split(".")
-        if len(parts) == 3 and parts[0] == "petasus" and parts[1] in LAYERS and \
+        if module is not None and len(parts) == 3 and parts[0] == "petasus" and \
+                parts[1] in LAYERS and \
                 parts[2] in _finder.manifests.get(os.path.dirname(module.__file__ or ""), {}):
             suffix = os.path.splitext(module.__file__ or "")[1]
             out[name] = "source" if suffix == ".py" else "compiled"

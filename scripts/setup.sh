@@ -32,7 +32,8 @@ built() { [ ! -e /usr/include/rdma/fabric.h ] || compgen -G "na/ofi/_fabric*.so"
 if [ ! -e "$stamp" ] || ! built; then
     log=$(mktemp)
     if ! { .venv/bin/python -m pip install -q --upgrade pip &&
-           .venv/bin/python -m pip install -q -e ".[${EXTRAS:-test}]"; } >"$log" 2>&1; then
+           env -u PETASUS_PUREPYTHON .venv/bin/python -m pip install -q -e ".[${EXTRAS:-test}]"
+         } >"$log" 2>&1; then
         cat "$log"; rm -f "$log"; exit 1
     fi
     rm -f "$log" .venv/.petasus-* .venv/.compiled-*
@@ -42,10 +43,11 @@ fi
 # The modules compiled with Cython (na/accel.py) follow their sources only when rebuilt: build
 # again, in place and only what changed, whenever a source in na/, hg/ or bulk/ has, or a .pxd
 # that declares C types for one. (Without this an edit runs as source, with a warning, never as
-# stale compiled code.)
+# stale compiled code.) The environment's PETASUS_PUREPYTHON chooses what runs, not what is built.
 if [ ! -e ".venv/.compiled-$sources" ] && .venv/bin/python -c "import Cython" 2>/dev/null; then
     log=$(mktemp)
-    if ! .venv/bin/python setup.py -q build_ext --inplace >"$log" 2>&1; then
+    if ! env -u PETASUS_PUREPYTHON .venv/bin/python setup.py -q build_ext --inplace >"$log" 2>&1
+    then
         cat "$log"; rm -f "$log"; exit 1
     fi
     rm -f "$log" .venv/.compiled-*

@@ -16,6 +16,10 @@ from petasus.na import accel
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPILED = {layer: accel.read_manifest(str(ROOT / layer)) for layer in accel.LAYERS}
+# scripts/test.sh sets PETASUS_EXPECT_COMPILED for its compiled run: there a tree with nothing
+# compiled is a failed build, not a reason to skip (the run would be a second pure one).
+if os.environ.get("PETASUS_EXPECT_COMPILED") and not any(COMPILED.values()):
+    raise RuntimeError("PETASUS_EXPECT_COMPILED is set, but nothing in this tree is compiled")
 needs_build = pytest.mark.skipif(
     not any(COMPILED.values()),
     reason="nothing is compiled in this tree (installed without Cython, or with "
@@ -32,7 +36,7 @@ def test_choose_loads_a_compiled_module_only_from_the_source_it_was_built_from()
     assert accel.choose(src, built, pure=True) == "source"
     assert accel.choose(b"x = 2\n", built, pure=False) == "source"  # edited since
     assert accel.choose(src, None, pure=False) == "source"  # never compiled
-    assert accel.choose(None, built, pure=False) == "compiled"  # shipped without its source
+    assert accel.choose(None, built, pure=False) == "gone"  # left over from a deleted source
 
 
 def test_a_manifest_maps_modules_to_source_hashes(tmp_path: Path) -> None:
@@ -76,6 +80,14 @@ def test_an_edited_source_runs_as_source_with_a_warning(tmp_path: Path) -> None:
     assert loaded["petasus.na.core"] == "source"
     assert loaded["petasus.na.framing"] == "compiled"
     assert "core.py changed since it was compiled" in stderr
+    # A source deleted since (a checkout): its compiled module, left behind, is not imported.
+    (tmp_path / "petasus" / "na" / "_pinning.py").unlink()
+    probe = "import petasus.na._pinning"
+    gone = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=False, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                          timeout=60)
+    assert gone.returncode != 0
+    assert "ModuleNotFoundError" in gone.stderr and "its source is gone" in gone.stderr
 
 
 def _pxd_classes(path: Path) -> dict[str, set[str]]:
@@ -131,3 +143,32 @@ def test_a_pxd_declares_exactly_the_fields_its_class_has(pxd: Path) -> None:
             assert {"__dict__", "__weakref__"} <= fields, f"{pxd.name} {name}"
             missing = assigned - fields
             assert not missing, f"{pxd.name} {name} does not declare {sorted(missing)}"
+
+
+C_TYPES = ("import json, importlib, sys, petasus.na.tcp, petasus.na.sm, petasus.hg, petasus.bulk\n"
+           "out = {}\n"
+           "for module, name in json.loads(sys.argv[1]):\n"
+           "    cls = getattr(importlib.import_module(module), name)\n"
+           "    out[name] = [not cls.__flags__ & (1 << 9),\n"
+           "                 sorted(k for k, v in vars(cls).items()\n"
+           "                        if type(v).__name__ == 'getset_descriptor')]\n"
+           "print(json.dumps(out))")
+
+
+@needs_build
+def test_each_pxd_class_is_a_c_type_when_compiled() -> None:
+    """A .pxd Cython did not see (a broken include path) compiles its class as a plain one:
+    everything passes, slower. Compiled, each declared class is a static type whose fields
+    are its own descriptors."""
+    wanted = {}
+    for pxd in PXDS:
+        for name, fields in _pxd_classes(pxd).items():
+            wanted[name] = (f"petasus.{pxd.parent.name}.{pxd.stem}", fields)
+    env = {**os.environ, "PETASUS_PUREPYTHON": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", C_TYPES, json.dumps([[m, n] for n, (m, _) in wanted.items()])],
+        env=env, capture_output=True, text=True, timeout=60, check=True)
+    for name, (static, descriptors) in json.loads(done.stdout).items():
+        assert static, f"{name} is not a C type"
+        fields = wanted[name][1] - {"__dict__", "__weakref__"}
+        assert fields <= set(descriptors), f"{name}: {sorted(fields - set(descriptors))}"
