@@ -132,13 +132,9 @@ class BuildExt(build_ext):
     def run(self) -> None:
         super().run()
         manifests: dict[str, list[str]] = {}
-        for ext in self.extensions:
-            parts = ext.name.split(".")
-            if len(parts) != 3 or parts[1] not in accel.LAYERS or \
-                    parts[2] in accel.NOT_COMPILED:
-                continue
-            folder = os.path.dirname(self.get_ext_fullpath(ext.name))
-            manifests.setdefault(folder, []).append(f"{parts[2]} {_DIGESTS[ext.name]}")
+        for name, digest in _DIGESTS.items():  # the modules _extensions() gave Cython
+            folder = os.path.dirname(self.get_ext_fullpath(name))
+            manifests.setdefault(folder, []).append(f"{name.rsplit('.', 1)[1]} {digest}")
         for folder, lines in manifests.items():
             with open(os.path.join(folder, accel.MANIFEST), "w", encoding="ascii") as f:
                 f.write("\n".join(sorted(lines)) + "\n")

@@ -82,8 +82,6 @@ class _Finder:
 
     def __init__(self) -> None:
         self.manifests: dict[str, dict[str, str]] = {}
-        self.chosen: dict[str, str] = {}  # full module name -> what choose() said
-        self.stale: list[str] = []
 
     def find_spec(self, fullname: str, path: Sequence[str] | None = None,
                   target: ModuleType | None = None) -> Any:
@@ -104,7 +102,7 @@ class _Finder:
         except OSError:
             source = None
         pure = pure_python()
-        kind = self.chosen[fullname] = choose(source, compiled_from, pure)
+        kind = choose(source, compiled_from, pure)
         if kind == "compiled":
             return None  # the ordinary finders prefer the extension module beside the source
         if kind == "gone":
@@ -112,7 +110,6 @@ class _Finder:
                                       "only a compiled module left over from it remains)",
                                       name=fullname)
         if not pure:
-            self.stale.append(fullname)
             warnings.warn(f"petasus: {filename} changed since it was compiled; running its "
                           "Python source (bash scripts/setup.sh compiles it again)",
                           RuntimeWarning, stacklevel=2)
