@@ -54,7 +54,7 @@ def master(args: argparse.Namespace) -> int:
                             node_ttl=args.node_ttl, put_ttl=args.put_ttl,
                             strategy=args.strategy, auth_key=_auth_key(args))
     if args.metrics_port is not None:
-        serve_http(args.metrics_port, service.stats, lambda: True)
+        serve_http(args.metrics_port, service.stats, lambda wait: True)
     print(f"listening on {service.uri}", flush=True)
     service.serve()
     return 0
@@ -68,7 +68,7 @@ def node(args: argparse.Namespace) -> int:
                           disk_fsync=args.disk_fsync, name=args.name,
                           auth_key=_auth_key(args))
     if args.metrics_port is not None:
-        serve_http(args.metrics_port, service.stats, lambda: service.node_id > 0)
+        serve_http(args.metrics_port, service.stats, service.wait_registered)
     print(f"listening on {service.uri}", flush=True)
     service.serve()
     return 0

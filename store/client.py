@@ -341,6 +341,19 @@ class DistributedStore(Reads, Store):
         self._check_open()
         return dict(self._call(self.master.cluster_stats))
 
+    def watch(self, since: int | None = None, timeout: float | None = None) -> int:
+        """The version of the master's state (``cluster()["version"]``), which moves on
+        every change: nodes joining or dropped, puts started, finished or expired, removes,
+        pins, disk copies done, block index updates. Returns at once when it is not
+        ``since`` (``None``: now), else when it moves or after ``timeout`` s (default: the
+        store's timeout; the master parks a call for at most a minute). A long poll: wait
+        for a condition on the cluster by reading the version, testing the condition, and
+        watching from that version while it does not hold."""
+        self._check_open()
+        limit = self.timeout if timeout is None else max(0.0, timeout)
+        return int(self._call(self.master.watch, -1 if since is None else since, limit,
+                              timeout=limit + 5))
+
     def stats(self) -> dict[str, Any]:
         s = self.cluster()
         nodes = s["nodes"]

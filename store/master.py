@@ -25,7 +25,65 @@ from .metrics import Histogram
 
 log = logging.getLogger("petasus.store.master")
 
-TICK_S = 0.05  # pending puts, node heartbeats and held leases are checked this often
+TICK_S = 0.05  # pending puts, node heartbeats, held leases and watches are checked this often
+MAX_WATCH_S = 60.0  # the longest a ``watch`` call is parked
+
+
+class Changes:
+    """The master's state version, bumped on each change, and the ``watch`` calls parked until
+    it moves. Entered, it holds the state lock and bumps the version on the way out, so a
+    handler that changes the state says so by the lock it takes; a parked call is answered
+    outside the lock (the answer is a send)."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+        self.changed = threading.Condition(lock)  # for waits on the master's own threads
+        self.version = 0
+        self.waiting = 0  # threads waiting on ``changed`` (most changes have none to wake)
+        self._parked: list[tuple[float, hg.TargetHandle]] = []  # (deadline, call)
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            parked = self.bump()
+        finally:
+            self.lock.release()
+        self.answer(parked)
+
+    def bump(self) -> list[tuple[float, hg.TargetHandle]]:
+        """Count a change (the lock held); return the parked calls to answer after."""
+        self.version += 1
+        if self.waiting:
+            self.changed.notify_all()
+        parked, self._parked = self._parked, []
+        return parked
+
+    def park(self, handle: hg.TargetHandle, since: int, deadline: float) -> bool:
+        """Park ``handle`` until the version moves from ``since`` or ``deadline`` passes
+        (the lock held); False if it has moved already."""
+        if self.version != since:
+            return False
+        self._parked.append((deadline, handle))
+        return True
+
+    def expire(self, now: float) -> list[tuple[float, hg.TargetHandle]]:
+        """The parked calls whose deadline has passed (the lock held)."""
+        if not self._parked:
+            return []
+        due = [w for w in self._parked if w[0] <= now]
+        if due:
+            self._parked = [w for w in self._parked if w[0] > now]
+        return due
+
+    def answer(self, parked: list[tuple[float, hg.TargetHandle]]) -> None:
+        version = self.version  # a newer one than some saw moved is as good an answer
+        for _, handle in parked:
+            try:
+                handle.respond(version)
+            except Exception as exc:  # a caller gone is its own business, not the master's
+                log.info("watch: answering %s failed: %s", handle.source, exc)
 
 
 class MasterService:
@@ -38,6 +96,7 @@ class MasterService:
         self.state = MasterState(config, lease_ttl=lease_ttl, node_ttl=node_ttl,
                                  put_ttl=put_ttl, strategy=strategy)
         self.lock = threading.Lock()
+        self.changes = Changes(self.lock)
         self.engine = hg.Engine(uri, listen=True, timeout=rpc_timeout,
                                 allow_remote_shutdown=True, auth_key=auth_key)
         self.engine.declare(p.NODE_RPCS)
@@ -62,6 +121,10 @@ class MasterService:
         for decl, impl in ((p.put_end, self._put_end), (p.remove, self._remove)):
             self._register_retiring(decl, impl)
         self.engine.register(p.flush, self._flush, provider_id=p.MASTER_PROVIDER, blocking=True)
+        watch = hg.RPC(p.watch.name, p.watch.in_proc, p.watch.out_proc,
+                       provider_id=p.MASTER_PROVIDER)
+        watch.handler = self._watch
+        self.engine.hg.register(watch)
         self._thread = threading.Thread(target=self._maintain, name="petasus-store-maintain",
                                         daemon=True)
         self._thread.start()
@@ -127,19 +190,26 @@ class MasterService:
         self._stop.set()
         self._wake.set()
         self._thread.join(5)
+        with self.lock:
+            parked = self.changes.expire(float("inf"))
+        self.changes.answer(parked)  # a watcher hears the last version, not a timeout
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.engine.close()
 
     # --- handlers (progress thread) -------------------------------------------------------
     def _register_node(self, uri: str, segment: bytes, capacity: int, page_size: int,
                        name: str) -> p.NodeHello:
-        with self.lock:
+        with self.changes:
             node = self.state.register_node(name, uri, segment, capacity, page_size,
                                             self.clock())
         return p.NodeHello(node.node_id, self.state.node_ttl / 4)
 
     def _heartbeat(self, node_id: int, disk_used: int) -> bool:
         with self.lock:
+            node = self.state.nodes.get(node_id)
+            if node is None or node.disk_used == disk_used:  # a beat alone is no change
+                return self.state.heartbeat(node_id, disk_used, self.clock())
+        with self.changes:
             return self.state.heartbeat(node_id, disk_used, self.clock())
 
     def _put_start(self, client: str, keys: list[str], sizes: list[int], replicas: int,
@@ -147,7 +217,7 @@ class MasterService:
         out = []
         checked: list[StoreError | None] = [self._check(k) for k in keys]
         started = time.perf_counter()
-        with self.lock:
+        with self.changes:
             grants = self.state.put_start(
                 [k for k, e in zip(keys, checked) if e is None],
                 [s for s, e in zip(sizes, checked) if e is None], replicas, overwrite,
@@ -172,7 +242,7 @@ class MasterService:
         return None
 
     def _put_end(self, tokens: list[int], atomic: bool) -> tuple[list[p.Status], Any]:
-        with self.lock:
+        with self.changes:
             errors = self.state.put_end(tokens, atomic, self.clock())
             retired = self.state.take_retired()
         self._wake.set()
@@ -180,7 +250,7 @@ class MasterService:
                 for e in errors], retired
 
     def _put_abort(self, tokens: list[int]) -> None:
-        with self.lock:
+        with self.changes:
             self.state.put_abort(tokens)
 
     def _locate(self, keys: list[str], preferred: str) -> Any:
@@ -213,7 +283,7 @@ class MasterService:
 
     def _remove(self, keys: list[str]) -> tuple[list[p.Status], Any]:
         out = []
-        with self.lock:
+        with self.changes:
             for key in keys:
                 try:
                     self.state.remove(key, self.clock())
@@ -229,7 +299,7 @@ class MasterService:
             return [self.state.exists(k) for k in keys]
 
     def _pin(self, key: str, mode: str) -> p.Status:
-        with self.lock:
+        with self.changes:
             try:
                 self.state.pin(key, Pin(mode))
             except StoreError as exc:
@@ -238,20 +308,20 @@ class MasterService:
 
     def stats(self) -> Any:
         with self.lock:
-            return {**self.state.stats(),
+            return {**self.state.stats(), "version": self.changes.version,
                     "phases": {k: h.snapshot() for k, h in self.phases.items()},
                     "latency": {k: h.snapshot() for k, h in self.latency.items() if h.count}}
 
     def _register_blocks(self, node: str, hashes: list[int], tier: str) -> int:
-        with self.lock:
+        with self.changes:
             return self.state.blocks.register(node, hashes, tier)
 
     def _revoke_blocks(self, node: str, hashes: list[int], tier: str) -> int:
-        with self.lock:
+        with self.changes:
             return self.state.blocks.revoke(node, hashes, tier)
 
     def _revoke_tier(self, node: str, tier: str) -> int:
-        with self.lock:
+        with self.changes:
             return self.state.blocks.revoke_tier(node, tier)
 
     def _match_blocks(self, hashes: list[int]) -> Any:
@@ -259,22 +329,47 @@ class MasterService:
             return self.state.blocks.match(hashes)
 
     def _flush(self, timeout: float) -> p.Status:
-        """Give every DRAM-only object a disk copy, and wait until none is missing."""
+        """Give every DRAM-only object a disk copy, and wait until none is missing. The wait
+        is on the state's changes (a disk copy done, a node dropped), not on time."""
         deadline = time.monotonic() + timeout
+        changes = self.changes
         while True:
             with self.lock:
                 missing = [(o, c) for o in self.state.objects.values() if o.state == "ready"
                            for c in o.copies if c.node not in o.disk]
+                queued = len(self.state.actions)
                 for obj, copy in missing:
                     if not self.state._offload(obj, copy):
                         break
-                busy = self.state.offloads_in_flight
-            self._wake.set()
-            if not missing and not busy:
+                done = not missing and not self.state.offloads_in_flight
+                parked = changes.bump() if len(self.state.actions) > queued else []
+                seen = changes.version
+            changes.answer(parked)
+            if done:
                 return p.Status(p.OK, "")
-            if time.monotonic() > deadline:
+            self._wake.set()  # the maintenance thread hands the copies out
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return p.Status(3, f"flush: {len(missing)} objects still without a disk copy")
-            time.sleep(0.01)
+            with self.lock:
+                changes.waiting += 1
+                try:
+                    changes.changed.wait_for(lambda: changes.version != seen, left)  # noqa: B023
+                finally:
+                    changes.waiting -= 1
+
+    def _watch(self, handle: hg.TargetHandle) -> None:
+        """``watch(since, timeout)``: the state's version once it is not ``since``, or after
+        ``timeout`` s; a long poll, parked off the progress thread's hands until then."""
+        since, timeout = handle.args
+        timeout = min(max(timeout, 0.0), MAX_WATCH_S)
+        with self.lock:
+            parked = timeout > 0 and self.changes.park(handle, since, self.clock() + timeout)
+            version = self.changes.version
+        if parked:
+            self._wake.set()  # the maintenance thread answers it at its deadline
+        else:
+            handle.respond(version)
 
     # --- maintenance (its own thread) -----------------------------------------------------
     def _maintain(self) -> None:
@@ -282,8 +377,11 @@ class MasterService:
             self._wake.wait(TICK_S)
             self._wake.clear()
             with self.lock:
-                self.state.tick(self.clock())
+                now = self.clock()
+                answer = self.changes.bump() if self.state.tick(now) else []
+                answer += self.changes.expire(now)
                 actions = self.state.take_actions()
+            self.changes.answer(answer)
             for action in actions:
                 self._pool.submit(self._carry_out, action)
 
@@ -309,7 +407,7 @@ class MasterService:
                 except (hg.RPCError, hg.PeerError) as exc:
                     log.warning("disk copy of %r on node %s failed: %s", key, node.name, exc)
                 started = time.perf_counter()
-                with self.lock:
+                with self.changes:
                     self.state.offload_done(key, gen, node, ok, self.clock())
                 self.phases["release"].observe(time.perf_counter() - started)
                 self._wake.set()

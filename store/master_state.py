@@ -282,9 +282,12 @@ class MasterState(Eviction):
         obj.copies = []
 
     # --- time -----------------------------------------------------------------------------
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> bool:
+        """Expire what time has run out for; True if that changed anything."""
+        changed = False
         for token, obj in list(self.pending.items()):
             if obj.deadline <= now:
+                changed = True
                 del self.pending[token]
                 self._free_copies(obj, 0.0)
                 self.c["expired_puts"] += 1
@@ -292,6 +295,7 @@ class MasterState(Eviction):
                             self.put_ttl)
         for node in list(self.nodes.values()):
             if node.last_seen + self.node_ttl <= now:
+                changed = True
                 self.drop_node(node, f"no heartbeat for {self.node_ttl} s")
         if self.held:
             keep = []
@@ -300,10 +304,12 @@ class MasterState(Eviction):
                     keep.append((until, c))
                 elif c.node.node_id in self.nodes:
                     c.node.pages.free(c.alloc)
+            changed = changed or len(keep) < len(self.held)
             self.held = keep
         # Eviction is driven by puts (put_start when pages run out, put_end past the high
         # watermark), as in the embedded scheme: a timer-driven cycle would race a reader
         # right after its put and drop what it just wrote under offload="off".
+        return changed
 
     def take_retired(self) -> dict[Node, tuple[list[str], list[int]]]:
         """The retired leased copies since the last call, per live node."""

@@ -88,11 +88,17 @@ def serve_metrics(store: Any, port: int, addr: str = "127.0.0.1") -> Any:
     return start_http_server(port, addr=addr, registry=registry)
 
 
+MAX_HEALTH_WAIT_S = 60.0
+
+
 def serve_http(port: int, stats: Any, healthy: Any, addr: str = "127.0.0.1") -> Any:
-    """``/metrics`` (Prometheus text, from ``stats()``'s numbers) and ``/health`` (200 while
-    ``healthy()``) on a daemon thread; returns the server."""
+    """``/metrics`` (Prometheus text, from ``stats()``'s numbers) and ``/health`` (200 once
+    ``healthy(wait)``, else 503) on a daemon thread; returns the server. ``healthy`` may
+    wait up to ``wait`` s for it, which ``/health?wait=S`` asks for (at most a minute): a
+    script that starts a node waits on that instead of polling."""
     import http.server
     import threading
+    import urllib.parse
 
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import GaugeMetricFamily
@@ -113,13 +119,25 @@ def serve_http(port: int, stats: Any, healthy: Any, addr: str = "127.0.0.1") -> 
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path == "/metrics":
+            url = urllib.parse.urlsplit(self.path)
+            if url.path == "/metrics":
                 body, code = generate_latest(registry), 200
-            elif self.path == "/health":
-                ok = healthy()
+            elif url.path == "/health":
+                try:
+                    wait = float(urllib.parse.parse_qs(url.query).get("wait", ["0"])[-1])
+                except ValueError:
+                    wait = -1.0
+                if not 0 <= wait <= MAX_HEALTH_WAIT_S:  # also NaN
+                    body = f"wait must be 0-{MAX_HEALTH_WAIT_S:g} seconds\n".encode()
+                    self._send(400, body)
+                    return
+                ok = healthy(wait)
                 body, code = (b"ok\n" if ok else b"starting\n"), (200 if ok else 503)
             else:
                 body, code = b"not found\n", 404
+            self._send(code, body)
+
+        def _send(self, code: int, body: bytes) -> None:
             self.send_response(code)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

@@ -94,6 +94,7 @@ class NodeService:
         self.master = self.engine.lookup(master_uri, provider_id=p.MASTER_PROVIDER)
         self._stop = threading.Event()
         self.node_id, self.heartbeat_s = 0, 1.0
+        self._registered = threading.Condition()
         self._thread: threading.Thread | None = None
 
     @property
@@ -139,8 +140,16 @@ class NodeService:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def _set_node_id(self, node_id: int) -> None:
-        self.node_id = node_id
-        p.EPOCH.pack_into(self._epoch, 0, node_id, self._retires)
+        with self._registered:
+            self.node_id = node_id
+            p.EPOCH.pack_into(self._epoch, 0, node_id, self._retires)
+            self._registered.notify_all()
+
+    def wait_registered(self, timeout: float = 0.0) -> bool:
+        """Whether the master has this node on its list, waiting up to ``timeout`` s for it
+        (``/health``)."""
+        with self._registered:
+            return self._registered.wait_for(lambda: self.node_id > 0, timeout)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

@@ -191,6 +191,10 @@ def cluster_stats() -> Any: ...
 
 
 @hg.declare
+def watch(since: int, timeout: float) -> int: ...  # the master's state version, once moved
+
+
+@hg.declare
 def register_blocks(node: str, hashes: list[hg.uint64], tier: str) -> hg.uint32: ...
 
 
@@ -208,7 +212,7 @@ def match_blocks(hashes: list[hg.uint64]) -> Any: ...
 
 MASTER_RPCS = (register_node, heartbeat, put_start, put_end, put_abort, locate, remove, exists,
                pin, flush, cluster_stats, register_blocks, revoke_blocks, revoke_tier,
-               match_blocks)
+               match_blocks, watch)
 
 
 # --- node -----------------------------------------------------------------------------------

@@ -90,19 +90,19 @@ def _flags(options: dict[str, Any]) -> list[str]:
     return out
 
 
-def wait_for(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
-    """Wait for ``condition`` or fail naming it. The conditions are other processes' state
-    read over RPC or HTTP (the master's node list, a reclaimed page count), which nothing
-    here is told of when it changes, so this polls; the short sleep between polls gives the
-    CPU to those processes on this 2-core machine, where a busy poll of RPCs would starve
-    them. Nothing is assumed to have happened after any amount of time. (A process's first
-    line is waited for as an event: ``Proc.wait_listening``. Doing the same here needs a
-    master RPC that answers when its state changes.)"""
+def wait_for(kv: DistributedStore, condition: Callable[[], bool], what: str,
+             deadline: float = DEADLINE) -> None:
+    """Wait for ``condition``, a fact about the cluster behind ``kv``'s master, or fail naming
+    it. It is tested again after each change of the master's state (``kv.watch``, a long
+    poll the master answers when its version moves), never after a sleep; the version is read
+    before the test, so a change during the test is not missed."""
     end = time.monotonic() + deadline
+    version = kv.watch()
     while not condition():
-        if time.monotonic() > end:
+        left = end - time.monotonic()
+        if left <= 0:
             raise AssertionError(f"timed out after {deadline} s waiting for {what}")
-        time.sleep(0.001)
+        version = kv.watch(version, left)
 
 
 class Proc:
@@ -285,7 +285,9 @@ class Cluster:
                 raise RuntimeError(f"the master exited:\n{self.master.log()}")
             return len(self.info()["nodes"]) == count
 
-        wait_for(listed, f"the master to list {count} nodes", deadline)
+        if self.admin is None:
+            raise RuntimeError("the cluster is not started")
+        wait_for(self.admin, listed, f"the master to list {count} nodes", deadline)
 
     def kill_node(self, i: int) -> None:
         self.nodes[i].kill()

@@ -23,6 +23,7 @@ import store_cluster
 
 from petasus import store
 from petasus.store import StoreError
+from petasus.store.client import DistributedStore
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -153,5 +154,11 @@ def check_error(exc: StoreError, key: str) -> None:
     assert exc.tier is None or isinstance(exc.tier, str)
 
 
-# One condition wait for the whole store suite (store_cluster's, which this module imports).
-wait_until = store_cluster.wait_for
+def wait_until(kv: Any, condition: Callable[[], bool], what: str) -> None:
+    """One condition wait for the whole store suite: on a distributed store, after each change
+    of the master's state (store_cluster's ``wait_for``); an embedded store changes what these
+    conditions read within the call that changes it, so there it must hold at once."""
+    if isinstance(kv, DistributedStore):
+        store_cluster.wait_for(kv, condition, what)
+    else:
+        assert condition(), f"not yet: {what}"

@@ -680,7 +680,7 @@ def test_stats_shape(open_store: Opener) -> None:
     # A distributed store keeps a removed object's pages until the read lease of the get
     # above lapses (nobody may reuse pages a reader may still be copying); embedded frees
     # them at once.
-    wait_until(lambda: kv.stats()["dram"]["pages_used"] == 0, "the removed object's pages")
+    wait_until(kv, lambda: kv.stats()["dram"]["pages_used"] == 0, "the removed object's pages")
 
 
 # -- concurrent clients -----------------------------------------------------------------------

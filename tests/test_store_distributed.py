@@ -141,10 +141,10 @@ def test_metrics_and_health(shared: Shared) -> None:
         assert f"petasus_store_{name}" in samples, f"/metrics has no petasus_store_{name}"
 
 
-def _health(port: int) -> int:
+def _health(port: int, wait: float = 0.0) -> int:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health",
-                                    timeout=DEADLINE) as reply:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health?wait={wait}",
+                                    timeout=DEADLINE + wait) as reply:
             return int(reply.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
@@ -170,7 +170,7 @@ def test_node_metrics_and_health(tmp_path: Path) -> None:
     with Cluster(TRANSPORTS["tcp"], tmp_path, nodes=1, node_dram=1 * MiB,
                  node={"metrics_port": port}) as cluster:
         # Healthy once registered (the master lists it a moment before the node hears back).
-        wait_for(lambda: _health(port) == 200, "the node's /health")
+        assert _health(port, wait=DEADLINE) == 200, "the node's /health"
         kv = cluster.client(timeout=10.0)
         try:
             kv.put("k", pattern("k", 64 * KiB))
@@ -316,7 +316,7 @@ def test_push_and_pull_disk_reads_return_exact_bytes(shared: Shared) -> None:
     keys = [k for k, _ in items]
     values = dict(items)
     # A copy leaves DRAM once its disk copy is complete (off the put's path): wait for some.
-    wait_for(lambda: len(_disk_only(kv, keys)) >= 8, "objects evicted to disk")
+    wait_for(kv, lambda: len(_disk_only(kv, keys)) >= 8, "objects evicted to disk")
     on_disk = _disk_only(kv, keys)
     for mode in ("push", "pull"):
         reader = shared.cluster.client(timeout=10.0, disk_read=mode)
@@ -343,7 +343,7 @@ def test_a_disk_read_into_a_too_small_buffer_is_an_error(shared: Shared) -> None
     items = [(f"small/{i}", pattern(f"small/{i}", 64 * KiB)) for i in range(24)]
     kv.put_many(items, overwrite=True)
     keys = [k for k, _ in items]
-    wait_for(lambda: bool(_disk_only(kv, keys)), "an object evicted to disk")
+    wait_for(kv, lambda: bool(_disk_only(kv, keys)), "an object evicted to disk")
     key = _disk_only(kv, keys)[0]
     for mode in ("push", "pull"):
         reader = shared.cluster.client(timeout=10.0, disk_read=mode)
@@ -437,6 +437,86 @@ def test_stats_count_pages_of_the_nodes_page_size(tmp_path: Path) -> None:
             assert dram["pages_used"] == 1
         finally:
             kv.close()
+
+
+def test_watch_answers_when_the_masters_state_moves_or_at_its_timeout(tmp_path: Path) -> None:
+    with Cluster(TRANSPORTS["tcp"], tmp_path, nodes=1, node_dram=1 * MiB) as cluster:
+        kv, other = cluster.client(timeout=10.0), cluster.client(timeout=10.0)
+        try:
+            version = kv.watch()
+            assert kv.watch(version - 1, DEADLINE) == version  # moved already: at once
+            # An idle cluster (no disk use to report, nothing pending): nothing moves, and the
+            # call comes back at its timeout with the version it was given.
+            assert kv.watch(version, 0) == version
+            assert kv.watch(version, 0.2) == version
+            seen: list[int] = []
+            watcher = threading.Thread(target=lambda: seen.append(other.watch(version, DEADLINE)))
+            watcher.start()
+            kv.put("watched", b"x")
+            watcher.join(DEADLINE + 10)
+            assert seen and seen[0] > version, "the put did not answer the parked watch"
+            info = cluster.info()
+            assert info["version"] >= seen[0]
+            kv.remove("watched")
+            assert kv.watch(seen[0], DEADLINE) > seen[0], "a remove is a change"
+            # Nonsense timeouts are no wait, or the master's longest.
+            now = kv.watch()
+            assert kv.master.watch.call(now, float("nan"), timeout=DEADLINE) == now
+            assert kv.master.watch.call(now, -5.0, timeout=DEADLINE) == now
+        finally:
+            kv.close()
+            other.close()
+
+
+def test_master_shutdown_answers_a_parked_watch(tmp_path: Path) -> None:
+    with Cluster(TRANSPORTS["tcp"], tmp_path, nodes=1, node_dram=1 * MiB) as cluster:
+        kv = cluster.client(timeout=10.0)
+        try:
+            version = kv.watch()
+            seen: list[Any] = []
+
+            def watch() -> None:
+                try:
+                    seen.append(kv.watch(version, DEADLINE))
+                except StoreError as exc:
+                    seen.append(exc)
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            assert cluster.master is not None
+            cluster.master.terminate()
+            watcher.join(DEADLINE + 10)
+            # Answered with the last version as the master went, or failed as the connection
+            # closed; never left to its minute.
+            assert seen and (seen[0] == version or isinstance(seen[0], StoreError)), seen
+        finally:
+            kv.close()
+
+
+def test_node_health_waits_when_asked_and_refuses_a_bad_wait() -> None:
+    from petasus.store.metrics import serve_http
+
+    asked: list[float] = []
+    ready = threading.Event()
+
+    def healthy(wait: float) -> bool:
+        asked.append(wait)
+        return ready.wait(wait)
+    server = serve_http(0, lambda: {"x": 1}, healthy)
+    port = server.server_address[1]
+    try:
+        assert _health(port) == 503
+        for bad in ("abc", "-1", "nan", "61"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health?wait={bad}",
+                                       timeout=DEADLINE)
+            assert err.value.code == 400
+            assert b"wait must be" in err.value.read()
+        threading.Timer(0.05, ready.set).start()
+        assert _health(port, wait=DEADLINE) == 200
+        assert asked == [0.0, DEADLINE]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # -- killed nodes ------------------------------------------------------------------------------
@@ -535,7 +615,7 @@ def test_replicas_2_lose_nothing_when_a_node_is_killed_after_a_spill(listen: str
             values = {f"spill/{i}": pattern(f"spill/{i}", 100 * KiB + i) for i in range(30)}
             assert kv.put_many(list(values.items())) == [None] * len(values)
             keys = list(values)
-            wait_for(lambda: len(_disk_only(kv, keys)) >= 5, "objects evicted to disk")
+            wait_for(kv, lambda: len(_disk_only(kv, keys)) >= 5, "objects evicted to disk")
             by_uri = {n["uri"]: n["name"] for n in cluster.info()["nodes"]}
             disk_locations = locate(kv, _disk_only(kv, keys))
             assert all(len(loc.disk_uris) == 2 for loc in disk_locations)
@@ -581,7 +661,7 @@ def test_a_writer_killed_mid_put_has_its_pages_reclaimed(listen: str, tmp_path: 
                     writer.wait(DEADLINE)
                 writer.stdout.close()  # type: ignore[union-attr]
                 writer.stdin.close()  # type: ignore[union-attr]
-            wait_for(lambda: cluster.info()["pending"] == 0 and _used(cluster) == baseline,
+            wait_for(kv, lambda: cluster.info()["pending"] == 0 and _used(cluster) == baseline,
                      "the master to reclaim the stalled put's pages")
             assert cluster.info()["expired_puts"] == 1
             assert not kv.exists("stalled")
@@ -627,7 +707,7 @@ def test_a_client_killed_during_large_puts_leaks_no_pages(listen: str, tmp_path:
             keys = [f"big/{i}" for i in range(4)]
             value = bytes(range(256)) * (8 << 12)
             # Whatever the writer finished is whole; whatever it did not leaves no pages.
-            wait_for(lambda: cluster.info()["pending"] == 0, "the killed put to expire")
+            wait_for(kv, lambda: cluster.info()["pending"] == 0, "the killed put to expire")
             present = [k for k, there in zip(keys, kv.exists_many(keys)) if there]
             assert present[:2] == ["big/0", "big/1"]
             assert _used(cluster) == len(present) * len(value)
@@ -645,7 +725,7 @@ def test_put_end_of_an_expired_put_is_an_error(listen: str, tmp_path: Path) -> N
             grant = kv.master.put_start.call("late", ["late"], [5000], 1, False, "none", "",
                                              timeout=DEADLINE)[0]
             assert grant.code == p.OK
-            wait_for(lambda: cluster.info()["pending"] == 0, "the put to expire")
+            wait_for(kv, lambda: cluster.info()["pending"] == 0, "the put to expire")
             status = kv.master.put_end.call([grant.token], False, timeout=DEADLINE)[0]
             assert status.code != p.OK
             assert not kv.exists("late")

@@ -99,9 +99,9 @@ def test_put_abort_frees_the_pages_and_is_idempotent() -> None:
 def test_a_pending_put_expires_after_put_ttl() -> None:
     state, _ = master(put_ttl=30.0)
     g = grant(state, "k", 2 * PAGE, now=100.0)
-    state.tick(129.9)
+    assert not state.tick(129.9)  # nothing expired: no change for ``watch`` to report
     assert state.stats()["pending"] == 1 and used(state) == 2
-    state.tick(130.0)
+    assert state.tick(130.0)
     assert state.stats()["pending"] == 0 and used(state) == 0
     assert state.stats()["expired_puts"] == 1
     assert isinstance(state.put_end([g.token], False, 130.1)[0], StoreError)
@@ -211,9 +211,9 @@ def test_a_lease_keeps_removed_pages_until_it_lapses() -> None:
     assert n0.pages.used_pages == 4  # the reader may still be copying those pages
     with pytest.raises(StoreFull):
         grant(state, "next", PAGE, 12.0)
-    state.tick(14.9)
+    assert not state.tick(14.9)
     assert n0.pages.used_pages == 4
-    state.tick(15.0)
+    assert state.tick(15.0)  # pages freed: a change
     assert n0.pages.used_pages == 0
     put(state, "next", 4 * PAGE, 15.1)
 
@@ -251,9 +251,9 @@ def test_a_silent_node_is_dropped_and_its_only_copies_are_lost() -> None:
     put(state, "only-n1", 100, preferred="n1")
     put(state, "both", 100, replicas=2)
     state.heartbeat(n1.node_id, 0, 8.0)
-    state.tick(9.9)
+    assert not state.tick(9.9)
     assert len(state.nodes) == 2
-    state.tick(10.0)  # n0's last heartbeat was its registration at 0
+    assert state.tick(10.0)  # n0's last heartbeat was its registration at 0
     assert [n.name for n in state.nodes.values()] == ["n1"]
     with pytest.raises(ObjectLost):
         state.locate("only-n0", "", 10.0)
