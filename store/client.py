@@ -344,7 +344,8 @@ class DistributedStore(Reads, Store):
     def watch(self, since: int | None = None, timeout: float | None = None) -> int:
         """The version of the master's state (``cluster()["version"]``), which moves on
         every change: nodes joining or dropped, puts started, finished or expired, removes,
-        pins, disk copies done, block index updates. Returns at once when it is not
+        pins, disk copies done, block index updates, a lapsed lease's pages freed (not reads,
+        their leases and counters). Returns at once when it is not
         ``since`` (``None``: now), else when it moves or after ``timeout`` s (default: the
         store's timeout; the master parks a call for at most a minute). A long poll: wait
         for a condition on the cluster by reading the version, testing the condition, and
