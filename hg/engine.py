@@ -21,6 +21,7 @@ serves all three. Handlers are plain functions (run inline on the progress threa
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import signal
@@ -48,6 +49,7 @@ log = logging.getLogger("petasus.hg.engine")
 _FORWARDED = st.FORWARDED
 _NEVER = float("inf")
 _get_ident = threading.get_ident
+_current_task = asyncio.current_task
 
 
 class Engine:
@@ -236,7 +238,7 @@ class Engine:
             if handle.error is not None:
                 raise handle.error
             return handle.value
-        future = handle.waiter = loop.create_future()
+        future = handle.waiter = Awaited(loop=loop)
         handle.callback = self._wake
         if handle.state != _FORWARDED:
             _settle(future, handle)  # finished by another thread driving progress meanwhile
@@ -262,10 +264,11 @@ class Engine:
         loop = future.get_loop()
         if loop.is_closed():
             return  # its loop is gone, and nobody awaits it any more
-        if _get_ident() != self._aio.thread or loop is not self._aio.loop:
+        aio = self._aio
+        if _get_ident() != aio.thread or loop is not aio.loop:
             loop.call_soon_threadsafe(_settle, future, handle)
         else:
-            _settle(future, handle)
+            _settle(future, handle, aio.polling and _current_task(loop) is None)
 
     async def serve_async(self) -> None:
         """Serve until ``shutdown()``, as a task of the running loop."""
@@ -384,10 +387,59 @@ def _answer(handle: TargetHandle, outcome: tuple[bool, Any]) -> None:
         handle.fail(value)
 
 
-def _settle(future: asyncio.Future[Any], handle: Handle) -> None:
+def _settle(future: Awaited, handle: Handle, direct: bool = False) -> None:
     if future.done():
         return
     if handle.error is not None:
         future.set_exception(handle.error)
     else:
         future.set_result(handle.value)
+    wakeup = future.wakeup
+    if wakeup is not None:
+        future.wakeup = None
+        if direct:
+            try:
+                future.context.run(wakeup, future)
+                return
+            except RuntimeError as exc:  # the task was not entered: let the loop run it
+                log.debug("waking the task of %s at once failed (%s); via the loop", handle,
+                          exc)
+        future.get_loop().call_soon(wakeup, future, context=future.context)
+
+
+class Awaited(asyncio.Future):  # type: ignore[type-arg]
+    """The future an awaited call's task waits on, which wakes that task itself.
+
+    A plain future wakes its task through ``loop.call_soon``: a Handle, a place in the ready
+    queue and a turn of the loop per call, all Python in the stdlib loop. The task hands its
+    wake-up to ``add_done_callback``; this future keeps it, and ``_settle`` runs it at once
+    when the call completes in the asyncio driver's own poll (a reader callback, so no task
+    is running), or through ``call_soon`` elsewhere (another task's inline wait, a blocking
+    wait on the loop's thread, a cancel). Any other callback goes the usual way."""
+
+    # Class defaults, not __init__: the future's own dict takes them when a task awaits it,
+    # and creating one stays the C constructor alone.
+    wakeup: Any = None
+    context: Any = None
+
+    def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
+        if self.wakeup is None and not self.done():
+            self.wakeup = fn
+            self.context = context if context is not None else contextvars.copy_context()
+        else:
+            super().add_done_callback(fn, context=context)
+
+    def remove_done_callback(self, fn: Any) -> int:
+        if fn is self.wakeup and fn is not None:
+            self.wakeup = None
+            return 1 + super().remove_done_callback(fn)
+        return super().remove_done_callback(fn)
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        wakeup = self.wakeup
+        if wakeup is not None:
+            self.wakeup = None
+            self.get_loop().call_soon(wakeup, self, context=self.context)
+        return True

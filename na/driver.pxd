@@ -13,6 +13,6 @@ cdef class BlockingDriver:
 cdef class AsyncioDriver:
     cdef public object _awaits, _held, _held_lock, _pending, _spin_until, _stop, _streak
     cdef public object _timer, batch, clock, closed, inline_turn, keep, loop, source, spin
-    cdef public object thread
+    cdef public object polling, thread
     cdef dict __dict__
     cdef object __weakref__

@@ -166,6 +166,9 @@ class AsyncioDriver:
         self.inline_turn = INLINE_TURN
         self._awaits = 0
         self._stop: asyncio.Event | None = None
+        # True while ``poll`` triggers, a reader callback of the loop: no task is running,
+        # so a call's completion may run its awaiting task's wake-up at once (hg's Awaited).
+        self.polling = False
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.loop is loop:
@@ -278,6 +281,13 @@ class AsyncioDriver:
         if self.closed:
             return
         self._streak = 0.0
+        polling, self.polling = self.polling, True
+        try:
+            self._poll()
+        finally:
+            self.polling = polling
+
+    def _poll(self) -> None:
         source = self.source
         busy = source.progress(0)
         woke = source.trigger()
@@ -285,9 +295,10 @@ class AsyncioDriver:
             self._spin_until = time.monotonic() + self.spin
             loop = self.loop  # (read once: close() may detach from another thread)
             if woke and self.batch is not None and self._held is None and loop is not None:
-                # The completions woke tasks (their wake-ups are queued on the loop ahead of
-                # this): hold the sends of their next calls until they have all run, as a
-                # trigger pass does, which flushes every few frames (na/_conn.py _FLUSH_AT)
+                # The completions woke tasks. Those an awaited call's future woke at once ran
+                # in the trigger pass, whose sends it held; others' wake-ups are queued on the
+                # loop ahead of this: hold the sends of their next calls until they have all
+                # run, as a trigger pass does, which flushes every few frames (_FLUSH_AT)
                 # so that the peer starts on the first while the rest are made. x16, tcp:
                 # 76K/s sending each at once, 86K/s held. A loop stopped before the release
                 # runs leaves them held until the next progress pass, which sends what is

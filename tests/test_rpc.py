@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import rpc_api as api
@@ -70,6 +72,74 @@ def test_asyncio_timeout_and_cancel(rpc: RpcPeer) -> None:
         assert stats["timeouts"] == before["timeouts"] + 1
         assert await rpc.remote.sum.async_(2, 3) == 5
         await rpc.remote.release.async_(2)
+
+    asyncio.run(main())
+
+
+_TASK_ID: contextvars.ContextVar[int] = contextvars.ContextVar("task_id")
+
+
+class CountingLoop(asyncio.SelectorEventLoop):
+    """Counts what is scheduled with ``call_soon``: a task's wake-up among it."""
+
+    scheduled = 0
+
+    def call_soon(self, callback: Any, *args: Any, context: Any = None) -> Any:
+        self.scheduled += 1
+        return super().call_soon(callback, *args, context=context)
+
+
+def test_awaited_calls_wake_their_tasks_at_once_in_their_own_context(rpc: RpcPeer) -> None:
+    """Sixteen tasks keep calls in flight: each resumes in its own context (a context
+    variable it set), with its own results, and most wake-ups run in the driver's poll
+    rather than through the loop's ready queue (hg/engine.py ``Awaited``)."""
+    calls = 16 * 40
+
+    async def worker(k: int) -> list[int]:
+        _TASK_ID.set(k)
+        out = []
+        for i in range(40):
+            out.append(await rpc.remote.sum.async_(k, i))
+            assert _TASK_ID.get() == k
+        return out
+
+    async def main() -> list[list[int]]:
+        return list(await asyncio.gather(*(worker(k) for k in range(16))))
+
+    loop = CountingLoop()
+    try:
+        assert loop.run_until_complete(main()) == [[k + i for i in range(40)]
+                                                   for k in range(16)]
+    finally:
+        loop.close()
+    # A wake-up through the queue is one call_soon per call (with a plain future, each call
+    # schedules at least that); the rest is the driver's own polls and sends.
+    assert loop.scheduled < calls / 2, f"{loop.scheduled} call_soon for {calls} calls"
+
+
+def test_a_cancelled_task_among_woken_ones(rpc: RpcPeer) -> None:
+    """A task cancelled while its call is in flight gets CancelledError; the tasks around it,
+    woken in the same polls, get their answers, and a task that catches the cancellation
+    goes on calling."""
+    async def main() -> None:
+        held = asyncio.ensure_future(rpc.remote.hold.async_(TIMEOUT))
+        others = [asyncio.ensure_future(rpc.remote.sum.async_(i, 1)) for i in range(32)]
+
+        async def resilient() -> int:
+            try:
+                await rpc.remote.hold.async_(TIMEOUT)
+            except asyncio.CancelledError:
+                return int(await rpc.remote.sum.async_(20, 22))
+            raise AssertionError("not cancelled")
+        survivor = asyncio.ensure_future(resilient())
+        await asyncio.sleep(0)
+        held.cancel()
+        survivor.cancel()
+        assert await asyncio.gather(*others) == [i + 1 for i in range(32)]
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        assert await survivor == 42
+        await rpc.remote.release.async_(2)  # the holds the server still keeps
 
     asyncio.run(main())
 
