@@ -91,6 +91,7 @@ class Engine:
         self._closed = False
         self._inflight = 0
         self._awaiting = 0  # calls awaited through a future (acall's slow path)
+        self._wake_awaited = self._wake  # one bound method, not one per awaited call
         self._inflight_lock = threading.Lock()
         if listen and allow_remote_shutdown:
             self.register(_SHUTDOWN, self.shutdown)
@@ -221,9 +222,13 @@ class Engine:
     async def acall(self, addr: na.Addr, rpc: RPC, args: tuple[Any, ...],
                     timeout: float | None = None) -> Any:
         aio = self._aio
-        loop = asyncio.get_running_loop()
-        if loop is not aio.loop:
-            aio.attach(loop)
+        loop = aio.loop
+        if loop is None or aio.thread != _get_ident() or not loop.is_running():
+            # (One loop runs per thread at a time: when the attached one runs on this thread,
+            # it is this task's, and get_running_loop's getpid() per call is not needed.)
+            loop = asyncio.get_running_loop()
+            if loop is not aio.loop:
+                aio.attach(loop)
         if not self._awaiting and aio.turn_due():
             # Lone calls answered inline one after another still let the loop turn (its other
             # fds, timers and callbacks) every ``inline_turn``; before sending, so that a
@@ -239,7 +244,7 @@ class Engine:
                 raise handle.error
             return handle.value
         future = handle.waiter = Awaited(loop=loop)
-        handle.callback = self._wake
+        handle.callback = self._wake_awaited
         if handle.state != _FORWARDED:
             _settle(future, handle)  # finished by another thread driving progress meanwhile
         else:
@@ -262,13 +267,17 @@ class Engine:
         call."""
         future = handle.waiter
         loop = future.get_loop()
-        if loop.is_closed():
-            return  # its loop is gone, and nobody awaits it any more
         aio = self._aio
-        if _get_ident() != aio.thread or loop is not aio.loop:
+        if aio.polling and loop is aio.loop and _get_ident() == aio.thread:
+            # In the driver's poll, a callback of this (running) loop: wake the task at once
+            # unless a task is running (the serving task's last poll).
+            _settle(future, handle, _current_task(loop) is None)
+        elif loop.is_closed():
+            return  # its loop is gone, and nobody awaits it any more
+        elif _get_ident() != aio.thread or loop is not aio.loop:
             loop.call_soon_threadsafe(_settle, future, handle)
         else:
-            _settle(future, handle, aio.polling and _current_task(loop) is None)
+            _settle(future, handle)
 
     async def serve_async(self) -> None:
         """Serve until ``shutdown()``, as a task of the running loop."""
