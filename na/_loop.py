@@ -99,6 +99,14 @@ class EventLoop:
         # whether it is spinning now: what the spin policy learns from.
         idle = 0.0
         spinning = False
+        if timeout > 0 and spin_end > now:
+            # A wait that will spin yields before its first poll, not after: nothing was
+            # ready when this was called, and a peer on this CPU cannot answer what we just
+            # sent until we let it run. Both ends pinned to one CPU, tcp, one call in flight:
+            # 31.0K -> 33.2K calls/s (three alternations); unpinned, and 16 in flight, the
+            # same or better (a poll that would miss anyway comes after the yield instead).
+            idle, spinning = now, True
+            os.sched_yield()
         while True:
             if dirty:
                 with lock:
