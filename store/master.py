@@ -27,6 +27,9 @@ log = logging.getLogger("petasus.store.master")
 
 TICK_S = 0.05  # pending puts, node heartbeats, held leases and watches are checked this often
 MAX_WATCH_S = 60.0  # the longest a ``watch`` call is parked
+# Parked ``watch`` calls at most; past it a watch is answered at once (its caller polls, the
+# master's memory stays bounded whatever clients do).
+MAX_PARKED = 4096
 
 
 class Changes:
@@ -62,8 +65,8 @@ class Changes:
 
     def park(self, handle: hg.TargetHandle, since: int, deadline: float) -> bool:
         """Park ``handle`` until the version moves from ``since`` or ``deadline`` passes
-        (the lock held); False if it has moved already."""
-        if self.version != since:
+        (the lock held); False if it has moved already, or too many are parked."""
+        if self.version != since or len(self._parked) >= MAX_PARKED:
             return False
         self._parked.append((deadline, handle))
         return True

@@ -469,3 +469,41 @@ def test_no_retire_once_the_lease_ended_or_for_a_dropped_node() -> None:
     state.drop_node(n1, "test")  # b's only copy was there: lost, and its node is gone
     put(state, "b", 100, 9.0, overwrite=True)
     assert state.take_retired() == {}, f"a retire for a dropped node (gen {gen_b})"
+
+
+# -- the version that watch() long-polls ----------------------------------------------------
+class Answered:
+    """Stands for a parked call's TargetHandle: what it was answered with."""
+
+    source = "test"
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+
+    def respond(self, value: int) -> None:
+        self.values.append(value)
+
+
+def test_changes_park_until_the_version_moves_or_the_deadline() -> None:
+    import threading
+
+    from petasus.store.master import MAX_PARKED, Changes
+
+    changes = Changes(threading.Lock())
+    early, late, stale = Answered(), Answered(), Answered()
+    with changes.lock:
+        assert not changes.park(stale, changes.version - 1, 10.0)  # moved already: answer now
+        assert changes.park(early, changes.version, 1.0)
+        assert changes.park(late, changes.version, 2.0)
+        due = changes.expire(1.0)
+    changes.answer(due)
+    assert early.values == [0] and late.values == [] and stale.values == []
+    with changes:  # a change: every parked call hears the new version, after the lock
+        assert not late.values
+    assert late.values == [1] and changes.version == 1
+    with changes.lock:
+        crowd = [Answered() for _ in range(MAX_PARKED)]
+        assert all(changes.park(c, 1, 5.0) for c in crowd)
+        assert not changes.park(Answered(), 1, 5.0)  # full: the caller is answered at once
+        changes.answer(changes.expire(float("inf")))
+    assert all(c.values == [1] for c in crowd)
