@@ -244,6 +244,7 @@ class Engine:
                 raise handle.error
             return handle.value
         future = handle.waiter = Awaited(loop=loop)
+        future.wakeup = None
         handle.callback = self._wake_awaited
         if handle.state != _FORWARDED:
             _settle(future, handle)  # finished by another thread driving progress meanwhile
@@ -426,10 +427,9 @@ class Awaited(asyncio.Future):  # type: ignore[type-arg]
     is running), or through ``call_soon`` elsewhere (another task's inline wait, a blocking
     wait on the loop's thread, a cancel). Any other callback goes the usual way."""
 
-    # Class defaults, not __init__: the future's own dict takes them when a task awaits it,
-    # and creating one stays the C constructor alone.
-    wakeup: Any = None
-    context: Any = None
+    # Slots, not the future's dict (one made per call); ``acall`` sets ``wakeup`` to None
+    # (no __init__ of our own: creating one stays the C constructor's).
+    __slots__ = ("context", "wakeup")
 
     def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
         if self.wakeup is None and not self.done():
