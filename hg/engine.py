@@ -49,7 +49,6 @@ log = logging.getLogger("petasus.hg.engine")
 _FORWARDED = st.FORWARDED
 _NEVER = float("inf")
 _get_ident = threading.get_ident
-_current_task = asyncio.current_task
 
 
 class Engine:
@@ -223,9 +222,10 @@ class Engine:
                     timeout: float | None = None) -> Any:
         aio = self._aio
         loop = aio.loop
-        if loop is None or aio.thread != _get_ident() or not loop.is_running():
+        if loop is None or getattr(loop, "_thread_id", None) != _get_ident():
             # (One loop runs per thread at a time: when the attached one runs on this thread,
-            # it is this task's, and get_running_loop's getpid() per call is not needed.)
+            # as a stdlib loop's ``_thread_id`` tells, it is this task's, and 3.11's
+            # get_running_loop, a getpid() per call, is not needed.)
             loop = asyncio.get_running_loop()
             if loop is not aio.loop:
                 aio.attach(loop)
@@ -270,9 +270,9 @@ class Engine:
         loop = future.get_loop()
         aio = self._aio
         if aio.polling and loop is aio.loop and _get_ident() == aio.thread:
-            # In the driver's poll, a callback of this (running) loop: wake the task at once
-            # unless a task is running (the serving task's last poll).
-            _settle(future, handle, _current_task(loop) is None)
+            # In the driver's trigger pass, on this (running) loop: the task wakes once the
+            # pass is over, from the driver, not through the loop's ready queue.
+            _settle(future, handle, aio)
         elif loop.is_closed():
             return  # its loop is gone, and nobody awaits it any more
         elif _get_ident() != aio.thread or loop is not aio.loop:
@@ -397,7 +397,9 @@ def _answer(handle: TargetHandle, outcome: tuple[bool, Any]) -> None:
         handle.fail(value)
 
 
-def _settle(future: Awaited, handle: Handle, direct: bool = False) -> None:
+def _settle(future: Awaited, handle: Handle, driver: na.AsyncioDriver | None = None) -> None:
+    """Settle ``future`` with the call's outcome and wake its task: through ``driver``'s
+    ``after_trigger`` when given (in its trigger pass), else through the loop."""
     if future.done():
         return
     if handle.error is not None:
@@ -406,15 +408,12 @@ def _settle(future: Awaited, handle: Handle, direct: bool = False) -> None:
         future.set_result(handle.value)
     wakeup = future.wakeup
     if wakeup is not None:
-        future.wakeup = None
-        if direct:
-            try:
-                future.context.run(wakeup, future)
-                return
-            except RuntimeError as exc:  # the task was not entered: let the loop run it
-                log.debug("waking the task of %s at once failed (%s); via the loop", handle,
-                          exc)
-        future.get_loop().call_soon(wakeup, future, context=future.context)
+        context = future.context
+        future.wakeup = future.context = None
+        if driver is not None:
+            driver.after_trigger(wakeup, future, context)
+        else:
+            future.get_loop().call_soon(wakeup, future, context=context)
 
 
 class Awaited(asyncio.Future):  # type: ignore[type-arg]
@@ -422,10 +421,12 @@ class Awaited(asyncio.Future):  # type: ignore[type-arg]
 
     A plain future wakes its task through ``loop.call_soon``: a Handle, a place in the ready
     queue and a turn of the loop per call, all Python in the stdlib loop. The task hands its
-    wake-up to ``add_done_callback``; this future keeps it, and ``_settle`` runs it at once
-    when the call completes in the asyncio driver's own poll (a reader callback, so no task
-    is running), or through ``call_soon`` elsewhere (another task's inline wait, a blocking
-    wait on the loop's thread, a cancel). Any other callback goes the usual way."""
+    wake-up to ``add_done_callback``; this future keeps it, and when the call completes in
+    the asyncio driver's trigger pass ``_settle`` hands it to the driver, which runs it once
+    the pass is over, from its reader callback (no task running; the tasks' sends held and
+    flushed together). Elsewhere (another task's inline wait, a blocking wait on the loop's
+    thread, another thread, a cancel) it goes through ``call_soon``. Any other callback goes
+    the usual way."""
 
     # Slots, not the future's dict (one made per call); ``acall`` sets ``wakeup`` to None
     # (no __init__ of our own: creating one stays the C constructor's).
@@ -447,8 +448,8 @@ class Awaited(asyncio.Future):  # type: ignore[type-arg]
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
             return False
-        wakeup = self.wakeup
+        wakeup, context = self.wakeup, self.context
         if wakeup is not None:
-            self.wakeup = None
-            self.get_loop().call_soon(wakeup, self, context=self.context)
+            self.wakeup = self.context = None
+            self.get_loop().call_soon(wakeup, self, context=context)
         return True

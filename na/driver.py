@@ -11,6 +11,7 @@ reader on the poll fd, one loop timer at the next deadline, and the spin budget 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import threading
 import time
@@ -166,9 +167,11 @@ class AsyncioDriver:
         self.inline_turn = INLINE_TURN
         self._awaits = 0
         self._stop: asyncio.Event | None = None
-        # True while ``poll`` triggers, a reader callback of the loop: no task is running,
-        # so a call's completion may run its awaiting task's wake-up at once (hg's Awaited).
+        # True while ``poll``'s trigger pass runs. A completion in it may hand the wake-up of
+        # the task awaiting it to ``after_trigger`` (hg's Awaited), which runs it when the
+        # pass is over rather than through the loop's ready queue.
         self.polling = False
+        self._after: list[tuple[Callable[[Any], Any], Any, contextvars.Context]] = []
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.loop is loop:
@@ -281,24 +284,17 @@ class AsyncioDriver:
         if self.closed:
             return
         self._streak = 0.0
-        polling, self.polling = self.polling, True
-        try:
-            self._poll()
-        finally:
-            self.polling = polling
-
-    def _poll(self) -> None:
         source = self.source
         busy = source.progress(0)
-        woke = source.trigger()
+        woke = self._trigger()
         if woke or busy:
             self._spin_until = time.monotonic() + self.spin
             loop = self.loop  # (read once: close() may detach from another thread)
             if woke and self.batch is not None and self._held is None and loop is not None:
-                # The completions woke tasks. Those an awaited call's future woke at once ran
-                # in the trigger pass, whose sends it held; others' wake-ups are queued on the
-                # loop ahead of this: hold the sends of their next calls until they have all
-                # run, as a trigger pass does, which flushes every few frames (_FLUSH_AT)
+                # The completions woke tasks. Those handed to ``after_trigger`` have run and
+                # sent; others' wake-ups are queued on the loop ahead of this: hold the sends
+                # of their next calls until they have all run, as a trigger pass does, which
+                # flushes every few frames (_FLUSH_AT)
                 # so that the peer starts on the first while the rest are made. x16, tcp:
                 # 76K/s sending each at once, 86K/s held. A loop stopped before the release
                 # runs leaves them held until the next progress pass, which sends what is
@@ -312,12 +308,55 @@ class AsyncioDriver:
                 # spin yields the CPU between polls) rather than one loop iteration, with its
                 # epoll_wait, per turn. Other fds and timers wait at most the spin budget.
                 busy = source.progress(left)
-                if source.trigger() or busy:
+                if self._trigger() or busy:
                     self._spin_until = time.monotonic() + self.spin
             elif left > 0:
                 os.sched_yield()  # idle spin: let a peer that shares this CPU run
         if time.monotonic() < self._spin_until:
             self.kick()
+
+    def _trigger(self) -> int:
+        """The poll's trigger pass, then the wake-ups its completions handed over."""
+        polling, self.polling = self.polling, True
+        try:
+            woke = self.source.trigger()
+        finally:
+            self.polling = polling
+        if self._after and not polling:
+            self._run_after()
+        return woke
+
+    def after_trigger(self, fn: Callable[[Any], Any], arg: Any,
+                      context: contextvars.Context) -> None:
+        """Run ``fn(arg)`` in ``context`` once the poll's trigger pass is over (only while
+        ``polling``): a task's wake-up, run from the loop's reader callback at the top, not
+        from inside the pass (a handler's blocking call, a timer's expiry) and not through
+        ``call_soon`` and a turn of the loop."""
+        self._after.append((fn, arg, context))
+
+    def _run_after(self) -> None:
+        after, self._after = self._after, []
+        loop = self.loop
+        if loop is None:
+            return
+        # A task runs only if none is running: not in the serving task's last poll.
+        direct = asyncio.current_task(loop) is None
+        batch = self.batch
+        if batch is not None:
+            batch[0]()  # what the woken tasks send leaves together, every few frames
+        done = 0
+        try:
+            for fn, arg, context in after:
+                done += 1
+                if direct:
+                    context.run(fn, arg)
+                else:
+                    loop.call_soon(fn, arg, context=context)
+        finally:
+            for fn, arg, context in after[done:]:  # past a BaseException: none is lost
+                loop.call_soon(fn, arg, context=context)
+            if batch is not None:
+                batch[1]()
 
     def _loop_idle(self) -> bool:
         """Whether the loop has no callback ready to run (the base event loop's ready queue;

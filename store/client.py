@@ -352,8 +352,12 @@ class DistributedStore(Reads, Store):
         watching from that version while it does not hold."""
         self._check_open()
         limit = self.timeout if timeout is None else max(0.0, timeout)
-        return int(self._call(self.master.watch, -1 if since is None else since, limit,
-                              timeout=limit + 5))
+        version = int(self._call(self.master.watch, -1 if since is None else since, limit,
+                                 timeout=limit + 5))
+        if version < 0:
+            raise StoreError(f"store master {self.uri}: watch: too many watches parked "
+                             "already; try again later")
+        return version
 
     def stats(self) -> dict[str, Any]:
         s = self.cluster()

@@ -27,8 +27,8 @@ log = logging.getLogger("petasus.store.master")
 
 TICK_S = 0.05  # pending puts, node heartbeats, held leases and watches are checked this often
 MAX_WATCH_S = 60.0  # the longest a ``watch`` call is parked
-# Parked ``watch`` calls at most; past it a watch is answered at once (its caller polls, the
-# master's memory stays bounded whatever clients do).
+# Parked ``watch`` calls at most; past it a watch fails at once ("too many watches"), so the
+# master's memory stays bounded and a caller is told rather than left polling.
 MAX_PARKED = 4096
 
 
@@ -41,7 +41,10 @@ class Changes:
     def __init__(self, lock: threading.Lock) -> None:
         self.lock = lock
         self.changed = threading.Condition(lock)  # for waits on the master's own threads
-        self.version = 0
+        # Opaque to clients: it starts from the clock, so that a restarted master's versions
+        # are all newer than any a watcher kept from the one before.
+        self.version = time.time_ns()
+        self.closing = False
         self.waiting = 0  # threads waiting on ``changed`` (most changes have none to wake)
         self._parked: list[tuple[float, hg.TargetHandle]] = []  # (deadline, call)
 
@@ -65,11 +68,14 @@ class Changes:
 
     def park(self, handle: hg.TargetHandle, since: int, deadline: float) -> bool:
         """Park ``handle`` until the version moves from ``since`` or ``deadline`` passes
-        (the lock held); False if it has moved already, or too many are parked."""
-        if self.version != since or len(self._parked) >= MAX_PARKED:
+        (the lock held); False if it has moved already or the master is closing."""
+        if self.version != since or self.closing:
             return False
         self._parked.append((deadline, handle))
         return True
+
+    def full(self) -> bool:
+        return len(self._parked) >= MAX_PARKED
 
     def expire(self, now: float) -> list[tuple[float, hg.TargetHandle]]:
         """The parked calls whose deadline has passed (the lock held)."""
@@ -194,6 +200,8 @@ class MasterService:
         self._wake.set()
         self._thread.join(5)
         with self.lock:
+            self.changes.closing = True  # no more parked; a waiting flush returns
+            self.changes.changed.notify_all()
             parked = self.changes.expire(float("inf"))
         self.changes.answer(parked)  # a watcher hears the last version, not a timeout
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -332,10 +340,15 @@ class MasterService:
             return self.state.blocks.match(hashes)
 
     def _flush(self, timeout: float) -> p.Status:
-        """Give every DRAM-only object a disk copy, and wait until none is missing. The wait
-        is on the state's changes (a disk copy done, a node dropped), not on time."""
+        """Give every DRAM-only object a disk copy, and wait until none is missing. It looks
+        again (a scan of every object) when a disk copy ends or a node leaves, not at every
+        change of the state and not on a timer."""
         deadline = time.monotonic() + timeout
-        changes = self.changes
+        changes, state = self.changes, self.state
+
+        def progress() -> tuple[int, ...]:
+            return (state.c["offloads"], state.c["offload_failed"], state.c["nodes_dropped"],
+                    state.offloads_in_flight, changes.closing)
         while True:
             with self.lock:
                 missing = [(o, c) for o in self.state.objects.values() if o.state == "ready"
@@ -346,18 +359,19 @@ class MasterService:
                         break
                 done = not missing and not self.state.offloads_in_flight
                 parked = changes.bump() if len(self.state.actions) > queued else []
-                seen = changes.version
+                seen = progress()
             changes.answer(parked)
             if done:
                 return p.Status(p.OK, "")
             self._wake.set()  # the maintenance thread hands the copies out
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or changes.closing:
                 return p.Status(3, f"flush: {len(missing)} objects still without a disk copy")
             with self.lock:
                 changes.waiting += 1
-                try:
-                    changes.changed.wait_for(lambda: changes.version != seen, left)  # noqa: B023
+                try:  # (in slices: a Condition refuses waits past threading.TIMEOUT_MAX)
+                    changes.changed.wait_for(lambda: progress() != seen,  # noqa: B023
+                                             min(left, 3600.0))
                 finally:
                     changes.waiting -= 1
 
@@ -367,12 +381,12 @@ class MasterService:
         since, timeout = handle.args
         timeout = min(max(timeout, 0.0), MAX_WATCH_S)
         with self.lock:
-            parked = timeout > 0 and self.changes.park(handle, since, self.clock() + timeout)
             version = self.changes.version
-        if parked:
-            self._wake.set()  # the maintenance thread answers it at its deadline
-        else:
-            handle.respond(version)
+            if timeout > 0 and version == since and self.changes.full():
+                version = -1  # the client raises "too many watches"
+            elif timeout > 0 and self.changes.park(handle, since, self.clock() + timeout):
+                return  # the maintenance thread answers it at its deadline, if no change
+        handle.respond(version)
 
     # --- maintenance (its own thread) -----------------------------------------------------
     def _maintain(self) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from petasus import store
+from petasus.store import StoreError
 from petasus.store.client import DistributedStore
 
 KiB = 1 << 10
@@ -287,7 +288,11 @@ class Cluster:
 
         if self.admin is None:
             raise RuntimeError("the cluster is not started")
-        wait_for(self.admin, listed, f"the master to list {count} nodes", deadline)
+        try:
+            wait_for(self.admin, listed, f"the master to list {count} nodes", deadline)
+        except StoreError:
+            listed()  # a master that exited says so, with its log
+            raise
 
     def kill_node(self, i: int) -> None:
         self.nodes[i].kill()

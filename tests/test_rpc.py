@@ -119,6 +119,38 @@ def test_awaited_calls_wake_their_tasks_at_once_in_their_own_context(rpc: RpcPee
     assert loop.task_callbacks < calls / 4, f"{loop.task_callbacks} for {calls} calls"
 
 
+def test_a_task_never_wakes_inside_a_callback_that_makes_a_blocking_call(rpc: RpcPeer) -> None:
+    """A completion callback (run by the asyncio driver's trigger pass) that makes blocking
+    calls drives progress itself; an awaited call that completes meanwhile must not resume
+    its task inside the callback (which may hold a lock the task wants, or be half-way
+    through its work), but after it."""
+    inside: list[bool] = []
+    seen: list[bool] = []
+
+    def callback(_handle: Any) -> None:
+        inside.append(True)
+        try:
+            rpc.remote.release(1)  # the held call's answer is on its way
+            for i in range(20):    # ... and is read by one of these waits
+                assert rpc.remote.sum(i, 1) == i + 1
+        finally:
+            inside.pop()
+
+    async def held() -> None:
+        assert await rpc.remote.hold.async_(TIMEOUT) >= 0
+        seen.append(bool(inside))
+
+    async def main() -> None:
+        task = asyncio.ensure_future(held())
+        await asyncio.sleep(0)  # its call is in flight
+        sum_decl = rpc.remote.sum
+        rpc.engine.forward(sum_decl.addr, sum_decl.rpc, (1, 2), TIMEOUT, callback)
+        await asyncio.wait_for(task, TIMEOUT)
+
+    asyncio.run(main())
+    assert seen == [False]
+
+
 def test_a_cancelled_task_among_woken_ones(rpc: RpcPeer) -> None:
     """A task cancelled while its call is in flight gets CancelledError; the tasks around it,
     woken in the same polls, get their answers, and a task that catches the cancellation

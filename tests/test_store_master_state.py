@@ -490,20 +490,23 @@ def test_changes_park_until_the_version_moves_or_the_deadline() -> None:
     from petasus.store.master import MAX_PARKED, Changes
 
     changes = Changes(threading.Lock())
+    start = changes.version  # from the clock: a restarted master's are all newer
     early, late, stale = Answered(), Answered(), Answered()
     with changes.lock:
-        assert not changes.park(stale, changes.version - 1, 10.0)  # moved already: answer now
-        assert changes.park(early, changes.version, 1.0)
-        assert changes.park(late, changes.version, 2.0)
+        assert not changes.park(stale, start - 1, 10.0)  # moved already: answer now
+        assert changes.park(early, start, 1.0)
+        assert changes.park(late, start, 2.0)
         due = changes.expire(1.0)
     changes.answer(due)
-    assert early.values == [0] and late.values == [] and stale.values == []
+    assert early.values == [start] and late.values == [] and stale.values == []
     with changes:  # a change: every parked call hears the new version, after the lock
         assert not late.values
-    assert late.values == [1] and changes.version == 1
+    assert late.values == [start + 1] and changes.version == start + 1
     with changes.lock:
         crowd = [Answered() for _ in range(MAX_PARKED)]
-        assert all(changes.park(c, 1, 5.0) for c in crowd)
-        assert not changes.park(Answered(), 1, 5.0)  # full: the caller is answered at once
+        assert all(changes.park(c, start + 1, 5.0) for c in crowd)
+        assert changes.full()  # the watch handler refuses the next one
+        changes.closing = True
+        assert not changes.park(Answered(), start + 1, 5.0)  # closing: answered at once
         changes.answer(changes.expire(float("inf")))
-    assert all(c.values == [1] for c in crowd)
+    assert all(c.values == [start + 1] for c in crowd)
