@@ -128,8 +128,12 @@ class EventLoop:
                 return True
             events = poll(0)
             if sample:
+                # (A sample taken while yielding first is one in FIRST_SAMPLE: it counts more,
+                # so that calls in flight again stop the yields within a few samples.)
                 sample = False
-                self.first_hits += ((1.0 if events else 0.0) - self.first_hits) * FIRST_WEIGHT
+                hits = self.first_hits
+                self.first_hits = hits + ((1.0 if events else 0.0) - hits) * (
+                    FIRST_WEIGHT if hits >= 0.5 else 0.5)
             if events:
                 if spinning:
                     policy.caught(time.monotonic() - idle)

@@ -106,10 +106,10 @@ class SocketPlugin(PluginCore):
                 "max_connections": self._limits.max_connections,
                 "reads_paused_now": self._guard.paused(), **self._loop.policy.statistics()}
 
-    def hold_sends(self) -> None:
+    def hold_sends(self, lead: bool = False) -> None:
         """Queue what is sent until ``release_sends()``, flushed every few frames meanwhile
-        (an optional NA operation: na/interface.py)."""
-        self._loop.hold()
+        (an optional NA operation: na/interface.py); ``lead``: the first leaves at once."""
+        self._loop.hold(lead)
 
     def release_sends(self) -> None:
         self._loop.release()

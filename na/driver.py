@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ._loop import LEAD_MAX
 from .interface import Plugin
 
 _NEVER = float("inf")
@@ -141,7 +142,7 @@ class AsyncioDriver:
 
     def __init__(self, source: Source, clock: Callable[[], float], spin: float,
                  keep: bool = True,
-                 batch: tuple[Callable[[], None], Callable[[], None]] | None = None) -> None:
+                 batch: tuple[Callable[..., None], Callable[[], None]] | None = None) -> None:
         """``batch``: (hold, release) of the plugin's sends (``hold_sends``,
         ``release_sends``), if it has them: a poll that completes calls holds the sends until
         the tasks it woke have run, so that their next calls leave together (a ``sendmsg``
@@ -317,13 +318,14 @@ class AsyncioDriver:
 
     def _trigger(self) -> int:
         """The poll's trigger pass, then the wake-ups its completions handed over."""
+        loop = self.loop  # the wake-ups' loop, even if the pass detaches us from it
         polling, self.polling = self.polling, True
         try:
             woke = self.source.trigger()
         finally:
             self.polling = polling
-        if self._after and not polling:
-            self._run_after()
+            if self._after and not polling and loop is not None:
+                self._run_after(loop)
         return woke
 
     def after_trigger(self, fn: Callable[[Any], Any], arg: Any,
@@ -334,16 +336,15 @@ class AsyncioDriver:
         ``call_soon`` and a turn of the loop."""
         self._after.append((fn, arg, context))
 
-    def _run_after(self) -> None:
+    def _run_after(self, loop: asyncio.AbstractEventLoop) -> None:
         after, self._after = self._after, []
-        loop = self.loop
-        if loop is None:
-            return
         # A task runs only if none is running: not in the serving task's last poll.
         direct = asyncio.current_task(loop) is None
         batch = self.batch
         if batch is not None:
-            batch[0]()  # what the woken tasks send leaves together, every few frames
+            # What the woken tasks send leaves together, every few frames; the first at once
+            # when they are few, as in a trigger pass (LEAD_MAX in na/_loop.py).
+            batch[0](len(after) <= LEAD_MAX)
         done = 0
         try:
             for fn, arg, context in after:

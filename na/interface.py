@@ -12,9 +12,9 @@ A message to send is one buffer, or a list of buffers sent as one message (what 
 their concatenation): a transport with an iovec sends the parts as they are, so a layer above
 need not join a large encoded value to its header.
 
-Optional: ``hold_sends()`` / ``release_sends()`` (tcp, sm) let a driver coalesce what several
-callers send in one turn of an event loop into a few syscalls; a plugin without them sends
-each message as it comes.
+Optional: ``hold_sends(lead=False)`` / ``release_sends()`` (tcp, sm) let a driver coalesce what
+several callers send in one turn of an event loop into a few syscalls (``lead``: the first
+leaves at once); a plugin without them sends each message as it comes.
 
 Unexpected messages that arrive before a receive is posted are queued (bounded; past the bound
 the plugin stops reading that peer). Expected messages must be pre-posted, as in Mercury: one

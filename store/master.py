@@ -198,10 +198,11 @@ class MasterService:
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(5)
         with self.lock:
             self.changes.closing = True  # no more parked; a waiting flush returns
             self.changes.changed.notify_all()
+        self._thread.join(5)
+        with self.lock:
             parked = self.changes.expire(float("inf"))
         self.changes.answer(parked)  # a watcher hears the last version, not a timeout
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -382,10 +383,14 @@ class MasterService:
         timeout = min(max(timeout, 0.0), MAX_WATCH_S)
         with self.lock:
             version = self.changes.version
+            closing = self.changes.closing
             if timeout > 0 and version == since and self.changes.full():
                 version = -1  # the client raises "too many watches"
             elif timeout > 0 and self.changes.park(handle, since, self.clock() + timeout):
                 return  # the maintenance thread answers it at its deadline, if no change
+        if closing and version == since and timeout > 0:
+            handle.fail(RuntimeError("the master is shutting down"))  # not an unchanged answer
+            return
         handle.respond(version)
 
     # --- maintenance (its own thread) -----------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import threading
 import time
@@ -234,9 +235,11 @@ class Batch:
     def __init__(self) -> None:
         self.held = 0
         self.releases = 0
+        self.leads: list[bool] = []
 
-    def hold(self) -> None:
+    def hold(self, lead: bool = False) -> None:
         self.held += 1
+        self.leads.append(lead)
 
     def release(self) -> None:
         self.held -= 1
@@ -293,6 +296,58 @@ def test_a_poll_that_wakes_tasks_holds_sends_until_they_have_run() -> None:
         assert batch.held == 1
         driver.detach()
         assert batch.held == 0
+
+    asyncio.run(main())
+    source.close()
+
+
+def test_wake_ups_handed_over_in_a_pass_run_after_it_even_if_the_pass_detaches() -> None:
+    """``after_trigger`` (an awaited call's task wake-up, hg's Awaited): run once the pass is
+    over, not inside it, with the sends held (the first at once when they are few), on the
+    loop the pass began on even when the pass detached the driver from it."""
+    source = FakeSource()
+    batch = Batch()
+    driver = na.AsyncioDriver(source, source.clock, spin=0.0, batch=(batch.hold, batch.release))
+    order: list[object] = []
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="outside")
+
+    async def main() -> None:
+        driver.attach(asyncio.get_running_loop())
+        original = source.trigger
+        context = contextvars.copy_context()
+        context.run(var.set, "the task's")
+
+        def wake(arg: str) -> None:
+            order.append((arg, driver.polling, batch.held, var.get()))
+
+        def trigger(max_count: int = 1 << 30) -> int:
+            n = original(max_count)
+            assert driver.polling
+            for name in ("first", "second"):
+                driver.after_trigger(wake, name, context)
+            order.append("pass over")
+            driver.detach()  # as an engine closed by a completion callback would
+            return n
+        source.trigger = trigger  # type: ignore[method-assign]
+        source.ready = 1
+        loop = asyncio.get_running_loop()
+        ran = loop.create_future()
+        loop.call_soon(lambda: (driver.poll(), ran.set_result(None)))  # a reader callback
+        await ran
+        assert order == ["pass over", ("first", False, 1, "the task's"),
+                         ("second", False, 1, "the task's")]
+        assert batch.held == 0 and batch.leads == [True]
+        # Polled from a task (the serving task's last poll), they go through the loop.
+        del order[:]
+        source.trigger = original  # type: ignore[method-assign]
+        driver.attach(loop)
+        driver.polling = True
+        driver.after_trigger(wake, "queued", context)
+        driver.polling = False
+        driver._run_after(loop)
+        assert order == []
+        await asyncio.sleep(0)
+        assert order == [("queued", False, 0, "the task's")]
 
     asyncio.run(main())
     source.close()
