@@ -275,11 +275,14 @@ class RpcPeer:
                 self.proc.wait(TIMEOUT)
         if self.proc is not None:
             self.proc.stdout.close()  # type: ignore[union-attr]
-        self.engine.close()
         if self.thread_engine is not None:
+            # The server first, with its handler threads: one still answering (a released
+            # hold) while the client closes its endpoint sent into a libfabric shm region
+            # being torn down in this same process, and crashed it (ofi-shm, 1.17).
             self.thread_engine.shutdown()
             self.thread.join(TIMEOUT)  # type: ignore[union-attr]
             self.thread_engine.close()
+        self.engine.close()
 
 
 @pytest.fixture(params=["process", "thread"], scope="module")

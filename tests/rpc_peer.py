@@ -118,15 +118,28 @@ class Gate:
         self._waiting: deque[list[bool]] = deque()  # one [granted] per waiting hold
 
     def hold(self, seconds: float) -> float:
+        self.take(seconds)
+        return seconds
+
+    def take(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for a token; whether one came."""
         with self._cond:
             if self._tokens:
                 self._tokens -= 1
-                return seconds
+                return True
             slot = [False]
             self._waiting.append(slot)
+            self._cond.notify_all()  # for wait_holds
             if not self._cond.wait_for(lambda: slot[0], timeout=seconds):
                 self._waiting.remove(slot)  # nobody released it: it gives up its place
-        return seconds
+                return False
+        return True
+
+    def wait_holds(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` holds are waiting for a token (each has let go of the lock
+        in its wait, so a release now is theirs)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._waiting) >= count, timeout)
 
     def release(self, count: int) -> None:
         with self._cond:

@@ -6,7 +6,6 @@ import asyncio
 import contextvars
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -156,17 +155,20 @@ def test_a_cancelled_task_among_woken_ones(rpc: RpcPeer) -> None:
     woken in the same polls, get their answers, and a task that catches the cancellation
     goes on calling."""
     async def main() -> None:
-        held = asyncio.ensure_future(rpc.remote.hold.async_(TIMEOUT))
-        others = [asyncio.ensure_future(rpc.remote.sum.async_(i, 1)) for i in range(32)]
-
         async def resilient() -> int:
             try:
                 await rpc.remote.hold.async_(TIMEOUT)
             except asyncio.CancelledError:
                 return int(await rpc.remote.sum.async_(20, 22))
             raise AssertionError("not cancelled")
+        held = asyncio.ensure_future(rpc.remote.hold.async_(TIMEOUT))
         survivor = asyncio.ensure_future(resilient())
-        await asyncio.sleep(0)
+        # Answered after both holds on the one connection: the server has them, so the
+        # release below is theirs (a call cancelled before it left is withdrawn, and a
+        # release for it would answer a later test's hold at once).
+        assert await rpc.remote.sum.async_(0, 0) == 0
+        others = [asyncio.ensure_future(rpc.remote.sum.async_(i, 1)) for i in range(32)]
+        await asyncio.sleep(0)  # their calls are in flight
         held.cancel()
         survivor.cancel()
         assert await asyncio.gather(*others) == [i + 1 for i in range(32)]
@@ -312,17 +314,16 @@ def test_the_gate_gives_a_release_to_the_holds_already_waiting() -> None:
     meant for it to the next test's hold, which answered at once: "DID NOT RAISE RPCTimeout"
     in test_future_timeouts_are_enforced_by_wait_and_result."""
     gate = Gate()
-    first = threading.Thread(target=gate.hold, args=(TIMEOUT,), daemon=True)
+    granted: list[bool] = []
+    first = threading.Thread(target=lambda: granted.append(gate.take(TIMEOUT)), daemon=True)
     first.start()
-    while not gate._cond._waiters:  # type: ignore[attr-defined]  # until the hold waits
-        time.sleep(0.001)
+    assert gate.wait_holds(1, TIMEOUT)
     try:
         with gate._cond:  # the woken hold cannot run before we let go of the lock
             gate.release(1)
-            started = time.monotonic()
-            gate.hold(0.05)  # a later hold, first to the lock: there is no token for it
-            assert time.monotonic() - started >= 0.04
+            assert not gate.take(0.05)  # a later hold, first to the lock: no token for it
         first.join(TIMEOUT)
+        assert granted == [True]
         assert not first.is_alive()
     finally:
         gate.release(1)  # whatever happened, no hold is left waiting
