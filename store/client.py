@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from petasus import bulk, hg
@@ -358,6 +358,20 @@ class DistributedStore(Reads, Store):
             raise StoreError(f"store master {self.uri}: watch: too many watches parked "
                              "already; try again later")
         return version
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Wait until ``condition()``, a fact about the cluster (what ``cluster()`` or a read
+        shows), testing it again each time the master's state moves (``watch``), never on a
+        timer; False if it still does not hold after ``timeout`` s. The version is read before
+        each test, so a change during the test is not missed."""
+        end = time.monotonic() + (self.timeout if timeout is None else timeout)
+        version = self.watch()
+        while not condition():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            version = self.watch(version, left)
+        return True
 
     def stats(self) -> dict[str, Any]:
         s = self.cluster()

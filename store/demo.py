@@ -11,9 +11,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import xxhash
 from rich.console import Console
@@ -111,19 +110,6 @@ def demo(args: argparse.Namespace) -> int:
 
 
 
-def _wait_cluster(kv: Any, holds: Callable[[dict[str, Any]], bool], timeout: float) -> bool:
-    """Wait until ``holds(kv.cluster())``, looking again each time the master's state moves
-    (``watch``) rather than at intervals."""
-    end = time.monotonic() + timeout
-    version = kv.watch()
-    while not holds(kv.cluster()):
-        left = end - time.monotonic()
-        if left <= 0:
-            return False
-        version = kv.watch(version, left)
-    return True
-
-
 @contextmanager
 def local_cluster(scheme: str, *, nodes: int, dram: int, node_ttl: float,
                   console: Console) -> Iterator[tuple[str, list[subprocess.Popen[str]]]]:
@@ -148,7 +134,8 @@ def local_cluster(scheme: str, *, nodes: int, dram: int, node_ttl: float,
                   "--name", f"node{i}")
             node_procs.append(procs[-1])
         with connect(uri, timeout=10) as probe:
-            if not _wait_cluster(probe, lambda info: len(info["nodes"]) >= nodes, 30):
+            if not probe.wait_until(  # type: ignore[attr-defined]
+                    lambda: len(probe.cluster()["nodes"]) >= nodes, 30):  # type: ignore[attr-defined]
                 raise RuntimeError("the storage nodes did not join the master")
         console.print(f"master {uri}, {nodes} nodes of {_size(dram)} DRAM each (processes "
                       f"{', '.join(str(p.pid) for p in procs)})")
@@ -210,7 +197,8 @@ def cluster_demo(args: argparse.Namespace) -> int:
         victim.kill()
         victim.wait()
         lost = sum(kv.get(k) != value(i) for i, k in enumerate(replicated))
-        if not _wait_cluster(kv, lambda info: len(info["nodes"]) <= 1, 30):
+        if not kv.wait_until(  # type: ignore[attr-defined]
+                lambda: len(kv.cluster()["nodes"]) <= 1, 30):  # type: ignore[attr-defined]
             raise RuntimeError("the master did not notice the killed node")
         lost += sum(kv.get(k) != value(i) for i, k in enumerate(replicated))
         console.print(f"replicas=2: {len(replicated)} objects, node1 killed (kill -9), the "

@@ -20,81 +20,13 @@ from . import protocol as p
 from .api import validate_key
 from .config import Pin, StoreConfig
 from .errors import StoreError
+from .master_changes import Changes
 from .master_state import MasterState, Node
 from .metrics import Histogram
 
 log = logging.getLogger("petasus.store.master")
 
 TICK_S = 0.05  # pending puts, node heartbeats, held leases and watches are checked this often
-MAX_WATCH_S = 60.0  # the longest a ``watch`` call is parked
-# Parked ``watch`` calls at most; past it a watch fails at once ("too many watches"), so the
-# master's memory stays bounded and a caller is told rather than left polling.
-MAX_PARKED = 4096
-
-
-class Changes:
-    """The master's state version, bumped on each change, and the ``watch`` calls parked until
-    it moves. Entered, it holds the state lock and bumps the version on the way out, so a
-    handler that changes the state says so by the lock it takes; a parked call is answered
-    outside the lock (the answer is a send)."""
-
-    def __init__(self, lock: threading.Lock) -> None:
-        self.lock = lock
-        self.changed = threading.Condition(lock)  # for waits on the master's own threads
-        # Opaque to clients: it starts from the clock, so that a restarted master's versions
-        # are all newer than any a watcher kept from the one before.
-        self.version = time.time_ns()
-        self.closing = False
-        self.waiting = 0  # threads waiting on ``changed`` (most changes have none to wake)
-        self._parked: list[tuple[float, hg.TargetHandle]] = []  # (deadline, call)
-
-    def __enter__(self) -> None:
-        self.lock.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            parked = self.bump()
-        finally:
-            self.lock.release()
-        self.answer(parked)
-
-    def bump(self) -> list[tuple[float, hg.TargetHandle]]:
-        """Count a change (the lock held); return the parked calls to answer after."""
-        self.version += 1
-        if self.waiting:
-            self.changed.notify_all()
-        parked, self._parked = self._parked, []
-        return parked
-
-    def park(self, handle: hg.TargetHandle, since: int, deadline: float) -> bool:
-        """Park ``handle`` until the version moves from ``since`` or ``deadline`` passes
-        (the lock held); False if it has moved already or the master is closing."""
-        if self.version != since or self.closing:
-            return False
-        self._parked.append((deadline, handle))
-        return True
-
-    def full(self) -> bool:
-        return len(self._parked) >= MAX_PARKED
-
-    def expire(self, now: float) -> list[tuple[float, hg.TargetHandle]]:
-        """The parked calls whose deadline has passed (the lock held)."""
-        if not self._parked:
-            return []
-        due = [w for w in self._parked if w[0] <= now]
-        if due:
-            self._parked = [w for w in self._parked if w[0] > now]
-        return due
-
-    def answer(self, parked: list[tuple[float, hg.TargetHandle]]) -> None:
-        version = self.version  # a newer one than some saw moved is as good an answer
-        for _, handle in parked:
-            try:
-                handle.respond(version)
-            except Exception as exc:  # a caller gone is its own business, not the master's
-                log.info("watch: answering %s failed: %s", handle.source, exc)
-
-
 class MasterService:
     def __init__(self, uri: str, config: StoreConfig, *, lease_ttl: float = 5.0,
                  node_ttl: float = 10.0, put_ttl: float = 30.0, strategy: str = "most_free",
@@ -217,12 +149,14 @@ class MasterService:
         return p.NodeHello(node.node_id, self.state.node_ttl / 4)
 
     def _heartbeat(self, node_id: int, disk_used: int) -> bool:
+        parked = []
         with self.lock:
             node = self.state.nodes.get(node_id)
-            if node is None or node.disk_used == disk_used:  # a beat alone is no change
-                return self.state.heartbeat(node_id, disk_used, self.clock())
-        with self.changes:
-            return self.state.heartbeat(node_id, disk_used, self.clock())
+            if node is not None and node.disk_used != disk_used:  # a beat alone is no change
+                parked = self.changes.bump()
+            known = self.state.heartbeat(node_id, disk_used, self.clock())
+        self.changes.answer(parked)
+        return known
 
     def _put_start(self, client: str, keys: list[str], sizes: list[int], replicas: int,
                    overwrite: bool, pin: str, preferred: str) -> list[p.PutGrant]:
@@ -377,21 +311,10 @@ class MasterService:
                     changes.waiting -= 1
 
     def _watch(self, handle: hg.TargetHandle) -> None:
-        """``watch(since, timeout)``: the state's version once it is not ``since``, or after
-        ``timeout`` s; a long poll, parked off the progress thread's hands until then."""
-        since, timeout = handle.args
-        timeout = min(max(timeout, 0.0), MAX_WATCH_S)
         with self.lock:
-            version = self.changes.version
-            closing = self.changes.closing
-            if timeout > 0 and version == since and self.changes.full():
-                version = -1  # the client raises "too many watches"
-            elif timeout > 0 and self.changes.park(handle, since, self.clock() + timeout):
-                return  # the maintenance thread answers it at its deadline, if no change
-        if closing and version == since and timeout > 0:
-            handle.fail(RuntimeError("the master is shutting down"))  # not an unchanged answer
-            return
-        handle.respond(version)
+            answer = self.changes.watch(handle, self.clock())
+        if answer is not None:
+            answer()
 
     # --- maintenance (its own thread) -----------------------------------------------------
     def _maintain(self) -> None:

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -94,16 +93,10 @@ def _flags(options: dict[str, Any]) -> list[str]:
 def wait_for(kv: DistributedStore, condition: Callable[[], bool], what: str,
              deadline: float = DEADLINE) -> None:
     """Wait for ``condition``, a fact about the cluster behind ``kv``'s master, or fail naming
-    it. It is tested again after each change of the master's state (``kv.watch``, a long
-    poll the master answers when its version moves), never after a sleep; the version is read
-    before the test, so a change during the test is not missed."""
-    end = time.monotonic() + deadline
-    version = kv.watch()
-    while not condition():
-        left = end - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"timed out after {deadline} s waiting for {what}")
-        version = kv.watch(version, left)
+    it: tested again after each change of the master's state (``kv.wait_until``), never
+    after a sleep."""
+    if not kv.wait_until(condition, deadline):
+        raise AssertionError(f"timed out after {deadline} s waiting for {what}")
 
 
 class Proc:

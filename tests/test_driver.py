@@ -263,7 +263,7 @@ def test_a_poll_that_wakes_tasks_holds_sends_until_they_have_run() -> None:
         def trigger(max_count: int = 1 << 30) -> int:
             n = original(max_count)
             if n and not woken.done():
-                woken.set_result(None)  # a completion wakes a task, as _settle does
+                woken.set_result(None)  # a completion wakes a task, as hg.awaited.settle does
             return n
         source.trigger = trigger  # type: ignore[method-assign]
 

@@ -487,7 +487,7 @@ class Answered:
 def test_changes_park_until_the_version_moves_or_the_deadline() -> None:
     import threading
 
-    from petasus.store.master import MAX_PARKED, Changes
+    from petasus.store.master_changes import MAX_PARKED, Changes
 
     changes = Changes(threading.Lock())
     start = changes.version  # from the clock: a restarted master's are all newer
