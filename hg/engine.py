@@ -36,7 +36,7 @@ from petasus import na
 from petasus.bulk import Bulk
 
 from . import state as st
-from .awaited import Awaited, settle
+from .awaited import settle
 from .context import MAX_OVERFLOW, Context
 from .declarations import _SHUTDOWN, Declaration
 from .header import rpc_id
@@ -49,6 +49,7 @@ log = logging.getLogger("petasus.hg.engine")
 _FORWARDED = st.FORWARDED
 _NEVER = float("inf")
 _get_ident = threading.get_ident
+_Future = asyncio.Future  # exact: a Task awaiting one takes its C fast path (hg/awaited.py)
 
 
 class Engine:
@@ -243,8 +244,7 @@ class Engine:
             if handle.error is not None:
                 raise handle.error
             return handle.value
-        future = handle.waiter = Awaited(loop=loop)
-        future.wakeup = None
+        future = handle.waiter = _Future(loop=loop)
         handle.callback = self._wake_awaited
         if handle.state != _FORWARDED:
             settle(future, handle)  # finished by another thread driving progress meanwhile

@@ -169,8 +169,8 @@ class AsyncioDriver:
         self._awaits = 0
         self._stop: asyncio.Event | None = None
         # True while ``poll``'s trigger pass runs. A completion in it may hand the wake-up of
-        # the task awaiting it to ``after_trigger`` (hg's Awaited), which runs it when the
-        # pass is over rather than through the loop's ready queue.
+        # the task awaiting it to ``after_trigger`` (hg/awaited.py ``settle``), which runs it
+        # when the pass is over rather than through the loop's ready queue.
         self.polling = False
         self._after: list[tuple[Callable[[Any], Any], Any, contextvars.Context]] = []
 

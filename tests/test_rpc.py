@@ -93,7 +93,7 @@ class CountingLoop(asyncio.SelectorEventLoop):
 def test_awaited_calls_wake_their_tasks_at_once_in_their_own_context(rpc: RpcPeer) -> None:
     """Sixteen tasks keep calls in flight: each resumes in its own context (a context
     variable it set), with its own results, and most wake-ups run in the driver's poll
-    rather than through the loop's ready queue (hg/awaited.py ``Awaited``)."""
+    rather than through the loop's ready queue (hg/awaited.py ``settle``)."""
     calls = 16 * 40
 
     async def worker(k: int) -> list[int]:
