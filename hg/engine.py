@@ -112,7 +112,8 @@ class Engine:
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
+        # (An __init__ that failed left _closed unset here, and None where compiled.)
+        if getattr(self, "_closed", True) is False:
             warnings.warn(f"{self!r} was not closed", ResourceWarning, stacklevel=2)
 
     def statistics(self) -> dict[str, Any]:
