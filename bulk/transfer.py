@@ -6,7 +6,8 @@ to a dead peer ends at once instead of piece by piece. Completion callbacks run 
 
 Waiting goes through a *driver*: the RPC Engine is one (it owns progress, its lock and its
 event loop); ``PluginDriver`` drives a bare NA plugin for programs that use bulk without RPCs.
-Both are built on NA's ``BlockingDriver`` and ``AsyncioDriver`` (``na/driver.py``).
+Both are built on NA's ``BlockingDriver`` (``na/driver.py``) and ``AsyncioDriver``
+(``na/aio_driver.py``).
 """
 
 from __future__ import annotations

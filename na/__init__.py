@@ -13,7 +13,8 @@ from typing import Any
 # First: importing it installs the finder that chooses between each compiled module and its
 # source (na/accel.py), before any of them is imported here or by hg and bulk.
 from . import accel
-from .driver import AsyncioDriver, BlockingDriver, PluginSource, Source
+from .aio_driver import AsyncioDriver
+from .driver import BlockingDriver, PluginSource, Source
 from .errors import AccessError, Canceled, NAError, PeerError, ProtocolError
 from .interface import Plugin
 from .types import Access, Addr, MemHandle, Op, OpKind

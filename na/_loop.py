@@ -188,7 +188,7 @@ class EventLoop:
     def hold(self, lead: bool = False) -> None:
         """Queue sends until ``release()``, as during a trigger pass: what a batch of asyncio
         tasks sends in one turn of their loop leaves in a few ``sendmsg`` (every ``_FLUSH_AT``
-        items, na/_conn.py) instead of one per message (na/driver.py).
+        items, na/_conn.py) instead of one per message (na/aio_driver.py).
 
         ``lead``: the pass's first message leaves at once, the rest at its end. Holding them
         all makes a few calls in flight run in lock step: the peer idles while we finish the

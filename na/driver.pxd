@@ -9,10 +9,3 @@ cdef class BlockingDriver:
     cdef public object _cond, _waiters, clock, lock, owner, shared, source
     cdef dict __dict__
     cdef object __weakref__
-
-cdef class AsyncioDriver:
-    cdef public object _after, _awaits, _held, _held_lock, _pending, _spin_until, _stop, _streak
-    cdef public object _timer, batch, clock, closed, inline_turn, keep, loop, source, spin
-    cdef public object polling, thread
-    cdef dict __dict__
-    cdef object __weakref__

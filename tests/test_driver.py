@@ -1,4 +1,5 @@
-"""The drivers of na/driver.py against a fake source: no sockets, a fake clock, an eventfd."""
+"""The drivers (na/driver.py, na/aio_driver.py) against a fake source: no sockets, a fake clock,
+an eventfd."""
 
 from __future__ import annotations
 
