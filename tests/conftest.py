@@ -276,9 +276,9 @@ class RpcPeer:
         if self.proc is not None:
             self.proc.stdout.close()  # type: ignore[union-attr]
         if self.thread_engine is not None:
-            # The server first, with its handler threads: one still answering (a released
-            # hold) while the client closes its endpoint sent into a libfabric shm region
-            # being torn down in this same process, and crashed it (ofi-shm, 1.17).
+            # The server first, with its handler threads, so that none is still answering (a
+            # released hold) into the closed client. (On ofi-shm that crashed the process
+            # until na/ofi/_local.py; test_ofi_plugin.py has the case.)
             self.thread_engine.shutdown()
             self.thread.join(TIMEOUT)  # type: ignore[union-attr]
             self.thread_engine.close()

@@ -60,4 +60,5 @@ class Served:
         self.engine.shutdown()
         self.thread.join(TIMEOUT)
         assert not self.thread.is_alive()
+        self.engine.close()
 

@@ -8,6 +8,9 @@ where it should, at offsets, in both directions, and the handle carries the prov
 
 from __future__ import annotations
 
+import glob
+import os
+import secrets
 import subprocess
 import sys
 import time
@@ -142,3 +145,111 @@ def test_shm_loses_nothing_when_several_processes_burst_at_once() -> None:
                 proc.communicate("done\n", timeout=TIMEOUT)
         expected = {b"%d:%d" % (k, i) for k in range(senders) for i in range(n)}
         assert sorted(got) == sorted(expected)
+
+
+SAME_PROCESS_PEERS = """
+import os, sys, threading, time
+from petasus import hg, na
+from petasus.na.ofi import _local
+
+def drive(plugins, done, what):
+    end = time.monotonic() + 30
+    while not done():
+        if time.monotonic() > end:
+            sys.exit(f"timed out: {what}")
+        for p in plugins:
+            p.progress(0.001)
+            p.trigger()
+
+# Bare plugins: b closes after messages both ways; a's sends to it then fail, and a crashed.
+a, b = (na.initialize("ofi+shm://", listen=True) for _ in range(2))
+to_b = a.addr_lookup(b.addr_self().uri)
+got = []
+for i in range(3):
+    b.msg_recv_unexpected(bytearray(64), callback=got.append)
+    a.msg_send_unexpected(to_b, b"x" * 16, i)
+    drive((a, b), lambda: len(got) > i, "a message to b")
+b.close()
+assert _local.waiting() == 1  # b's region stays while a has it in its address vector
+for i in range(20):
+    sent = []
+    a.msg_send_unexpected(to_b, b"y" * 16, i, callback=sent.append)
+    drive((a,), lambda: sent, "the send to the closed peer")
+    assert isinstance(sent[0].error, na.PeerError), sent[0].error
+    assert "closed" in str(sent[0].error) and b.addr_self().uri in str(sent[0].error)
+c = na.initialize("ofi+shm://")  # a closed peer's name is not inserted again
+assert c.addr_lookup(b.addr_self().uri).dead
+c.close()
+a.close()
+assert _local.waiting() == 0  # b's objects went with the last endpoint that inserted it
+
+# Engines: the client closes while the server's handler thread answers its held call.
+with hg.Engine("ofi+shm://", listen=True) as server:
+    release = threading.Event()
+    @server.rpc
+    def hold() -> int:
+        release.wait(30)
+        return 1
+    @server.rpc
+    def add(x: hg.int32, y: hg.int32) -> hg.int32:
+        return x + y
+    serving = threading.Thread(target=server.serve, kwargs={"handle_signals": False})
+    serving.start()
+    for _ in range(5):
+        with hg.Engine("ofi+shm://") as client:
+            client.declare(hold, add)
+            remote = client.lookup(server.uri)
+            assert remote.add(1, 2) == 3
+            held = remote.hold.future()
+        release.set()  # answered into the closed client's endpoint
+        time.sleep(0)
+        release.clear()
+    with hg.Engine("ofi+shm://") as client:  # the server still serves
+        client.declare(hold, add)
+        assert client.lookup(server.uri).add(40, 2) == 42
+    server.shutdown()
+    serving.join(30)
+print(os.getpid(), "ok")
+"""
+
+
+def test_a_same_process_shm_peer_that_closed_fails_sends_to_it_and_its_region_goes() -> None:
+    """libfabric 1.17's shm reaches a peer in the same process through that peer's own region:
+    a send to one that had closed was a SIGSEGV (ofi/_local.py). Sends to it now fail with a
+    PeerError naming it, its region is freed once nobody here has it in an address vector,
+    and nothing of the process is left in /dev/shm at exit. In a process of its own, so
+    that a crash fails this test rather than the run."""
+    done = subprocess.run([sys.executable, "-c", SAME_PROCESS_PEERS], capture_output=True,
+                          check=False, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    pid = done.stdout.split()[-2]
+    assert not glob.glob(f"/dev/shm/{pid}_*")
+
+
+def test_regions_of_dead_processes_are_swept_before_the_first_shm_endpoint() -> None:
+    """A killed process leaves its shm region in /dev/shm (64 MiB of address space, what it
+    touched in memory); the next process to open an shm endpoint unlinks the regions whose
+    owner has died, and only those, and may listen again at a dead listener's address."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, check=True, text=True).stdout.strip()
+    stale = f"/dev/shm/{gone}_{secrets.token_hex(4)}:0:0"
+    named = f"{gone}_petasus{secrets.token_hex(2)}"
+    live = f"/dev/shm/{os.getpid()}_{secrets.token_hex(4)}:0:0"
+    others = f"/dev/shm/petasus-test-{secrets.token_hex(4)}"  # not a region of ours
+    for path in (stale, f"/dev/shm/{named}:0:0", live, others):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 4096)
+    try:
+        script = ("from petasus import na\n"
+                  f"p = na.initialize('ofi+shm://{named}', listen=True)\n"
+                  "print(p.addr_self().uri)\np.close()\n")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.strip().startswith(f"ofi+shm://{named}")
+        assert not os.path.exists(stale)
+        assert os.path.exists(live) and os.path.exists(others)
+    finally:
+        for path in (stale, live, others):
+            if os.path.exists(path):
+                os.unlink(path)

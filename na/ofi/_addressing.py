@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..types import Addr
+from . import _local
 from ._common import (
     _DEFAULT_HOST,
     _is_ip,
@@ -88,6 +89,9 @@ class Addressing:
             # crash of the combined NA+RPC run, in test_nobody_listening). A region that
             # vanishes between this check and the insert can still hit it; see the docstring.
             log.info("fi_av_insert of %s skipped: its shared-memory region does not exist", uri)
+            return None
+        if self.transport == "shm" and not _local.inserting(name, self._name):
+            log.info("fi_av_insert of %s skipped: that endpoint of this process has closed", uri)
             return None
         if not self._whole_address(name):
             # A sender name is the peer's bytes: the provider reads a whole sockaddr of the

@@ -92,6 +92,7 @@ from typing import Any
 from .. import _regs, auth, core
 from .._polled import PolledPlugin
 from ..types import Addr, MemHandle
+from . import _local
 from ._addressing import Addressing
 from ._common import (
     CQ_BATCH,
@@ -154,6 +155,7 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PolledPlugin):
                         log, max_queued, self._repost_held)
         self._probe_interval = probe_interval
         self._fids: list[Any] = []  # opened libfabric objects, closed in reverse order
+        self._local = False  # an shm endpoint registered in ofi/_local.py
         self._info: Any = None
         self._ep_fd: Any = None
         self._timer_fd = -1
@@ -201,6 +203,7 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PolledPlugin):
             hints.fabric_attr.prov_name = _strdup(prov)
             node, service, flags = self._source(rest, listen)
             if self.transport == "shm":
+                _local.sweep_once()
                 name = f"fi_shm://{self._shm_name(rest, listen)}"
                 hints.addr_format = lib.FI_ADDR_STR
                 hints.src_addr = _strdup(name)
@@ -270,6 +273,9 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PolledPlugin):
         if len(self._name) > 255:
             raise FabricError("initialize", None, f"address of {len(self._name)} B is too long")
         self._hdr = bytes((len(self._name),)) + self._name
+        if self.transport == "shm":
+            _local.opened(self._name, self)
+            self._local = True
         self._shake = Handshake(self._auth_key, self._name, SHAKE_KINDS, self._shake_send,
                                 self._established, self._shake_failed, self._auth_failed,
                                 timeout=self._shake_timeout)
@@ -358,8 +364,41 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PolledPlugin):
         for i in range(n):
             self._submit_slot(i)
 
+    def close(self) -> None:
+        super().close()
+        # Outside our lock: each endpoint told takes its own (two closing at once must not
+        # wait on each other).
+        if self._local:
+            self._local = False
+            _local.closing(self._name)
+
+    def peer_closed(self, name: bytes) -> None:
+        """An shm endpoint of this process that we inserted has closed (ofi/_local.py)."""
+        with self._lock:
+            addr = self._by_name.get(name)
+            if not self._closed and addr is not None and addr is not self._self_addr:
+                self._peer_failed(addr, "the peer closed its endpoint (connection closed)")
+
     def _release(self) -> None:
-        """Close what was opened, newest first; safe on a half-opened instance."""
+        """Close what was opened, newest first; safe on a half-opened instance. An shm
+        endpoint's libfabric objects wait for the endpoints of this process that inserted it
+        (ofi/_local.py)."""
+        if self._local:
+            _local.release(self._name, self._close_fabric)
+        else:
+            self._close_fabric()
+        self._poll_set.close()
+        self._cq.close()
+        if self._bell is not None:
+            self._bell.close()
+        if self._timer_fd >= 0:
+            os.close(self._timer_fd)
+            self._timer_fd = -1
+        self._backlog.clear()
+        self._blocked.clear()
+        self._held.clear()
+
+    def _close_fabric(self) -> None:
         for handle in list(self._regs.values()):
             lib.fi_close(_fid(handle.record.mr))
         self._regs.clear()
@@ -375,17 +414,7 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PolledPlugin):
         if self._info is not None:
             lib.fi_freeinfo(self._info)
             self._info = None
-        self._poll_set.close()
-        self._cq.close()
-        if self._bell is not None:
-            self._bell.close()
-        if self._timer_fd >= 0:
-            os.close(self._timer_fd)
-            self._timer_fd = -1
-        self._reqs.clear()
-        self._backlog.clear()
-        self._blocked.clear()
-        self._held.clear()
+        self._reqs.clear()  # the buffers the provider may still read, until it is closed
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._by_name)} peers"
