@@ -22,7 +22,7 @@ not on shm, see below), expected messages need a pre-posted receive and late one
 and counted, a receive that is too small fails instead of truncating, and cancel of a receive
 never involves the provider. (FI_DIRECTED_RECV is then not needed; tcp;ofi_rxm lacks it.)
 
-shm (libfabric 1.17) needs three workarounds, each measured: (1) it silently discards the part
+shm (libfabric 1.17) needs four workarounds, each measured: (1) it silently discards the part
 of a burst that exceeds its posted receives by more than their number (K slots posted, N > 2K
 sends: exactly 2K delivered, every send completing successfully; several senders at once
 need more), so its pool is 4096 slots (FI_SHM_RX_SIZE raised to 8192; anonymous memory
@@ -30,7 +30,10 @@ touched only where messages land) and slots are never held back; (2) fi_av_inser
 closed endpoint's name is a SIGSEGV inside libfabric, so names are inserted only while their
 region exists in /dev/shm; (3) a first send to a peer
 returns FI_EAGAIN until the *peer's* progress has accepted the mapping, as rxm's connection
-handshake needs the target's progress: both ends must progress, as with Mercury.
+handshake needs the target's progress: both ends must progress, as with Mercury; (4) a peer in
+the same process is reached through its own region, which its close frees (the next send to it
+was a SIGSEGV), so a closed endpoint's objects wait for the endpoints of this process that
+inserted it (``_local``).
 
 RMA: checked emulation on every provider, by measurement. ``put``/``get`` send a small request
 that the target's progress loop checks against its own table (key, bounds, rights: never the
