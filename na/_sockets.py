@@ -31,6 +31,8 @@ from .types import Access, Addr, MemHandle, Op, OpKind, OpState
 
 _HDR = fr.HEADER
 _MAGIC = fr.MAGIC
+_EXPECTED = fr.EXPECTED  # per message: module constants, not the module's attributes
+_UNEXPECTED = fr.UNEXPECTED
 RMA_CHUNK = 8 * 1024 * 1024  # per-frame data; keeps a stream fair between messages and bulk
 
 
@@ -154,7 +156,7 @@ class SocketPlugin(PluginCore):
             if conn is not None:
                 self.stats["msgs_sent"] += 1
                 self.stats["bytes_sent"] += n
-                kind = fr.EXPECTED if expected else fr.UNEXPECTED
+                kind = _EXPECTED if expected else _UNEXPECTED
                 header = _HDR.pack(_MAGIC, kind, 0, n, op.tag)
                 self._outbox.enqueue(conn, [header, *view] if gathered else [header, view], op,
                                      n + _HDR.size)

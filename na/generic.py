@@ -27,6 +27,8 @@ from .types import Addr, Callback, MemHandle, Op, OpKind, OpState
 
 _P = TypeVar("_P", bound="PluginCore")
 
+_RECV_EXPECTED = OpKind.RECV_EXPECTED  # per message: not through the enum's class (na/core.py)
+_RECV_UNEXPECTED = OpKind.RECV_UNEXPECTED
 # What the core and this half count, under the same names on every plugin (statistics()).
 COUNTERS = ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops", "rma_bytes",
             "rma_served", "rma_refused", "peer_failures", "protocol_errors", "canceled",
@@ -171,7 +173,7 @@ class PluginCore:
     def msg_recv_unexpected(self, buf: Any, callback: Callback | None = None) -> Op:
         view = buf if type(buf) is memoryview and buf.format == "B" and buf.ndim == 1 and \
             not buf.readonly else recv_view(buf, "msg_recv_unexpected")
-        op = Op(OpKind.RECV_UNEXPECTED, callback, view)
+        op = Op(_RECV_UNEXPECTED, callback, view)
         with self._lock:
             if self._closed:
                 check_open(True, "msg_recv_unexpected", self)
@@ -184,7 +186,7 @@ class PluginCore:
             check_tag("msg_recv_expected", tag)
         view = buf if type(buf) is memoryview and buf.format == "B" and buf.ndim == 1 and \
             not buf.readonly else recv_view(buf, "msg_recv_expected")
-        op = Op(OpKind.RECV_EXPECTED, callback, view, addr, tag)
+        op = Op(_RECV_EXPECTED, callback, view, addr, tag)
         with self._lock:
             if self._closed:
                 check_open(True, "msg_recv_expected", self)

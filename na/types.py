@@ -48,6 +48,9 @@ class OpState(enum.IntEnum):
     CANCELING = 2  # cancel() asked; the transport still holds its buffer, it finishes later
 
 
+_PENDING = OpState.PENDING  # read per op from here, not through the enum's class (na/core.py)
+
+
 class Op:
     """One operation, from post to completion; also the completion record its callback receives.
 
@@ -88,7 +91,7 @@ class Op:
         self.source: Addr | None = None
         self.error: BaseException | None = None
         self.done = False
-        self.state = OpState.PENDING
+        self.state = _PENDING
         self.op_id = 0
         self.remaining = 0
 
