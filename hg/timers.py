@@ -90,7 +90,9 @@ class Timers:
     def arm(self, entry: Timed, deadline: float, span: float | None = None) -> None:
         """Fire ``entry.expire()`` at ``deadline`` unless it is no longer live by then;
         ``span``: the deadline is the clock's now plus this, as the lane's others are."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # (not ``with``: per call, its two bound methods cost ~30 ns)
+        try:
             lane = self._lanes.get(span)  # type: ignore[arg-type]
             if lane is None and span is not None and len(self._lanes) < _LANES:
                 lane = self._lanes[span] = deque()
@@ -113,6 +115,8 @@ class Timers:
                     heap[:] = [t for t in heap if t[2].live and t[2].deadline == t[0]]
                     heapq.heapify(heap)
                 heapq.heappush(heap, (deadline, next(self._seq), entry))
+        finally:
+            lock.release()
         hook = self.hook
         if hook is not None and earliest:
             # Only a new earliest deadline moves the wake-up: the loop's timer fires for the

@@ -146,7 +146,9 @@ class SocketPlugin(PluginCore):
     def _send(self, op: Op, view: Any, expected: bool) -> None:
         gathered = type(view) is list
         n = sum(map(len, view)) if gathered else len(view)
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # (not ``with``: per message, its two bound methods cost ~30 ns)
+        try:
             if self._closed:
                 self._check_open(op.kind.name.lower())
             addr = op.addr
@@ -160,6 +162,8 @@ class SocketPlugin(PluginCore):
                 header = _HDR.pack(_MAGIC, kind, 0, n, op.tag)
                 self._outbox.enqueue(conn, [header, *view] if gathered else [header, view], op,
                                      n + _HDR.size)
+        finally:
+            lock.release()
 
     def _on_unexpected(self, conn: Conn, tag: int, payload: memoryview | None) -> None:
         if tag > MAX_TAG:

@@ -187,10 +187,14 @@ class PluginCore:
         view = buf if type(buf) is memoryview and buf.format == "B" and buf.ndim == 1 and \
             not buf.readonly else recv_view(buf, "msg_recv_expected")
         op = Op(_RECV_EXPECTED, callback, view, addr, tag)
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # (not ``with``: per message, its two bound methods cost ~30 ns)
+        try:
             if self._closed:
                 check_open(True, "msg_recv_expected", self)
             self._matcher.post_expected(op)
+        finally:
+            lock.release()
         return op
 
     def put(self, local: MemHandle, local_off: int, remote: MemHandle, remote_off: int,
