@@ -303,9 +303,9 @@ def test_a_poll_that_wakes_tasks_holds_sends_until_they_have_run() -> None:
 
 
 def test_wake_ups_handed_over_in_a_pass_run_after_it_even_if_the_pass_detaches() -> None:
-    """``after_trigger`` (an awaited call's task wake-up, hg's Awaited): run once the pass is
-    over, not inside it, with the sends held (the first at once when they are few), on the
-    loop the pass began on even when the pass detached the driver from it."""
+    """``after_trigger`` (an awaited call's task wake-up, hg/awaited.py ``settle``): run once
+    the pass is over, not inside it, with the sends held (the first at once when they are
+    few), on the loop the pass began on even when the pass detached the driver from it."""
     source = FakeSource()
     batch = Batch()
     driver = na.AsyncioDriver(source, source.clock, spin=0.0, batch=(batch.hold, batch.release))

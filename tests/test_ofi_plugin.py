@@ -253,3 +253,25 @@ def test_regions_of_dead_processes_are_swept_before_the_first_shm_endpoint() -> 
         for path in (stale, live, others):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+FORKED_CHILD = """
+import os, sys
+from petasus import na
+p = na.initialize("ofi+shm://", listen=True)
+region = "/dev/shm/" + p.addr_self().uri.partition("://")[2]
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # a normal exit: the child's atexit handlers run
+os.waitpid(child, 0)
+assert os.path.exists(region), "a forked child's exit unlinked its parent's region"
+p.close()
+assert not os.path.exists(region)
+print("ok")
+"""
+
+
+def test_a_forked_childs_exit_leaves_its_parents_regions() -> None:
+    done = subprocess.run([sys.executable, "-c", FORKED_CHILD], capture_output=True,
+                          check=False, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -144,6 +144,20 @@ def waiting() -> int:
         return len(_deferred)
 
 
+def _forget_in_child() -> None:
+    """A forked child has none of its parent's endpoints: it must not unlink their regions at
+    its exit (nor wait on a lock another thread of the parent held at the fork)."""
+    global _lock
+    _lock = threading.Lock()
+    _open.clear()
+    _mappers.clear()
+    _deferred.clear()
+    _regions.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 @atexit.register
 def _unlink_at_exit() -> None:
     with _lock:
