@@ -242,6 +242,9 @@ class Progress:
 
     def _check_peers(self) -> None:
         """Probe the peers that pending operations wait for (caller holds the lock)."""
+        for gone in self._gone:  # after the CQ was read dry: what they sent has landed
+            self._peer_failed(gone, "the peer closed its endpoint (connection closed)")
+        self._gone.clear()
         busy = self._matcher.expected_peers()
         busy.update(r.addr for r in itertools.chain(self._reqs.values(), self._rma_wait.values(),
                                                     self._backlog)

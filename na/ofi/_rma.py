@@ -123,7 +123,10 @@ class Rma:
 
     def _start_native(self, op: Op, off: int, n: int) -> None:
         """One fi_read/fi_write. The target's provider is trusted with key, bounds and rights,
-        which shm and tcp;ofi_rxm (libfabric 1.17) do not enforce cleanly: opt-in only."""
+        which shm and tcp;ofi_rxm (libfabric 1.17) do not enforce cleanly: opt-in only. A write
+        may complete here before the target's memory has it (seen over tcp;ofi_rxm under load:
+        the target's progress places it later), where a checked put completes on the target's
+        acknowledgement."""
         reg, remote = op.local.record, op.remote
         base = remote.record.base if not remote.local else (
             reg.base if self._mr_mode & lib.FI_MR_VIRT_ADDR else 0)

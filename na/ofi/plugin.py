@@ -90,6 +90,7 @@ import secrets
 import select
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from .. import _regs, auth, core
@@ -159,6 +160,7 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PolledPlugin):
         self._probe_interval = probe_interval
         self._fids: list[Any] = []  # opened libfabric objects, closed in reverse order
         self._local = False  # an shm endpoint registered in ofi/_local.py
+        self._tell = False  # ... whose close its same-process peers are still to hear of
         self._info: Any = None
         self._ep_fd: Any = None
         self._timer_fd = -1
@@ -175,6 +177,7 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PolledPlugin):
         self._by_name: dict[bytes, Addr] = {}
         self._init_peers(handshake_timeout)
         self._probing: set[Addr] = set()
+        self._gone: set[Addr] = set()  # same-process shm peers that closed (peer_closed)
         self._next_probe = 0.0
         self._regs: dict[int, MemHandle] = {}
         self._keys = _regs.Registrations()  # checked mode: our keys, checked per request
@@ -370,26 +373,34 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PolledPlugin):
     def close(self) -> None:
         super().close()
         # Outside our lock: each endpoint told takes its own (two closing at once must not
-        # wait on each other).
-        if self._local:
-            self._local = False
+        # wait on each other); once, however many threads close.
+        with self._lock:
+            tell, self._tell = self._tell, False
+        if tell:
             _local.closing(self._name)
 
     def peer_closed(self, name: bytes) -> None:
-        """An shm endpoint of this process that we inserted has closed (ofi/_local.py)."""
+        """An shm endpoint of this process that may map us has closed (ofi/_local.py). What
+        it sent before is in our region: the next pass reads the CQ dry first, then fails
+        what still waits for it and refuses new operations (``_check_peers``)."""
         with self._lock:
             addr = self._by_name.get(name)
             if not self._closed and addr is not None and addr is not self._self_addr:
-                self._peer_failed(addr, "the peer closed its endpoint (connection closed)")
+                self._gone.add(addr)
+                self._next_probe = 0.0
+                os.eventfd_write(self._cq.wake_fd, 1)  # a sleeping progress: pass now
 
     def _release(self) -> None:
         """Close what was opened, newest first; safe on a half-opened instance. An shm
-        endpoint's libfabric objects wait for the endpoints of this process that inserted it
+        endpoint's libfabric objects wait for the endpoints of this process that may map it
         (ofi/_local.py)."""
+        free = self._take_fabric()
         if self._local:
-            _local.release(self._name, self._close_fabric)
+            self._local = False
+            self._tell = True
+            _local.release(self._name, free)
         else:
-            self._close_fabric()
+            free()
         self._poll_set.close()
         self._cq.close()
         if self._bell is not None:
@@ -401,23 +412,35 @@ class OfiPlugin(Addressing, Messages, Peers, Rma, Progress, PolledPlugin):
         self._blocked.clear()
         self._held.clear()
 
-    def _close_fabric(self) -> None:
-        for handle in list(self._regs.values()):
-            lib.fi_close(_fid(handle.record.mr))
+    def _take_fabric(self) -> Callable[[], None]:
+        """The libfabric objects, taken out of this instance (under its lock) into what closes
+        them: run now, or later on another thread (ofi/_local.py), it shares nothing with the
+        instance, and it keeps alive the memory the provider may still use until then (the
+        receive pool, the buffers of requests in flight)."""
+        mrs = [handle.record.mr for handle in self._regs.values()]
         self._regs.clear()
         rx_reg = getattr(self, "_rx_reg", None)
         if rx_reg is not None:
-            lib.fi_close(_fid(rx_reg.mr))
-        while self._fids:
-            fid = self._fids.pop()
-            rc = lib.fi_close(_fid(fid))
-            if rc:
-                log.warning("fi_close failed while closing %s: %s", self.scheme,
-                            error_for(rc, "fi_close"))
-        if self._info is not None:
-            lib.fi_freeinfo(self._info)
-            self._info = None
-        self._reqs.clear()  # the buffers the provider may still read, until it is closed
+            mrs.append(rx_reg.mr)
+        fids, self._fids = self._fids, []
+        info, self._info = self._info, None
+        kept = (list(self._reqs.values()), getattr(self, "_rx_c", None),
+                getattr(self, "_rx", None))
+        self._reqs.clear()
+        scheme = self.scheme
+
+        def free() -> None:
+            for mr in mrs:
+                lib.fi_close(_fid(mr))
+            while fids:
+                rc = lib.fi_close(_fid(fids.pop()))
+                if rc:
+                    log.warning("fi_close failed while closing %s: %s", scheme,
+                                error_for(rc, "fi_close"))
+            if info is not None:
+                lib.fi_freeinfo(info)
+            kept[0].clear()  # the provider is done with them
+        return free
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._by_name)} peers"
