@@ -34,7 +34,11 @@ def settle(future: asyncio.Future[Any], handle: Handle,
         if callbacks is not None and len(callbacks) == 1:
             wakeup, context = callbacks[0]
             future.remove_done_callback(wakeup)
-            _set(future, handle)
+            try:
+                _set(future, handle)
+            except BaseException:
+                future.add_done_callback(wakeup, context=context)  # a cancel still wakes it
+                raise
             driver.after_trigger(wakeup, future, context)
             return
     _set(future, handle)
