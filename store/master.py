@@ -237,6 +237,8 @@ class MasterService:
                 except StoreError as exc:
                     out.append(p.Status(p.code_of(exc), str(exc)))
             retired = self.state.take_retired()
+            if all(s.code != p.OK for s in out):  # nothing removed
+                self.changes.unchanged()
         self._wake.set()
         return out, retired
 
@@ -249,6 +251,7 @@ class MasterService:
             try:
                 self.state.pin(key, Pin(mode))
             except StoreError as exc:
+                self.changes.unchanged()
                 return p.Status(p.code_of(exc), str(exc))
         return p.Status(p.OK, "")
 
@@ -260,15 +263,22 @@ class MasterService:
 
     def _register_blocks(self, node: str, hashes: list[int], tier: str) -> int:
         with self.changes:
-            return self.state.blocks.register(node, hashes, tier)
+            return self._counted(self.state.blocks.register(node, hashes, tier))
 
     def _revoke_blocks(self, node: str, hashes: list[int], tier: str) -> int:
         with self.changes:
-            return self.state.blocks.revoke(node, hashes, tier)
+            return self._counted(self.state.blocks.revoke(node, hashes, tier))
 
     def _revoke_tier(self, node: str, tier: str) -> int:
         with self.changes:
-            return self.state.blocks.revoke_tier(node, tier)
+            return self._counted(self.state.blocks.revoke_tier(node, tier))
+
+    def _counted(self, changed: int) -> int:
+        """A block-index update's count (inside ``with self.changes``): none changed, no
+        change."""
+        if not changed:
+            self.changes.unchanged()
+        return changed
 
     def _match_blocks(self, hashes: list[int]) -> Any:
         with self.lock:

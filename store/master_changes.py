@@ -39,16 +39,23 @@ class Changes:
         self.closing = False
         self.waiting = 0  # threads waiting on ``changed`` (most changes have none to wake)
         self._parked: list[tuple[float, hg.TargetHandle]] = []  # (deadline, call)
+        self._unchanged = False
 
     def __enter__(self) -> None:
         self.lock.acquire()
+        self._unchanged = False
 
     def __exit__(self, *exc: object) -> None:
         try:
-            parked = self.bump()
+            parked = [] if self._unchanged else self.bump()
         finally:
             self.lock.release()
         self.answer(parked)
+
+    def unchanged(self) -> None:
+        """Inside ``with``: the handler changed nothing after all (a refusal), so the version
+        stays and no watcher wakes for nothing."""
+        self._unchanged = True
 
     def bump(self) -> list[tuple[float, hg.TargetHandle]]:
         """Count a change (the lock held); return the parked calls to answer after."""

@@ -459,6 +459,13 @@ def test_watch_answers_when_the_masters_state_moves_or_at_its_timeout(tmp_path: 
             assert info["version"] >= seen[0]
             kv.remove("watched")
             assert kv.watch(seen[0], DEADLINE) > seen[0], "a remove is a change"
+            # A refusal is none: no watcher wakes for it.
+            now = kv.watch()
+            with pytest.raises(NotFound):
+                kv.remove("watched")
+            with pytest.raises(NotFound):
+                kv.pin("watched")
+            assert kv.watch(now, 0) == now
             # Nonsense timeouts are no wait, or the master's longest.
             now = kv.watch()
             assert kv.master.watch.call(now, float("nan"), timeout=DEADLINE) == now

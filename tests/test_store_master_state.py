@@ -499,6 +499,9 @@ def test_changes_park_until_the_version_moves_or_the_deadline() -> None:
         due = changes.expire(1.0)
     changes.answer(due)
     assert early.values == [start] and late.values == [] and stale.values == []
+    with changes:  # a handler that changed nothing after all: no version, no answer
+        changes.unchanged()
+    assert late.values == [] and changes.version == start
     with changes:  # a change: every parked call hears the new version, after the lock
         assert not late.values
     assert late.values == [start + 1] and changes.version == start + 1
