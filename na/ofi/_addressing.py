@@ -125,9 +125,10 @@ class Addressing:
                 addr = self._peers[uri] = Addr(uri, True)
                 addr.fabric_addr = self._insert(name, uri)
                 if addr.fabric_addr is None:
-                    addr.dead = ("the peer closed its endpoint (connection closed)"
-                                 if self.transport == "shm" and _local.is_closed(name) else
-                                 "could not connect: the provider cannot resolve the address")
+                    addr.dead = "could not connect: " + (
+                        "the peer closed its endpoint"
+                        if self.transport == "shm" and _local.is_closed(name) else
+                        "the provider cannot resolve the address")
                 self._names[addr] = name
             self._by_name[name] = addr
         return addr
