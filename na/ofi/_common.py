@@ -148,14 +148,21 @@ def _shm_region_exists(name: bytes) -> bool:
 
 def _shm_gone(uri: str) -> str | None:
     """Why an ofi+shm peer is gone (its process exited), or None while it lives."""
-    pid_text = uri.partition("://")[2].partition("_")[0]
+    if _pid_exited(uri.partition("://")[2].partition("_")[0]):
+        return "the peer process has exited (connection closed)"
+    return None
+
+
+def _pid_exited(pid_text: str) -> bool:
+    """Whether the process an shm name starts with no longer exists; a pid we may not signal,
+    or not a pid, is taken for alive."""
     try:
         os.kill(int(pid_text), 0)
     except ProcessLookupError:
-        return "the peer process has exited (connection closed)"
-    except (ValueError, PermissionError):
-        return None
-    return None
+        return True
+    except (ValueError, OverflowError, OSError):
+        return False
+    return False
 
 
 def _tcp_refused(uri: str) -> str | None:

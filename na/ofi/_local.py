@@ -37,6 +37,8 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol
 
+from ._common import _pid_exited
+
 
 class Endpoint(Protocol):
     """What the registry tells an endpoint (OfiPlugin)."""
@@ -77,15 +79,9 @@ def _sweep() -> None:
             continue
         path = os.path.join("/dev/shm", entry)
         try:
-            if os.stat(path).st_uid != me:
-                continue
-            os.kill(int(match.group(1)), 0)
-        except ProcessLookupError:
-            try:
+            if os.stat(path).st_uid == me and _pid_exited(match.group(1)):
                 os.unlink(path)
-            except OSError:
-                pass
-        except (OSError, OverflowError):
+        except OSError:
             pass
 
 
