@@ -18,12 +18,14 @@ from typing import Any
 
 from .errors import Canceled, NAError, PeerError
 from .types import (
+    _CANCELING,
+    _FINISHED,
+    _PENDING,
     Addr,
     Callback,
     MemHandle,
     Op,
     OpKind,
-    OpState,
     as_byte_view,
 )
 
@@ -41,11 +43,6 @@ MAX_QUEUED_PEER = 1024 * 1024
 # tag, the bytes object) costs memory too; counted at its bytes alone, 64 MiB of 20-byte
 # requests would have been 3 million entries.
 _QUEUED_COST = 160
-# Enum members read per message from module constants: a member read from its class is a
-# lookup through the enum's metaclass (~45 ns a read here, several reads a message).
-_PENDING = OpState.PENDING
-_FINISHED = OpState.FINISHED
-_CANCELING = OpState.CANCELING
 SPIN_US = int(os.environ.get("PETASUS_SPIN_US", "200"))  # DESIGN: ~70 us wake-up vs ~6 us poll
 # The limit of the socket plugins' adaptive spin (na/_spin.py), which stops spinning where it
 # does not pay and so can afford a longer one: a wait just past the limit pays a wake-up on

@@ -23,12 +23,10 @@ from .core import (
     rma_op,
 )
 from .errors import PeerError
-from .types import Addr, Callback, MemHandle, Op, OpKind, OpState
+from .types import _RECV_EXPECTED, _RECV_UNEXPECTED, Addr, Callback, MemHandle, Op, OpKind, OpState
 
 _P = TypeVar("_P", bound="PluginCore")
 
-_RECV_EXPECTED = OpKind.RECV_EXPECTED  # per message: not through the enum's class (na/core.py)
-_RECV_UNEXPECTED = OpKind.RECV_UNEXPECTED
 # What the core and this half count, under the same names on every plugin (statistics()).
 COUNTERS = ("msgs_sent", "msgs_received", "bytes_sent", "bytes_received", "rma_ops", "rma_bytes",
             "rma_served", "rma_refused", "peer_failures", "protocol_errors", "canceled",
