@@ -149,14 +149,11 @@ class MasterService:
         return p.NodeHello(node.node_id, self.state.node_ttl / 4)
 
     def _heartbeat(self, node_id: int, disk_used: int) -> bool:
-        parked = []
-        with self.lock:
+        with self.changes:
             node = self.state.nodes.get(node_id)
-            if node is not None and node.disk_used != disk_used:  # a beat alone is no change
-                parked = self.changes.bump()
-            known = self.state.heartbeat(node_id, disk_used, self.clock())
-        self.changes.answer(parked)
-        return known
+            if node is None or node.disk_used == disk_used:  # a beat alone is no change
+                self.changes.unchanged()
+            return self.state.heartbeat(node_id, disk_used, self.clock())
 
     def _put_start(self, client: str, keys: list[str], sizes: list[int], replicas: int,
                    overwrite: bool, pin: str, preferred: str) -> list[p.PutGrant]:
@@ -295,7 +292,7 @@ class MasterService:
             return (state.c["offloads"], state.c["offload_failed"], state.c["nodes_dropped"],
                     state.offloads_in_flight, changes.closing)
         while True:
-            with self.lock:
+            with changes:
                 missing = [(o, c) for o in self.state.objects.values() if o.state == "ready"
                            for c in o.copies if c.node not in o.disk]
                 queued = len(self.state.actions)
@@ -303,9 +300,9 @@ class MasterService:
                     if not self.state._offload(obj, copy):
                         break
                 done = not missing and not self.state.offloads_in_flight
-                parked = changes.bump() if len(self.state.actions) > queued else []
+                if len(self.state.actions) == queued:  # no disk copy handed out
+                    changes.unchanged()
                 seen = progress()
-            changes.answer(parked)
             if done:
                 return p.Status(p.OK, "")
             self._wake.set()  # the maintenance thread hands the copies out
