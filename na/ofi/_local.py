@@ -164,16 +164,20 @@ def waiting() -> int:
         return len(_deferred)
 
 
+_inherited: list[object] = []  # a forked child's copy of its parent's registry, kept
+
+
 def _forget_in_child() -> None:
     """A forked child has none of its parent's endpoints: it must not unlink their regions at
-    its exit (nor wait on a lock another thread of the parent held at the fork)."""
-    global _lock
+    its exit (nor wait on a lock another thread of the parent held at the fork). The parent's
+    tables are set aside, not emptied: dropping what they hold (closures keeping plugins'
+    buffers and requests) would run finalizers here, in the fork hook, and one waiting on a
+    lock held at the fork hung a subprocess started with a preexec_fn."""
+    global _lock, _open, _mappers, _deferred, _closed, _regions
+    _inherited.append((_open, _mappers, _deferred, _closed, _regions))
     _lock = threading.Lock()
-    _open.clear()
-    _mappers.clear()
-    _deferred.clear()
-    _closed.clear()
-    _regions.clear()
+    _open = weakref.WeakValueDictionary()
+    _mappers, _deferred, _closed, _regions = {}, {}, set(), set()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
